@@ -1,0 +1,205 @@
+"""The public functions of sparsefx (re-exported by ``sparsefx/__init__.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsefx.analysis import Group
+from sparsefx.config import SparseConfig, resolve_config
+from sparsefx.runtime import SparseModule, find_loss, wrap_criterion
+
+__all__ = [
+    "freeze",
+    "groups",
+    "masks",
+    "probabilities",
+    "set_masks",
+    "stats",
+    "transform",
+    "unfreeze",
+    "wrap_loss",
+]
+
+
+def transform(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    density: float | None = None,
+    config: SparseConfig | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+) -> SparseModule:
+    """Capture `model` and return a module that trains it with structured sparsity.
+
+    The result shares `model`'s parameters, so an optimizer built on ``model.parameters()``
+    keeps working. Example::
+
+        smodel = sparsefx.transform(model, (torch.randn(8, 512),), density=0.1)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
+    config = resolve_config(density, config)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError("example_kwargs must be a dict of keyword arguments for forward")
+    return SparseModule(model, args, dict(example_kwargs or {}), config)
+
+
+def wrap_loss(model: SparseModule, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The one set-up line for a model that returns logits.
+
+    The returned criterion computes the loss as `criterion` does and also runs the K-1 pure
+    forwards that the structure gradient needs, on the same inputs. Example::
+
+        criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
+        loss = criterion(smodel(x), y); loss.backward(); opt.step()
+    """
+    return wrap_criterion(_sparse(model), criterion)
+
+
+def groups(model: SparseModule) -> list[Group]:
+    """The channel groups: each with ``.name``, ``.size`` and ``.members``."""
+    return list(_sparse(model).groups)
+
+
+def probabilities(model: SparseModule) -> dict[str, Tensor]:
+    """{group name: keep probabilities s} (copies)."""
+    sparse = _sparse(model)
+    parts = sparse.structure.split(sparse.structure.probabilities.detach())
+    return {g.name: p.clone() for g, p in zip(sparse.groups, parts, strict=True)}
+
+
+def masks(model: SparseModule) -> dict[str, Tensor]:
+    """{group name: bool mask used by the last training forward}."""
+    sparse = _sparse(model)
+    last = sparse.structure.last if sparse.structure.last is not None else sparse.structure.fixed
+    if last is None:
+        raise RuntimeError("no training forward has run yet, so there are no sampled masks")
+    return {
+        g.name: m.clone() for g, m in zip(sparse.groups, sparse.structure.split(last), strict=True)
+    }
+
+
+def set_masks(model: SparseModule, group_masks: Mapping[str, Tensor]) -> None:
+    """Fix every group's mask (bool, one entry per channel) until :func:`unfreeze`."""
+    sparse = _sparse(model)
+    names = [g.name for g in sparse.groups]
+    missing, unknown = set(names) - set(group_masks), set(group_masks) - set(names)
+    if missing or unknown:
+        raise KeyError(
+            f"set_masks needs exactly one mask per group; missing {sorted(missing)}, "
+            f"unknown {sorted(unknown)}; groups are {names}"
+        )
+    parts = []
+    for group in sparse.groups:
+        mask = torch.as_tensor(group_masks[group.name])
+        if mask.shape != (group.size,):
+            raise ValueError(
+                f"mask of group {group.name!r} must have shape ({group.size},), got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask of group {group.name!r} must be a bool tensor, got {mask.dtype}")
+        parts.append(mask)
+    device = sparse.structure.probabilities.device
+    sparse.structure.fixed = (
+        torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.bool)
+    )
+
+
+def freeze(
+    model: SparseModule,
+    strategy: str = "topk",
+    *,
+    batches: Iterable[tuple[Any, ...]] | None = None,
+    num_samples: int = 8,
+) -> None:
+    """Fix one mask for fine-tuning: "topk" (top-budget by s) or "best" (of `num_samples`
+    sampled masks, the one with the lowest mean eval loss on `batches`).
+
+    Each batch is a tuple of forward arguments; with a wrapped criterion its last element is
+    the target. Example::
+
+        sparsefx.freeze(smodel, "best", batches=[(x_val, y_val)], num_samples=8)
+    """
+    sparse = _sparse(model)
+    structure = sparse.structure
+    structure.apply_pending()
+    if strategy == "topk":
+        structure.fixed = None
+        structure.fixed = structure.deterministic_mask().clone()
+        return
+    if strategy != "best":
+        raise ValueError(f'freeze strategy must be "topk" or "best", got {strategy!r}')
+    if batches is None:
+        raise ValueError('freeze(strategy="best") needs held-out `batches` to score masks on')
+    batches = list(batches)
+    candidates = structure.sample(num_samples)
+    scores = [_mean_eval_loss(sparse, mask, batches) for mask in candidates]
+    structure.fixed = candidates[int(torch.tensor(scores).argmin())].clone()
+
+
+def unfreeze(model: SparseModule) -> None:
+    """Resume sampling masks from the probabilities."""
+    _sparse(model).structure.fixed = None
+
+
+def stats(model: SparseModule) -> dict[str, float]:
+    """Density and cost fractions: expected under s, and of the masks last used.
+
+    ``density`` is the budget; ``expected_density`` the budget used by s (in budget units);
+    ``sampled_density`` the kept fraction of the last masks in the same units;
+    ``flops_fraction``/``params_fraction`` of the last masks, and ``expected_flops_fraction``
+    under s, from the cost model (linear/conv FLOPs).
+    """
+    sparse = _sparse(model)
+    structure = sparse.structure
+    s = structure.probabilities.detach()
+    mask = structure.last if structure.last is not None else structure.deterministic_mask()
+    total = float(structure.costs.sum()) or 1.0
+    kept = [float(m.sum()) for m in structure.split(mask)]
+    expected = [float(p.sum()) for p in structure.split(s)]
+    cost = sparse.cost_model
+    return {
+        "density": sparse.config.density,
+        "expected_density": float(structure.costs @ s) / total,
+        "sampled_density": float(structure.costs @ mask.float()) / total,
+        "channel_density": sum(kept) / max(sum(g.size for g in sparse.groups), 1),
+        "flops_fraction": cost.fraction("flops", kept),
+        "params_fraction": cost.fraction("params", kept),
+        "expected_flops_fraction": cost.fraction("flops", expected),
+        "frozen": float(structure.fixed is not None),
+    }
+
+
+@torch.no_grad()
+def _mean_eval_loss(sparse: SparseModule, mask: Tensor, batches: list[tuple[Any, ...]]) -> float:
+    structure, was_training = sparse.structure, sparse.training
+    structure.fixed = mask
+    sparse.eval()
+    try:
+        losses = []
+        for batch in batches:
+            if sparse.criterion is not None:
+                losses.append(float(sparse.criterion(sparse(*batch[:-1]), batch[-1])))
+            else:
+                loss = find_loss(sparse(*batch))
+                if loss is None:
+                    raise ValueError("the model returned no loss; wrap a criterion with wrap_loss")
+                losses.append(float(loss))
+        return sum(losses) / max(len(losses), 1)
+    finally:
+        sparse.train(was_training)
+        structure.fixed = None
+
+
+def _sparse(model: Any) -> SparseModule:
+    if isinstance(model, SparseModule):
+        return model
+    raise TypeError(
+        f"expected a model returned by sparsefx.transform, got {type(model).__name__}; "
+        "call sparsefx.transform(model, example_inputs, density=...) first"
+    )

@@ -1,0 +1,88 @@
+"""SparseConfig: every option of sparsefx in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Budget = Literal["channels", "params", "flops"]
+ScoreForm = Literal["exact", "paper"]
+ScoreOptimizer = Literal["adam", "sgd"]
+
+_BUDGETS = ("channels", "params", "flops")
+_SCORE_FORMS = ("exact", "paper")
+_SCORE_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Options of a sparse model (DESIGN §3).
+
+    Example::
+
+        cfg = sparsefx.SparseConfig(density=0.1, samples=2, budget="channels")
+    """
+
+    density: float
+    """Budget as a fraction of the model's prunable cost, in (0, 1]."""
+    samples: int = 2
+    """K masks per step: one trains the weights, K-1 are pure forwards for the score gradient."""
+    budget: Budget = "channels"
+    """Cost c_i of a channel: 1 ("channels"), its parameters or its FLOPs (DESIGN §3)."""
+    score_form: ScoreForm = "paper"
+    """psi = (m-s)/sqrt(s(1-s)) ("paper", the VR-PGE code) or (m-s)/(s(1-s)) ("exact")."""
+    score_optimizer: ScoreOptimizer = "adam"
+    score_lr: float = 1e-2
+    score_eps: float = 1e-3
+    """s is clamped to [eps, 1-eps] inside psi so the score function stays finite."""
+    seed: int | None = None
+    """Seed of the mask sampler; None draws one from torch's global RNG at transform time."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.density, bool) or not isinstance(self.density, int | float):
+            raise TypeError(f"density must be a float in (0, 1], got {self.density!r}")
+        if not 0.0 < float(self.density) <= 1.0:
+            raise ValueError(
+                f"density must be in (0, 1] (the kept fraction of the budget), got {self.density}"
+            )
+        if not isinstance(self.samples, int) or self.samples < 2:
+            raise ValueError(
+                f"samples must be an int >= 2 (VR-PGE needs a second sample), got {self.samples!r}"
+            )
+        _check_choice("budget", self.budget, _BUDGETS)
+        _check_choice("score_form", self.score_form, _SCORE_FORMS)
+        _check_choice("score_optimizer", self.score_optimizer, _SCORE_OPTIMIZERS)
+        if not self.score_lr > 0:
+            raise ValueError(f"score_lr must be > 0, got {self.score_lr}")
+        if not 0.0 < self.score_eps < 0.5:
+            raise ValueError(f"score_eps must be in (0, 0.5), got {self.score_eps}")
+
+    @classmethod
+    def from_options(cls, options: dict) -> SparseConfig:
+        """Build from a plain dict (e.g. torch.compile options), naming any unknown key."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"unknown sparsefx option(s) {unknown}; valid options: {sorted(valid)}")
+        return cls(**options)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def resolve_config(density: float | None, config: SparseConfig | None) -> SparseConfig:
+    """One config from the `density=` shortcut and/or an explicit config."""
+    if config is None:
+        if density is None:
+            raise TypeError("pass density=... (e.g. density=0.1) or config=SparseConfig(...)")
+        return SparseConfig(density=density)
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a sparsefx.SparseConfig, got {type(config).__name__}")
+    if density is not None and density != config.density:
+        raise ValueError(
+            f"density={density} conflicts with config.density={config.density}; pass one of them"
+        )
+    return config

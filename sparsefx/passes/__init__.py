@@ -1,0 +1,45 @@
+"""The rewrite pipeline: analysed dense graph -> compact training/eval graph + score graph."""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.export.graph_signature import InputKind
+
+from sparsefx.analysis.groups import Group
+from sparsefx.passes.compact import (
+    add_index_inputs,
+    extract_score_graph,
+    insert_scatters,
+    rewrite_batch_norms,
+    rewrite_flattens,
+    rewrite_weight_ops,
+)
+
+__all__ = ["copy_graph_module", "rewrite_compact", "score_graph"]
+
+
+def rewrite_compact(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
+    """Run the compact-rewrite passes in order. The graph gains one index input per group."""
+    gm = add_index_inputs(gm, groups)
+    for rewrite in (insert_scatters, rewrite_flattens, rewrite_batch_norms, rewrite_weight_ops):
+        gm = rewrite(gm)
+    return _finalize(gm)
+
+
+def score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
+    """A copy of a compact training graph for the K-1 pure forward passes."""
+    return _finalize(extract_score_graph(copy_graph_module(gm), inputs))
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy with its own graph (node metadata copied shallowly)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

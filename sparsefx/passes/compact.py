@@ -1,0 +1,207 @@
+"""Rewrite passes: the analysed dense graph becomes a compact one.
+
+Each pass is a function ``(gm, ...) -> gm`` that edits the graph in place and keeps the
+node metadata of untouched nodes. They read the annotations written by
+:func:`sparsefx.analysis.analyze` (``node.meta["sparsefx"]``, see README.md beside this file).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.export.graph_signature import InputKind
+
+from sparsefx.analysis import ops
+from sparsefx.analysis.groups import META, Group, Layout
+from sparsefx.kernels import block_index
+
+__all__ = [
+    "add_index_inputs",
+    "extract_score_graph",
+    "insert_scatters",
+    "rewrite_batch_norms",
+    "rewrite_flattens",
+    "rewrite_weight_ops",
+]
+
+sparsefx_ops = torch.ops.sparsefx
+aten = torch.ops.aten
+
+
+class _Indices:
+    """Index nodes of each group, and their block expansions, created once per graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = gm.graph
+        self.inputs: dict[str, fx.Node] = {
+            n.meta[META]["index_of"]: n
+            for n in gm.graph.nodes
+            if n.op == "placeholder" and "index_of" in n.meta.get(META, {})
+        }
+        self._blocks: dict[tuple[str, int], fx.Node] = {}
+
+    def of(self, layout: Layout | None) -> fx.Node | None:
+        """Kept feature indices along a compact layout's dim (None: the tensor is dense)."""
+        if layout is None:
+            return None
+        idx = self.inputs[layout.group]
+        if layout.block == 1:
+            return idx
+        key = (layout.group, layout.block)
+        if key not in self._blocks:
+            with self.graph.inserting_after(idx):
+                self._blocks[key] = self.graph.call_function(block_index, (idx, layout.block))
+        return self._blocks[key]
+
+
+def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
+    """Append one placeholder per group: its sorted kept channel indices (int64)."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for group in groups:
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(f"idx_{_identifier(group.name)}")
+        last.meta[META] = {"index_of": group.name}
+    return gm
+
+
+def rewrite_weight_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """linear/conv with a compact input or output -> sparsefx::linear / sparsefx::conv."""
+    indices = _Indices(gm)
+    for node in list(gm.graph.nodes):
+        meta = node.meta.get(META, {})
+        if node.op != "call_function" or not ops.is_weight_op(node.target):
+            continue
+        out_layout = meta.get("layout") if meta.get("role") == "producer" else None
+        if out_layout is None and "in_layout" not in meta:
+            continue
+        in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
+        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias", None)
+        if ops.is_conv(node.target):
+            n = len(weight.meta["val"].shape) - 2
+            conv = [_ints(_arg(node, i, k, d), n) for i, k, d in _CONV_ARGS]
+            target, args = sparsefx_ops.conv.default, (x, weight, bias, in_idx, out_idx, *conv)
+        else:
+            target, args = sparsefx_ops.linear.default, (x, weight, bias, in_idx, out_idx)
+        _replace(node, target, args)
+    return gm
+
+
+_CONV_ARGS = ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
+
+
+def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
+    """BatchNorm on a compact tensor -> sparsefx::batch_norm over the kept channels, plus
+    sparsefx::update_running_stats for kept channels when it trains with running stats."""
+    indices = _Indices(gm)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        layout = node.meta.get(META, {}).get("layout")
+        if node.target not in ops.BATCH_NORM or layout is None:
+            continue
+        x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
+        idx = indices.of(layout)
+        with graph.inserting_before(node):
+            result = graph.call_function(
+                sparsefx_ops.batch_norm.default, (x, weight, bias, mean, var, idx, training, eps)
+            )
+            stats = [graph.call_function(operator.getitem, (result, i)) for i in (1, 2)]
+            if training and mean is not None:
+                update = graph.call_function(
+                    sparsefx_ops.update_running_stats.default,
+                    (x, mean, var, idx, *stats, momentum, eps),
+                )
+                update.meta[META] = {"role": "stat_update", "group": layout.group}
+        result.meta[META] = {"role": "channelwise", "group": layout.group}
+        _replace(node, operator.getitem, (result, 0))
+    return gm
+
+
+def rewrite_flattens(gm: fx.GraphModule) -> fx.GraphModule:
+    """A view/reshape that flattens compact channels gets its sizes from the tensor."""
+    for node in list(gm.graph.nodes):
+        span = node.meta.get(META, {}).get("flatten")
+        if span is not None and node.target is not aten.flatten.using_ints:
+            _replace(node, aten.flatten.using_ints, (node.args[0], *span))
+    return gm
+
+
+def insert_scatters(gm: fx.GraphModule) -> fx.GraphModule:
+    """Scatter a compact tensor to full width (zeros for dropped channels) for users that
+    cannot read it compactly; one scatter per tensor, shared by those users."""
+    indices = _Indices(gm)
+    for node in list(gm.graph.nodes):
+        meta = node.meta.get(META, {})
+        users = meta.get("full_width_users")
+        if not users:
+            continue
+        layout: Layout = meta["layout"]
+        with gm.graph.inserting_after(node):
+            full = gm.graph.call_function(
+                sparsefx_ops.scatter_channels.default,
+                (node, indices.of(layout), layout.dim, layout.full),
+            )
+        full.meta[META] = {"role": "scatter", "group": layout.group}
+        for user in list(node.users):
+            if user.name in users:
+                user.replace_input_with(node, full)
+    return gm
+
+
+def extract_score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
+    """The pure-forward graph for the structure gradient (DESIGN §3 step 3): same compute
+    with batch statistics, but no running-statistics update and no buffer mutation."""
+    buffers = {
+        n
+        for n, (kind, _) in zip(_placeholders(gm), inputs, strict=False)
+        if kind == InputKind.BUFFER
+    }
+    for node in list(gm.graph.nodes):
+        if node.target in ops.BATCH_NORM and node.args[5]:
+            node.update_arg(3, None)
+            node.update_arg(4, None)
+        elif _mutates_buffer(node, buffers) and not node.users:
+            gm.graph.erase_node(node)
+    return gm
+
+
+def _mutates_buffer(node: fx.Node, buffers: set[fx.Node]) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(
+        schema is not None
+        and schema.is_mutable
+        and any(
+            arg.alias_info is not None and arg.alias_info.is_write and value in buffers
+            for arg, value in zip(schema.arguments, node.args, strict=False)
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+def _ints(value: object, n: int) -> list[int]:
+    values = [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]  # type: ignore[arg-type]
+    return values * n if len(values) == 1 else values
+
+
+def _replace(node: fx.Node, target: object, args: tuple) -> None:
+    """Turn `node` into a call of `target` in place: name, users and metadata stay."""
+    node.target = target
+    node.args, node.kwargs = args, {}
+    node.meta.pop("val", None)  # stale: the new op's output is compact
+
+
+def _identifier(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)

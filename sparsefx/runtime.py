@@ -1,0 +1,345 @@
+"""The sparse module: structure state and the per-step VR-PGE protocol (DESIGN §3).
+
+A training forward (1) applies the pending structure update and projects s onto the
+budget, (2) samples K masks, (3) runs the compact training graph with mask 1, and (4) runs
+K-1 pure forwards with the other masks through the score graph. The structure gradient is
+computed from the K losses and committed when the loss's backward runs; the next forward
+applies it. Eval mode uses the deterministic top-budget (or frozen) mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
+
+from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
+from sparsefx.capture import CapturedGraph, CaptureError, capture
+from sparsefx.config import SparseConfig
+from sparsefx.passes import rewrite_compact, score_graph
+from sparsefx.policy import project_to_budget, sample_masks, structure_gradient, top_budget_mask
+
+__all__ = ["MissingLossError", "SparseModule", "StructureState", "find_loss"]
+
+log = logging.getLogger("sparsefx")
+
+
+class MissingLossError(RuntimeError):
+    """A training forward returned no loss and no criterion was wrapped."""
+
+
+class StructureState(nn.Module):
+    """Probabilities s of every channel (one flat vector, groups at offsets), the score
+    optimizer, the sampler and the masks, all saved in ``state_dict``.
+
+    Sampling draws from a generator seeded by (seed, step), so the sampler's whole state is
+    two integers: checkpoints resume exactly and data-parallel ranks agree.
+    """
+
+    def __init__(self, groups: list[Group], costs: list[float], config: SparseConfig, seed: int):
+        super().__init__()
+        self.config = config
+        self.offsets = [0]
+        for group in groups:
+            self.offsets.append(self.offsets[-1] + group.size)
+        channel_costs = torch.cat(
+            [
+                torch.full((g.size,), c, dtype=torch.float64)
+                for g, c in zip(groups, costs, strict=True)
+            ]
+            or [torch.zeros(0, dtype=torch.float64)]
+        )
+        self.register_buffer("probabilities", torch.full((self.offsets[-1],), config.density))
+        self.register_buffer("costs", channel_costs.float(), persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.budget = config.density * float(channel_costs.sum())
+        self.pending: Tensor | None = None
+        """Structure gradient of the last backward, applied at the next training forward."""
+        self.fixed: Tensor | None = None
+        """Masks fixed by freeze/set_masks (bool [N]); None while sampling."""
+        self.last: Tensor | None = None
+        """Mask used by the last training forward."""
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_state: dict | None = None
+        self._eval_cache: tuple[int, Tensor] | None = None
+
+    # -- the score optimizer is bound to the buffer lazily: .to() replaces buffers ----------
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        s = self.probabilities
+        if self._optimizer is None or self._optimizer.param_groups[0]["params"][0] is not s:
+            state = self._optimizer.state_dict() if self._optimizer else self._optimizer_state
+            cls = torch.optim.Adam if self.config.score_optimizer == "adam" else torch.optim.SGD
+            self._optimizer = cls([s], lr=self.config.score_lr)
+            if state is not None:
+                self._optimizer.load_state_dict(state)
+            self._optimizer_state = None
+        return self._optimizer
+
+    @torch.no_grad()
+    def apply_pending(self) -> None:
+        """Score optimizer step on s, then exact projection onto the budget set."""
+        if self.pending is None:
+            return
+        s = self.probabilities
+        s.grad = self.pending.to(s.dtype)
+        self.optimizer().step()
+        s.grad = None
+        s.copy_(project_to_budget(s, self.costs, self.budget))
+        self.pending = None
+
+    def sample(self, num_samples: int) -> Tensor:
+        """K masks, bool [K, N], from the (seed, step) generator; advances the step."""
+        generator = torch.Generator(device=self.probabilities.device)
+        generator.manual_seed(_mix(int(self.seed), int(self.step)))
+        self.step += 1
+        return sample_masks(self.probabilities, num_samples, generator)
+
+    def deterministic_mask(self) -> Tensor:
+        """The frozen mask, else the top-budget mask by s (cached while s is unchanged)."""
+        if self.fixed is not None:
+            return self.fixed
+        version = self.probabilities._version
+        if self._eval_cache is None or self._eval_cache[0] != version:
+            mask = top_budget_mask(self.probabilities, self.costs, self.budget)
+            self._eval_cache = (version, mask)
+        return self._eval_cache[1]
+
+    def commit(self, gradient: Tensor) -> None:
+        self.pending = gradient if self.pending is None else self.pending + gradient
+
+    def split(self, mask: Tensor) -> list[Tensor]:
+        """Per-group slices of a flat [N] vector."""
+        return [mask[a:b] for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
+
+    def indices(self, mask: Tensor) -> list[Tensor]:
+        """Sorted kept channel indices of each group."""
+        return [part.nonzero().squeeze(1) for part in self.split(mask)]
+
+    def get_extra_state(self) -> dict:
+        optimizer = self.optimizer().state_dict() if self._optimizer else self._optimizer_state
+        return {
+            "optimizer": _clone(optimizer),
+            "pending": _clone(self.pending),
+            "fixed": _clone(self.fixed),
+            "last": _clone(self.last),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        device = self.probabilities.device
+        self._optimizer, self._optimizer_state = None, state["optimizer"]
+        self.pending, self.fixed, self.last = (
+            None if state[k] is None else state[k].to(device) for k in ("pending", "fixed", "last")
+        )
+        self._eval_cache = None
+
+
+def _mix(seed: int, step: int) -> int:
+    """A per-step seed; splitmix-style so nearby (seed, step) pairs give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _clone(value: Any) -> Any:
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, value)
+
+
+def find_loss(output: Any) -> Tensor | None:
+    """The scalar loss in a model's output: the output itself, its "loss" entry, or the first
+    element of a tuple (Hugging Face convention); None for a model that returns logits."""
+    candidates = [output]
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        candidates = [output.get("loss")] if "loss" in output else []
+    elif isinstance(output, list | tuple) and output:
+        candidates = [output[0]]
+    for value in candidates:
+        if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+            return value
+    return None
+
+
+@dataclass
+class _Program:
+    """One captured mode and input signature, rewritten to compact form."""
+
+    captured: CapturedGraph
+    graph: fx.GraphModule
+    score: fx.GraphModule | None
+
+    def arguments(self, model: nn.Module, flat: Sequence[Any], indices: list[Tensor]) -> list:
+        """Graph inputs in placeholder order: state, user inputs, group indices."""
+        user = iter(flat)
+        args: list[Any] = []
+        for kind, target in self.captured.inputs:
+            if kind == InputKind.PARAMETER:
+                args.append(model.get_parameter(target))
+            elif kind == InputKind.BUFFER:
+                args.append(model.get_buffer(target))
+            elif kind == InputKind.CONSTANT_TENSOR:
+                args.append(self.captured.constants[target])
+            else:
+                args.append(next(user))
+        return args + indices
+
+
+class SparseModule(nn.Module):
+    """An nn.Module that trains `model` with VR-PGE through compact graphs.
+
+    It shares `model`'s parameters (an optimizer on ``model.parameters()`` keeps working)
+    and adds the structure state, so ``state_dict`` holds both.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        config: SparseConfig,
+    ):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self._programs: dict[bool, list[_Program]] = {True: [], False: []}
+        captured = capture(model, example_args, example_kwargs, training=model.training)
+        self.analysis: Analysis = analyze(captured.gm, captured.inputs)
+        self.cost_model: CostModel = build_cost_model(captured.gm, self.analysis.groups)
+        self._programs[model.training].append(self._compile(captured, self.analysis))
+        seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
+        costs = self.cost_model.channel_costs(config.budget, config.density)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        self.structure = StructureState(self.analysis.groups, costs, config, seed).to(device)
+        self.criterion: Callable[..., Tensor] | None = None
+        """The criterion registered by wrap_loss, for a model that returns logits."""
+        self._pending_forward: tuple[_Program, list[Any], Tensor] | None = None
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.analysis.groups
+
+    # -- programs ------------------------------------------------------------------------
+
+    def _compile(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
+        graph = rewrite_compact(captured.gm, analysis.groups)
+        score = score_graph(graph, captured.inputs) if captured.training else None
+        return _Program(captured, graph, score)
+
+    def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
+        """The compiled program for this mode and input signature, capturing a new one if
+        none matches (a new mode, structure, dtype or static shape)."""
+        for program in self._programs[self.training]:
+            if program.captured.matches(flat, spec):
+                return program
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+        log.info("sparsefx: capturing %s graph", "training" if self.training else "eval")
+        captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
+        analysis = analyze(captured.gm, captured.inputs)
+        found = [(g.name, g.size) for g in analysis.groups]
+        expected = [(g.name, g.size) for g in self.groups]
+        if found != expected:
+            raise CaptureError(
+                f"the model's prunable groups changed with its inputs or mode: {found} vs "
+                f"{expected}; sparsefx needs the same layers on every call"
+            )
+        program = self._compile(captured, analysis)
+        self._programs[self.training].append(program)
+        return program
+
+    # -- the step ------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        program = self._program(flat, spec)
+        structure = self.structure
+        sampling = self.training and structure.fixed is None
+        if sampling:
+            structure.apply_pending()
+            masks = structure.sample(self.config.samples)
+        else:
+            masks = structure.deterministic_mask()[None]
+        if self.training:
+            structure.last = masks[0]
+        inputs = program.arguments(self.model, flat, structure.indices(masks[0]))
+        output = pytree.tree_unflatten(program.graph(*inputs), program.captured.out_spec)
+        if sampling:
+            self._start_structure_gradient(program, flat, masks, output)
+        return output
+
+    def _start_structure_gradient(
+        self, program: _Program, flat: list[Any], masks: Tensor, output: Any
+    ) -> None:
+        loss = find_loss(output)
+        if loss is not None:
+            others = [find_loss(o) for o in self.pure_forwards(program, flat, masks)]
+            self.attach_structure_gradient(loss, others, masks)  # type: ignore[arg-type]
+        elif self.criterion is not None:
+            self._pending_forward = (program, flat, masks)
+        else:
+            raise MissingLossError(
+                f"{type(self.model).__name__} returned no scalar loss, so sparsefx cannot "
+                "compute the structure gradient. Add one line at set-up: "
+                "`criterion = sparsefx.wrap_loss(model, criterion)` and compute the loss "
+                "with it; or freeze the masks (sparsefx.freeze) to train weights only."
+            )
+
+    def take_pending_forward(self) -> tuple[_Program, list[Any], Tensor] | None:
+        pending, self._pending_forward = self._pending_forward, None
+        return pending
+
+    @torch.no_grad()
+    def pure_forwards(self, program: _Program, flat: list[Any], masks: Tensor) -> list[Any]:
+        """Outputs of the score graph for masks 2..K: no autograd, no running-stat update."""
+        assert program.score is not None
+        outputs = []
+        for mask in masks[1:]:
+            inputs = program.arguments(self.model, flat, self.structure.indices(mask))
+            outputs.append(pytree.tree_unflatten(program.score(*inputs), program.captured.out_spec))
+        return outputs
+
+    def attach_structure_gradient(self, loss: Tensor, others: list[Tensor], masks: Tensor) -> None:
+        """VR-PGE gradient from the K losses, committed when `loss`'s backward runs."""
+        if loss.dim() != 0:
+            raise ValueError(
+                f"the loss must be a scalar to train the structure, got {tuple(loss.shape)}"
+            )
+        if not loss.requires_grad:
+            return
+        losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()
+        structure = self.structure
+        gradient = structure_gradient(
+            losses, masks, structure.probabilities, self.config.score_form, self.config.score_eps
+        )
+
+        def commit(grad: Tensor) -> Tensor:
+            structure.commit(gradient)
+            return grad
+
+        loss.register_hook(commit)
+
+
+def wrap_criterion(module: SparseModule, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The criterion of a logits model, extended with the K-1 pure-forward losses."""
+    module.criterion = criterion
+
+    def sparse_criterion(output: Any, *args: Any, **kwargs: Any) -> Tensor:
+        loss = criterion(output, *args, **kwargs)
+        pending = module.take_pending_forward()
+        if pending is not None:
+            program, flat, masks = pending
+            with torch.no_grad():
+                others = [
+                    criterion(o, *args, **kwargs)
+                    for o in module.pure_forwards(program, flat, masks)
+                ]
+            module.attach_structure_gradient(loss, others, masks)
+        return loss
+
+    return sparse_criterion
