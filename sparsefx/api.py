@@ -103,6 +103,11 @@ def set_masks(model: SparseModule, group_masks: Mapping[str, Tensor]) -> None:
             )
         if mask.dtype != torch.bool:
             raise TypeError(f"mask of group {group.name!r} must be a bool tensor, got {mask.dtype}")
+        if not mask.any():
+            raise ValueError(
+                f"mask of group {group.name!r} keeps no channel; keep at least one per group "
+                "(an empty group disconnects the network)"
+            )
         parts.append(mask)
     device = sparse.structure.probabilities.device
     sparse.structure.fixed = (

@@ -57,6 +57,12 @@ class StructureState(nn.Module):
         )
         self.register_buffer("probabilities", torch.full((self.offsets[-1],), config.density))
         self.register_buffer("costs", channel_costs.float(), persistent=False)
+        # ties in s are broken by relative position within the group, so that equal
+        # probabilities (as at initialisation) spread the budget over groups proportionally
+        relative = torch.cat(
+            [(torch.arange(g.size) + 0.5) / g.size for g in groups] or [torch.zeros(0)]
+        )
+        self.register_buffer("tie_order", relative.argsort(stable=True), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.budget = config.density * float(channel_costs.sum())
@@ -100,7 +106,7 @@ class StructureState(nn.Module):
         generator = torch.Generator(device=self.probabilities.device)
         generator.manual_seed(_mix(int(self.seed), int(self.step)))
         self.step += 1
-        return sample_masks(self.probabilities, num_samples, generator)
+        return self.keep_one_per_group(sample_masks(self.probabilities, num_samples, generator))
 
     def deterministic_mask(self) -> Tensor:
         """The frozen mask, else the top-budget mask by s (cached while s is unchanged)."""
@@ -108,9 +114,24 @@ class StructureState(nn.Module):
             return self.fixed
         version = self.probabilities._version
         if self._eval_cache is None or self._eval_cache[0] != version:
-            mask = top_budget_mask(self.probabilities, self.costs, self.budget)
+            order = self.tie_order
+            ordered = top_budget_mask(self.probabilities[order], self.costs[order], self.budget)
+            mask = torch.empty_like(ordered).scatter_(0, order, ordered)
+            mask = self.keep_one_per_group(mask)
             self._eval_cache = (version, mask)
         return self._eval_cache[1]
+
+    def keep_one_per_group(self, masks: Tensor) -> Tensor:
+        """Keep the most probable channel of any group a mask would empty ([..., N] masks).
+
+        An empty group disconnects the network (layer collapse) and several aten ops reject
+        zero-channel tensors; the change has probability prod(1 - s) per group and step.
+        """
+        for a, b in zip(self.offsets, self.offsets[1:], strict=False):
+            empty = ~masks[..., a:b].any(-1)
+            if empty.any():
+                masks[..., a + int(self.probabilities[a:b].argmax())] |= empty
+        return masks
 
     def commit(self, gradient: Tensor) -> None:
         self.pending = gradient if self.pending is None else self.pending + gradient

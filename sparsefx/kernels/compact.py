@@ -12,8 +12,11 @@ the reference for the Triton kernels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 __all__ = [
     "block_index",
@@ -88,9 +91,9 @@ def _linear_backward(ctx, grad_y):
     w = gather_weight(weight, out_idx, in_idx)  # recomputed: cheaper than keeping a copy alive
     grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
     grad_w = grad_b = None
-    y2 = grad_y.reshape(-1, grad_y.shape[-1])
+    y2 = _rows(grad_y)
     if ctx.needs_input_grad[1]:
-        grad_wc = y2.t() @ x.reshape(-1, x.shape[-1])
+        grad_wc = y2.t() @ _rows(x)
         grad_w = _scatter_weight_grad(grad_wc, weight, out_idx, in_idx)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = _scatter_vector_grad(y2.sum(0), ctx.bias_size, out_idx)
@@ -98,6 +101,11 @@ def _linear_backward(ctx, grad_y):
 
 
 compact_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[..., F] -> [rows, F]; explicit sizes, since -1 is ambiguous when F == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +125,19 @@ def compact_conv(
 ) -> Tensor:
     w = gather_weight(weight, out_idx, in_idx)
     b = bias if bias is None or out_idx is None else bias.index_select(0, out_idx)
+    if w.numel() == 0:  # aten's convolution mis-shapes channel-less inputs
+        y = x.new_zeros(_conv_shape(x, w, stride, padding, dilation))
+        return y if b is None else y + b.view(-1, *[1] * (y.dim() - 2))
     return torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0], 1)
+
+
+def _conv_shape(x: Tensor, w: Tensor, stride, padding, dilation) -> torch.Size:
+    """Output shape of a convolution, computed on the meta device."""
+    x_meta = torch.empty(x.shape[0], w.shape[1] or 1, *x.shape[2:], device="meta")
+    w_meta = torch.empty(w.shape[0], w.shape[1] or 1, *w.shape[2:], device="meta")
+    return torch.ops.aten.convolution(
+        x_meta, w_meta, None, stride, padding, dilation, False, [0], 1
+    ).shape
 
 
 @compact_conv.register_fake
@@ -146,9 +166,13 @@ def _conv_backward(ctx, grad_y):
     need = ctx.needs_input_grad
     bias_sizes = [w.shape[0]] if ctx.has_bias else None
     output_mask = [need[0], need[1], ctx.has_bias and need[2]]
-    grad_x, grad_wc, grad_bc = torch.ops.aten.convolution_backward(
-        grad_y, x, w, bias_sizes, stride, padding, dilation, False, [0], 1, output_mask
-    )
+    if w.numel() == 0:
+        spatial = [0, *range(2, grad_y.dim())]
+        grad_x, grad_wc, grad_bc = torch.zeros_like(x), torch.zeros_like(w), grad_y.sum(spatial)
+    else:
+        grad_x, grad_wc, grad_bc = torch.ops.aten.convolution_backward(
+            grad_y, x, w, bias_sizes, stride, padding, dilation, False, [0], 1, output_mask
+        )
     grad_w = _scatter_weight_grad(grad_wc, weight, out_idx, in_idx) if need[1] else None
     grad_b = _scatter_vector_grad(grad_bc, ctx.bias_size, out_idx) if output_mask[2] else None
     return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -291,3 +315,19 @@ def block_index(idx: Tensor, block: int) -> Tensor:
         return idx
     offsets = torch.arange(block, device=idx.device, dtype=idx.dtype)
     return (idx.unsqueeze(1) * block + offsets).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP formulas: torch.utils.flop_counter does not see inside a custom op's forward, so the
+# compact ops declare theirs (their backward is made of aten ops, which it counts itself).
+
+
+@register_flop_formula(torch.ops.sparsefx.linear)
+def _linear_flops(x_shape, weight_shape, bias_shape, in_idx_shape, out_idx_shape, out_shape):
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+@register_flop_formula(torch.ops.sparsefx.conv)
+def _conv_flops(x_shape, weight_shape, bias_shape, in_idx_shape, out_idx_shape, *conv, out_shape):
+    kept_weight = [out_shape[1], x_shape[1], *weight_shape[2:]]
+    return conv_flop_count(list(x_shape), kept_weight, list(out_shape), transposed=False)

@@ -1,0 +1,274 @@
+"""The public API: training protocol, state, freezing, statistics and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsefx
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+
+
+class LossModel(nn.Module):
+    """Returns a scalar loss when given targets, as Hugging Face and nanoGPT models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+def data(n: int = 12):
+    return torch.randn(n, 8), torch.randint(0, 3, (n,))
+
+
+def test_groups_members_and_dense_report():
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    groups = sparsefx.groups(sparse)
+    assert [(g.name, g.size) for g in groups] == [("0", 16), ("2", 16)]
+    assert groups[0].members == [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]
+    assert groups[1].members == [("2.weight", 0), ("2.bias", 0), ("4.weight", 1)]
+    (dense,) = sparse.analysis.dense
+    assert dense.node == "linear_2" and dense.reason.startswith("output layer")
+
+
+def test_cnn_groups_cover_batch_norm_and_flattened_consumer():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    )
+    sparse = sparsefx.transform(model, torch.randn(2, 3, 6, 6), density=0.5)
+    (group,) = sparsefx.groups(sparse)
+    assert group.members == [
+        ("0.weight", 0),
+        ("0.bias", 0),
+        ("1.weight", 0),
+        ("1.bias", 0),
+        ("4.weight", 1),
+    ]
+
+
+def test_scalar_loss_model_trains_with_an_unmodified_loop():
+    torch.manual_seed(0)
+    model = LossModel()
+    sparse = sparsefx.transform(model, data(), density=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = sparsefx.probabilities(sparse)
+    x, y = data()
+    for _ in range(3):
+        loss = sparse(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sparse(x, y)  # applies the last pending structure update
+    after = sparsefx.probabilities(sparse)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "s must be trained"
+    stats = sparsefx.stats(sparse)
+    assert stats["expected_density"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_logits_model_needs_wrap_loss_and_says_so():
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    with pytest.raises(sparsefx.MissingLossError, match=r"sparsefx\.wrap_loss"):
+        sparse(torch.randn(4, 8))
+
+
+def test_wrap_loss_trains_structure_and_weights():
+    torch.manual_seed(0)
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    weight = model[0].weight.detach().clone()
+    loss = criterion(sparse(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert sparse.structure.pending is not None, "backward commits the structure gradient"
+    assert not torch.equal(weight, model[0].weight)
+    sparse(x)
+    assert sparse.structure.pending is None, "the next forward applies it"
+
+
+def test_eval_uses_deterministic_top_budget_mask():
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.25)
+    sparse.eval()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(sparse(x), sparse(x), rtol=0, atol=0)
+    mask = sparse.structure.deterministic_mask()
+    assert int(mask.sum()) == 8  # 25% of the 32 prunable channels
+
+
+def _train(sparse, model, opt, criterion, batches):
+    losses, masks = [], []
+    for x, y in batches:
+        loss = criterion(sparse(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        masks.append(torch.cat(list(sparsefx.masks(sparse).values())))
+    return torch.stack(losses), torch.stack(masks)
+
+
+def test_state_dict_round_trip_resumes_with_the_same_next_steps():
+    torch.manual_seed(0)
+    batches = [data() for _ in range(6)]
+    model = mlp()
+    config = sparsefx.SparseConfig(density=0.5, seed=7)
+    sparse = sparsefx.transform(model, batches[0][0], config=config)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(sparse, model, opt, criterion, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": sparse.state_dict(), "opt": opt.state_dict()}, buffer)
+    expected = _train(sparse, model, opt, criterion, batches[3:])
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    torch.manual_seed(123)  # a different process state: nothing may depend on it
+    fresh = mlp()
+    resumed = sparsefx.transform(fresh, batches[0][0], config=config)
+    resumed.load_state_dict(checkpoint["model"])
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    fresh_opt.load_state_dict(checkpoint["opt"])
+    got = _train(
+        resumed, fresh, fresh_opt, sparsefx.wrap_loss(resumed, nn.CrossEntropyLoss()), batches[3:]
+    )
+    assert torch.equal(got[1], expected[1]), "same masks"
+    assert torch.equal(got[0], expected[0]), "same losses, bitwise"
+
+
+def test_freeze_topk_fixes_masks_and_unfreeze_resumes_sampling():
+    torch.manual_seed(0)
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    sparsefx.freeze(sparse, "topk")
+    s = sparse.structure.probabilities.clone()
+    for _ in range(3):
+        criterion(sparse(x), y).backward()
+        frozen = sparsefx.masks(sparse)
+    assert torch.equal(sparse.structure.probabilities, s), "frozen: no structure update"
+    assert all(int(m.sum()) > 0 for m in frozen.values())
+    assert sparsefx.stats(sparse)["frozen"] == 1.0
+    sparsefx.unfreeze(sparse)
+    criterion(sparse(x), y).backward()
+    assert sparse.structure.pending is not None
+
+
+def test_freeze_best_picks_the_lowest_loss_sample():
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(LossModel(), data(), density=0.5)
+    x, y = data(32)
+    sparsefx.freeze(sparse, "best", batches=[(x, y)], num_samples=6)
+    chosen = sparse.structure.fixed.clone()
+    sparse.eval()
+    with torch.no_grad():
+        best = float(sparse(x, y))
+    candidates = sparse.structure.split(chosen)
+    assert all(c.any() for c in candidates)
+    # every other sampled candidate scores no better: re-draw the same candidates
+    sparse.structure.step -= 1
+    draws = sparse.structure.sample(6)
+    sparse.structure.fixed = None
+    for mask in draws:
+        sparse.structure.fixed = mask
+        with torch.no_grad():
+            assert float(sparse(x, y)) >= best - 1e-6
+    assert any(torch.equal(mask, chosen) for mask in draws)
+
+
+def test_set_masks_validates_its_input():
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    full = {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(sparse)}
+    with pytest.raises(KeyError, match="missing"):
+        sparsefx.set_masks(sparse, {"0": full["0"]})
+    with pytest.raises(ValueError, match=r"shape \(16,\)"):
+        sparsefx.set_masks(sparse, {**full, "0": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="bool"):
+        sparsefx.set_masks(sparse, {**full, "0": torch.ones(16)})
+    with pytest.raises(ValueError, match="at least one"):
+        sparsefx.set_masks(sparse, {**full, "0": torch.zeros(16, dtype=torch.bool)})
+
+
+def test_stats_follow_the_cost_model():
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    masks = {"0": torch.arange(16) < 4, "2": torch.arange(16) < 8}
+    sparsefx.set_masks(sparse, masks)
+    stats = sparsefx.stats(sparse)
+    dense = 8 * 16 + 16 * 16 + 16 * 3
+    assert stats["flops_fraction"] == pytest.approx((8 * 4 + 4 * 8 + 8 * 3) / dense)
+    assert stats["sampled_density"] == pytest.approx(12 / 32)
+    assert stats["density"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"density": 0.0}, ValueError, r"\(0, 1\]"),
+        ({"density": 1.5}, ValueError, r"\(0, 1\]"),
+        ({"density": "0.1"}, TypeError, "density"),
+        ({}, TypeError, "density="),
+        ({"density": 0.5, "config": sparsefx.SparseConfig(density=0.2)}, ValueError, "conflicts"),
+    ],
+)
+def test_bad_density_is_a_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sparsefx.transform(mlp(), torch.randn(4, 8), **kwargs)
+
+
+def test_config_rejects_bad_options_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="samples"):
+        sparsefx.SparseConfig(density=0.5, samples=1)
+    with pytest.raises(ValueError, match=r"\['channels', 'params', 'flops'\]"):
+        sparsefx.SparseConfig(density=0.5, budget="neurons")
+    with pytest.raises(TypeError, match="valid options"):
+        sparsefx.SparseConfig.from_options({"density": 0.5, "sample": 2})
+
+
+def test_mismatched_example_inputs_are_a_clear_error():
+    with pytest.raises(sparsefx.CaptureError, match="example inputs"):
+        sparsefx.transform(mlp(), torch.randn(4, 9), density=0.5)
+
+
+def test_uncapturable_model_is_a_clear_error():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    with pytest.raises(sparsefx.CaptureError, match="DataDependent"):
+        sparsefx.transform(DataDependent(), torch.randn(2, 4), density=0.5)
+
+
+def test_api_functions_reject_plain_modules():
+    with pytest.raises(TypeError, match="sparsefx.transform"):
+        sparsefx.stats(mlp())
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsefx.transform(lambda x: x, torch.randn(2), density=0.5)
+
+
+def test_transform_shares_parameters_with_the_original_model():
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    ids = {id(p) for p in model.parameters()}
+    assert {id(p) for p in sparse.parameters()} == ids
+    assert "structure.probabilities" in sparse.state_dict()
+    assert copy.deepcopy(sparse.state_dict()).keys() == sparse.state_dict().keys()

@@ -1,0 +1,154 @@
+"""Compact execution equals the reference semantics (DESIGN §2) on generated MLPs and CNNs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsefx
+from tests.reference import Spec, build, example_input, masked
+
+TOLERANCE = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-4},
+    torch.float64: {"atol": 1e-10, "rtol": 1e-9},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+widths = st.integers(1, 12)
+specs = st.builds(
+    Spec,
+    in_features=st.integers(1, 6),
+    conv_widths=st.lists(widths, max_size=2).map(tuple),
+    linear_widths=st.lists(widths, min_size=0, max_size=3).map(tuple),
+    classes=st.integers(2, 5),
+    activation=st.sampled_from(["relu", "gelu", "silu", "tanh"]),
+    batch_norm=st.booleans(),
+    pool=st.booleans(),
+    image_size=st.sampled_from([4, 6, 8]),
+).filter(lambda s: s.conv_widths or s.linear_widths)
+
+
+def _masks(draw, sizes: list[int]) -> list[torch.Tensor]:
+    """Random masks with at least one kept channel per group (sparsefx's invariant)."""
+    masks = [torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n))) for n in sizes]
+    for mask in masks:
+        mask[draw(st.integers(0, mask.numel() - 1))] = True
+    return masks
+
+
+@st.composite
+def cases(draw, dtypes=(torch.float32, torch.float64, torch.bfloat16)):
+    spec = draw(specs)
+    dtype = draw(st.sampled_from(dtypes))
+    batch = draw(st.integers(2, 5))
+    sizes = [*spec.conv_widths, *spec.linear_widths]
+    return spec, dtype, batch, _masks(draw, sizes), draw(st.integers(0, 2**16))
+
+
+def _pair(spec: Spec, dtype: torch.dtype, batch: int, seed: int):
+    torch.manual_seed(seed)
+    model, ends = build(spec)
+    model = model.to(dtype)
+    reference = copy.deepcopy(model)
+    x = example_input(spec, batch, dtype)
+    sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(density=0.5, seed=seed))
+    return model, reference, ends, sparse, x
+
+
+@given(cases())
+def test_training_step_matches_reference(case):
+    spec, dtype, batch, masks, seed = case
+    model, reference, ends, sparse, x = _pair(spec, dtype, batch, seed)
+    groups = sparsefx.groups(sparse)
+    assert [g.size for g in groups] == [m.numel() for m in masks]
+    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, masks, strict=True)})
+
+    out = sparse(x)
+    out.float().square().mean().backward()
+    with masked(reference, ends, masks):  # backward inside: BN saved its running stats
+        expected = reference(x)
+        expected.float().square().mean().backward()
+
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, **tol)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=f"gradient of {name}")
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, c, **tol, msg=f"buffer {name}")
+
+
+@given(cases(dtypes=(torch.float32,)))
+def test_dropped_weights_get_exactly_zero_gradient(case):
+    spec, dtype, batch, masks, seed = case
+    model, _, _, sparse, x = _pair(spec, dtype, batch, seed)
+    groups = sparsefx.groups(sparse)
+    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, masks, strict=True)})
+    sparse(x).sum().backward()
+    params = dict(model.named_parameters())
+    for group, mask in zip(groups, masks, strict=True):
+        for name, dim in group.members:
+            grad = params[name].grad
+            dropped = grad.index_select(dim, (~mask).nonzero().squeeze(1)) if dim == 0 else None
+            if dim == 1:  # consumer columns; a flattened consumer owns a block per channel
+                block = grad.shape[1] // mask.numel()
+                columns = (~mask).repeat_interleave(block)
+                dropped = grad[:, columns]
+            assert torch.count_nonzero(dropped) == 0, f"{name} dim {dim}"
+
+
+@given(cases(dtypes=(torch.float32, torch.float64)))
+def test_eval_matches_reference_with_deterministic_mask(case):
+    spec, dtype, batch, _, seed = case
+    _, reference, ends, sparse, x = _pair(spec, dtype, batch, seed)
+    sparse.eval()
+    reference.eval()
+    out = sparse(x)
+    chosen = list(sparsefx.probabilities(sparse))
+    mask = sparse.structure.deterministic_mask()
+    masks = sparse.structure.split(mask)
+    assert len(masks) == len(chosen)
+    with masked(reference, ends, list(masks)):
+        expected = reference(x)
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+def test_sampled_training_step_uses_first_mask_and_matches_reference():
+    spec = Spec(3, (6,), (10,), 4, "relu", batch_norm=True, pool=True)
+    model, reference, ends, sparse, x = _pair(spec, torch.float64, 4, 0)
+    target = torch.randint(0, 4, (4,))
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    loss = criterion(sparse(x), target)
+    loss.backward()
+    masks = list(sparsefx.masks(sparse).values())
+    with masked(reference, ends, masks):
+        expected = nn.functional.cross_entropy(reference(x), target)
+        expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    for b, c in zip(model.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("batch", [3, 7])
+def test_batch_size_can_change_between_calls(batch):
+    spec = Spec(2, (4,), (5,), 3, "relu", batch_norm=True, pool=False)
+    _, reference, ends, sparse, _ = _pair(spec, torch.float64, 4, 1)
+    masks = [
+        torch.tensor([1, 0, 1, 1], dtype=torch.bool),
+        torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool),
+    ]
+    sparsefx.set_masks(
+        sparse, {g.name: m for g, m in zip(sparsefx.groups(sparse), masks, strict=True)}
+    )
+    x = example_input(spec, batch, torch.float64)
+    with masked(reference, ends, masks):
+        expected = reference(x)
+    torch.testing.assert_close(sparse(x), expected)
+    assert len(sparse._programs[True]) == 1, "a new batch size must not need a new capture"
