@@ -259,9 +259,9 @@ def test_uncapturable_model_is_a_clear_error():
 
 
 def test_api_functions_reject_plain_modules():
-    with pytest.raises(TypeError, match="sparsefx.transform"):
+    with pytest.raises(TypeError, match=r"sparsefx\.transform"):
         sparsefx.stats(mlp())
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         sparsefx.transform(lambda x: x, torch.randn(2), density=0.5)
 
 
