@@ -235,10 +235,11 @@ def _classify_user(
     if user.op != "call_function":
         return "model output" if user.op == "output" else f"{user.op} node"
     target = user.target
+    if not _understood(user):
+        return f"{_op_name(user)} mixes channels or is not supported on compact tensors"
     first_arg = bool(user.args) and user.args[0] is node
-    others_reference = any(a is node for a in _flat_args(user)[1:])
-    if not first_arg or others_reference:
-        return f"{_op_name(user)} uses the compact tensor in another argument"
+    if not first_arg or any(a is node for a in _flat_args(user)[1:]):
+        return f"{_op_name(user)} reads the compact tensor as a weight or extra argument"
     ndim = len(_shape(node))
 
     if ops.is_weight_op(target):
@@ -266,9 +267,22 @@ def _classify_user(
         return _Continue(layout)
     if target in ops.BATCH_NORM:
         return _batch_norm_step(user, layout, graph, in_chain=in_chain)
-    if target in ops.FLATTEN or target in ops.RESHAPE:
-        return _flatten_step(user, node, layout)
-    return f"{_op_name(user)} mixes channels or is not supported on compact tensors"
+    return _flatten_step(user, node, layout)
+
+
+def _understood(user: fx.Node) -> bool:
+    """Whether sparsefx knows how `user` treats channels (see ops.py)."""
+    target = user.target
+    return (
+        ops.is_weight_op(target)
+        or target in ops.ZERO_PRESERVING_UNARY
+        or target in ops.OTHER_CHANNELWISE_UNARY
+        or target in ops.POOLS
+        or target in ops.BATCH_NORM
+        or target in ops.FLATTEN
+        or target in ops.RESHAPE
+        or _is_scalar_scale(user)
+    )
 
 
 def _flat_args(node: fx.Node) -> list[object]:

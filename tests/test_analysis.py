@@ -1,0 +1,172 @@
+"""Analysis and passes: which channels are pruned, where tensors stay compact, what stays
+dense and why, and that joins sparsefx does not understand get exact full-width scatters."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsefx
+
+
+class ResidualNet(nn.Module):
+    """A stem and one residual block: the add is not a coupling sparsefx prunes yet."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x, masks=None):
+        m = masks or {}
+        x = F.relu(self.stem(x)) * m.get("stem", 1)
+        h = F.relu(self.bn1(self.conv1(x))) * m.get("conv1", 1)
+        h = self.bn2(self.conv2(h)) * m.get("conv2", 1)
+        x = F.relu(x + h)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_residual_join_is_scattered_to_full_width_and_exact():
+    torch.manual_seed(0)
+    model = ResidualNet()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    names = [g.name for g in sparsefx.groups(sparse)]
+    assert names == ["stem", "conv1", "conv2"]
+    scattered = {op.op for op in sparse.analysis.scatters}
+    assert scattered == {"add.Tensor"}, sparse.analysis.scatters
+    assert all("mixes channels" in op.reason for op in sparse.analysis.scatters)
+    (classifier,) = sparse.analysis.dense
+    assert classifier.node == "linear"
+
+    masks = {n: torch.rand(8) < 0.5 for n in names}
+    for mask in masks.values():
+        mask[0] = True
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x)
+    out.sum().backward()
+    view = {n: m.float().view(1, -1, 1, 1) for n, m in masks.items()}
+    expected = reference(x, view)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    code = sparse._programs[True][0].graph.code
+    assert code.count("sparsefx.scatter_channels") == 2  # stem (into the add) and conv2
+
+
+class ViewFlatten(nn.Module):
+    """Flattens with x.view(x.size(0), -1): captured with concrete sizes, must be rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.fc1 = nn.Linear(6 * 3 * 3, 7)
+        self.fc2 = nn.Linear(7, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.fc2(F.relu(self.fc1(h.view(h.size(0), -1))))
+
+
+def test_view_flatten_keeps_channels_compact_as_blocks():
+    torch.manual_seed(0)
+    model = ViewFlatten()
+    x = torch.randn(3, 2, 5, 5)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["conv", "fc1"]
+    assert not sparse.analysis.scatters
+    conv_mask = torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.bool)
+    fc1_mask = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    sparsefx.set_masks(sparse, {"conv": conv_mask, "fc1": fc1_mask})
+    h = F.relu(model.conv(x)) * conv_mask.view(1, -1, 1, 1)
+    h = F.relu(model.fc1(h.flatten(1))) * fc1_mask
+    torch.testing.assert_close(sparse(x), model.fc2(h))
+    assert "flatten.using_ints" in sparse._programs[True][0].graph.code
+
+
+def test_loss_inside_the_model_makes_the_last_layer_the_classifier():
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.head(torch.tanh(self.hidden(x))), y)
+
+    sparse = sparsefx.transform(WithLoss(), (torch.randn(2, 4), torch.tensor([0, 2])), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["hidden"]
+    assert [d.node for d in sparse.analysis.dense] == ["linear_1"]
+
+
+def test_branch_keeps_non_zero_preserving_users_exact():
+    """After a branch, sigmoid(0) != 0 must see the dropped zeros: it gets a scatter."""
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+            self.c = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            return self.b(h) + self.c(torch.sigmoid(h))
+
+    torch.manual_seed(0)
+    model = Branch()
+    x = torch.randn(5, 3)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    assert [s.op for s in sparse.analysis.scatters] == ["sigmoid.default"]
+    mask = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
+    sparsefx.set_masks(sparse, {"a": mask})
+    h = F.relu(model.a(x)) * mask
+    torch.testing.assert_close(sparse(x), model.b(h) + model.c(torch.sigmoid(h)))
+
+
+def _step_flops(module: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        module(x).sum().backward()
+    return counter.get_total_flops()
+
+
+def test_flop_counter_sees_full_masks_as_dense_and_shrinks_with_kept_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+    x = torch.randn(4, 3, 8, 8)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    groups = sparsefx.groups(sparse)
+    sparsefx.set_masks(sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups})
+    dense = _step_flops(model, x)
+    assert _step_flops(sparse, x) == dense
+
+    masks = {g.name: torch.arange(g.size) < g.size // 4 for g in groups}
+    sparsefx.set_masks(sparse, masks)
+    sparse_flops = _step_flops(sparse, x)
+    assert sparse_flops < dense / 6  # consecutive pruned layers shrink as d^2
+    # forward FLOPs match the cost model exactly (it counts linear/conv per example)
+    with FlopCounterMode(display=False) as counter:
+        sparse(x)
+    expected = sparsefx.stats(sparse)["flops_fraction"] * sparse.cost_model.evaluate(
+        "flops", sparse.cost_model.sizes
+    )
+    assert counter.get_total_flops() == round(expected * x.shape[0])
