@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/sparsefx demo
+	$(VENV)/bin/sparsefx demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
