@@ -1,0 +1,14 @@
+"""Structure policy: budget projection, mask sampling and the VR-PGE structure gradient."""
+
+from sparsefx.policy.estimator import ScoreForm, score_function, structure_gradient
+from sparsefx.policy.projection import project_to_budget, top_budget_mask
+from sparsefx.policy.sampling import sample_masks
+
+__all__ = [
+    "ScoreForm",
+    "project_to_budget",
+    "sample_masks",
+    "score_function",
+    "structure_gradient",
+    "top_budget_mask",
+]

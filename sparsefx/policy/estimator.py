@@ -1,0 +1,54 @@
+"""VR-PGE structure-gradient estimator: Bernoulli score functions and the leave-one-out baseline."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = ["ScoreForm", "score_function", "structure_gradient"]
+
+ScoreForm = Literal["exact", "paper"]
+
+
+def score_function(masks: Tensor, s: Tensor, form: ScoreForm, eps: float) -> Tensor:
+    """psi(m, s) per sample, [K, N]: exact = (m - s)/(s(1-s)) (unbiased score function of Bernoulli); paper = (m - s)/sqrt(s(1-s)) (the VR-PGE code's form). s clamped to [eps, 1-eps] inside psi.
+
+    The clamp keeps psi finite for channels whose probability was projected to 0 or 1.
+    Computed in float32 or better; returns s's dtype.
+    """
+    if form not in get_args(ScoreForm):
+        raise ValueError(f"form must be one of {get_args(ScoreForm)}, got {form!r}")
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
+    if masks.dtype != torch.bool or masks.dim() != 2 or s.shape != masks.shape[1:]:
+        raise ValueError(
+            "masks must be a bool [K, N] tensor and s a [N] vector, got masks "
+            f"{masks.dtype} {tuple(masks.shape)} and s {tuple(s.shape)}"
+        )
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    sc = s.to(dtype).clamp(eps, 1.0 - eps)
+    var = sc * (1.0 - sc)
+    psi = (masks.to(dtype) - sc) / (var if form == "exact" else var.sqrt())
+    return psi.to(s.dtype)
+
+
+def structure_gradient(
+    losses: Tensor, masks: Tensor, s: Tensor, form: ScoreForm, eps: float
+) -> Tensor:
+    """VR-PGE with the leave-one-out baseline: g = 1/(K-1) * sum_j (L_j - mean_k L_k) * psi(m^j, s); K >= 2.
+
+    Equal to 1/K sum_j (L_j - mean_{k != j} L_k) psi_j, so the baseline is independent of sample
+    j and the estimator stays unbiased. Computed in float32 or better; returns s's dtype.
+    """
+    num = masks.shape[0] if masks.dim() == 2 else -1
+    if losses.shape != (num,) or num < 2:
+        raise ValueError(
+            "need K >= 2 samples with losses of shape [K] matching masks [K, N], got losses "
+            f"{tuple(losses.shape)} and masks {tuple(masks.shape)}; sample at least 2 masks"
+        )
+    dtype = torch.promote_types(torch.promote_types(s.dtype, losses.dtype), torch.float32)
+    psi = score_function(masks, s.to(dtype), form, eps)
+    losses = losses.to(dtype)
+    return ((losses - losses.mean()) @ psi / (num - 1)).to(s.dtype)

@@ -1,0 +1,259 @@
+"""Budget projection against an exact brute force, plus feasibility, idempotence and errors."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsefx.policy import project_to_budget, top_budget_mask
+from sparsefx.policy import projection as projection_module
+
+F64 = torch.float64
+
+
+def brute_force_projection(z: list[float], c: list[float], budget: float) -> list[float]:
+    """argmin ||s - z||^2 over {0 <= s <= 1, c @ s <= budget}, in exact rational arithmetic.
+
+    Every active set is tried: each coordinate at 0, at 1 or free, the budget constraint active
+    or not; each equality-constrained QP is solved in closed form, and the feasible candidate
+    with the smallest objective wins. The optimum's own active set is among them, so this is
+    the exact projection.
+    """
+    zq, cq, bq = [Fraction(x) for x in z], [Fraction(x) for x in c], Fraction(budget)
+    n = len(z)
+    best, best_obj = None, None
+    for states in itertools.product((0, 1, None), repeat=n):
+        free = [i for i in range(n) if states[i] is None]
+        for active in (False, True):
+            s = [Fraction(x) if x is not None else zq[i] for i, x in enumerate(states)]
+            if active:
+                if not free:
+                    continue
+                fixed = sum(cq[i] * s[i] for i in range(n) if states[i] is not None)
+                lam = (fixed + sum(cq[i] * zq[i] for i in free) - bq) / sum(
+                    cq[i] ** 2 for i in free
+                )
+                for i in free:
+                    s[i] = zq[i] - lam * cq[i]
+            feasible = (
+                all(0 <= x <= 1 for x in s) and sum(a * b for a, b in zip(cq, s, strict=True)) <= bq
+            )
+            if not feasible:
+                continue
+            obj = sum((a - b) ** 2 for a, b in zip(s, zq, strict=True))
+            if best_obj is None or obj < best_obj:
+                best, best_obj = s, obj
+    assert best is not None  # s = 0 is always feasible
+    return [float(x) for x in best]
+
+
+def _project64(z: list[float], c: list[float], budget: float) -> torch.Tensor:
+    return project_to_budget(torch.tensor(z, dtype=F64), torch.tensor(c, dtype=F64), budget)
+
+
+# Each projection test runs with the default bracketing and with none, so that every breakpoint
+# goes through the exact sort stage too (the bracketing only decides how many are left to sort).
+bracket_steps = pytest.mark.parametrize("bracket_steps", [projection_module._BRACKET_STEPS, 0])
+
+
+def _with_steps(steps: int):
+    return mock.patch.object(projection_module, "_BRACKET_STEPS", steps)
+
+
+# z far outside [0, 1] and exactly on its ends (tied breakpoints); costs equal or up to 1e6 apart;
+# budgets from tiny to above sum(costs).
+z_values = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(-50, 50))
+cost_values = st.one_of(st.just(1.0), st.floats(-3, 3).map(lambda e: 10.0**e))
+budget_fractions = st.one_of(st.sampled_from([1e-9, 1e-3, 0.5, 1.0, 2.0]), st.floats(1e-6, 1.5))
+
+
+@st.composite
+def small_problems(draw):
+    n = draw(st.integers(1, 4))
+    z = draw(st.lists(z_values, min_size=n, max_size=n))
+    c = draw(st.lists(cost_values, min_size=n, max_size=n))
+    return z, c, draw(budget_fractions) * sum(c)
+
+
+@bracket_steps
+@settings()
+@given(small_problems())
+def test_matches_brute_force(bracket_steps, problem):
+    z, c, budget = problem
+    expected = torch.tensor(brute_force_projection(z, c, budget), dtype=F64)
+    with _with_steps(bracket_steps):
+        actual = _project64(z, c, budget)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-9)
+
+
+@bracket_steps
+@pytest.mark.parametrize("seed", range(150))
+def test_matches_brute_force_seeded_sweep(bracket_steps, seed):
+    """A wider deterministic sweep than the hypothesis budget, biased towards hard cases."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1 + seed % 4
+    scale = [0.3, 3.0, 40.0][seed % 3]
+    z = (torch.randn(n, generator=g, dtype=F64) * scale + 0.5).tolist()
+    if seed % 5 == 0:  # ties at the box ends
+        z = [float(round(x)) if i % 2 else x for i, x in enumerate(z)]
+    c = (10 ** (torch.rand(n, generator=g, dtype=F64) * 6 - 3)).tolist() if seed % 2 else [1.0] * n
+    budget = float(10 ** (torch.rand((), generator=g) * 6 - 5)) * sum(c)
+    expected = torch.tensor(brute_force_projection(z, c, budget), dtype=F64)
+    with _with_steps(bracket_steps):
+        actual = _project64(z, c, budget)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-9)
+
+
+@bracket_steps
+@settings()
+@given(
+    n=st.integers(1, 2000),
+    seed=st.integers(0, 2**31 - 1),
+    z_scale=st.floats(0.01, 100.0),
+    z_shift=st.floats(-2.0, 3.0),
+    cost_decades=st.floats(0.0, 6.0),
+    budget_fraction=budget_fractions,
+)
+def test_always_feasible(bracket_steps, n, seed, z_scale, z_shift, cost_decades, budget_fraction):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g, dtype=F64) * z_scale + z_shift
+    c = 10 ** (torch.rand(n, generator=g, dtype=F64) * cost_decades - cost_decades / 2)
+    budget = budget_fraction * float(c.sum())
+    with _with_steps(bracket_steps):
+        s = project_to_budget(z, c, budget)
+    assert s.dtype == F64 and s.shape == z.shape
+    assert bool(((s >= 0) & (s <= 1)).all())
+    assert float(c @ s) <= budget * (1 + 1e-12) + 1e-12
+    # Optimality in KKT form: s = clamp(z - v c, 0, 1) for one v >= 0, v > 0 only if tight.
+    free = (s > 0) & (s < 1)
+    if bool(free.any()):
+        v = ((z - s)[free] / c[free]).mean()
+        torch.testing.assert_close(s, (z - v * c).clamp(0, 1), rtol=0, atol=1e-9 * (1 + z_scale))
+        assert v >= -1e-9
+        if v > 1e-9:  # tight, up to the rounding of z - v c (about 1e-16 |z| per channel)
+            assert float(c @ s) == pytest.approx(budget, abs=1e-14 * float(c @ z.abs()) + 1e-12)
+
+
+@settings()
+@given(small_problems())
+def test_idempotent(problem):
+    z, c, budget = problem
+    s = _project64(z, c, budget)
+    again = project_to_budget(s, torch.tensor(c, dtype=F64), budget)
+    torch.testing.assert_close(again, s, rtol=0, atol=1e-12)
+
+
+@bracket_steps
+def test_tight_budget_lands_on_budget(bracket_steps):
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(10_000, generator=g, dtype=F64) * 1.2
+    c = torch.rand(10_000, generator=g, dtype=F64) * 10 + 0.1
+    budget = 0.1 * float(c.sum())
+    assert float(c @ z.clamp(0, 1)) > 5 * budget  # the constraint binds
+    with _with_steps(bracket_steps):
+        s = project_to_budget(z, c, budget)
+    assert float(c @ s) == pytest.approx(budget, rel=1e-12)
+
+
+def test_slack_budget_is_plain_clamp():
+    z = torch.tensor([-0.5, 0.25, 0.75, 3.0], dtype=F64)
+    s = project_to_budget(z, torch.ones(4, dtype=F64), 10.0)
+    torch.testing.assert_close(s, z.clamp(0, 1), rtol=0, atol=0)
+
+
+@bracket_steps
+def test_flat_piece_at_budget_takes_smallest_multiplier(bracket_steps):
+    # f(v) = 1 + clamp(0.5 - v, 0, 1) for v in [0, 2]: it reaches budget 1 at v = 0.5, stays
+    # flat up to v = 2; the smallest multiplier keeps channel 0 at 1.
+    with _with_steps(bracket_steps):
+        s = _project64([3.0, 0.5], [1.0, 1.0], 1.0)
+    torch.testing.assert_close(s, torch.tensor([1.0, 0.0], dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_keeps_dtype_and_device_and_matches_float64():
+    g = torch.Generator().manual_seed(1)
+    z = torch.rand(1000, generator=g) * 1.5 - 0.25
+    c = torch.rand(1000, generator=g) + 0.5
+    s = project_to_budget(z, c, 100.0)
+    assert s.dtype == torch.float32 and s.device == z.device
+    torch.testing.assert_close(s, project_to_budget(z.double(), c.double(), 100.0).float())
+
+
+def test_empty_input():
+    assert project_to_budget(torch.zeros(0), torch.zeros(0), 1.0).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("z", "costs", "budget", "message"),
+    [
+        (torch.zeros(2, 3), torch.ones(2, 3), 1.0, "1-D tensors of the same shape"),
+        (torch.zeros(3), torch.ones(4), 1.0, "1-D tensors of the same shape"),
+        (torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), 1.0, "costs must be finite and > 0"),
+        (torch.zeros(3), torch.tensor([1.0, -2.0, 1.0]), 1.0, "costs must be finite and > 0"),
+        (torch.zeros(3), torch.tensor([1.0, float("nan"), 1.0]), 1.0, "costs must be finite"),
+        (torch.zeros(3), torch.tensor([1.0, float("inf"), 1.0]), 1.0, "costs must be finite"),
+        (torch.tensor([0.0, float("nan"), 0.0]), torch.ones(3), 1.0, "z must be finite"),
+        (torch.tensor([0.0, float("inf"), 0.0]), torch.ones(3), 1.0, "z must be finite"),
+        (torch.zeros(3), torch.ones(3), 0.0, "budget must be a finite number > 0"),
+        (torch.zeros(3), torch.ones(3), -1.0, "budget must be a finite number > 0"),
+        (torch.zeros(3), torch.ones(3), float("inf"), "budget must be a finite number > 0"),
+        (torch.zeros(3), torch.ones(3), float("nan"), "budget must be a finite number > 0"),
+    ],
+)
+def test_bad_inputs_raise(z, costs, budget, message):
+    with pytest.raises(ValueError, match=message):
+        project_to_budget(z, costs, budget)
+
+
+# --------------------------------------------------------------------------------------------
+# top_budget_mask
+
+
+@settings()
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), min_size=n, max_size=n),
+            st.lists(st.sampled_from([0.5, 1.0, 2.0, 7.0]), min_size=n, max_size=n),
+        )
+    ),
+    st.floats(0.5, 60.0),
+)
+def test_top_budget_mask_greedy_prefix(values, budget):
+    s, c = torch.tensor(values[0]), torch.tensor(values[1])
+    mask = top_budget_mask(s, c, budget)
+    assert mask.dtype == torch.bool and mask.shape == s.shape
+    assert float(c[mask].sum()) <= budget
+    # The kept channels are a prefix of the order (s descending, lower index first on ties) ...
+    order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+    kept = [bool(mask[i]) for i in order]
+    k = sum(kept)
+    assert kept == [True] * k + [False] * (len(s) - k)
+    # ... that stops only where the next channel would break the budget.
+    if k < len(s):
+        assert float(c[mask].sum()) + float(c[order[k]]) > budget
+
+
+def test_top_budget_mask_tie_break_by_index():
+    mask = top_budget_mask(torch.full((6,), 0.5), torch.ones(6), 3.0)
+    assert mask.tolist() == [True, True, True, False, False, False]
+    s = torch.tensor([0.2, 0.9, 0.2, 0.9, 0.2])
+    assert top_budget_mask(s, torch.ones(5), 3.0).tolist() == [True, True, False, True, False]
+
+
+def test_top_budget_mask_stops_at_first_overflow():
+    # The cheap channel after an expensive one that does not fit is not taken: a strict prefix.
+    s = torch.tensor([0.9, 0.8, 0.7])
+    c = torch.tensor([1.0, 5.0, 1.0])
+    assert top_budget_mask(s, c, 3.0).tolist() == [True, False, False]
+
+
+def test_top_budget_mask_validates():
+    with pytest.raises(ValueError, match="costs must be finite and > 0"):
+        top_budget_mask(torch.ones(3), torch.zeros(3), 1.0)
