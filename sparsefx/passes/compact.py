@@ -7,8 +7,6 @@ node metadata of untouched nodes. They read the annotations written by
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
@@ -26,8 +24,9 @@ __all__ = [
     "rewrite_weight_ops",
 ]
 
-sparsefx_ops = torch.ops.sparsefx
 aten = torch.ops.aten
+gather = torch.ops.sparsefx.gather_weight.default
+select = aten.index_select.default
 
 
 class _Indices:
@@ -67,9 +66,12 @@ def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
 
 
 def rewrite_weight_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """linear/conv with a compact input or output -> sparsefx::linear / sparsefx::conv."""
+    """linear/conv with a compact input or output read their weight through
+    sparsefx::gather_weight (and their bias through index_select): the op itself is
+    unchanged and computes only kept channels, with aten's kernels and autograd."""
     indices = _Indices(gm)
-    for node in list(gm.graph.nodes):
+    graph = gm.graph
+    for node in list(graph.nodes):
         meta = node.meta.get(META, {})
         if node.op != "call_function" or not ops.is_weight_op(node.target):
             continue
@@ -77,44 +79,33 @@ def rewrite_weight_ops(gm: fx.GraphModule) -> fx.GraphModule:
         if out_layout is None and "in_layout" not in meta:
             continue
         in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
-        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias", None)
-        if ops.is_conv(node.target):
-            n = len(weight.meta["val"].shape) - 2
-            conv = [_ints(_arg(node, i, k, d), n) for i, k, d in _CONV_ARGS]
-            target, args = sparsefx_ops.conv.default, (x, weight, bias, in_idx, out_idx, *conv)
-        else:
-            target, args = sparsefx_ops.linear.default, (x, weight, bias, in_idx, out_idx)
-        _replace(node, target, args)
+        weight, bias = node.args[1], _arg(node, 2, "bias", None)
+        with graph.inserting_before(node):
+            node.update_arg(1, graph.call_function(gather, (weight, out_idx, in_idx)))
+            if bias is not None and out_idx is not None:
+                _set_arg(node, 2, "bias", graph.call_function(select, (bias, 0, out_idx)))
     return gm
 
 
-_CONV_ARGS = ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
-
-
 def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
-    """BatchNorm on a compact tensor -> sparsefx::batch_norm over the kept channels, plus
-    sparsefx::update_running_stats for kept channels when it trains with running stats."""
+    """BatchNorm on a compact tensor runs on gathered parameters and running statistics;
+    in training the updated statistics are copied back for kept channels only."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
         layout = node.meta.get(META, {}).get("layout")
         if node.target not in ops.BATCH_NORM or layout is None:
             continue
-        x, weight, bias, mean, var, training, momentum, eps = node.args[:8]
         idx = indices.of(layout)
+        state = node.args[1:5]  # weight, bias, running_mean, running_var
         with graph.inserting_before(node):
-            result = graph.call_function(
-                sparsefx_ops.batch_norm.default, (x, weight, bias, mean, var, idx, training, eps)
-            )
-            stats = [graph.call_function(operator.getitem, (result, i)) for i in (1, 2)]
-            if training and mean is not None:
-                update = graph.call_function(
-                    sparsefx_ops.update_running_stats.default,
-                    (x, mean, var, idx, *stats, momentum, eps),
-                )
-                update.meta[META] = {"role": "stat_update", "group": layout.group}
-        result.meta[META] = {"role": "channelwise", "group": layout.group}
-        _replace(node, operator.getitem, (result, 0))
+            kept = [None if t is None else graph.call_function(select, (t, 0, idx)) for t in state]
+        node.args = (node.args[0], *kept, *node.args[5:])
+        running, kept_running = state[2:], kept[2:]
+        if node.args[5] and running[0] is not None:  # training with running statistics
+            with graph.inserting_after(node):
+                for full, compact in zip(running, kept_running, strict=True):
+                    graph.call_function(aten.index_copy_.default, (full, 0, idx, compact))
     return gm
 
 
@@ -139,7 +130,7 @@ def insert_scatters(gm: fx.GraphModule) -> fx.GraphModule:
         layout: Layout = meta["layout"]
         with gm.graph.inserting_after(node):
             full = gm.graph.call_function(
-                sparsefx_ops.scatter_channels.default,
+                torch.ops.sparsefx.scatter_channels.default,
                 (node, indices.of(layout), layout.dim, layout.full),
             )
         full.meta[META] = {"role": "scatter", "group": layout.group}
@@ -191,9 +182,11 @@ def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
     return node.kwargs.get(name, default)
 
 
-def _ints(value: object, n: int) -> list[int]:
-    values = [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]  # type: ignore[arg-type]
-    return values * n if len(values) == 1 else values
+def _set_arg(node: fx.Node, position: int, name: str, value: object) -> None:
+    if len(node.args) > position:
+        node.update_arg(position, value)
+    else:
+        node.update_kwarg(name, value)
 
 
 def _replace(node: fx.Node, target: object, args: tuple) -> None:
