@@ -1,4 +1,7 @@
-"""`sparsefx demo`: dense vs sparsefx training side by side, on real data, in about a minute.
+"""`sparsefx demo`: dense vs sparsefx training side by side on real data.
+
+On 2 CPU cores the digits run takes about a minute, Fashion-MNIST (2 epochs of 60k images)
+about six.
 
 Each model is trained twice from the same initial weights, on the same batches in the same
 order: once dense, once through `sparsefx.transform` at the given density. Step times are
