@@ -505,8 +505,7 @@ def header(env: dict, args: argparse.Namespace) -> str:
             "sparsefx step time: one full training step per method, timed side by side in one run",
             f"torch {env['torch']} | {env['threads']} threads | CPU: {env['cpu']} "
             f"({env['cores']} logical cores) | load average at start: {load}",
-            f"optimizer: SGD(lr={LR}) without momentum, so the optimizer step is the same small "
-            "cost for every method",
+            f"optimizer: SGD(lr={LR}) without momentum: the same full-size update for every method",
             "dense = fwd+bwd+opt step; sparse steps add sampling, K=2 samples and the score update",
             "  paper: masked dense weights (before BN), fwd+bwd for both samples (Zhou et al. code)",
             "  hand: hand-written compact step; sparsefx: sparsefx.transform + wrap_loss",
