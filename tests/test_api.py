@@ -272,3 +272,45 @@ def test_transform_shares_parameters_with_the_original_model():
     assert {id(p) for p in sparse.parameters()} == ids
     assert "structure.probabilities" in sparse.state_dict()
     assert copy.deepcopy(sparse.state_dict()).keys() == sparse.state_dict().keys()
+
+
+@pytest.mark.parametrize("budget", ["params", "flops"])
+def test_cost_weighted_budget_trains_within_budget(budget):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3))
+    config = sparsefx.SparseConfig(density=0.3, budget=budget, score_lr=0.1, seed=0)
+    sparse = sparsefx.transform(model, torch.randn(4, 8), config=config)
+    structure = sparse.structure
+    costs = structure.split(structure.costs)
+    # marginal cost of a channel at k = density * size (cost model, DESIGN §3): the first group
+    # pays its weight row + bias + the next layer's column at 30% of 8 channels
+    k2 = 0.3 * 8
+    expected = {"params": 8 + 1 + k2, "flops": 2 * (8 + k2)}[budget]
+    assert float(costs[0][0]) == pytest.approx(expected)
+    assert len(set(costs[0].tolist())) == 1
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data(16)
+    for _ in range(5):
+        loss = criterion(sparse(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sparse(x)  # applies the pending update: s moves, then is projected onto the budget
+    used = float(structure.costs.double() @ structure.probabilities.double())
+    assert used <= structure.budget * (1 + 1e-6)
+    assert sparsefx.stats(sparse)["expected_density"] == pytest.approx(0.3, rel=1e-4)
+
+
+def test_more_samples_run_more_pure_forwards():
+    torch.manual_seed(0)
+    model = LossModel()
+    config = sparsefx.SparseConfig(density=0.5, samples=4, seed=1)
+    sparse = sparsefx.transform(model, data(), config=config)
+    program = sparse._programs[True][0]
+    calls = []
+    program.score.register_forward_hook(lambda *_: calls.append(1))
+    x, y = data()
+    sparse(x, y).backward()
+    assert len(calls) == 3  # K - 1 pure forwards
+    assert sparse.structure.pending is not None
