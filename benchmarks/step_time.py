@@ -11,6 +11,8 @@ sample's work, the structure (score) update and the optimizer step. The four met
             gathered with index_select, BatchNorm on gathered parameters, backward by
             autograd, a no_grad second forward, then the score update. The bar for sparsefx.
 * sparsefx: `sparsefx.transform` + `sparsefx.wrap_loss` on the unmodified model.
+* sparsefx-sg: the same with ``SparseConfig(sparse_gradients=True)``: row-sparse weight
+            gradients, so SGD updates only kept rows (the others keep dense gradients).
 
 All methods are timed side by side in one process (see `common.time_interleaved`), so the
 ratios compare like with like even on a loaded machine.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -57,7 +60,7 @@ SAMPLES = 2  # K
 SCORE_LR = 1e-2  # Adam on the scores, as sparsefx's default
 SCORE_EPS = 1e-3  # s clamped to [eps, 1-eps] inside psi
 BISECTION_STEPS = 20  # budget projection of the baselines, as in the paper's code
-METHODS = ("paper", "hand", "sparsefx")
+METHODS = ("paper", "hand", "sparsefx", "sparsefx-sg")
 
 Step = Callable[[], Tensor]
 Producer = nn.Linear | nn.Conv2d
@@ -298,9 +301,16 @@ def hand_step(model: nn.Sequential, x: Tensor, y: Tensor, density: float) -> Ste
     return step
 
 
-def sparsefx_step(model: nn.Sequential, x: Tensor, y: Tensor, density: float) -> Step:
-    """sparsefx as a user writes it: transform, wrap the loss, an ordinary training loop."""
-    smodel = sparsefx.transform(model, (x,), density=density)
+def sparsefx_step(
+    model: nn.Sequential, x: Tensor, y: Tensor, density: float, sparse_gradients: bool = False
+) -> Step:
+    """sparsefx as a user writes it: transform, wrap the loss, an ordinary training loop.
+
+    With `sparse_gradients` ("sparsefx-sg") pruned weights get row-sparse gradients, which
+    torch's SGD applies to kept rows only: no full-size gradient, no full-size update.
+    """
+    config = sparsefx.SparseConfig(density=density, sparse_gradients=sparse_gradients)
+    smodel = sparsefx.transform(model, (x,), config=config)
     criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     smodel.train()
@@ -320,6 +330,7 @@ BUILDERS: dict[str, Callable[[nn.Sequential, Tensor, Tensor, float], Step]] = {
     "paper": paper_step,
     "hand": hand_step,
     "sparsefx": sparsefx_step,
+    "sparsefx-sg": functools.partial(sparsefx_step, sparse_gradients=True),
 }
 
 
@@ -477,7 +488,7 @@ class Measured:
         speedup = self.median_ms("dense") / summary.median_ms
         flop_ratio = self.flops["dense"] / self.flops[label]
         vs_hand, rounds = None, []
-        if method == "sparsefx":
+        if method.startswith("sparsefx"):
             hand = _label("hand", density)
             vs_hand = self.median_ms(hand) / summary.median_ms
             rounds = self.round_ratios(label, hand)
@@ -509,6 +520,7 @@ def header(env: dict, args: argparse.Namespace) -> str:
             "dense = fwd+bwd+opt step; sparse steps add sampling, K=2 samples and the score update",
             "  paper: masked dense weights (before BN), fwd+bwd for both samples (Zhou et al. code)",
             "  hand: hand-written compact step; sparsefx: sparsefx.transform + wrap_loss",
+            "  sparsefx-sg: sparsefx with sparse_gradients=True (row-sparse weight gradients)",
             f"timing: {args.warmup} warm-up steps each, then {args.rounds} rounds × {args.steps} "
             "steps round-robin; ms = median per step, IQR% = interquartile range / median",
             "speedup = T_dense/T; FLOP× = F_dense/F (matmul+conv FLOPs of a whole step, "

@@ -38,6 +38,11 @@ class SparseConfig:
     """s is clamped to [eps, 1-eps] inside psi so the score function stays finite."""
     seed: int | None = None
     """Seed of the mask sampler; None draws one from torch's global RNG at transform time."""
+    sparse_gradients: bool = False
+    """Pruned layers' weight gradients as row-sparse COO tensors (kept output channels only),
+    as nn.Embedding(sparse=True) does: no full-size zero fill, and torch.optim.SGD or
+    SparseAdam then update only kept rows. Optimizers that need dense gradients (Adam, AdamW)
+    reject them, so this is opt-in."""
 
     def __post_init__(self) -> None:
         if isinstance(self.density, bool) or not isinstance(self.density, int | float):
@@ -55,6 +60,8 @@ class SparseConfig:
         _check_choice("score_optimizer", self.score_optimizer, _SCORE_OPTIMIZERS)
         if not self.score_lr > 0:
             raise ValueError(f"score_lr must be > 0, got {self.score_lr}")
+        if not isinstance(self.sparse_gradients, bool):
+            raise TypeError(f"sparse_gradients must be a bool, got {self.sparse_gradients!r}")
         if not 0.0 < self.score_eps < 0.5:
             raise ValueError(f"score_eps must be in (0, 0.5), got {self.score_eps}")
 

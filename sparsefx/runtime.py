@@ -249,7 +249,9 @@ class SparseModule(nn.Module):
     # -- programs ------------------------------------------------------------------------
 
     def _compile(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
-        graph = rewrite_compact(captured.gm, analysis.groups)
+        graph = rewrite_compact(
+            captured.gm, analysis.groups, sparse_gradients=self.config.sparse_gradients
+        )
         score = score_graph(graph, captured.inputs) if captured.training else None
         return _Program(captured, graph, score)
 

@@ -314,3 +314,27 @@ def test_more_samples_run_more_pure_forwards():
     sparse(x, y).backward()
     assert len(calls) == 3  # K - 1 pure forwards
     assert sparse.structure.pending is not None
+
+
+def test_sparse_gradients_train_exactly_like_dense_gradients_with_sgd():
+    torch.manual_seed(0)
+    x, y = data(16)
+    models, losses = [], []
+    for sparse_gradients in (False, True):
+        torch.manual_seed(0)
+        model = mlp()
+        config = sparsefx.SparseConfig(density=0.5, seed=3, sparse_gradients=sparse_gradients)
+        sparse = sparsefx.transform(model, x, config=config)
+        criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = criterion(sparse(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        models.append(model)
+    assert models[1][0].weight.grad.is_sparse and not models[0][0].weight.grad.is_sparse
+    torch.testing.assert_close(losses[:3], losses[3:], rtol=0, atol=0)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -61,3 +61,16 @@ def test_block_index_maps_channels_to_flattened_blocks():
     assert block_index(_idx(0, 2), 3).tolist() == [0, 1, 2, 6, 7, 8]
     idx = _idx(1)
     assert block_index(idx, 1) is idx
+
+
+@pytest.mark.parametrize(("out_idx", "in_idx"), INDEX_CASES)
+def test_sparse_gradient_equals_the_dense_one_and_holds_only_kept_rows(out_idx, in_idx):
+    weight = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    grad_c = torch.randn_like(gather_weight(weight, out_idx, in_idx))
+    (dense,) = torch.autograd.grad(gather_weight(weight, out_idx, in_idx), weight, grad_c)
+    (sparse,) = torch.autograd.grad(gather_weight(weight, out_idx, in_idx, True), weight, grad_c)
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=0, atol=0)
+    if out_idx is not None:
+        assert sparse.is_sparse and sparse.is_coalesced()
+        assert sparse.indices().squeeze(0).tolist() == out_idx.tolist()
+    torch.library.opcheck(torch.ops.sparsefx.gather_weight.default, (weight, out_idx, in_idx, True))

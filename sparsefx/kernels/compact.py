@@ -6,7 +6,9 @@ are the two index moves around it:
 
 * ``sparsefx::gather_weight``: a weight's kept rows (output channels) and columns (input
   channels). Its backward writes the compact weight gradient straight into a full-size zero
-  gradient in one pass, so dropped weights get exact zeros and cost no FLOPs.
+  gradient in one pass, so dropped weights get exact zeros and cost no FLOPs; or, with
+  ``sparse_grad``, returns a row-sparse COO gradient holding only the kept rows, which spares
+  the full-size zero fill and lets a sparse-aware optimizer touch only kept rows.
 * ``sparsefx::scatter_channels``: a compact activation back to full width, zeros for dropped
   channels, where a consumer cannot read it compactly.
 
@@ -25,7 +27,9 @@ __all__ = ["block_index", "gather_weight", "scatter_channels"]
 
 
 @torch.library.custom_op("sparsefx::gather_weight", mutates_args=())
-def gather_weight(weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
+def gather_weight(
+    weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, sparse_grad: bool = False
+) -> Tensor:
     """weight[out_idx][:, in_idx] (either side skipped when its index is None)."""
     if out_idx is not None:
         weight = weight.index_select(0, out_idx)
@@ -35,7 +39,7 @@ def gather_weight(weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None)
 
 
 @gather_weight.register_fake
-def _(weight, out_idx, in_idx):
+def _(weight, out_idx, in_idx, sparse_grad=False):
     shape = list(weight.shape)
     if out_idx is not None:
         shape[0] = out_idx.shape[0]
@@ -45,13 +49,24 @@ def _(weight, out_idx, in_idx):
 
 
 def _gather_setup(ctx, inputs, output):
-    weight, out_idx, in_idx = inputs
+    weight, out_idx, in_idx, sparse_grad = inputs
     ctx.save_for_backward(out_idx, in_idx)
-    ctx.shape = weight.shape
+    ctx.shape, ctx.sparse_grad = weight.shape, sparse_grad
 
 
 def _gather_backward(ctx, grad_c):
     out_idx, in_idx = ctx.saved_tensors
+    if ctx.sparse_grad and out_idx is not None:
+        rows = grad_c
+        if in_idx is not None:
+            rows = grad_c.new_zeros((grad_c.shape[0], *ctx.shape[1:])).index_copy_(
+                1, in_idx, grad_c
+            )
+        # kept indices are sorted and unique by construction: coalesced, nothing to check
+        grad = torch.sparse_coo_tensor(
+            out_idx[None], rows, ctx.shape, is_coalesced=True, check_invariants=False
+        )
+        return grad, None, None, None
     grad = grad_c.new_zeros(ctx.shape)
     if out_idx is None:
         grad.index_copy_(1, in_idx, grad_c)
@@ -59,7 +74,7 @@ def _gather_backward(ctx, grad_c):
         grad.index_copy_(0, out_idx, grad_c)
     else:  # one scatter of the kept block, no intermediate [k_out, in] tensor
         grad.index_put_((out_idx[:, None], in_idx), grad_c)
-    return grad, None, None
+    return grad, None, None, None
 
 
 gather_weight.register_autograd(_gather_backward, setup_context=_gather_setup)

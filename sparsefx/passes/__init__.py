@@ -18,12 +18,14 @@ from sparsefx.passes.compact import (
 __all__ = ["copy_graph_module", "rewrite_compact", "score_graph"]
 
 
-def rewrite_compact(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
+def rewrite_compact(
+    gm: fx.GraphModule, groups: list[Group], *, sparse_gradients: bool = False
+) -> fx.GraphModule:
     """Run the compact-rewrite passes in order. The graph gains one index input per group."""
     gm = add_index_inputs(gm, groups)
-    for rewrite in (insert_scatters, rewrite_flattens, rewrite_batch_norms, rewrite_weight_ops):
+    for rewrite in (insert_scatters, rewrite_flattens, rewrite_batch_norms):
         gm = rewrite(gm)
-    return _finalize(gm)
+    return _finalize(rewrite_weight_ops(gm, sparse_gradients=sparse_gradients))
 
 
 def score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:

@@ -65,10 +65,11 @@ def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
     return gm
 
 
-def rewrite_weight_ops(gm: fx.GraphModule) -> fx.GraphModule:
+def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) -> fx.GraphModule:
     """linear/conv with a compact input or output read their weight through
     sparsefx::gather_weight (and their bias through index_select): the op itself is
-    unchanged and computes only kept channels, with aten's kernels and autograd."""
+    unchanged and computes only kept channels, with aten's kernels and autograd.
+    `sparse_gradients` makes pruned producers' weight gradients row-sparse."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
@@ -81,7 +82,8 @@ def rewrite_weight_ops(gm: fx.GraphModule) -> fx.GraphModule:
         in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
         weight, bias = node.args[1], _arg(node, 2, "bias", None)
         with graph.inserting_before(node):
-            node.update_arg(1, graph.call_function(gather, (weight, out_idx, in_idx)))
+            gathered = graph.call_function(gather, (weight, out_idx, in_idx, sparse_gradients))
+            node.update_arg(1, gathered)
             if bias is not None and out_idx is not None:
                 _set_arg(node, 2, "bias", graph.call_function(select, (bias, 0, out_idx)))
     return gm
