@@ -10,6 +10,7 @@ applies it. Eval mode uses the deterministic top-budget (or frozen) mask.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,8 @@ class StructureState(nn.Module):
     @torch.no_grad()
     def apply_pending(self) -> None:
         """Score optimizer step on s, then exact projection onto the budget set."""
-        if self.pending is None:
+        if self.pending is None or not self.probabilities.numel():
+            self.pending = None  # nothing to prune: no structure to update
             return
         s = self.probabilities
         s.grad = self.pending.to(s.dtype)
@@ -113,6 +115,8 @@ class StructureState(nn.Module):
         if self.fixed is not None:
             return self.fixed
         version = self.probabilities._version
+        if not self.probabilities.numel():
+            return torch.zeros(0, dtype=torch.bool, device=self.probabilities.device)
         if self._eval_cache is None or self._eval_cache[0] != version:
             order = self.tie_order
             ordered = top_budget_mask(self.probabilities[order], self.costs[order], self.budget)
@@ -232,6 +236,13 @@ class SparseModule(nn.Module):
         self._programs: dict[bool, list[_Program]] = {True: [], False: []}
         captured = capture(model, example_args, example_kwargs, training=model.training)
         self.analysis: Analysis = analyze(captured.gm, captured.inputs)
+        if not self.analysis.groups:
+            reasons = "; ".join(f"{d.node}: {d.reason}" for d in self.analysis.dense)
+            warnings.warn(
+                f"sparsefx found nothing to prune in {type(model).__name__} ({reasons or 'no linear/conv'}); "
+                "it will train dense",
+                stacklevel=3,
+            )
         self.cost_model: CostModel = build_cost_model(captured.gm, self.analysis.groups)
         self._programs[model.training].append(self._compile(captured, self.analysis))
         seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())

@@ -338,3 +338,16 @@ def test_sparse_gradients_train_exactly_like_dense_gradients_with_sgd():
     torch.testing.assert_close(losses[:3], losses[3:], rtol=0, atol=0)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_model_with_nothing_to_prune_warns_and_trains_dense():
+    model = nn.Linear(8, 3)  # the classifier alone: never pruned
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    for _ in range(2):
+        criterion(sparse(x), y).backward()
+    sparse.eval()
+    torch.testing.assert_close(sparse(x), model(x))
+    assert sparsefx.groups(sparse) == []
