@@ -12,6 +12,7 @@ from sparsefx.api import (
     wrap_loss,
 )
 from sparsefx.capture import CaptureError
+from sparsefx.compiled import backend
 from sparsefx.config import SparseConfig
 from sparsefx.runtime import MissingLossError, SparseModule
 
@@ -20,6 +21,7 @@ __all__ = [
     "MissingLossError",
     "SparseConfig",
     "SparseModule",
+    "backend",
     "freeze",
     "groups",
     "masks",

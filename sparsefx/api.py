@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsefx import compiled
 from sparsefx.analysis import Group
 from sparsefx.config import SparseConfig, resolve_config
-from sparsefx.runtime import SparseModule, find_loss, wrap_criterion
+from sparsefx.runtime import SparseModule, SparseRuntime, find_loss, wrap_criterion
 
 __all__ = [
     "freeze",
@@ -49,33 +50,43 @@ def transform(
     return SparseModule(model, args, dict(example_kwargs or {}), config)
 
 
-def wrap_loss(model: SparseModule, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The one set-up line for a model that returns logits.
+def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The one set-up line for a model that returns logits (transformed or compiled).
 
-    The returned criterion computes the loss as `criterion` does and also runs the K-1 pure
-    forwards that the structure gradient needs, on the same inputs. Example::
+    The returned criterion computes the loss as `criterion` does, and also the loss of the
+    same outputs under the other K-1 sampled masks, which the structure gradient needs.
+    Example::
 
         criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
         loss = criterion(smodel(x), y); loss.backward(); opt.step()
     """
-    return wrap_criterion(_sparse(model), criterion)
+    if isinstance(model, SparseModule):
+        model.runtime.criterion = criterion
+    elif isinstance(model, nn.Module):
+        compiled.set_criterion(model, criterion)
+    else:
+        raise TypeError(
+            "wrap_loss expects the model returned by sparsefx.transform or "
+            f'torch.compile(model, backend="sparsefx"), got {type(model).__name__}'
+        )
+    return wrap_criterion(criterion)
 
 
-def groups(model: SparseModule) -> list[Group]:
+def groups(model: nn.Module) -> list[Group]:
     """The channel groups: each with ``.name``, ``.size`` and ``.members``."""
-    return list(_sparse(model).groups)
+    return list(_runtime(model).groups)
 
 
-def probabilities(model: SparseModule) -> dict[str, Tensor]:
+def probabilities(model: nn.Module) -> dict[str, Tensor]:
     """{group name: keep probabilities s} (copies)."""
-    sparse = _sparse(model)
+    sparse = _runtime(model)
     parts = sparse.structure.split(sparse.structure.probabilities.detach())
     return {g.name: p.clone() for g, p in zip(sparse.groups, parts, strict=True)}
 
 
-def masks(model: SparseModule) -> dict[str, Tensor]:
+def masks(model: nn.Module) -> dict[str, Tensor]:
     """{group name: bool mask used by the last training forward}."""
-    sparse = _sparse(model)
+    sparse = _runtime(model)
     last = sparse.structure.last if sparse.structure.last is not None else sparse.structure.fixed
     if last is None:
         raise RuntimeError("no training forward has run yet, so there are no sampled masks")
@@ -84,9 +95,9 @@ def masks(model: SparseModule) -> dict[str, Tensor]:
     }
 
 
-def set_masks(model: SparseModule, group_masks: Mapping[str, Tensor]) -> None:
+def set_masks(model: nn.Module, group_masks: Mapping[str, Tensor]) -> None:
     """Fix every group's mask (bool, one entry per channel) until :func:`unfreeze`."""
-    sparse = _sparse(model)
+    sparse = _runtime(model)
     names = [g.name for g in sparse.groups]
     missing, unknown = set(names) - set(group_masks), set(group_masks) - set(names)
     if missing or unknown:
@@ -116,7 +127,7 @@ def set_masks(model: SparseModule, group_masks: Mapping[str, Tensor]) -> None:
 
 
 def freeze(
-    model: SparseModule,
+    model: nn.Module,
     strategy: str = "topk",
     *,
     batches: Iterable[tuple[Any, ...]] | None = None,
@@ -130,7 +141,7 @@ def freeze(
 
         sparsefx.freeze(smodel, "best", batches=[(x_val, y_val)], num_samples=8)
     """
-    sparse = _sparse(model)
+    sparse = _runtime(model)
     structure = sparse.structure
     structure.apply_pending()
     if strategy == "topk":
@@ -143,16 +154,17 @@ def freeze(
         raise ValueError('freeze(strategy="best") needs held-out `batches` to score masks on')
     batches = list(batches)
     candidates = structure.sample(num_samples)
-    scores = [_mean_eval_loss(sparse, mask, batches) for mask in candidates]
+    module = _callable_module(model)
+    scores = [_mean_eval_loss(sparse, module, mask, batches) for mask in candidates]
     structure.fixed = candidates[int(torch.tensor(scores).argmin())].clone()
 
 
-def unfreeze(model: SparseModule) -> None:
+def unfreeze(model: nn.Module) -> None:
     """Resume sampling masks from the probabilities."""
-    _sparse(model).structure.fixed = None
+    _runtime(model).structure.fixed = None
 
 
-def stats(model: SparseModule) -> dict[str, float]:
+def stats(model: nn.Module) -> dict[str, float]:
     """Density and cost fractions: expected under s, and of the masks last used.
 
     ``density`` is the budget; ``expected_density`` the budget used by s (in budget units);
@@ -160,7 +172,7 @@ def stats(model: SparseModule) -> dict[str, float]:
     ``flops_fraction``/``params_fraction`` of the last masks, and ``expected_flops_fraction``
     under s, from the cost model (linear/conv FLOPs).
     """
-    sparse = _sparse(model)
+    sparse = _runtime(model)
     structure = sparse.structure
     s = structure.probabilities.detach()
     mask = structure.last if structure.last is not None else structure.deterministic_mask()
@@ -181,30 +193,53 @@ def stats(model: SparseModule) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _mean_eval_loss(sparse: SparseModule, mask: Tensor, batches: list[tuple[Any, ...]]) -> float:
-    structure, was_training = sparse.structure, sparse.training
+def _mean_eval_loss(
+    sparse: SparseRuntime, module: nn.Module, mask: Tensor, batches: list[tuple[Any, ...]]
+) -> float:
+    structure, was_training = sparse.structure, module.training
     structure.fixed = mask
-    sparse.eval()
+    module.eval()
     try:
         losses = []
         for batch in batches:
             if sparse.criterion is not None:
-                losses.append(float(sparse.criterion(sparse(*batch[:-1]), batch[-1])))
+                losses.append(float(sparse.criterion(module(*batch[:-1]), batch[-1])))
             else:
-                loss = find_loss(sparse(*batch))
+                loss = find_loss(module(*batch))
                 if loss is None:
                     raise ValueError("the model returned no loss; wrap a criterion with wrap_loss")
                 losses.append(float(loss))
         return sum(losses) / max(len(losses), 1)
     finally:
-        sparse.train(was_training)
+        module.train(was_training)
         structure.fixed = None
 
 
-def _sparse(model: Any) -> SparseModule:
+def _runtime(model: Any) -> SparseRuntime:
+    """The runtime behind a transformed model, or behind a model compiled with sparsefx."""
     if isinstance(model, SparseModule):
+        return model.runtime
+    runtime = compiled.runtime_of(model) if isinstance(model, nn.Module) else None
+    if runtime is not None:
+        return runtime
+    if hasattr(model, "_orig_mod"):
+        raise RuntimeError(
+            f"{type(model._orig_mod).__name__} is compiled but has no sparsefx graph yet: "
+            'torch.compile(model, backend="sparsefx") compiles on the first call, so run one '
+            "forward before inspecting it"
+        )
+    raise TypeError(
+        f"expected a model returned by sparsefx.transform or compiled with "
+        f'torch.compile(model, backend="sparsefx"), got {type(model).__name__}; call '
+        "sparsefx.transform(model, example_inputs, density=...) first"
+    )
+
+
+def _callable_module(model: Any) -> nn.Module:
+    """The module whose forward runs the sparse graphs (freeze "best" evaluates through it)."""
+    if isinstance(model, SparseModule) or hasattr(model, "_orig_mod"):
         return model
     raise TypeError(
-        f"expected a model returned by sparsefx.transform, got {type(model).__name__}; "
-        "call sparsefx.transform(model, example_inputs, density=...) first"
+        f'freeze("best") evaluates masks through the sparse model; pass the model returned '
+        f"by torch.compile or sparsefx.transform, not the plain {type(model).__name__}"
     )

@@ -22,7 +22,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "capture"]
+__all__ = ["CaptureError", "CapturedGraph", "capture", "capture_graph"]
 
 
 class CaptureError(RuntimeError):
@@ -70,6 +70,10 @@ def capture(
     """Export `model` in train or eval mode on example inputs, batch dimension dynamic."""
     with _mode(model, training):
         ep = _export(model, args, kwargs)
+    return _captured(ep, training=training)
+
+
+def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
     inputs = [(spec.kind, _input_target(spec)) for spec in ep.graph_signature.input_specs]
     for kind, target in inputs:
         if kind not in (
@@ -94,6 +98,81 @@ def capture(
             if kind == InputKind.USER_INPUT
         ],
     )
+
+
+def capture_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    inputs: list[tuple[InputKind, str]],
+    size_inputs: Sequence[int],
+) -> CapturedGraph:
+    """Normalise a torch.compile (Dynamo) graph into the same IR as `capture`.
+
+    Dynamo passes parameters and buffers as ordinary graph inputs; `inputs` says what each
+    one is (kind and FQN), in placeholder order without the `size_inputs`: SymInt inputs
+    that are sizes of tensor inputs, which the graph recomputes from those tensors. Dims that
+    Dynamo made dynamic are exported as dynamic.
+    """
+    gm = _inline_size_inputs(gm, size_inputs)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    drop = set(size_inputs)
+    args = tuple(value for i, value in enumerate(example_inputs) if i not in drop)
+    dynamic = tuple(_dynamic_dims(node.meta.get("example_value")) for node in placeholders)
+    try:
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+    except Exception as error:
+        raise CaptureError(
+            f"sparsefx could not normalise a torch.compile graph: {type(error).__name__}: "
+            f"{_first_line(error)}"
+        ) from error
+    captured = _captured(ep, training=True)
+    given = iter(inputs)
+    captured.inputs = [
+        next(given) if kind == InputKind.USER_INPUT else (kind, target)
+        for kind, target in captured.inputs
+    ]
+    return captured
+
+
+def _inline_size_inputs(gm: fx.GraphModule, size_inputs: Sequence[int]) -> fx.GraphModule:
+    """A copy of `gm` whose SymInt inputs are replaced by the tensor sizes they stand for."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    tensors = [
+        (node, node.meta["example_value"])
+        for node in placeholders
+        if isinstance(node.meta.get("example_value"), torch.Tensor)
+    ]
+    for position in size_inputs:
+        node = placeholders[position]
+        expr = node.meta["example_value"].node.expr
+        source = next(
+            (
+                (tensor, dim)
+                for tensor, value in tensors
+                for dim, size in enumerate(value.shape)
+                if isinstance(size, torch.SymInt) and size.node.expr == expr
+            ),
+            None,
+        )
+        if source is None:
+            raise CaptureError(
+                f"torch.compile made the integer input {node.name} dynamic; sparsefx supports "
+                "dynamic tensor sizes only: compile with dynamic=False or pass it as a tensor"
+            )
+        with graph.inserting_after(placeholders[-1]):
+            size = graph.call_function(torch.ops.aten.sym_size.int, source)
+        node.replace_all_uses_with(size)
+        graph.erase_node(node)
+    return fx.GraphModule(gm, graph)
+
+
+def _dynamic_dims(value: Any) -> dict[int, Any] | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    dims = {d: Dim.AUTO for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt)}
+    return dims or None
 
 
 def _input_target(spec: Any) -> str:

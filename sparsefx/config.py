@@ -72,6 +72,12 @@ class SparseConfig:
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"unknown sparsefx option(s) {unknown}; valid options: {sorted(valid)}")
+        if "density" not in options:
+            raise TypeError(
+                "sparsefx needs a density, e.g. "
+                'torch.compile(model, backend="sparsefx", options={"density": 0.1}); '
+                f"valid options: {sorted(valid)}"
+            )
         return cls(**options)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture
@@ -26,7 +27,17 @@ from sparsefx.config import SparseConfig
 from sparsefx.passes import rewrite_compact, score_graph
 from sparsefx.policy import project_to_budget, sample_masks, structure_gradient, top_budget_mask
 
-__all__ = ["MissingLossError", "SparseModule", "StructureState", "find_loss"]
+__all__ = [
+    "MissingLossError",
+    "SampledStep",
+    "SparseModule",
+    "SparseRuntime",
+    "StructureState",
+    "counterparts",
+    "find_loss",
+    "register_counterparts",
+    "wrap_criterion",
+]
 
 log = logging.getLogger("sparsefx")
 
@@ -180,16 +191,150 @@ def _clone(value: Any) -> Any:
 
 def find_loss(output: Any) -> Tensor | None:
     """The scalar loss in a model's output: the output itself, its "loss" entry, or the first
-    element of a tuple (Hugging Face convention); None for a model that returns logits."""
-    candidates = [output]
+    scalar element of a tuple (Hugging Face puts the loss first, nanoGPT returns
+    ``(logits, loss)``); None for a model that returns logits."""
     if isinstance(output, dict) or hasattr(output, "keys"):
         candidates = [output.get("loss")] if "loss" in output else []
-    elif isinstance(output, list | tuple) and output:
-        candidates = [output[0]]
-    for value in candidates:
-        if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
-            return value
-    return None
+    elif isinstance(output, list | tuple):
+        candidates = list(output)
+    else:
+        candidates = [output]
+    return next((value for value in candidates if _is_scalar_loss(value)), None)
+
+
+def _is_scalar_loss(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point()
+
+
+@dataclass
+class SampledStep:
+    """The K masks of one training forward, waiting for the loss under each of them."""
+
+    runtime: SparseRuntime
+    masks: Tensor
+    resolved: bool = False
+    """Set once the structure gradient of this step is attached to a loss."""
+
+
+@dataclass
+class Counterparts:
+    """An output of a training forward under mask 1, and the same output under masks 2..K."""
+
+    step: SampledStep
+    values: list[Any]
+
+
+_COUNTERPARTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Tensor -> Counterparts, for the tensors that a sampled forward returned without a loss.
+
+A criterion wrapped by `wrap_loss`, or the next compiled graph after a graph break, looks its
+inputs up here to compute the loss under the other masks. Entries die with their tensors."""
+
+
+def register_counterparts(
+    step: SampledStep, outputs: Sequence[Any], others: list[Sequence[Any]]
+) -> None:
+    """Remember, for each tensor in `outputs`, its values under masks 2..K."""
+    for i, value in enumerate(outputs):
+        if isinstance(value, Tensor):
+            _COUNTERPARTS[value] = Counterparts(step, [other[i] for other in others])
+
+
+def counterparts(tree: Any) -> tuple[SampledStep, list[Any]] | None:
+    """`tree` rebuilt under masks 2..K (tensors without counterparts kept as they are), or None
+    if no tensor in it came from a sampled forward."""
+    leaves, spec = pytree.tree_flatten(tree)
+    found = [_COUNTERPARTS.get(leaf) if isinstance(leaf, Tensor) else None for leaf in leaves]
+    step = next((entry.step for entry in found if entry is not None), None)
+    if step is None:
+        return None
+    others = [
+        pytree.tree_unflatten(
+            [
+                leaf if entry is None else entry.values[j]
+                for leaf, entry in zip(leaves, found, strict=True)
+            ],
+            spec,
+        )
+        for j in range(step.masks.shape[0] - 1)
+    ]
+    return step, others
+
+
+class SparseRuntime:
+    """What both entry points share for one model: its groups and costs, the structure state
+    and the per-step protocol (which masks a forward uses, the structure gradient from the K
+    losses). `SparseModule` owns one; the torch.compile backend keeps one per compiled model."""
+
+    def __init__(
+        self, analysis: Analysis, cost_model: CostModel, config: SparseConfig, device: torch.device
+    ):
+        self.analysis = analysis
+        self.cost_model = cost_model
+        self.config = config
+        seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
+        costs = cost_model.channel_costs(config.budget, config.density)
+        self.structure = StructureState(analysis.groups, costs, config, seed).to(device)
+        self.criterion: Callable[..., Tensor] | None = None
+        """The criterion registered by wrap_loss, for a model that returns logits."""
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.analysis.groups
+
+    def masks_for_forward(self, training: bool) -> tuple[Tensor, SampledStep | None]:
+        """Masks [K, N] for one forward, and the sampled step when the structure trains.
+
+        Training samples K masks (after applying the pending structure update); eval mode
+        and frozen masks use the deterministic mask, K = 1."""
+        structure = self.structure
+        if training and structure.fixed is None:
+            structure.apply_pending()
+            masks = structure.sample(self.config.samples)
+            step: SampledStep | None = SampledStep(self, masks)
+        else:
+            masks, step = structure.deterministic_mask()[None], None
+        if training:
+            structure.last = masks[0]
+        return masks, step
+
+    def attach_structure_gradient(
+        self, step: SampledStep, loss: Tensor, others: Sequence[Tensor | None]
+    ) -> None:
+        """VR-PGE gradient from the K losses, committed when `loss`'s backward runs."""
+        if not _is_scalar_loss(loss) or any(not _is_scalar_loss(o) for o in others):
+            raise ValueError(
+                "the loss must be a floating-point scalar to train the structure, got "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
+            )
+        step.resolved = True
+        if not loss.requires_grad:
+            return
+        losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()  # type: ignore[union-attr]
+        structure = self.structure
+        gradient = structure_gradient(
+            losses,
+            step.masks,
+            structure.probabilities,
+            self.config.score_form,
+            self.config.score_eps,
+        )
+
+        def commit(grad: Tensor) -> Tensor:
+            structure.commit(gradient)
+            return grad
+
+        loss.register_hook(commit)
+
+
+def missing_loss_message(model_name: str, detail: str = "") -> str:
+    """What to do when a training forward's loss cannot be found (both entry points)."""
+    return (
+        f"{model_name} returned no scalar loss{detail}, so sparsefx cannot compute the "
+        "structure gradient. Add one line at set-up: `criterion = sparsefx.wrap_loss(model, "
+        "criterion)` and compute the loss with it; or freeze the masks (sparsefx.freeze) to "
+        "train weights only."
+    )
 
 
 @dataclass
@@ -235,27 +380,26 @@ class SparseModule(nn.Module):
         self.config = config
         self._programs: dict[bool, list[_Program]] = {True: [], False: []}
         captured = capture(model, example_args, example_kwargs, training=model.training)
-        self.analysis: Analysis = analyze(captured.gm, captured.inputs)
-        if not self.analysis.groups:
-            reasons = "; ".join(f"{d.node}: {d.reason}" for d in self.analysis.dense)
-            warnings.warn(
-                f"sparsefx found nothing to prune in {type(model).__name__} ({reasons or 'no linear/conv'}); "
-                "it will train dense",
-                stacklevel=3,
-            )
-        self.cost_model: CostModel = build_cost_model(captured.gm, self.analysis.groups)
-        self._programs[model.training].append(self._compile(captured, self.analysis))
-        seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
-        costs = self.cost_model.channel_costs(config.budget, config.density)
+        analysis = analyze(captured.gm, captured.inputs)
+        warn_if_nothing_to_prune(type(model).__name__, analysis)
         device = next(iter(model.parameters()), torch.empty(0)).device
-        self.structure = StructureState(self.analysis.groups, costs, config, seed).to(device)
-        self.criterion: Callable[..., Tensor] | None = None
-        """The criterion registered by wrap_loss, for a model that returns logits."""
-        self._pending_forward: tuple[_Program, list[Any], Tensor] | None = None
+        self.runtime = SparseRuntime(
+            analysis, build_cost_model(captured.gm, analysis.groups), config, device
+        )
+        self.structure = self.runtime.structure
+        self._programs[model.training].append(self._compile(captured, analysis))
 
     @property
     def groups(self) -> list[Group]:
-        return self.analysis.groups
+        return self.runtime.groups
+
+    @property
+    def analysis(self) -> Analysis:
+        return self.runtime.analysis
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.runtime.cost_model
 
     # -- programs ------------------------------------------------------------------------
 
@@ -276,13 +420,7 @@ class SparseModule(nn.Module):
         log.info("sparsefx: capturing %s graph", "training" if self.training else "eval")
         captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
         analysis = analyze(captured.gm, captured.inputs)
-        found = [(g.name, g.size) for g in analysis.groups]
-        expected = [(g.name, g.size) for g in self.groups]
-        if found != expected:
-            raise CaptureError(
-                f"the model's prunable groups changed with its inputs or mode: {found} vs "
-                f"{expected}; sparsefx needs the same layers on every call"
-            )
+        check_same_groups(analysis.groups, self.groups)
         program = self._compile(captured, analysis)
         self._programs[self.training].append(program)
         return program
@@ -292,88 +430,68 @@ class SparseModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((args, kwargs))
         program = self._program(flat, spec)
-        structure = self.structure
-        sampling = self.training and structure.fixed is None
-        if sampling:
-            structure.apply_pending()
-            masks = structure.sample(self.config.samples)
-        else:
-            masks = structure.deterministic_mask()[None]
-        if self.training:
-            structure.last = masks[0]
-        inputs = program.arguments(self.model, flat, structure.indices(masks[0]))
-        output = pytree.tree_unflatten(program.graph(*inputs), program.captured.out_spec)
-        if sampling:
-            self._start_structure_gradient(program, flat, masks, output)
-        return output
-
-    def _start_structure_gradient(
-        self, program: _Program, flat: list[Any], masks: Tensor, output: Any
-    ) -> None:
+        runtime = self.runtime
+        masks, step = runtime.masks_for_forward(self.training)
+        inputs = program.arguments(self.model, flat, self.structure.indices(masks[0]))
+        outputs = program.graph(*inputs)
+        output = pytree.tree_unflatten(outputs, program.captured.out_spec)
+        if step is None:
+            return output
+        others = self._pure_forwards(program, flat, masks)
         loss = find_loss(output)
         if loss is not None:
-            others = [find_loss(o) for o in self.pure_forwards(program, flat, masks)]
-            self.attach_structure_gradient(loss, others, masks)  # type: ignore[arg-type]
-        elif self.criterion is not None:
-            self._pending_forward = (program, flat, masks)
+            spec_ = program.captured.out_spec
+            losses = [find_loss(pytree.tree_unflatten(o, spec_)) for o in others]
+            runtime.attach_structure_gradient(step, loss, losses)
+        elif runtime.criterion is not None:
+            register_counterparts(step, outputs, others)
         else:
-            raise MissingLossError(
-                f"{type(self.model).__name__} returned no scalar loss, so sparsefx cannot "
-                "compute the structure gradient. Add one line at set-up: "
-                "`criterion = sparsefx.wrap_loss(model, criterion)` and compute the loss "
-                "with it; or freeze the masks (sparsefx.freeze) to train weights only."
-            )
-
-    def take_pending_forward(self) -> tuple[_Program, list[Any], Tensor] | None:
-        pending, self._pending_forward = self._pending_forward, None
-        return pending
+            raise MissingLossError(missing_loss_message(type(self.model).__name__))
+        return output
 
     @torch.no_grad()
-    def pure_forwards(self, program: _Program, flat: list[Any], masks: Tensor) -> list[Any]:
-        """Outputs of the score graph for masks 2..K: no autograd, no running-stat update."""
+    def _pure_forwards(self, program: _Program, flat: list[Any], masks: Tensor) -> list[Any]:
+        """Flat outputs of the score graph for masks 2..K: no autograd, no running-stat update."""
         assert program.score is not None
-        outputs = []
-        for mask in masks[1:]:
-            inputs = program.arguments(self.model, flat, self.structure.indices(mask))
-            outputs.append(pytree.tree_unflatten(program.score(*inputs), program.captured.out_spec))
-        return outputs
+        return [
+            program.score(*program.arguments(self.model, flat, self.structure.indices(mask)))
+            for mask in masks[1:]
+        ]
 
-    def attach_structure_gradient(self, loss: Tensor, others: list[Tensor], masks: Tensor) -> None:
-        """VR-PGE gradient from the K losses, committed when `loss`'s backward runs."""
-        if loss.dim() != 0:
-            raise ValueError(
-                f"the loss must be a scalar to train the structure, got {tuple(loss.shape)}"
-            )
-        if not loss.requires_grad:
-            return
-        losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()
-        structure = self.structure
-        gradient = structure_gradient(
-            losses, masks, structure.probabilities, self.config.score_form, self.config.score_eps
+
+def warn_if_nothing_to_prune(model_name: str, analysis: Analysis) -> None:
+    if not analysis.groups:
+        reasons = "; ".join(f"{d.node}: {d.reason}" for d in analysis.dense)
+        warnings.warn(
+            f"sparsefx found nothing to prune in {model_name} ({reasons or 'no linear/conv'}); "
+            "it will train dense",
+            stacklevel=4,
         )
 
-        def commit(grad: Tensor) -> Tensor:
-            structure.commit(gradient)
-            return grad
 
-        loss.register_hook(commit)
+def check_same_groups(found: list[Group], expected: list[Group]) -> None:
+    """A re-captured graph (new mode or input signature) must prune the same groups."""
+    found_ = [(g.name, g.size) for g in found]
+    expected_ = [(g.name, g.size) for g in expected]
+    if found_ != expected_:
+        raise CaptureError(
+            f"the model's prunable groups changed with its inputs or mode: {found_} vs "
+            f"{expected_}; sparsefx needs the same layers on every call"
+        )
 
 
-def wrap_criterion(module: SparseModule, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The criterion of a logits model, extended with the K-1 pure-forward losses."""
-    module.criterion = criterion
+def wrap_criterion(criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The criterion of a logits model, extended with the loss under masks 2..K: an output
+    of a sampled forward carries its counterparts (`register_counterparts`)."""
 
     def sparse_criterion(output: Any, *args: Any, **kwargs: Any) -> Tensor:
         loss = criterion(output, *args, **kwargs)
-        pending = module.take_pending_forward()
-        if pending is not None:
-            program, flat, masks = pending
+        found = counterparts(output)
+        if found is not None:
+            step, others = found
             with torch.no_grad():
-                others = [
-                    criterion(o, *args, **kwargs)
-                    for o in module.pure_forwards(program, flat, masks)
-                ]
-            module.attach_structure_gradient(loss, others, masks)
+                other_losses = [criterion(o, *args, **kwargs) for o in others]
+            step.runtime.attach_structure_gradient(step, loss, other_losses)
         return loss
 
     return sparse_criterion

@@ -15,7 +15,7 @@ from sparsefx.passes.compact import (
     rewrite_weight_ops,
 )
 
-__all__ = ["copy_graph_module", "rewrite_compact", "score_graph"]
+__all__ = ["copy_graph_module", "keep_outputs", "rewrite_compact", "score_graph"]
 
 
 def rewrite_compact(
@@ -31,6 +31,15 @@ def rewrite_compact(
 def score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
     """A copy of a compact training graph for the K-1 pure forward passes."""
     return _finalize(extract_score_graph(copy_graph_module(gm), inputs))
+
+
+def keep_outputs(gm: fx.GraphModule, positions: list[int]) -> fx.GraphModule:
+    """Only the outputs at `positions`, and only the nodes they need (in place): a score
+    graph that returns the loss alone keeps no other activation alive."""
+    (output,) = gm.graph.find_nodes(op="output")
+    values = output.args[0]
+    output.args = (tuple(values[i] for i in positions),)
+    return _finalize(gm)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

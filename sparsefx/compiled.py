@@ -1,0 +1,404 @@
+"""The torch.compile backend: the same capture, analysis, passes and runtime as `transform`,
+then AOTAutograd + Inductor.
+
+Dynamo hands the backend one FX graph per captured region, with every parameter and buffer
+as a graph input whose *source* names it (``L['self']._modules['fc1']._parameters['weight']``).
+The backend normalises that graph into sparsefx's IR (`capture_graph`: torch.export's aten
+training IR, parameter inputs marked as parameters), analyses and rewrites it exactly as
+`transform` does, and compiles two graphs with Inductor: the compact training graph (indices
+of kept channels are inputs with dynamic lengths, so new masks do not recompile) and, lazily,
+the score graph (pure forward, only the loss as output) for masks 2..K.
+
+One `SparseRuntime` per model is kept in a weak registry keyed by the model, so that every
+graph of the model (training and eval, new shapes, the loss graph after a graph break) shares
+one structure, and `sparsefx.groups(compiled_model)` finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.export.graph_signature import InputKind
+
+from sparsefx.analysis import analyze, build_cost_model
+from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
+from sparsefx.config import SparseConfig
+from sparsefx.passes import keep_outputs, rewrite_compact, score_graph
+from sparsefx.runtime import (
+    MissingLossError,
+    SampledStep,
+    SparseRuntime,
+    check_same_groups,
+    counterparts,
+    missing_loss_message,
+    register_counterparts,
+    warn_if_nothing_to_prune,
+)
+
+__all__ = ["backend", "registered_criterion", "runtime_of", "set_criterion"]
+
+log = logging.getLogger("sparsefx")
+
+_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, SparseRuntime] = weakref.WeakKeyDictionary()
+"""Model -> its runtime, created when the first graph with prunable groups is compiled."""
+_CRITERIA: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+"""Model -> criterion registered by wrap_loss (possibly before the first compile)."""
+_BREAKS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+"""Model -> where Dynamo broke its graphs, for error messages."""
+
+
+def backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="sparsefx", options={"density": 0.1, ...})``.
+
+    `options` takes exactly the fields of `SparseConfig`. Registered as the entry point
+    ``torch_dynamo_backends: sparsefx``, so ``backend="sparsefx"`` works without importing
+    sparsefx first; ``backend=sparsefx.backend`` is the same function.
+    """
+    config = SparseConfig.from_options(options or {})
+    frame = _DynamoFrame.current(gm, list(example_inputs))
+    captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped)
+    analysis = analyze(captured.gm, captured.inputs)
+    runtime = _runtime_for(frame, captured, analysis, config)
+    log.info("sparsefx: compiled graph of %s with %d groups", frame.name, len(analysis.groups))
+    return CompiledGraph(gm, frame, captured, runtime if analysis.groups else None, config)
+
+
+def runtime_of(model: Any) -> SparseRuntime | None:
+    """The runtime of a model compiled with the sparsefx backend (the OptimizedModule or the
+    model itself), or None if no graph of it has been compiled yet."""
+    return _RUNTIMES.get(_unwrap(model))
+
+
+def set_criterion(model: Any, criterion: Callable[..., Tensor]) -> None:
+    """Register wrap_loss's criterion for a model compiled (now or later) with sparsefx."""
+    model = _unwrap(model)
+    _CRITERIA[model] = criterion
+    if model in _RUNTIMES:
+        _RUNTIMES[model].criterion = criterion
+
+
+def registered_criterion(model: Any) -> Callable[..., Tensor] | None:
+    return _CRITERIA.get(_unwrap(model))
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+
+
+# -- what Dynamo tells us about the graph --------------------------------------------------------
+
+_STATE_SOURCE = re.compile(
+    r"^(?P<root>[LG])\['(?P<name>[^']+)'\](?P<path>(?:\._modules\['[^']+'\])*)"
+    r"\._(?P<kind>parameters|buffers)\['(?P<leaf>[^']+)'\]$"
+)
+_MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
+
+
+@dataclass
+class _DynamoFrame:
+    """The Dynamo graph's inputs as sparsefx sees them, and the frame they came from."""
+
+    inputs: list[tuple[InputKind, str]]
+    """(kind, name) of each kept graph input: parameters and buffers by their FQN."""
+    dropped: list[int]
+    """Positions of SymInt inputs (sizes of tensor inputs, recomputed inside the graph)."""
+    roots: list[nn.Module]
+    """The modules whose parameters the graph reads (the model; several for a closure)."""
+    name: str
+    graph_break: str | None
+    """Where the graph ends at a graph break ("file:line (reason)"), None if it does not."""
+
+    @classmethod
+    def current(cls, gm: fx.GraphModule, example_inputs: list[Any]) -> _DynamoFrame:
+        """Read the graph inputs' sources and the frame being compiled from Dynamo."""
+        if any(True for _ in gm.parameters()):
+            raise CaptureError(
+                "sparsefx needs parameters as graph inputs; keep "
+                "torch._dynamo.config.inline_inbuilt_nn_modules=True (the default)"
+            )
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        scopes = {"L": tx.f_locals, "G": tx.f_globals}
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        matches = [_STATE_SOURCE.match(_source_name(node)) for node in placeholders]
+        roots: dict[tuple[str, str], nn.Module] = {}
+        for match in matches:
+            if match is not None:
+                key = (match["root"], match["name"])
+                roots.setdefault(key, scopes[key[0]][key[1]])
+        prefix = len(roots) > 1  # several models in one graph: qualify names by variable
+        inputs, dropped = [], []
+        for position, (node, match, value) in enumerate(
+            zip(placeholders, matches, example_inputs, strict=True)
+        ):
+            if isinstance(value, torch.SymInt | int) and not isinstance(value, bool):
+                dropped.append(position)
+            elif match is None:
+                inputs.append((InputKind.USER_INPUT, node.name))
+            else:
+                parts = [*_MODULE_STEP.findall(match["path"]), match["leaf"]]
+                if prefix:
+                    parts.insert(0, match["name"])
+                kind = InputKind.PARAMETER if match["kind"] == "parameters" else InputKind.BUFFER
+                inputs.append((kind, ".".join(parts)))
+        reason = getattr(tx.output, "compile_subgraph_reason", None)
+        graph_break = None
+        if reason is not None and reason.graph_break:
+            where = reason.user_stack[-1] if reason.user_stack else None
+            location = f"{where.filename}:{where.lineno}" if where else "unknown location"
+            graph_break = f"{location} ({str(reason.reason).strip().splitlines()[0]})"
+        module_roots = [r for r in roots.values() if isinstance(r, nn.Module)]
+        name = type(module_roots[0]).__name__ if module_roots else tx.f_code.co_name
+        return cls(inputs, dropped, module_roots, name, graph_break)
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    return source.name if isinstance(getattr(source, "name", None), str) else ""
+
+
+def _runtime_for(
+    frame: _DynamoFrame, captured: CapturedGraph, analysis: Any, config: SparseConfig
+) -> SparseRuntime | None:
+    """The model's runtime: shared by all its graphs, created by the first one with groups."""
+    for root in frame.roots:
+        if frame.graph_break is not None:
+            _BREAKS.setdefault(root, []).append(frame.graph_break)
+    existing = next((_RUNTIMES[r] for r in frame.roots if r in _RUNTIMES), None)
+    if not analysis.groups:
+        if existing is None and analysis.dense:
+            warn_if_nothing_to_prune(frame.name, analysis)
+        return existing
+    if existing is not None:
+        if existing.config != config:
+            raise CaptureError(
+                f"{frame.name} is already compiled with sparsefx options {existing.config}; "
+                f"compile each model with one set of options (got {config})"
+            )
+        if [g.name for g in analysis.groups] != [g.name for g in existing.groups]:
+            breaks = [b for r in frame.roots for b in _BREAKS.get(r, [])]
+            if breaks and not set(g.name for g in analysis.groups) & set(
+                g.name for g in existing.groups
+            ):
+                raise CaptureError(
+                    f"a graph break splits {frame.name}'s prunable layers over several graphs "
+                    f"(break at {'; '.join(breaks)}). sparsefx samples one structure per step "
+                    "from one graph: remove the break (torch._dynamo.explain(model)(*inputs) "
+                    "lists them), or use sparsefx.transform(model, example_inputs)"
+                )
+        check_same_groups(analysis.groups, existing.groups)
+        return existing
+    device = next((p.device for r in frame.roots for p in r.parameters()), torch.device("cpu"))
+    runtime = SparseRuntime(
+        analysis, build_cost_model(captured.gm, analysis.groups), config, device
+    )
+    for root in frame.roots:
+        _RUNTIMES[root] = runtime
+        if root in _CRITERIA:
+            runtime.criterion = _CRITERIA[root]
+    return runtime
+
+
+# -- the compiled graph ------------------------------------------------------------------------
+
+
+@dataclass
+class _Program:
+    """One static signature of a Dynamo graph: the compact graph and its score graph, each
+    compiled by Inductor on first use."""
+
+    captured: CapturedGraph
+    graph: fx.GraphModule
+    loss_index: int | None
+    """Position of the loss among the graph outputs (first floating-point scalar)."""
+    _train: Callable[..., Any] | None = field(default=None, repr=False)
+    _score: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def arguments(self, flat: Sequence[Any], indices: Sequence[Tensor]) -> list[Any]:
+        values = iter(flat)
+        args = [
+            self.captured.constants[target] if kind == InputKind.CONSTANT_TENSOR else next(values)
+            for kind, target in self.captured.inputs
+        ]
+        return args + list(indices)
+
+    def train(self) -> Callable[..., Any]:
+        """The compact training graph (also the eval graph: mask from the runtime)."""
+        if self._train is None:
+            self._train = _inductor(self.graph)
+        return self._train
+
+    def score(self) -> Callable[..., Any]:
+        """The pure-forward graph for masks 2..K: only the loss as output when the graph
+        computes one, no running-stat updates, compiled for inference."""
+        if self._score is None:
+            graph = score_graph(self.graph, self.captured.inputs)
+            if self.loss_index is not None:
+                graph = keep_outputs(graph, [self.loss_index])
+            self._score = _inductor(graph)
+        return self._score
+
+
+class CompiledGraph:
+    """What the backend returns to Dynamo for one graph: runs the sparsefx step protocol.
+
+    With groups: masks for this forward, the compact training graph with mask 1, the score
+    graph with masks 2..K, and the structure gradient from the loss output, or counterparts
+    for a loss computed later (a criterion from wrap_loss, the next graph after a break).
+    Without groups: the graph as Inductor compiles it, plus, when its inputs carry
+    counterparts, the same graph under masks 2..K, so a loss computed after a graph break is
+    still found.
+    """
+
+    def __init__(
+        self,
+        dynamo_graph: fx.GraphModule,
+        frame: _DynamoFrame,
+        captured: CapturedGraph,
+        runtime: SparseRuntime | None,
+        config: SparseConfig,
+    ):
+        self.frame = frame
+        self._dynamo_graph = dynamo_graph
+        self.runtime = runtime
+        self.config = config
+        self._roots = [weakref.ref(r) for r in frame.roots]
+        self._keep = [
+            i for i in range(len(frame.inputs) + len(frame.dropped)) if i not in set(frame.dropped)
+        ]
+        self._programs: list[_Program] = [self._build(captured)]
+
+    def _build(self, captured: CapturedGraph) -> _Program:
+        groups = self.runtime.groups if self.runtime is not None else []
+        graph = rewrite_compact(captured.gm, groups, sparse_gradients=self.config.sparse_gradients)
+        return _Program(captured, graph, _loss_index(graph))
+
+    def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:
+        """The program for these inputs' static shapes. Dynamo's guards already hold for
+        them; a dim that export specialised where Dynamo did not gets its own capture."""
+        spec = self._programs[0].captured.in_spec
+        for program in self._programs:
+            if program.captured.matches(flat, spec):
+                return program
+        frame = self.frame
+        captured = capture_graph(self._dynamo_graph, list(args), frame.inputs, frame.dropped)
+        if self.runtime is not None:
+            check_same_groups(analyze(captured.gm, captured.inputs).groups, self.runtime.groups)
+        self._programs.append(self._build(captured))
+        return self._programs[-1]
+
+    @property
+    def training(self) -> bool:
+        roots = [r() for r in self._roots]
+        return any(r.training for r in roots if r is not None)
+
+    def __call__(self, *args: Any) -> Any:
+        flat = [args[i] for i in self._keep]
+        program = self._program(args, flat)
+        runtime = self.runtime
+        if runtime is None:
+            outputs = program.train()(*program.arguments(flat, []))
+            self._follow_counterparts(program, flat, outputs)
+            return outputs
+        masks, step = runtime.masks_for_forward(self.training)
+        indices = runtime.structure.indices
+        outputs = program.train()(*program.arguments(flat, _mark_dynamic(indices(masks[0]))))
+        if step is not None:
+            with torch.no_grad():
+                score = program.score()
+                others = [
+                    score(*program.arguments(flat, _mark_dynamic(indices(m)))) for m in masks[1:]
+                ]
+            self._finish(program, step, outputs, others)
+        return outputs
+
+    def _finish(
+        self, program: _Program, step: SampledStep, outputs: Sequence[Any], others: list[Any]
+    ) -> None:
+        """Attach the structure gradient to the loss output, else hand the outputs'
+        counterparts on, and make a backward that never met the loss fail loudly."""
+        if program.loss_index is not None:
+            loss = outputs[program.loss_index]
+            step.runtime.attach_structure_gradient(step, loss, [o[0] for o in others])
+            return
+        register_counterparts(step, outputs, others)
+        message = missing_loss_message(self.frame.name, self._where())
+        for value in outputs:
+            if isinstance(value, Tensor) and value.requires_grad:
+                value.register_hook(_check_resolved(step, message))
+
+    def _follow_counterparts(
+        self, program: _Program, flat: list[Any], outputs: Sequence[Any]
+    ) -> None:
+        found = counterparts(list(flat))
+        if found is None:
+            return
+        step, other_inputs = found
+        with torch.no_grad():
+            score = program.score()
+            others = [score(*program.arguments(inputs, [])) for inputs in other_inputs]
+        if program.loss_index is None:
+            register_counterparts(step, outputs, others)
+        else:
+            step.runtime.attach_structure_gradient(
+                step, outputs[program.loss_index], [o[0] for o in others]
+            )
+
+    def _where(self) -> str:
+        breaks = [
+            b for r in self._roots if (root := r()) is not None for b in _BREAKS.get(root, [])
+        ]
+        detail = " from its compiled graph"
+        if breaks:
+            detail += (
+                f" and the loss computed after a graph break ({'; '.join(breaks)}) was not "
+                "derived from that graph's outputs"
+            )
+        return detail
+
+
+def _check_resolved(step: SampledStep, message: str) -> Callable[[Tensor], None]:
+    def check(grad: Tensor) -> None:
+        if not step.resolved:
+            raise MissingLossError(message)
+
+    return check
+
+
+def _loss_index(graph: fx.GraphModule) -> int | None:
+    """The first floating-point scalar output (the loss by the conventions of Hugging Face,
+    nanoGPT and loss closures), or None for a graph that returns logits."""
+    (output,) = graph.graph.find_nodes(op="output")
+    for i, node in enumerate(output.args[0]):
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+            return i
+    return None
+
+
+def _mark_dynamic(indices: list[Tensor]) -> list[Tensor]:
+    """Kept-channel counts change every step: compile their lengths as symbols."""
+    for index in indices:
+        torch._dynamo.maybe_mark_dynamic(index, 0)
+    return indices
+
+
+def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
+    """AOTAutograd + Inductor on a sparsefx graph, at its first call.
+
+    While Dynamo compiles a frame it marks the code of every GraphModule generated meanwhile
+    as never-to-trace (so that it does not trace its own output); a graph rewritten inside the
+    backend is such a module, so it is regenerated here, outside that compile."""
+    graph.recompile()
+    return torch.compile(graph, backend="inductor", fullgraph=True)
