@@ -119,7 +119,8 @@ def capture_graph(
     args = tuple(value for i, value in enumerate(example_inputs) if i not in drop)
     dynamic = tuple(_dynamic_dims(node.meta.get("example_value")) for node in placeholders)
     try:
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+        with torch._guards.tracing(None):  # export must not add guards to Dynamo's frame
+            ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
         raise CaptureError(
             f"sparsefx could not normalise a torch.compile graph: {type(error).__name__}: "

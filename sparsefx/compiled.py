@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 
-from sparsefx.analysis import analyze, build_cost_model
+from sparsefx.analysis import DenseOp, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
 from sparsefx.config import SparseConfig
 from sparsefx.passes import keep_outputs, rewrite_compact, score_graph
@@ -67,6 +68,8 @@ def backend(
     frame = _DynamoFrame.current(gm, list(example_inputs))
     captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped)
     analysis = analyze(captured.gm, captured.inputs)
+    if frame.graph_break is not None:
+        _warn_dense_at_break(frame, analysis.dense)
     runtime = _runtime_for(frame, captured, analysis, config)
     log.info("sparsefx: compiled graph of %s with %d groups", frame.name, len(analysis.groups))
     return CompiledGraph(gm, frame, captured, runtime if analysis.groups else None, config)
@@ -166,6 +169,18 @@ def _source_name(node: fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     return source.name if isinstance(getattr(source, "name", None), str) else ""
+
+
+def _warn_dense_at_break(frame: _DynamoFrame, dense: list[DenseOp]) -> None:
+    """Layers whose output leaves the graph at a break look like output layers: say so."""
+    cut = [d.node for d in dense if d.reason.startswith("output layer")]
+    if cut:
+        warnings.warn(
+            f"sparsefx leaves {cut} of {frame.name} dense: their outputs leave the compiled "
+            f"graph at a graph break ({frame.graph_break}), so sparsefx cannot see their "
+            "consumers. Remove the break to prune them (torch._dynamo.explain lists breaks).",
+            stacklevel=2,
+        )
 
 
 def _runtime_for(

@@ -1,0 +1,329 @@
+"""torch.compile(model, backend="sparsefx"): registration, equivalence with the eager
+transform, unmodified training loops, graph breaks, inspection and bounded recompiles.
+
+Every test runs Inductor on CPU, so models are tiny and compiled graphs are shared where the
+test allows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import sparsefx
+
+OPTIONS = {"density": 0.5, "seed": 3}
+
+
+class Net(nn.Module):
+    """linear -> BatchNorm -> ReLU -> linear -> ReLU -> classifier; a loss when given targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 3)
+
+    def logits(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.bn(self.fc1(x))))))
+
+    def forward(self, x, y=None):
+        logits = self.logits(x)
+        return logits if y is None else F.cross_entropy(logits, y)
+
+
+class BreakBeforeLoss(Net):
+    """The loss is computed after a graph break, as in Hugging Face GPT-2 (DESIGN §6)."""
+
+    def forward(self, x, y):
+        logits = self.logits(x)
+        torch._dynamo.graph_break()
+        return F.cross_entropy(logits, y)
+
+
+class BreakInsideLayers(Net):
+    """Prunable layers on both sides of a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        h = F.relu(self.fc0(x))
+        h = F.relu(self.fc1(h))
+        torch._dynamo.graph_break()
+        return F.cross_entropy(self.head(F.relu(self.fc2(F.relu(self.bn(h))))), y)
+
+
+def data(n: int = 6):
+    return torch.randn(n, 8), torch.randint(0, 3, (n,))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(model: nn.Module, **options):
+    return torch.compile(model, backend="sparsefx", options={**OPTIONS, **options})
+
+
+def test_backend_is_found_by_name_without_importing_sparsefx():
+    code = (
+        "import sys, torch\n"
+        "from torch._dynamo import lookup_backend\n"
+        "assert 'sparsefx' not in sys.modules\n"
+        "print(lookup_backend('sparsefx').__module__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "sparsefx.compiled"
+    assert sparsefx.backend is torch._dynamo.lookup_backend("sparsefx")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"density": 0.5, "sparsity": 0.5}, r"unknown sparsefx option\(s\) \['sparsity'\]"),
+        ({}, r"sparsefx needs a density"),
+        ({"density": 1.5}, r"density must be in \(0, 1\]"),
+        ({"density": 0.5, "samples": 1}, r"samples must be an int >= 2"),
+    ],
+)
+def test_options_are_validated_naming_valid_ones(options, message):
+    model = torch.compile(Net(), backend="sparsefx", options=options)
+    with pytest.raises(Exception, match=message):
+        model(*data())
+
+
+def test_compiled_step_matches_the_eager_transform_with_the_same_masks():
+    x, y = data()
+    eager_model = Net().double()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = sparsefx.transform(
+        eager_model, (x.double(), y), config=sparsefx.SparseConfig(**OPTIONS)
+    )
+    cmodel = compiled(compiled_model)
+    for model in (cmodel, eager):  # compiles; same seed, same sampled masks
+        model(x.double(), y)
+    masks = {
+        "fc1": torch.arange(16) % 3 != 0,
+        "fc2": torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool),
+    }
+    for model in (eager, cmodel):
+        sparsefx.set_masks(model, masks)
+    for module in (eager_model, compiled_model):
+        module.zero_grad()
+    loss = cmodel(x.double(), y)
+    expected = eager(x.double(), y)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(
+        compiled_model.named_parameters(), eager_model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for b, c in zip(compiled_model.buffers(), eager_model.buffers(), strict=True):
+        torch.testing.assert_close(b, c)
+    assert torch.count_nonzero(compiled_model.fc2.weight.grad[~masks["fc2"]]) == 0
+
+
+def test_unmodified_loop_trains_structure_and_stays_within_three_compilations():
+    """The benchmark MLP's architecture (512→4×2048→10), 500 steps: new kept-channel counts
+    every step must not recompile (Dynamo's own counters)."""
+    sys.path.insert(0, "benchmarks")
+    try:
+        from common import build_mlp
+    finally:
+        sys.path.remove("benchmarks")
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = build_mlp()
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.net(x), y)
+
+    model = WithLoss()
+    cmodel = torch.compile(model, backend="sparsefx", options={"density": 0.1, "seed": 0})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 512), torch.randint(0, 10, (8,))
+    cmodel(x, y)
+    s0 = sparsefx.probabilities(cmodel)
+    for _ in range(500):
+        loss = cmodel(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    moved = [not torch.equal(s0[k], v) for k, v in sparsefx.probabilities(cmodel).items()]
+    assert all(moved), "the structure gradient must reach every group"
+    stats = sparsefx.stats(cmodel)
+    assert stats["expected_density"] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_logits_model_needs_the_documented_line():
+    model = Net()
+    cmodel = compiled(model)
+    x, y = data()
+    with pytest.raises(sparsefx.MissingLossError, match=r"sparsefx\.wrap_loss"):
+        F.cross_entropy(cmodel(x), y).backward()
+    criterion = sparsefx.wrap_loss(cmodel, nn.CrossEntropyLoss())
+    runtime = sparsefx.compiled.runtime_of(cmodel)
+    runtime.structure.pending = None
+    criterion(cmodel(x), y).backward()
+    assert runtime.structure.pending is not None, "wrap_loss found the loss of masks 2..K"
+
+
+def test_compiled_loss_closure_trains_the_model_structure():
+    model = Net()
+    step = torch.compile(
+        lambda x, y: F.cross_entropy(model(x), y), backend="sparsefx", options=OPTIONS
+    )
+    x, y = data()
+    step(x, y).backward()
+    assert [g.name for g in sparsefx.groups(model)] == ["fc1", "fc2"]
+    assert sparsefx.compiled.runtime_of(model).structure.pending is not None
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's interface: forward(idx, targets) -> (logits, loss)."""
+
+    def __init__(self, vocab: int = 11, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+        self.lm_head = nn.Linear(width, vocab)
+
+    def forward(self, idx, targets=None):
+        h = self.embed(idx)
+        h = h + self.down(F.gelu(self.up(h)))
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+def test_nanogpt_style_model_with_targets_trains_unmodified():
+    model = TinyGPT()
+    cmodel = compiled(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, 11, (2, 5))
+    for _ in range(2):
+        _, loss = cmodel(idx, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    eager = sparsefx.transform(TinyGPT(), (idx, idx), density=0.5)
+    assert [g.name for g in sparsefx.groups(cmodel)] == [g.name for g in sparsefx.groups(eager)]
+    assert "up" in [g.name for g in sparsefx.groups(cmodel)]
+    assert sparsefx.compiled.runtime_of(model).structure.pending is not None
+
+
+def test_hugging_face_model_with_labels_trains_unmodified():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        problem_type="single_label_classification",  # else the first call sets it: a recompile
+    )
+    model = transformers.BertForSequenceClassification(config).train()
+    cmodel = compiled(model)
+    ids, labels = torch.randint(0, 50, (2, 8)), torch.randint(0, 3, (2,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(1):
+        out = cmodel(input_ids=ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    names = [g.name for g in sparsefx.groups(cmodel)]
+    assert "bert.encoder.layer.0.intermediate.dense" in names
+    assert sparsefx.compiled.runtime_of(model).structure.pending is not None
+
+
+def test_loss_after_a_graph_break_gets_the_same_structure_gradient_as_eager():
+    x, y = data()
+    model = BreakBeforeLoss()
+    eager = sparsefx.transform(Net(), (x, y), config=sparsefx.SparseConfig(**OPTIONS))
+    eager.model.load_state_dict(model.state_dict())
+    cmodel = compiled(model)
+    cmodel(x, y).backward()
+    eager(x, y).backward()
+    assert counters["stats"]["unique_graphs"] >= 2, "the break splits the call in two graphs"
+    compiled_structure = sparsefx.compiled.runtime_of(model).structure
+    torch.testing.assert_close(compiled_structure.last, eager.structure.last)
+    torch.testing.assert_close(compiled_structure.pending, eager.structure.pending)
+
+
+def test_graph_break_between_prunable_layers_fails_at_compile_time_naming_it():
+    cmodel = compiled(BreakInsideLayers())
+    with (
+        pytest.warns(UserWarning, match=r"leaves \['linear_1'\] of BreakInsideLayers dense"),
+        pytest.raises(
+            Exception, match=r"graph break splits BreakInsideLayers.*test_compile\.py:\d+"
+        ),
+    ):
+        cmodel(*data())
+
+
+def test_inspection_and_freezing_work_as_on_a_transformed_model():
+    x, y = data()
+    model = Net()
+    eager = sparsefx.transform(
+        copy.deepcopy(model), (x, y), config=sparsefx.SparseConfig(**OPTIONS)
+    )
+    cmodel = compiled(model)
+    with pytest.raises(RuntimeError, match="run one forward"):
+        sparsefx.groups(cmodel)
+    for sparse in (eager, cmodel):
+        sparse(x, y).backward()
+    assert [(g.name, g.size, g.members) for g in sparsefx.groups(cmodel)] == [
+        (g.name, g.size, g.members) for g in sparsefx.groups(eager)
+    ]
+    for left, right in ((sparsefx.probabilities, "s"), (sparsefx.masks, "m")):
+        ours, theirs = left(cmodel), left(eager)
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name], msg=f"{right} {name}")
+    assert sparsefx.stats(cmodel) == pytest.approx(sparsefx.stats(eager))
+    sparsefx.freeze(cmodel, "best", batches=[(x, y)], num_samples=3)
+    sparsefx.freeze(eager, "best", batches=[(x, y)], num_samples=3)
+    assert sparsefx.stats(cmodel)["frozen"] == 1.0
+    torch.testing.assert_close(
+        sparsefx.compiled.runtime_of(cmodel).structure.fixed, eager.structure.fixed
+    )
+    sparsefx.unfreeze(cmodel)
+    assert sparsefx.stats(cmodel)["frozen"] == 0.0
+
+
+def test_eval_uses_the_deterministic_mask_and_new_batch_sizes_work():
+    model = Net()
+    x, _ = data(5)
+    eager = sparsefx.transform(copy.deepcopy(model), (x,), config=sparsefx.SparseConfig(**OPTIONS))
+    cmodel = compiled(model)
+    eager.eval()
+    cmodel.eval()
+    with torch.no_grad():
+        for batch in (5, 9, 4):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(cmodel(x), eager(x))
