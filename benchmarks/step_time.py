@@ -1,4 +1,5 @@
-"""Training-step time: dense eager vs the paper's method vs a hand-written compact step vs sparsefx.
+"""Training-step time: dense (eager, compiled) vs the paper's method vs a hand-written compact step vs
+sparsefx (eager, compiled).
 
 One VR-PGE step is all of it: sampling K=2 masks, forward+backward with mask 1, the second
 sample's work, the structure (score) update and the optimizer step. The four methods:
@@ -13,6 +14,8 @@ sample's work, the structure (score) update and the optimizer step. The four met
 * sparsefx: `sparsefx.transform` + `sparsefx.wrap_loss` on the unmodified model.
 * sparsefx-sg: the same with ``SparseConfig(sparse_gradients=True)``: row-sparse weight
             gradients, so SGD updates only kept rows (the others keep dense gradients).
+* dense-compiled:    ``torch.compile(model)`` (Inductor), the dense bar for compiled training.
+* sparsefx-compiled: ``torch.compile(model, backend="sparsefx")`` + ``wrap_loss``.
 
 All methods are timed side by side in one process (see `common.time_interleaved`), so the
 ratios compare like with like even on a loaded machine.
@@ -36,7 +39,9 @@ import argparse
 import copy
 import functools
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +57,7 @@ from common import (
     time_interleaved,
 )
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 
 import sparsefx
 
@@ -60,7 +66,15 @@ SAMPLES = 2  # K
 SCORE_LR = 1e-2  # Adam on the scores, as sparsefx's default
 SCORE_EPS = 1e-3  # s clamped to [eps, 1-eps] inside psi
 BISECTION_STEPS = 20  # budget projection of the baselines, as in the paper's code
-METHODS = ("paper", "hand", "sparsefx", "sparsefx-sg")
+DENSE_METHODS = ("dense", "dense-compiled")
+METHODS = ("paper", "hand", "sparsefx", "sparsefx-sg", "sparsefx-compiled", "sparsefx-compiled-sg")
+COMPILED_TWIN = {
+    "dense-compiled": "dense",
+    "sparsefx-compiled": "sparsefx",
+    "sparsefx-compiled-sg": "sparsefx-sg",
+}
+"""Compiled methods count the FLOPs of their eager twin: FlopCounterMode is a dispatch mode,
+and Dynamo runs frames eagerly (dense, for the sparsefx backend) while one is active."""
 
 Step = Callable[[], Tensor]
 Producer = nn.Linear | nn.Conv2d
@@ -325,12 +339,41 @@ def sparsefx_step(
     return step
 
 
+def dense_compiled_step(model: nn.Sequential, x: Tensor, y: Tensor, density: float) -> Step:
+    """Dense training through torch.compile's default backend (Inductor)."""
+    return dense_step(torch.compile(model), x, y, density)  # type: ignore[arg-type]
+
+
+def sparsefx_compiled_step(
+    model: nn.Sequential, x: Tensor, y: Tensor, density: float, sparse_gradients: bool = False
+) -> Step:
+    """sparsefx through torch.compile: the model compiled with backend="sparsefx", the loss
+    wrapped as in eager mode, an ordinary loop."""
+    options = {"density": density, "sparse_gradients": sparse_gradients}
+    cmodel = torch.compile(model, backend="sparsefx", options=options)
+    criterion = sparsefx.wrap_loss(cmodel, nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    cmodel.train()
+
+    def step() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = criterion(cmodel(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 BUILDERS: dict[str, Callable[[nn.Sequential, Tensor, Tensor, float], Step]] = {
     "dense": dense_step,
+    "dense-compiled": dense_compiled_step,
+    "sparsefx-compiled": sparsefx_compiled_step,
     "paper": paper_step,
     "hand": hand_step,
     "sparsefx": sparsefx_step,
     "sparsefx-sg": functools.partial(sparsefx_step, sparse_gradients=True),
+    "sparsefx-compiled-sg": functools.partial(sparsefx_compiled_step, sparse_gradients=True),
 }
 
 
@@ -418,6 +461,15 @@ class Result:
     vs_hand: float | None
     vs_hand_rounds: list[float]
     """T_hand / T_sparsefx within each round (paired), for the noise of vs_hand."""
+    vs_inductor: float
+    """T_dense-compiled / T: speedup over dense training compiled by Inductor."""
+    vs_eager: float | None
+    """For compiled methods, T_eager-twin / T."""
+    first_step_s: float
+    """The first step's seconds (compile time, for compiled methods)."""
+    graphs: int
+    """Graphs Dynamo compiled in the first step (outer, training and score graphs)."""
+    late_graphs: int
     step_ms: list[float]
 
 
@@ -428,7 +480,7 @@ def _label(method: str, density: float | None) -> str:
 def build_steps(name: str, densities: list[float], seed: int) -> dict[str, Step]:
     """Every method's step on its own deep copy of one seeded model, dense first."""
     model, x, y = MODELS[name].make(seed)
-    configs = [("dense", None)] + [(m, d) for d in densities for m in METHODS]
+    configs = [(m, None) for m in DENSE_METHODS] + [(m, d) for d in densities for m in METHODS]
     return {
         _label(m, d): BUILDERS[m](copy.deepcopy(model), x, y, 1.0 if d is None else d)
         for m, d in configs
@@ -444,19 +496,33 @@ def bench_model(name: str, densities: list[float], args: argparse.Namespace) -> 
 
     log(f"building {1 + len(METHODS) * len(densities)} steps")
     steps = build_steps(name, densities, args.seed)
-    log(f"warm-up ({args.warmup} steps each)")
-    for step in steps.values():
-        for _ in range(args.warmup):
+    log(f"warm-up ({args.warmup} steps each; the first step of a compiled method compiles)")
+    compiles: dict[str, tuple[float, int]] = {}
+    for label, step in steps.items():
+        graphs, start_step = counters["stats"]["unique_graphs"], time.perf_counter()
+        step()
+        compiles[label] = (
+            time.perf_counter() - start_step,
+            counters["stats"]["unique_graphs"] - graphs,
+        )
+        for _ in range(args.warmup - 1):
             step()
     log("counting FLOPs")
     flops = {
         label: count_flops(step, args.flop_steps, args.flop_seconds)
         for label, step in steps.items()
+        if label.split("@")[0] not in COMPILED_TWIN
     }
+    for label in steps:
+        method, _, density = label.partition("@")
+        if method in COMPILED_TWIN:
+            flops[label] = flops[_label(COMPILED_TWIN[method], float(density) if density else None)]
     log(f"timing {args.rounds} rounds × {args.steps} steps")
+    graphs_before = counters["stats"]["unique_graphs"]
     times = time_interleaved(steps, args.rounds, args.steps, progress=log)
-    measured = Measured(times, flops, args.steps)
-    results = [measured.result(name, "dense", None)]
+    late = counters["stats"]["unique_graphs"] - graphs_before
+    measured = Measured(times, flops, args.steps, compiles, late)
+    results = [measured.result(name, m, None) for m in DENSE_METHODS]
     for d in densities:
         results += [measured.result(name, m, d) for m in METHODS]
     return results
@@ -469,6 +535,10 @@ class Measured:
     times: dict[str, list[float]]
     flops: dict[str, float]
     steps_per_round: int
+    compiles: dict[str, tuple[float, int]]
+    """Seconds of each method's first step and graphs Dynamo compiled during it."""
+    late_graphs: int
+    """Graphs compiled while timing, by any method (recompiles: should be 0)."""
 
     def median_ms(self, label: str) -> float:
         return summarize(self.times[label]).median_ms
@@ -492,6 +562,10 @@ class Measured:
             hand = _label("hand", density)
             vs_hand = self.median_ms(hand) / summary.median_ms
             rounds = self.round_ratios(label, hand)
+        vs_eager = None
+        if method in COMPILED_TWIN:
+            vs_eager = self.median_ms(_label(COMPILED_TWIN[method], density)) / summary.median_ms
+        first_step_s, graphs = self.compiles[label]
         return Result(
             model=model,
             density=density,
@@ -505,6 +579,11 @@ class Measured:
             efficiency=speedup / flop_ratio,
             vs_hand=vs_hand,
             vs_hand_rounds=rounds,
+            vs_inductor=self.median_ms("dense-compiled") / summary.median_ms,
+            vs_eager=vs_eager,
+            first_step_s=first_step_s,
+            graphs=graphs,
+            late_graphs=self.late_graphs,
             step_ms=[round(1e3 * t, 4) for t in self.times[label]],
         )
 
@@ -526,13 +605,17 @@ def header(env: dict, args: argparse.Namespace) -> str:
             "speedup = T_dense/T; FLOP× = F_dense/F (matmul+conv FLOPs of a whole step, "
             "FlopCounterMode); eff = speedup/FLOP×; vs hand = T_hand/T_sparsefx (bar: >= 0.9)",
             "per round = range of vs hand over rounds (each round's medians, paired in time)",
+            "dense-compiled: torch.compile(model) (Inductor); sparsefx-compiled: "
+            'torch.compile(model, backend="sparsefx") + wrap_loss',
+            "vs inductor = T_dense-compiled/T; vs eager = T_eager/T_compiled of the same method; "
+            "compile = first step's seconds / graphs Dynamo compiled in it",
         ]
     )
 
 
 def table(results: list[Result]) -> str:
-    headers = ["model", "density", "method", "ms/step", "IQR%", "speedup", "GFLOP/step"]
-    headers += ["FLOP×", "eff", "vs hand", "per round"]
+    headers = ["model", "density", "method", "ms/step", "IQR%", "speedup", "vs inductor"]
+    headers += ["GFLOP/step", "FLOP×", "eff", "vs hand", "per round", "vs eager", "compile"]
     rows = [
         [
             r.model,
@@ -541,11 +624,14 @@ def table(results: list[Result]) -> str:
             f"{r.ms:.1f}",
             f"{100 * (r.ms_p75 - r.ms_p25) / r.ms:.0f}",
             f"{r.speedup:.2f}x",
+            f"{r.vs_inductor:.2f}x",
             f"{r.gflop:.2f}",
             f"{r.flop_ratio:.1f}",
             f"{r.efficiency:.2f}",
             "" if r.vs_hand is None else f"{r.vs_hand:.2f}",
             _range(r.vs_hand_rounds),
+            "" if r.vs_eager is None else f"{r.vs_eager:.2f}",
+            f"{r.first_step_s:.0f}s/{r.graphs}g" if r.graphs else "",
         ]
         for r in results
     ]
@@ -581,6 +667,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 rounds × 2 steps, 1 warm-up")
     parser.add_argument("--json", default=None, metavar="PATH", help="write all numbers here")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="reuse Inductor's on-disk cache (default: a fresh one, so compile times are cold)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.flop_steps, args.flop_seconds = 2, 2, 1, 1, 0.3
@@ -592,6 +683,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsefx-bench-")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     begin = time.perf_counter()
@@ -609,6 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     wall = time.perf_counter() - begin
     end_load = [round(v, 2) for v in environment()["load_avg"]]  # type: ignore[union-attr]
+    late = sum({r.model: r.late_graphs for r in results}.values())
+    print(f"graphs compiled while timing (recompiles): {late}")
     print(f"\nwall time {wall:.0f} s; load average at end: {' '.join(map(str, end_load))}")
     if args.json:
         payload = {

@@ -31,7 +31,7 @@ from torch.export.graph_signature import InputKind
 from sparsefx.analysis import DenseOp, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
 from sparsefx.config import SparseConfig
-from sparsefx.passes import keep_outputs, rewrite_compact, score_graph
+from sparsefx.passes import keep_outputs, opaque_compact_convolutions, rewrite_compact, score_graph
 from sparsefx.runtime import (
     MissingLossError,
     SampledStep,
@@ -176,9 +176,10 @@ def _warn_dense_at_break(frame: _DynamoFrame, dense: list[DenseOp]) -> None:
     cut = [d.node for d in dense if d.reason.startswith("output layer")]
     if cut:
         warnings.warn(
-            f"sparsefx leaves {cut} of {frame.name} dense: their outputs leave the compiled "
-            f"graph at a graph break ({frame.graph_break}), so sparsefx cannot see their "
-            "consumers. Remove the break to prune them (torch._dynamo.explain lists breaks).",
+            f"sparsefx keeps {cut} of {frame.name} dense: their outputs leave the compiled "
+            f"graph at a graph break ({frame.graph_break}), so they count as output layers. "
+            "If they feed further layers rather than the loss, remove the break to prune them "
+            "(torch._dynamo.explain lists breaks).",
             stacklevel=2,
         )
 
@@ -297,6 +298,7 @@ class CompiledGraph:
     def _build(self, captured: CapturedGraph) -> _Program:
         groups = self.runtime.groups if self.runtime is not None else []
         graph = rewrite_compact(captured.gm, groups, sparse_gradients=self.config.sparse_gradients)
+        graph = opaque_compact_convolutions(graph)
         return _Program(captured, graph, _loss_index(graph))
 
     def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:

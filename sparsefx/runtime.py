@@ -119,7 +119,7 @@ class StructureState(nn.Module):
         generator = torch.Generator(device=self.probabilities.device)
         generator.manual_seed(_mix(int(self.seed), int(self.step)))
         self.step += 1
-        return self.keep_one_per_group(sample_masks(self.probabilities, num_samples, generator))
+        return self.keep_minimum(sample_masks(self.probabilities, num_samples, generator))
 
     def deterministic_mask(self) -> Tensor:
         """The frozen mask, else the top-budget mask by s (cached while s is unchanged)."""
@@ -132,20 +132,26 @@ class StructureState(nn.Module):
             order = self.tie_order
             ordered = top_budget_mask(self.probabilities[order], self.costs[order], self.budget)
             mask = torch.empty_like(ordered).scatter_(0, order, ordered)
-            mask = self.keep_one_per_group(mask)
+            mask = self.keep_minimum(mask)
             self._eval_cache = (version, mask)
         return self._eval_cache[1]
 
-    def keep_one_per_group(self, masks: Tensor) -> Tensor:
-        """Keep the most probable channel of any group a mask would empty ([..., N] masks).
+    def keep_minimum(self, masks: Tensor) -> Tensor:
+        """Keep a group's two most probable channels (its only one, in a 1-channel group)
+        where a mask would keep fewer ([..., N] masks).
 
         An empty group disconnects the network (layer collapse) and several aten ops reject
-        zero-channel tensors; the change has probability prod(1 - s) per group and step.
+        zero-channel tensors; a single kept channel is a shape that torch.compile specialises
+        (sizes 0 and 1 always are), so allowing it would recompile the compiled graphs for
+        every group that reaches it. The change has probability P(at most one kept) per group
+        and step, negligible at practical widths and densities.
         """
         for a, b in zip(self.offsets, self.offsets[1:], strict=False):
-            empty = ~masks[..., a:b].any(-1)
-            if empty.any():
-                masks[..., a + int(self.probabilities[a:b].argmax())] |= empty
+            need = min(2, b - a)
+            short = masks[..., a:b].sum(-1) < need
+            if short.any():
+                top = a + self.probabilities[a:b].topk(need).indices
+                masks[..., top] |= short[..., None]
         return masks
 
     def commit(self, gradient: Tensor) -> None:

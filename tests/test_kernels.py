@@ -74,3 +74,30 @@ def test_sparse_gradient_equals_the_dense_one_and_holds_only_kept_rows(out_idx, 
         assert sparse.is_sparse and sparse.is_coalesced()
         assert sparse.indices().squeeze(0).tolist() == out_idx.tolist()
     torch.library.opcheck(torch.ops.sparsefx.gather_weight.default, (weight, out_idx, in_idx, True))
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "stride", "padding", "dilation", "groups"),
+    [
+        ((2, 3, 7, 7), (4, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1),
+        ((2, 4, 8, 6), (6, 2, 3, 2), [2, 1], [0, 1], [1, 2], 2),
+        ((3, 2, 9), (5, 2, 3), [1], [2], [1], 1),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opaque_conv_equals_aten_conv_with_its_gradients(
+    x_shape, w_shape, stride, padding, dilation, groups, bias
+):
+    """sparsefx::conv (the torch.compile backend's conv) is aten.convolution, gradients too."""
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True) if bias else None
+    args = (x, weight, b, stride, padding, dilation, groups)
+    torch.library.opcheck(torch.ops.sparsefx.conv.default, args)
+    torch.autograd.gradcheck(lambda *t: torch.ops.sparsefx.conv(*t, *args[3:]), args[:3])
+    transposed = (False, [0] * len(stride), groups)
+    expected = torch.ops.aten.convolution(x, weight, b, stride, padding, dilation, *transposed)
+    torch.testing.assert_close(torch.ops.sparsefx.conv(*args), expected)
+    grad = torch.randn_like(expected)
+    backward_args = (grad, x.detach(), weight.detach(), bias, stride, padding, dilation, groups)
+    torch.library.opcheck(torch.ops.sparsefx.conv_backward.default, backward_args)

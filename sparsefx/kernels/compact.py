@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["block_index", "gather_weight", "scatter_channels"]
+__all__ = ["block_index", "conv", "gather_weight", "scatter_channels"]
 
 
 @torch.library.custom_op("sparsefx::gather_weight", mutates_args=())
@@ -107,6 +107,88 @@ def _scatter_backward(ctx, grad):
 
 
 scatter_channels.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+@torch.library.custom_op("sparsefx::conv", mutates_args=())
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """aten.convolution, opaque to Inductor.
+
+    Inductor's convolution lowering specialises on channel counts, and a compact conv's
+    channel counts change every step: as a custom op it is an extern call with symbolic
+    shapes, so a compiled training graph does not recompile per mask. Only the torch.compile
+    backend uses it; its backward is aten's convolution_backward."""
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+
+
+@conv.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (stride, padding, dilation, groups)
+
+
+def _conv_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.args
+    grad_x, grad_w, grad_b = conv_backward(
+        grad, x, weight, ctx.has_bias, stride, padding, dilation, groups
+    )
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
+
+
+@torch.library.custom_op("sparsefx::conv_backward", mutates_args=())
+def conv_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """aten.convolution_backward for `conv`, opaque to Inductor for the same reason
+    (the bias gradient is an empty tensor when there is no bias)."""
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        [weight.shape[0]] if has_bias else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        groups,
+        [True, True, has_bias],
+    )
+    return grad_x, grad_w, grad_b if has_bias else grad.new_empty(0)
+
+
+@conv_backward.register_fake
+def _(grad, x, weight, has_bias, stride, padding, dilation, groups):
+    bias_shape = (weight.shape[0],) if has_bias else (0,)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad.new_empty(bias_shape)
+
+
+conv.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def block_index(idx: Tensor, block: int) -> Tensor:

@@ -10,12 +10,19 @@ from sparsefx.passes.compact import (
     add_index_inputs,
     extract_score_graph,
     insert_scatters,
+    opaque_compact_convolutions,
     rewrite_batch_norms,
     rewrite_flattens,
     rewrite_weight_ops,
 )
 
-__all__ = ["copy_graph_module", "keep_outputs", "rewrite_compact", "score_graph"]
+__all__ = [
+    "copy_graph_module",
+    "keep_outputs",
+    "opaque_compact_convolutions",
+    "rewrite_compact",
+    "score_graph",
+]
 
 
 def rewrite_compact(

@@ -19,6 +19,7 @@ __all__ = [
     "add_index_inputs",
     "extract_score_graph",
     "insert_scatters",
+    "opaque_compact_convolutions",
     "rewrite_batch_norms",
     "rewrite_flattens",
     "rewrite_weight_ops",
@@ -86,6 +87,30 @@ def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
             node.update_arg(1, gathered)
             if bias is not None and out_idx is not None:
                 _set_arg(node, 2, "bias", graph.call_function(select, (bias, 0, out_idx)))
+    return gm
+
+
+_SPATIAL_DIMS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+
+
+def opaque_compact_convolutions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Convolutions on gathered weights become sparsefx::conv, for Inductor only: its conv
+    lowering fixes channel counts at compile time, and compact channel counts change with
+    every mask (the torch.compile backend runs this after `rewrite_compact`)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not ops.is_conv(node.target):
+            continue
+        weight = node.args[1]
+        if not (isinstance(weight, fx.Node) and weight.target is gather):
+            continue
+        spatial = _SPATIAL_DIMS[node.target]
+        args = [_arg(node, 2, "bias", None)]
+        for position, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)):
+            value = _arg(node, position, name, default)
+            value = list(value) if isinstance(value, list | tuple) else [value]
+            args.append(value * spatial if len(value) == 1 else value)
+        args.append(_arg(node, 6, "groups", 1))
+        _replace(node, torch.ops.sparsefx.conv.default, (node.args[0], weight, *args))
     return gm
 
 
