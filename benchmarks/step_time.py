@@ -507,6 +507,13 @@ def bench_model(name: str, densities: list[float], args: argparse.Namespace) -> 
         )
         for _ in range(args.warmup - 1):
             step()
+    uncompiled = [
+        label
+        for label, (_, graphs) in compiles.items()
+        if label.split("@")[0] in COMPILED_TWIN and not graphs
+    ]
+    if uncompiled:
+        raise RuntimeError(f"Dynamo compiled nothing for {uncompiled}: they would run eagerly")
     log("counting FLOPs")
     flops = {
         label: count_flops(step, args.flop_steps, args.flop_seconds)
@@ -687,6 +694,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsefx-bench-")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # Every compiled method compiles its own copy of the same nn.Sequential class, and Dynamo
+    # caches frames per code object: past `recompile_limit` (8) copies it would silently run
+    # the rest eagerly (dense, uncompiled). Each copy needs its own entry here.
+    torch._dynamo.config.recompile_limit = 64
     begin = time.perf_counter()
     env = environment()
     print(header(env, args), flush=True)

@@ -43,7 +43,7 @@ from sparsefx.runtime import (
     warn_if_nothing_to_prune,
 )
 
-__all__ = ["backend", "registered_criterion", "runtime_of", "set_criterion"]
+__all__ = ["CompiledGraph", "backend", "runtime_of", "set_criterion"]
 
 log = logging.getLogger("sparsefx")
 
@@ -87,10 +87,6 @@ def set_criterion(model: Any, criterion: Callable[..., Tensor]) -> None:
     _CRITERIA[model] = criterion
     if model in _RUNTIMES:
         _RUNTIMES[model].criterion = criterion
-
-
-def registered_criterion(model: Any) -> Callable[..., Tensor] | None:
-    return _CRITERIA.get(_unwrap(model))
 
 
 def _unwrap(model: Any) -> Any:
