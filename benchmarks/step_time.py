@@ -324,14 +324,18 @@ def sparsefx_step(
     torch's SGD applies to kept rows only: no full-size gradient, no full-size update.
     """
     config = sparsefx.SparseConfig(density=density, sparse_gradients=sparse_gradients)
-    smodel = sparsefx.transform(model, (x,), config=config)
-    criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
+    return _wrapped_loss_step(sparsefx.transform(model, (x,), config=config), model, x, y)
+
+
+def _wrapped_loss_step(sparse: nn.Module, model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """The user's loop for a sparse logits model: wrap_loss once, then ordinary steps."""
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    smodel.train()
+    sparse.train()
 
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = criterion(smodel(x), y)
+        loss = criterion(sparse(x), y)
         loss.backward()
         opt.step()
         return loss
@@ -351,18 +355,7 @@ def sparsefx_compiled_step(
     wrapped as in eager mode, an ordinary loop."""
     options = {"density": density, "sparse_gradients": sparse_gradients}
     cmodel = torch.compile(model, backend="sparsefx", options=options)
-    criterion = sparsefx.wrap_loss(cmodel, nn.CrossEntropyLoss())
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    cmodel.train()
-
-    def step() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = criterion(cmodel(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    return _wrapped_loss_step(cmodel, model, x, y)  # type: ignore[arg-type]
 
 
 BUILDERS: dict[str, Callable[[nn.Sequential, Tensor, Tensor, float], Step]] = {
