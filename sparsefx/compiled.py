@@ -67,7 +67,7 @@ def backend(
     config = SparseConfig.from_options(options or {})
     frame = _DynamoFrame.current(gm, list(example_inputs))
     captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped)
-    analysis = analyze(captured.gm, captured.inputs)
+    analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
     if frame.graph_break is not None:
         _warn_dense_at_break(frame, analysis.dense)
     runtime = _runtime_for(frame, captured, analysis, config)
@@ -307,7 +307,9 @@ class CompiledGraph:
         frame = self.frame
         captured = capture_graph(self._dynamo_graph, list(args), frame.inputs, frame.dropped)
         if self.runtime is not None:
-            check_same_groups(analyze(captured.gm, captured.inputs).groups, self.runtime.groups)
+            streams = self.config.prune_streams
+            found = analyze(captured.gm, captured.inputs, prune_streams=streams).groups
+            check_same_groups(found, self.runtime.groups)
         self._programs.append(self._build(captured))
         return self._programs[-1]
 

@@ -43,6 +43,10 @@ class SparseConfig:
     as nn.Embedding(sparse=True) does: no full-size zero fill, and torch.optim.SGD or
     SparseAdam then update only kept rows. Optimizers that need dense gradients (Adam, AdamW)
     reject them, so this is opt-in."""
+    prune_streams: bool = False
+    """Also prune residual streams: every tensor added into one stream (the producers that
+    write into it, the layers that read it) is one shared group. By default streams stay
+    dense and only the channels inside blocks are pruned."""
 
     def __post_init__(self) -> None:
         if isinstance(self.density, bool) or not isinstance(self.density, int | float):

@@ -386,7 +386,7 @@ class SparseModule(nn.Module):
         self.config = config
         self._programs: dict[bool, list[_Program]] = {True: [], False: []}
         captured = capture(model, example_args, example_kwargs, training=model.training)
-        analysis = analyze(captured.gm, captured.inputs)
+        analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
         warn_if_nothing_to_prune(type(model).__name__, analysis)
         device = next(iter(model.parameters()), torch.empty(0)).device
         self.runtime = SparseRuntime(
@@ -425,7 +425,7 @@ class SparseModule(nn.Module):
         args, kwargs = pytree.tree_unflatten(flat, spec)
         log.info("sparsefx: capturing %s graph", "training" if self.training else "eval")
         captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
-        analysis = analyze(captured.gm, captured.inputs)
+        analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
         check_same_groups(analysis.groups, self.groups)
         program = self._compile(captured, analysis)
         self._programs[self.training].append(program)

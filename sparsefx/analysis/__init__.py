@@ -1,7 +1,9 @@
-"""Analysis of a captured graph: prunable producers, channel groups, compact layouts, costs."""
+"""Analysis of a captured graph: channel dependency graph, coupling groups, compact layouts,
+costs."""
 
 from sparsefx.analysis.cost import CostModel, build_cost_model
-from sparsefx.analysis.groups import META, Analysis, DenseOp, Group, Layout, analyze
+from sparsefx.analysis.groups import META, Analysis, DenseOp, Group, analyze
+from sparsefx.analysis.layout import Layout, Piece
 
 __all__ = [
     "META",
@@ -10,6 +12,7 @@ __all__ = [
     "DenseOp",
     "Group",
     "Layout",
+    "Piece",
     "analyze",
     "build_cost_model",
 ]

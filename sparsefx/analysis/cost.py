@@ -19,6 +19,7 @@ from torch import fx
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.groups import META, Group
+from sparsefx.analysis.layout import Layout
 
 __all__ = ["CostModel", "build_cost_model"]
 
@@ -64,10 +65,16 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
     flops: sympy.Expr = sympy.Integer(0)
     params: sympy.Expr = sympy.Integer(0)
 
-    def width(layout, dense: int) -> sympy.Expr:
+    def width(layout: Layout | None, dense: int) -> sympy.Expr:
         if layout is None:
             return sympy.Integer(dense)
-        return symbols[index[layout.group]] * layout.block
+        return sum(
+            (
+                sympy.Integer(p.size) if p.group is None else symbols[index[p.group]] * p.block
+                for p in layout.pieces
+            ),
+            sympy.Integer(0),
+        )
 
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -75,9 +82,8 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
         meta = node.meta.get(META, {})
         if ops.is_weight_op(node.target):
             weight_shape = tuple(node.args[1].meta["val"].shape)
-            c_out = width(
-                meta.get("layout") if meta.get("role") == "producer" else None, weight_shape[0]
-            )
+            compact_out = meta.get("role") == "producer" or meta.get("depthwise", False)
+            c_out = width(meta.get("layout") if compact_out else None, weight_shape[0])
             c_in = width(meta.get("in_layout"), weight_shape[1])
             kernel = math.prod(weight_shape[2:])
             flops += 2 * _spatial(node) * c_out * c_in * kernel

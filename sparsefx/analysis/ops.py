@@ -9,6 +9,10 @@ Three roles matter for channel sparsity:
   compact tensor that holds only the kept channels.
 * zero-preserving ops: channel-wise with f(0) = 0, so they may also sit *after* a mask point
   (a zero channel stays zero, and skipping it is exact).
+
+Joins (element-wise binary ops of two compact tensors, concat), shape ops that keep channels
+(views that flatten or unflatten, permutes) and norms across features are classified here
+too; analysis/dependency.py says what each does to a layout.
 """
 
 from __future__ import annotations
@@ -76,13 +80,55 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
 )
 """Channel-wise but f(0) != 0: allowed only before the mask point."""
 
-SCALAR_BINARY: frozenset[OpOverload] = frozenset(
-    {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+BINARY: frozenset[OpOverload] = frozenset(
+    {
+        aten.add.Tensor,
+        aten.add_.Tensor,
+        aten.add.Scalar,
+        aten.sub.Tensor,
+        aten.sub_.Tensor,
+        aten.sub.Scalar,
+        aten.mul.Tensor,
+        aten.mul_.Tensor,
+        aten.mul.Scalar,
+        aten.div.Tensor,
+        aten.div_.Tensor,
+        aten.div.Scalar,
+    }
 )
-"""x * c and x / c with a Python scalar c: zero-preserving."""
+"""Element-wise binary ops: joins of two compact tensors (residual add, gating mul), or
+channel-wise with a scalar or a tensor broadcast over the channel dim."""
 
-FLATTEN: frozenset[OpOverload] = frozenset({aten.flatten.using_ints})
-RESHAPE: frozenset[OpOverload] = frozenset({aten.view.default, aten.reshape.default})
+MUL: frozenset[OpOverload] = frozenset({aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar})
+DIV: frozenset[OpOverload] = frozenset({aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar})
+CAT: frozenset[OpOverload] = frozenset({aten.cat.default})
+NORMS: frozenset[OpOverload] = frozenset(
+    {
+        aten.layer_norm.default,
+        aten.native_layer_norm.default,
+        aten.rms_norm.default,
+        aten.group_norm.default,
+    }
+)
+"""Normalise across features: every feature they read matters, so none of it is pruned."""
+
+VIEWS: frozenset[OpOverload] = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.flatten.using_ints,
+        aten.unflatten.int,
+    }
+)
+PERMUTES: frozenset[OpOverload] = frozenset(
+    {aten.permute.default, aten.transpose.int, aten.t.default}
+)
+REDUCTIONS: frozenset[OpOverload] = frozenset(
+    {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
+)
+"""Reductions over given dims: channel-wise (and zero-preserving) unless they reduce the
+channel dim."""
 
 
 def is_conv(target: object) -> bool:

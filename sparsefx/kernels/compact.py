@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["block_index", "conv", "gather_weight", "scatter_channels"]
+__all__ = ["block_index", "conv", "gather_weight", "layout_index", "scatter_channels"]
 
 
 @torch.library.custom_op("sparsefx::gather_weight", mutates_args=())
@@ -197,3 +197,18 @@ def block_index(idx: Tensor, block: int) -> Tensor:
         return idx
     offsets = torch.arange(block, device=idx.device, dtype=idx.dtype)
     return (idx.unsqueeze(1) * block + offsets).reshape(-1)
+
+
+def layout_index(groups: list[Tensor | None], pieces: list[tuple[int, int]]) -> Tensor:
+    """Kept feature indices along a dim made of pieces (see analysis/layout.py): for each
+    piece (size, block), its group's kept channels as blocks, or every feature of a dense
+    piece (`groups` entry None), at the piece's offset."""
+    device = next(idx for idx in groups if idx is not None).device
+    parts, offset = [], 0
+    for idx, (size, block) in zip(groups, pieces, strict=True):
+        if idx is None:
+            parts.append(torch.arange(offset, offset + size, device=device))
+        else:
+            parts.append(block_index(idx, block) + offset)
+        offset += size * block
+    return torch.cat(parts)

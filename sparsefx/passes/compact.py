@@ -12,8 +12,9 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from sparsefx.analysis import ops
-from sparsefx.analysis.groups import META, Group, Layout
-from sparsefx.kernels import block_index
+from sparsefx.analysis.groups import META, Group
+from sparsefx.analysis.layout import Layout, Piece
+from sparsefx.kernels import layout_index
 
 __all__ = [
     "add_index_inputs",
@@ -21,7 +22,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_batch_norms",
-    "rewrite_flattens",
+    "rewrite_views",
     "rewrite_weight_ops",
 ]
 
@@ -31,7 +32,8 @@ select = aten.index_select.default
 
 
 class _Indices:
-    """Index nodes of each group, and their block expansions, created once per graph."""
+    """Index nodes of each group, and the kept-feature indices of each layout, created once
+    per graph."""
 
     def __init__(self, gm: fx.GraphModule):
         self.graph = gm.graph
@@ -40,20 +42,23 @@ class _Indices:
             for n in gm.graph.nodes
             if n.op == "placeholder" and "index_of" in n.meta.get(META, {})
         }
-        self._blocks: dict[tuple[str, int], fx.Node] = {}
+        self._layouts: dict[tuple[Piece, ...], fx.Node] = {}
 
     def of(self, layout: Layout | None) -> fx.Node | None:
         """Kept feature indices along a compact layout's dim (None: the tensor is dense)."""
         if layout is None:
             return None
-        idx = self.inputs[layout.group]
-        if layout.block == 1:
-            return idx
-        key = (layout.group, layout.block)
-        if key not in self._blocks:
-            with self.graph.inserting_after(idx):
-                self._blocks[key] = self.graph.call_function(block_index, (idx, layout.block))
-        return self._blocks[key]
+        (first, *rest) = layout.pieces
+        if not rest and first.block == 1:
+            return self.inputs[first.group]  # type: ignore[index]
+        if layout.pieces not in self._layouts:
+            groups = [None if p.group is None else self.inputs[p.group] for p in layout.pieces]
+            shapes = [(p.size, p.block) for p in layout.pieces]
+            last_input = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+            with self.graph.inserting_after(last_input):
+                node = self.graph.call_function(layout_index, (groups, shapes))
+            self._layouts[layout.pieces] = node
+        return self._layouts[layout.pieces]
 
 
 def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
@@ -69,15 +74,17 @@ def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
 def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) -> fx.GraphModule:
     """linear/conv with a compact input or output read their weight through
     sparsefx::gather_weight (and their bias through index_select): the op itself is
-    unchanged and computes only kept channels, with aten's kernels and autograd.
-    `sparse_gradients` makes pruned producers' weight gradients row-sparse."""
+    unchanged and computes only kept channels, with aten's kernels and autograd. A depthwise
+    convolution on a compact tensor gathers its kept rows and runs with one group per kept
+    channel. `sparse_gradients` makes pruned producers' weight gradients row-sparse."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
         meta = node.meta.get(META, {})
         if node.op != "call_function" or not ops.is_weight_op(node.target):
             continue
-        out_layout = meta.get("layout") if meta.get("role") == "producer" else None
+        depthwise = meta.get("depthwise", False)
+        out_layout = meta.get("layout") if meta.get("role") == "producer" or depthwise else None
         if out_layout is None and "in_layout" not in meta:
             continue
         in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
@@ -87,6 +94,9 @@ def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
             node.update_arg(1, gathered)
             if bias is not None and out_idx is not None:
                 _set_arg(node, 2, "bias", graph.call_function(select, (bias, 0, out_idx)))
+            if depthwise:
+                kept = graph.call_function(aten.sym_size.int, (out_idx, 0))
+                _set_arg(node, 6, "groups", kept)
     return gm
 
 
@@ -136,12 +146,18 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def rewrite_flattens(gm: fx.GraphModule) -> fx.GraphModule:
-    """A view/reshape that flattens compact channels gets its sizes from the tensor."""
+def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
+    """A view/reshape of a compact tensor was captured with dense sizes: it becomes the
+    flatten or unflatten it is, which take their sizes from the tensor."""
     for node in list(gm.graph.nodes):
-        span = node.meta.get(META, {}).get("flatten")
-        if span is not None and node.target is not aten.flatten.using_ints:
-            _replace(node, aten.flatten.using_ints, (node.args[0], *span))
+        meta = node.meta.get(META, {})
+        if "layout" not in meta or "view" not in meta:
+            continue
+        kind, dim, extra = meta["view"]
+        if kind == "flatten":
+            _replace(node, aten.flatten.using_ints, (node.args[0], dim, extra))
+        else:
+            _replace(node, aten.unflatten.int, (node.args[0], dim, extra))
     return gm
 
 
@@ -160,7 +176,7 @@ def insert_scatters(gm: fx.GraphModule) -> fx.GraphModule:
                 torch.ops.sparsefx.scatter_channels.default,
                 (node, indices.of(layout), layout.dim, layout.full),
             )
-        full.meta[META] = {"role": "scatter", "group": layout.group}
+        full.meta[META] = {"role": "scatter", "groups": layout.groups}
         for user in list(node.users):
             if user.name in users:
                 user.replace_input_with(node, full)
