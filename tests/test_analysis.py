@@ -13,55 +13,45 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsefx
 
 
-class ResidualNet(nn.Module):
-    """A stem and one residual block: the add is not a coupling sparsefx prunes yet."""
+class JoinWithInput(nn.Module):
+    """A residual add of a pruned tensor and the model input, which no group covers."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 5)
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
 
-    def forward(self, x, masks=None):
-        m = masks or {}
-        x = F.relu(self.stem(x)) * m.get("stem", 1)
-        h = F.relu(self.bn1(self.conv1(x))) * m.get("conv1", 1)
-        h = self.bn2(self.conv2(h)) * m.get("conv2", 1)
-        x = F.relu(x + h)
-        return self.fc(x.mean((2, 3)))
+    def forward(self, x, mask=None):
+        h = F.relu(self.fc1(x))
+        h = h if mask is None else h * mask
+        return self.head(F.relu(self.fc2(h) + x))
 
 
-def test_residual_join_is_scattered_to_full_width_and_exact():
+def test_join_with_an_unpruned_tensor_is_scattered_to_full_width_and_exact():
     torch.manual_seed(0)
-    model = ResidualNet()
+    model = JoinWithInput()
     reference = copy.deepcopy(model)
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(4, 6)
     sparse = sparsefx.transform(model, x, density=0.5)
-    names = [g.name for g in sparsefx.groups(sparse)]
-    assert names == ["stem", "conv1", "conv2"]
-    scattered = {op.op for op in sparse.analysis.scatters}
-    assert scattered == {"add.Tensor"}, sparse.analysis.scatters
-    assert all("mixes channels" in op.reason for op in sparse.analysis.scatters)
-    (classifier,) = sparse.analysis.dense
-    assert classifier.node == "linear"
+    assert [g.name for g in sparsefx.groups(sparse)] == ["fc1", "fc2"]
+    (scatter,) = sparse.analysis.scatters
+    assert scatter.op == "add.Tensor" and "not pruned alongside" in scatter.reason
+    assert [d.node for d in sparse.analysis.dense] == ["linear_2"]
 
-    masks = {n: torch.rand(8) < 0.5 for n in names}
-    for mask in masks.values():
-        mask[0] = True
+    masks = {"fc1": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)}
+    masks["fc2"] = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)
     sparsefx.set_masks(sparse, masks)
     out = sparse(x)
     out.sum().backward()
-    view = {n: m.float().view(1, -1, 1, 1) for n, m in masks.items()}
-    expected = reference(x, view)
+    h = F.relu(reference.fc1(x)) * masks["fc1"]
+    expected = reference.head(F.relu(reference.fc2(h) * masks["fc2"] + x))
     expected.sum().backward()
     torch.testing.assert_close(out, expected)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
     code = sparse._programs[True][0].graph.code
-    assert code.count("sparsefx.scatter_channels") == 2  # stem (into the add) and conv2
+    assert code.count("sparsefx.scatter_channels") == 1  # fc2's output, into the add
 
 
 class ViewFlatten(nn.Module):

@@ -1,0 +1,308 @@
+"""Coupled structures (DESIGN §2, §4): residual streams, depthwise convolutions and concats
+train compact and equal the reference semantics.
+
+Each model here takes the reference masks in its own forward and multiplies them in at the
+mask points DESIGN §2 names (the end of each producer's channel-wise chain), so the
+reference is written independently of sparsefx's analysis.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sparsefx
+
+Masks = dict[str, Tensor] | None
+
+
+def _m(masks: Masks, name: str, x: Tensor) -> Tensor:
+    """x with the reference mask of group `name` applied along dim 1 (1 if unmasked)."""
+    if masks is None or name not in masks:
+        return x
+    shape = [1] * x.dim()
+    shape[1] = -1
+    return x * masks[name].to(x.dtype).view(shape)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, name: str, stream: str):
+        super().__init__()
+        self.name, self.stream = name, stream
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor, masks: Masks) -> Tensor:
+        h = _m(masks, self.name, F.relu(self.bn1(self.conv1(x))))
+        h = _m(masks, self.stream, self.bn2(self.conv2(h)))
+        residual = x if self.shortcut is None else _m(masks, self.stream, self.shortcut(x))
+        return F.relu(h + residual)
+
+
+class ResNetStyle(nn.Module):
+    """Stem, a block on the stem's stream, a downsampling block with a 1x1 shortcut."""
+
+    streams: ClassVar = {"stem": ("stem", "layer1.conv2"), "layer2.conv2": ("layer2.conv2",)}
+    internal = ("layer1.conv1", "layer2.conv1")
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.layer1 = BasicBlock(8, 8, 1, "layer1.conv1", "stem")
+        self.layer2 = BasicBlock(8, 12, 2, "layer2.conv1", "layer2.conv2")
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        x = _m(masks, "stem", F.relu(self.bn(self.stem(x))))
+        x = self.layer2(self.layer1(x, masks), masks)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, expand: int, name: str, stream: str):
+        super().__init__()
+        hidden = cin * expand
+        self.name, self.stream, self.residual = name, stream, cin == cout
+        self.expand = nn.Conv2d(cin, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor, masks: Masks) -> Tensor:
+        h = F.relu6(self.bn1(self.expand(x)))
+        h = _m(masks, self.name, F.relu6(self.bn2(self.depthwise(h))))
+        h = _m(masks, self.stream, self.bn3(self.project(h)))
+        return x + h if self.residual else h
+
+
+class MobileNetV2Style(nn.Module):
+    """Inverted residual blocks: 1x1 expand, 3x3 depthwise, 1x1 project, residual add."""
+
+    streams: ClassVar = {
+        "stem": ("stem",),
+        "block1.project": ("block1.project", "block2.project"),
+    }
+    internal = ("block0.expand", "block1.expand", "block2.expand")
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.block0 = InvertedResidual(6, 6, 2, "block0.expand", "stem")
+        self.block1 = InvertedResidual(6, 8, 3, "block1.expand", "block1.project")
+        self.block2 = InvertedResidual(8, 8, 3, "block2.expand", "block1.project")
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        x = _m(masks, "stem", F.relu6(self.bn(self.stem(x))))
+        for block in (self.block0, self.block1, self.block2):
+            x = block(x, masks)
+        return self.fc(x.mean((2, 3)))
+
+
+class DenseNetStyle(nn.Module):
+    """Each layer reads the concat of every earlier output (conv-BN-ReLU, then concat:
+    post-activation, so a dropped channel is zero wherever a later layer reads it)."""
+
+    streams: ClassVar[dict[str, tuple[str, ...]]] = {}
+    internal = ("stem", "layers.0", "layers.1", "layers.2", "transition")
+
+    def __init__(self, growth: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Conv2d(6 + i * growth, growth, 3, padding=1) for i in range(3)
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm2d(growth) for _ in range(3))
+        self.transition = nn.Conv2d(6 + 3 * growth, 8, 1)
+        self.fc = nn.Linear(8 * 2 * 2, 3)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        features = [_m(masks, "stem", F.relu(self.stem(x)))]
+        for i, (conv, norm) in enumerate(zip(self.layers, self.norms, strict=True)):
+            h = F.relu(norm(conv(torch.cat(features, 1))))
+            features.append(_m(masks, f"layers.{i}", h))
+        h = _m(masks, "transition", F.relu(self.transition(torch.cat(features, 1))))
+        return self.fc(F.avg_pool2d(h, 2).flatten(1))
+
+
+MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle]
+
+
+def _random_masks(groups, generator: torch.Generator) -> dict[str, Tensor]:
+    masks = {}
+    for group in groups:
+        mask = torch.rand(group.size, generator=generator) < 0.5
+        mask[torch.randint(group.size, (1,), generator=generator)] = True
+        masks[group.name] = mask
+    return masks
+
+
+def _reference_masks(model_cls, groups, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's own mask names: a pruned stream's mask applies to each of its writers."""
+    ref = dict(masks)
+    for name, writers in model_cls.streams.items():
+        for writer in writers:
+            if name in masks:
+                ref[writer] = masks[name]
+    return ref
+
+
+@pytest.mark.parametrize("prune_streams", [False, True], ids=["streams-dense", "streams-pruned"])
+@pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
+def test_training_step_matches_reference(model_cls, prune_streams):
+    torch.manual_seed(0)
+    model = model_cls().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=prune_streams, seed=0)
+    sparse = sparsefx.transform(model, (x,), config=config)
+    groups = sparsefx.groups(sparse)
+    expected_names = list(model_cls.internal) + (list(model_cls.streams) if prune_streams else [])
+    assert sorted(g.name for g in groups) == sorted(expected_names)
+
+    masks = _random_masks(groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x)
+    out.square().mean().backward()
+    expected = reference(x, _reference_masks(model_cls, groups, masks))
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        if name.endswith("running_mean") or name.endswith("running_var"):
+            kept = _kept_channels(groups, masks, name.rsplit(".", 1)[0])
+            torch.testing.assert_close(b[kept], c[kept], msg=name)
+
+    sparse.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sparse(x), reference(x, _reference_masks(model_cls, groups, masks))
+        )
+
+
+def _kept_channels(groups, masks, module: str) -> Tensor:
+    """Channels of a BatchNorm whose running statistics sparsefx updated this step."""
+    for group in groups:
+        for fqn, dim in group.members:
+            if fqn == f"{module}.weight" and dim == 0:
+                return masks[group.name]
+    return slice(None)  # a dense BatchNorm: every channel
+
+
+def test_resnet_report_says_streams_stay_dense_and_why():
+    sparse = sparsefx.transform(ResNetStyle(), torch.randn(2, 3, 4, 4), density=0.5)
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert reasons.pop("linear").startswith("output layer")
+    assert len(reasons) == 4  # stem, layer1.conv2, layer2.conv2, layer2's shortcut
+    assert all("residual stream" in r and "prune_streams=True" in r for r in reasons.values())
+    assert not sparse.analysis.scatters
+
+
+def test_pruned_stream_is_one_group_over_every_writer_and_reader():
+    sparse = sparsefx.transform(
+        ResNetStyle(),
+        torch.randn(2, 3, 4, 4),
+        config=sparsefx.SparseConfig(0.5, prune_streams=True),
+    )
+    (stream,) = [g for g in sparsefx.groups(sparse) if g.name == "layer2.conv2"]
+    assert stream.stream and len(stream.producers) == 2
+    assert ("layer2.shortcut.0.weight", 0) in stream.members
+    assert ("layer2.bn2.weight", 0) in stream.members
+    assert ("fc.weight", 1) in stream.members
+    (stem,) = [g for g in sparsefx.groups(sparse) if g.name == "stem"]
+    readers = {fqn for fqn, dim in stem.members if dim == 1}
+    assert readers == {"layer1.conv1.weight", "layer2.conv1.weight", "layer2.shortcut.0.weight"}
+    edges = sparse.analysis.couplings.edges(data="kinds")
+    assert any("residual" in kinds for _, _, kinds in edges)
+
+
+def test_depthwise_convolution_follows_its_input_channels():
+    sparse = sparsefx.transform(MobileNetV2Style(), torch.randn(2, 3, 4, 4), density=0.5)
+    (group,) = [g for g in sparsefx.groups(sparse) if g.name == "block1.expand"]
+    assert group.size == 18
+    assert ("block1.depthwise.weight", 0) in group.members
+    assert ("block1.bn2.weight", 0) in group.members
+    assert ("block1.project.weight", 1) in group.members
+    assert "block1.depthwise" not in [d.node for d in sparse.analysis.dense]
+    code = sparse._programs[True][0].graph.code
+    assert "sym_size" in code  # the depthwise conv runs with one group per kept channel
+
+
+def test_concat_consumer_gathers_columns_of_every_piece_at_its_offset():
+    sparse = sparsefx.transform(DenseNetStyle(), torch.randn(2, 3, 4, 4), density=0.5)
+    groups = {g.name: g for g in sparsefx.groups(sparse)}
+    mask = torch.tensor([True, False, False, True])
+    expanded = {(n, d): m for n, d, m in groups["layers.0"].expand(mask)}
+    # layers.0's channels are columns 6..9 of every later reader's weight
+    column = torch.zeros(18, dtype=torch.bool)
+    column[[6, 9]] = True
+    torch.testing.assert_close(expanded[("transition.weight", 1)], column)
+    torch.testing.assert_close(expanded[("layers.2.weight", 1)], column[:14])
+    assert not sparse.analysis.scatters
+
+
+def test_expand_maps_a_flattened_channel_to_its_block_of_features():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4, 2))
+    sparse = sparsefx.transform(model, torch.randn(1, 2, 4, 4), density=0.5)
+    (group,) = sparsefx.groups(sparse)
+    expanded = {(n, d): m for n, d, m in group.expand(torch.tensor([False, True, False]))}
+    assert expanded[("0.weight", 0)].tolist() == [False, True, False]
+    assert expanded[("3.weight", 1)].nonzero().squeeze(1).tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match=r"bool mask of shape \(3,\)"):
+        group.expand(torch.ones(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
+def test_cost_model_counts_the_compact_step(model_cls):
+    """Forward FLOPs of the compact graph equal the sympy cost model at the kept counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
+    sparse = sparsefx.transform(model_cls(), (x,), config=config)
+    masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(2))
+    sparsefx.set_masks(sparse, masks)
+    with FlopCounterMode(display=False) as counter:
+        sparse(x)
+    kept = [float(masks[g.name].sum()) for g in sparsefx.groups(sparse)]
+    assert counter.get_total_flops() == round(sparse.cost_model.evaluate("flops", kept) * 2)
+
+
+@pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
+def test_compiled_matches_transform(model_cls):
+    torch.manual_seed(0)
+    model = model_cls()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 4, 4)
+    options = {"density": 0.5, "prune_streams": True, "seed": 0}
+    eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    compiled = torch.compile(twin, backend="sparsefx", options=options)
+    twin.eval()
+    compiled(x)  # compiles, so the runtime exists for set_masks
+    twin.train()
+    masks = _random_masks(sparsefx.groups(eager), torch.Generator().manual_seed(3))
+    sparsefx.set_masks(eager, masks)
+    sparsefx.set_masks(compiled, masks)
+    eager(x).square().mean().backward()
+    compiled(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, atol=1e-5, rtol=1e-4)
