@@ -14,44 +14,52 @@ import sparsefx
 
 
 class JoinWithInput(nn.Module):
-    """A residual add of a pruned tensor and the model input, which no group covers."""
+    """fc2's output joins the model input, which no group covers: added (a residual stream
+    from an unpruned source) or multiplied (a gate)."""
 
-    def __init__(self):
+    def __init__(self, join):
         super().__init__()
+        self.join = join
         self.fc1 = nn.Linear(6, 6)
         self.fc2 = nn.Linear(6, 6)
         self.head = nn.Linear(6, 3)
 
-    def forward(self, x, mask=None):
-        h = F.relu(self.fc1(x))
-        h = h if mask is None else h * mask
-        return self.head(F.relu(self.fc2(h) + x))
+    def forward(self, x, masks=None):
+        m = masks or {}
+        h = F.relu(self.fc1(x)) * m.get("fc1", 1)
+        return self.head(F.relu(self.join(self.fc2(h) * m.get("fc2", 1), x)))
 
 
-def test_join_with_an_unpruned_tensor_is_scattered_to_full_width_and_exact():
+def test_add_into_an_unpruned_stream_keeps_the_writer_dense():
+    sparse = sparsefx.transform(JoinWithInput(torch.add), torch.randn(4, 6), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["fc1"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "residual stream from an unpruned source" in reasons["linear_1"]
+    assert not sparse.analysis.scatters
+
+
+def test_gate_by_an_unpruned_tensor_is_scattered_to_full_width_and_exact():
     torch.manual_seed(0)
-    model = JoinWithInput()
+    model = JoinWithInput(torch.mul)
     reference = copy.deepcopy(model)
     x = torch.randn(4, 6)
     sparse = sparsefx.transform(model, x, density=0.5)
     assert [g.name for g in sparsefx.groups(sparse)] == ["fc1", "fc2"]
     (scatter,) = sparse.analysis.scatters
-    assert scatter.op == "add.Tensor" and "not pruned alongside" in scatter.reason
-    assert [d.node for d in sparse.analysis.dense] == ["linear_2"]
+    assert scatter.op == "mul.Tensor" and "not pruned alongside" in scatter.reason
 
     masks = {"fc1": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)}
     masks["fc2"] = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)
     sparsefx.set_masks(sparse, masks)
     out = sparse(x)
     out.sum().backward()
-    h = F.relu(reference.fc1(x)) * masks["fc1"]
-    expected = reference.head(F.relu(reference.fc2(h) * masks["fc2"] + x))
+    expected = reference(x, masks)
     expected.sum().backward()
     torch.testing.assert_close(out, expected)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
     code = sparse._programs[True][0].graph.code
-    assert code.count("sparsefx.scatter_channels") == 1  # fc2's output, into the add
+    assert code.count("sparsefx.scatter_channels") == 1  # fc2's output, into the mul
 
 
 class ViewFlatten(nn.Module):

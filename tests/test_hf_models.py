@@ -131,3 +131,161 @@ def test_hf_resnet_training_loss_falls(mode):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+# -- transformers: attention heads and MLP neurons ------------------------------------------
+
+HEAD_DIM = 8
+
+
+def _gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config)
+
+
+def _heads(mask: Tensor) -> Tensor:
+    return mask.repeat_interleave(HEAD_DIM)
+
+
+def _gpt2_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Output features zeroed by the reference, per Conv1D module (q, k, v fused)."""
+    points = {}
+    for layer in range(2):
+        h = f"transformer.h.{layer}"
+        points[f"{h}.attn.c_attn"] = _heads(masks[f"{h}.attn.c_attn"]).repeat(3)
+        points[f"{h}.mlp.c_fc"] = masks[f"{h}.mlp.c_fc"]
+    return points
+
+
+def _bert_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    points = {"bert.pooler.dense": masks["bert.pooler.dense"]}
+    for layer in range(2):
+        a = f"bert.encoder.layer.{layer}"
+        for proj in ("query", "key", "value"):
+            points[f"{a}.attention.self.{proj}"] = _heads(masks[f"{a}.attention.self.query"])
+        points[f"{a}.intermediate.dense"] = masks[f"{a}.intermediate.dense"]
+    return points
+
+
+def _vit_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    points = {}
+    for layer in range(2):
+        a = f"vit.layers.{layer}"
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            points[f"{a}.attention.{proj}"] = _heads(masks[f"{a}.attention.q_proj"])
+        points[f"{a}.mlp.fc1"] = masks[f"{a}.mlp.fc1"]
+    return points
+
+
+@contextmanager
+def _masked_features(model: nn.Module, points: dict[str, Tensor]) -> Iterator:
+    """The reference semantics for transformers: dropped features zeroed (last dim) at the
+    output of each producer (GELU(0) = 0, so this equals masking after the activation)."""
+
+    def zero(mask: Tensor):
+        return lambda module, inputs, output: output * mask.to(output.dtype)
+
+    handles = [model.get_submodule(n).register_forward_hook(zero(m)) for n, m in points.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _text_inputs() -> tuple[Tensor, Tensor, Tensor]:
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(5))
+    return ids, ids, torch.tensor([0, 2, 1])
+
+
+TRANSFORMERS = {
+    "gpt2": (_gpt2, _gpt2_points, lambda: (_text_inputs()[0], _text_inputs()[1]), 4),
+    "bert": (_bert, _bert_points, lambda: (_text_inputs()[0], _text_inputs()[2]), 5),
+    "vit": (_vit, _vit_points, lambda: (torch.randn(3, 3, 8, 8), _text_inputs()[2]), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_transformer_heads_and_mlp_match_reference(name):
+    build, points, inputs, num_groups = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    reference = copy.deepcopy(model)
+    x, labels = inputs()
+    x = x.double() if x.is_floating_point() else x
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    assert len(groups) == num_groups, [g.name for g in groups]
+    heads = [g for g in groups if g.size == 2]
+    assert len(heads) == 2 and all(len(g.producers) == 3 for g in heads)
+
+    masks = _random_masks(groups, seed=4)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x, labels=labels)
+    out.loss.backward()
+    with _masked_features(reference, points(masks)):
+        expected = reference(x, labels=labels)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.loss, expected.loss)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+
+def test_transformer_report_keeps_streams_and_tied_head_dense():
+    x, labels = TRANSFORMERS["gpt2"][2]()
+    sparse = sparsefx.transform(_gpt2(), (x,), example_kwargs={"labels": labels}, density=0.5)
+    reasons = [d.reason for d in sparse.analysis.dense]
+    assert sum("residual stream from an unpruned source" in r for r in reasons) == 4
+    assert sum("shared weights" in r for r in reasons) == 1  # lm_head tied to the embedding
+    assert not sparse.analysis.scatters
+    (group,) = [g for g in sparsefx.groups(sparse) if g.name == "transformer.h.0.attn.c_attn"]
+    kept = {(n, d): m for n, d, m in group.expand(torch.tensor([False, True]))}
+    columns = kept[("transformer.h.0.attn.c_attn.weight", 1)]
+    assert columns.nonzero().squeeze(1).tolist() == [8 + i for i in range(8)] + [
+        off + 8 + i for off in (16, 32) for i in range(8)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_transformer_training_loss_falls(name, mode):
+    build, _, inputs, _ = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    model = build()
+    x, labels = inputs()
+    config = sparsefx.SparseConfig(density=0.5, seed=0)
+    if mode == "transform":
+        sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
+    else:
+        sparse = torch.compile(model, backend="sparsefx", options={"density": 0.5, "seed": 0})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = sparse(x, labels=labels).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses

@@ -81,14 +81,15 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             continue
         meta = node.meta.get(META, {})
         if ops.is_weight_op(node.target):
-            weight_shape = tuple(node.args[1].meta["val"].shape)
+            _, weight, bias = ops.weight_args(node)
+            where = ops.weight_operands(node)
+            weight_shape = tuple(weight.meta["val"].shape)  # type: ignore[attr-defined]
             compact_out = meta.get("role") == "producer" or meta.get("depthwise", False)
-            c_out = width(meta.get("layout") if compact_out else None, weight_shape[0])
-            c_in = width(meta.get("in_layout"), weight_shape[1])
+            c_out = width(meta.get("layout") if compact_out else None, weight_shape[where.out_dim])
+            c_in = width(meta.get("in_layout"), weight_shape[where.in_dim])
             kernel = math.prod(weight_shape[2:])
             flops += 2 * _spatial(node) * c_out * c_in * kernel
-            has_bias = len(node.args) > 2 and node.args[2] is not None
-            params += c_out * c_in * kernel + (c_out if has_bias else 0)
+            params += c_out * c_in * kernel + (c_out if bias is not None else 0)
         elif node.target in ops.BATCH_NORM:
             affine = sum(arg is not None for arg in node.args[1:3])
             channels = node.meta["val"].shape[1]
@@ -99,6 +100,12 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
 def _spatial(node: fx.Node) -> int:
     """Output positions per example: every dim but batch and channels."""
     shape = tuple(node.meta["val"].shape)
+    if node.target in ops.ADDMM:  # rows are flattened (batch, positions): see the view
+        x = node.args[1]
+        if x.op == "call_function" and x.target in ops.VIEWS:  # type: ignore[union-attr]
+            shape = (*tuple(x.args[0].meta["val"].shape)[:-1], shape[-1])  # type: ignore[union-attr]
+        else:
+            return 1
     if ops.is_conv(node.target):
         spatial_dims = len(node.args[1].meta["val"].shape) - 2
         return math.prod(int(d) for d in shape[len(shape) - spatial_dims :])

@@ -18,6 +18,7 @@ only; past the mask point it reads a full-width scatter instead.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 
@@ -62,6 +63,8 @@ class Space:
     name: str
     weight: str
     size: int
+    grain: int = 1
+    """Features of the producer's output per channel (a head's width, for attention)."""
     members: list[Member] = field(default_factory=list)
     mask_point: str | None = None
 
@@ -70,7 +73,39 @@ class Space:
 class _Flow:
     layout: Layout
     zero: bool | None
-    """Dropped channels are exact zeros here; None inside a producer's chain."""
+    """Dropped channels are exact zeros here (True), hold values that a later op must zero
+    (False), or are inside a producer's chain (None)."""
+    origins: frozenset[str] = frozenset()
+    """Where non-zero values in dropped channels came from (ops past a mask point that are
+    not zero-preserving)."""
+    parts: list[Layout] | None = None
+    """For a split: the layout of each output."""
+
+
+@dataclass
+class Refinements:
+    """What the walk learnt it must do differently, for the next walk (groups.py loops)."""
+
+    parts: dict[str, list[int]] = field(default_factory=dict)
+    """Space -> channel counts of the sub-spaces a split cuts it into (q, k, v of a fused
+    projection)."""
+    grain: dict[str, int] = field(default_factory=dict)
+    """Space -> features per channel (an attention head's features are one channel)."""
+    scatter_at: set[str] = field(default_factory=set)
+    """Ops past a mask point that must read a scatter: their non-zero output in dropped
+    channels reaches an op that needs zeros."""
+
+    def update(self, other: Refinements) -> bool:
+        """Merge `other` in; whether anything was new."""
+        new = (
+            any(self.parts.get(k) != v for k, v in other.parts.items())
+            or any(self.grain.get(k) != v for k, v in other.grain.items())
+            or not other.scatter_at <= self.scatter_at
+        )
+        self.parts.update(other.parts)
+        self.grain.update(other.grain)
+        self.scatter_at |= other.scatter_at
+        return new
 
 
 @dataclass
@@ -79,11 +114,16 @@ class _Op:
 
     layout: Layout | None
     zero_preserving: bool
+    zero_when: str = "all"
+    """Past the mask point the output is zero in dropped channels when "all" compact inputs
+    are (element-wise ops, add, cat), "any" is (mul, matmul) or the "last" is (attention:
+    probabilities times v)."""
     chainable: bool = False
     """A unary channel-wise op: may extend a producer's chain (before its mask point)."""
     members: list[tuple[str, Member]] = field(default_factory=list)
     couplings: list[tuple[str, str, str]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    parts: list[Layout] | None = None
 
 
 @dataclass
@@ -96,6 +136,7 @@ class Propagation:
     meta: dict[fx.Node, dict]
     dense: list[DenseOp]
     scatters: list[DenseOp]
+    refine: Refinements = field(default_factory=Refinements)
 
 
 class GraphView:
@@ -125,18 +166,22 @@ class GraphView:
         return fqn if fqn is not None and len(arg.users) == 1 else None  # type: ignore[union-attr]
 
 
-def propagate(gm: fx.GraphModule, view: GraphView, dense: dict[str, str]) -> Propagation:
-    """Walk `gm` once; producers whose space is in `dense` are left dense with that reason."""
-    return _Walk(view, dense).run(gm)
+def propagate(
+    gm: fx.GraphModule, view: GraphView, dense: dict[str, str], refined: Refinements
+) -> Propagation:
+    """Walk `gm` once; producers with a space in `dense` are left dense with that reason.
+    The result's ``refine`` holds what a next walk must apply (empty when none is needed)."""
+    return _Walk(view, dense, refined).run(gm)
 
 
 # --------------------------------------------------------------------------------------------
 
 
 class _Walk:
-    def __init__(self, view: GraphView, dense: dict[str, str]):
+    def __init__(self, view: GraphView, dense: dict[str, str], refined: Refinements):
         self.view = view
         self.dense_spaces = dense
+        self.refined = refined
         self.flows: dict[fx.Node, _Flow] = {}
         self.result = Propagation({}, nx.Graph(), {}, {}, [], [])
 
@@ -159,51 +204,80 @@ class _Walk:
             for arg in compact:
                 self._end_chain(arg)
                 self._full_width(arg, node, op)
-            op = None
         elif op is not None:
             chained = op.chainable and len(compact) == 1 and self.flows[compact[0]].zero is None
             if not chained:
                 for arg in compact:
                     self._end_chain(arg)
-            if not (chained or op.zero_preserving):
+            if not (chained or op.zero_preserving) and node.name in self.refined.scatter_at:
                 for arg in compact:
                     self._full_width(
                         arg,
                         node,
-                        f"{_op_name(node)} is not zero-preserving and reads channels "
-                        "past their mask point (dropped channels are zeros it would change)",
+                        f"{_op_name(node)} is not zero-preserving and its output in dropped "
+                        "channels is read by an op that needs them zero",
                     )
-                op = None
+            elif "in_layout" in op.meta and not self._zero(compact):
+                pass  # a consumer of non-zero dropped channels: refined to a scatter upstream
             else:
-                self._accept(node, op, zero=None if chained else True)
+                self._accept(node, op, chained, compact)
         if ops.is_weight_op(node.target) and not _is_depthwise(node):
             self._source(node)
         if node in self.flows and len(node.users) != 1:
             self._end_chain(node)
 
-    def _accept(self, node: fx.Node, op: _Op, *, zero: bool | None) -> None:
+    def _zero(self, compact: list[fx.Node]) -> bool:
+        """Whether dropped channels are zero in every input; if not, ask for scatters where
+        they stopped being zero."""
+        origins = frozenset().union(*(self.flows[a].origins for a in compact))
+        self.refine.scatter_at |= origins
+        return not origins
+
+    def _accept(self, node: fx.Node, op: _Op, chained: bool, compact: list[fx.Node]) -> None:
         for space, member in op.members:
             self.result.spaces[space].members.append(member)
         for a, b, kind in op.couplings:
+            if a == b:
+                continue  # a join of a tensor with a function of itself ties nothing
             self.result.couplings.add_edge(a, b)
             self.result.couplings.edges[a, b].setdefault("kinds", set()).add(kind)
         meta = self._meta(node)
         meta.update(op.meta)
-        if op.layout is not None:
-            meta.setdefault("role", "channelwise")
-            meta["layout"] = op.layout
-            self.flows[node] = _Flow(op.layout, zero)
+        if op.layout is None:
+            return
+        meta.setdefault("role", "channelwise")
+        meta["layout"] = op.layout
+        if chained:
+            self.flows[node] = _Flow(op.layout, None, parts=op.parts)
+            return
+        flows = [self.flows[a] for a in compact]
+        zeros = [f.zero for f in flows]
+        zero = {
+            "all": all(zeros),
+            "any": any(zeros),
+            "last": zeros[-1],
+        }[op.zero_when] and op.zero_preserving
+        origins: frozenset[str] = frozenset()
+        if not zero:
+            if op.zero_when == "last":
+                flows = flows[-1:]
+            origins = frozenset().union(*(f.origins for f in flows))
+            if not op.zero_preserving or not origins:
+                origins |= {node.name}
+        self.flows[node] = _Flow(op.layout, zero, origins, op.parts)
 
     def _end_chain(self, node: fx.Node) -> None:
-        """`node` is the last of its producer's chain: the mask point of its space."""
+        """`node` is the last of its producer's chain: the mask point of its spaces."""
         flow = self.flows[node]
         if flow.zero is None:
             flow.zero = True
-            (space,) = flow.layout.groups
-            self.result.spaces[space].mask_point = node.name
-            self._meta(node)["mask_point"] = space
+            for space in flow.layout.groups:
+                self.result.spaces[space].mask_point = node.name
+            self._meta(node)["mask_point"] = flow.layout.groups
 
     def _full_width(self, node: fx.Node, user: fx.Node, reason: str) -> None:
+        if not self._zero([node]):
+            return
         self._meta(node).setdefault("full_width_users", []).append(user.name)
         self.result.scatters.append(DenseOp(user.name, _op_name(user), reason))
 
@@ -211,27 +285,49 @@ class _Walk:
         for space in self.flows[node].layout.groups:
             self.result.blocked.setdefault(space, []).append(reason)
 
+    @property
+    def refine(self) -> Refinements:
+        return self.result.refine
+
     # -- sources -------------------------------------------------------------------------
 
     def _source(self, node: fx.Node) -> None:
-        """A linear/conv's output channels become a space, unless it is left dense."""
-        reason = _source_blocker(node, self.view) or self.dense_spaces.get(node.name)
+        """A weight op's output channels become a space (or several, where a split cuts
+        them), unless it is left dense."""
+        leaves = self._leaves(node.name, int(_shape(node)[_channel_dim(node)]))
+        reason = _source_blocker(node, self.view) or next(
+            (self.dense_spaces[name] for name, _, _ in leaves if name in self.dense_spaces), None
+        )
         if reason is not None:
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
             self._meta(node)["dense_reason"] = reason
             return
-        weight, bias = _weight_args(node)
-        dim = _channel_dim(node)
-        size = int(_shape(node)[dim])
-        space = Space(node.name, self.view.param(weight), size)  # type: ignore[arg-type]
-        space.members.append(Member(space.weight, 0, 0, 1, size))
-        if bias is not None:
-            space.members.append(Member(self.view.param(bias), 0, 0, 1, size))  # type: ignore[arg-type]
-        self.result.spaces[node.name] = space
-        self.result.couplings.add_node(node.name)
-        layout = Layout.of(node.name, dim, size)
-        self._meta(node).update(role="producer", group=node.name, layout=layout)
+        _, weight, bias = ops.weight_args(node)
+        out_dim = ops.weight_operands(node).out_dim
+        pieces, offset, full = [], 0, int(_shape(node)[_channel_dim(node)])
+        for name, size, grain in leaves:
+            space = Space(name, self.view.param(weight), size, grain)  # type: ignore[arg-type]
+            space.members.append(Member(space.weight, out_dim, offset, grain, full))
+            if bias is not None:
+                space.members.append(Member(self.view.param(bias), 0, offset, grain, full))  # type: ignore[arg-type]
+            self.result.spaces[name] = space
+            self.result.couplings.add_node(name)
+            pieces.append(Piece(name, size, grain))
+            offset += size * grain
+        layout = Layout(_channel_dim(node), tuple(pieces))
+        self._meta(node).update(role="producer", group=leaves[0][0], layout=layout)
         self.flows[node] = _Flow(layout, None)
+
+    def _leaves(self, name: str, features: int, grain: int = 1) -> list[tuple[str, int, int]]:
+        """(space, channels, features per channel) of a producer's output, in order."""
+        grain = self.refined.grain.get(name, grain)
+        parts = self.refined.parts.get(name)
+        if parts is None:
+            return [(name, features // grain, grain)]
+        leaves = []
+        for i, size in enumerate(parts):
+            leaves.extend(self._leaves(f"{name}#{i}", size * grain, grain))
+        return leaves
 
     # -- what each op does with compact inputs -------------------------------------------
 
@@ -242,6 +338,20 @@ class _Walk:
             return self._binary(node, compact)
         if target in ops.CAT:
             return self._cat(node, compact)
+        if ops.is_weight_op(target):
+            x = ops.weight_args(node)[0]
+            if compact != [x]:
+                return f"{_op_name(node)} reads the compact tensor as a weight or bias"
+            return self._weight_op(node, self.flows[x].layout)  # type: ignore[index]
+        if target in ops.ATTENTION:
+            return self._attention(node, compact)
+        if target in ops.MATMUL:
+            return self._matmul(node, compact)
+        if target is operator.getitem and node.args[0] in compact:
+            flow = self.flows[node.args[0]]  # type: ignore[index]
+            if flow.parts is None:
+                return "getitem of a compact tensor"
+            return _Op(flow.parts[node.args[1]], zero_preserving=True)  # type: ignore[index]
         if target in ops.NORMS:
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")
@@ -249,8 +359,6 @@ class _Walk:
         if compact != [first] or not isinstance(first, fx.Node):
             return f"{_op_name(node)} reads the compact tensor as a weight or extra argument"
         layout = self.flows[first].layout
-        if ops.is_weight_op(target):
-            return self._weight_op(node, layout)
         if target in ops.BATCH_NORM:
             return self._batch_norm(node, layout)
         if target in ops.POOLS:
@@ -262,16 +370,26 @@ class _Walk:
         if target in ops.OTHER_CHANNELWISE_UNARY:
             return _Op(layout, zero_preserving=False, chainable=True)
         if target in ops.VIEWS:
-            return _view(node, first, layout)
+            return self._view(node, first, layout)
         if target in ops.PERMUTES:
             return _permute(node, layout)
         if target in ops.REDUCTIONS:
             return _reduction(node, layout)
+        if target in ops.SOFTMAX:
+            if int(node.args[1]) % len(_shape(node)) == layout.dim:  # type: ignore[call-overload]
+                return "softmax over the channel dim"
+            return _Op(layout, zero_preserving=False, chainable=True)
+        if target in ops.POW:
+            exponent = node.args[1]
+            positive = isinstance(exponent, int | float) and exponent > 0
+            return _Op(layout, zero_preserving=positive, chainable=True)
+        if target in ops.SPLITS:
+            return self._split(node, layout)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
 
     def _weight_op(self, node: fx.Node, layout: Layout) -> _Op | str:
-        weight, bias = _weight_args(node)
-        ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
+        x, weight, bias = ops.weight_args(node)
+        ndim = len(_shape(x))
         if _is_depthwise(node):
             if self.view.own_param(weight) is None or (
                 bias is not None and self.view.own_param(bias) is None
@@ -286,6 +404,8 @@ class _Walk:
             )  # fmt: skip
         if self.view.own_param(weight) is None:
             return f"{_op_name(node)} weight is not a parameter used by this op alone"
+        if node.target in ops.ADDMM and not ops.is_plain_addmm(node):
+            return "addmm that is not a linear layer (scaled, or not a bias vector)"
         if ops.is_conv(node.target):
             if _conv_groups(node) != 1:
                 return "grouped convolution reads these channels"
@@ -296,9 +416,9 @@ class _Walk:
         elif layout.dim != ndim - 1:
             return "linear input features are not the compact dim"
         meta = {"in_layout": layout, "role": "consumer"}
-        return _Op(
-            None, zero_preserving=True, members=self._members(layout, [(weight, 1)]), meta=meta
-        )
+        in_dim = ops.weight_operands(node).in_dim
+        members = self._members(layout, [(weight, in_dim)])
+        return _Op(None, zero_preserving=True, members=members, meta=meta)
 
     def _batch_norm(self, node: fx.Node, layout: Layout) -> _Op | str:
         if layout.dim != 1 or any(p.block != 1 for p in layout.pieces):
@@ -334,10 +454,12 @@ class _Walk:
                 return f"{name} joins tensors whose channels are laid out differently"
             if node.target in ops.DIV:
                 return f"{name} divides by a compact tensor"
-            kind = "gate" if node.target in ops.MUL else "residual"
+            gate = node.target in ops.MUL
+            kind = "gate" if gate else "residual"
             pairs = zip(la.pieces, lb.pieces, strict=True)
             couplings = [(p.group, q.group, kind) for p, q in pairs if p.group and q.group]
-            return _Op(la, zero_preserving=True, couplings=couplings)  # type: ignore[arg-type]
+            zero_when = "any" if gate else "all"
+            return _Op(la, zero_preserving=True, zero_when=zero_when, couplings=couplings)  # type: ignore[arg-type]
         (x,) = compact
         layout = self.flows[x].layout
         other = b if x is a else a
@@ -347,6 +469,8 @@ class _Walk:
             shape = _shape(other)
             other_dim = layout.dim - (len(_shape(x)) - len(shape))
             if other_dim >= 0 and int(shape[other_dim]) != 1:
+                if node.target not in ops.MUL and node.target not in ops.DIV:
+                    self._block(x, _INTO_DENSE.format(op=name, node=node.name))
                 return f"{name} with a full-width tensor that is not pruned alongside"
         elif not isinstance(other, int | float) or isinstance(other, bool):
             return f"{name} with an argument sparsefx does not understand"
@@ -377,6 +501,8 @@ class _Walk:
             return _Op(Layout(dim, tuple(pieces)), zero_preserving=True)
         first = layouts[0]
         if first is None or any(la is None or not first.same_shape(la) for la in layouts):
+            for tensor in compact:
+                self._block(tensor, _INTO_DENSE.format(op="cat", node=node.name))
             return "cat of compact and dense tensors along another dim"
         couplings = [
             (p.group, q.group, "concat")
@@ -386,12 +512,108 @@ class _Walk:
         ]
         return _Op(first, zero_preserving=True, couplings=couplings)  # type: ignore[arg-type]
 
+    def _attention(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """scaled_dot_product_attention: heads (dim -3 of q, k, v) are independent, so q,
+        k and v share one head index set; a head whose v is zero outputs zero."""
+        q, k, v = node.args[:3]
+        if compact != [q, k, v]:
+            return "attention with q, k and v not all from pruned heads"
+        layouts = [self.flows[t].layout for t in (q, k, v)]  # type: ignore[index]
+        heads = len(_shape(q)) - 3
+        if any(la.dim != heads or not la.same_shape(layouts[0]) for la in layouts):
+            return "attention whose q, k, v are not compact along the heads dim alike"
+        first = layouts[0]
+        couplings = [
+            (p.group, r.group, "attention")
+            for la in layouts[1:]
+            for p, r in zip(first.pieces, la.pieces, strict=True)
+            if p.group and r.group
+        ]
+        return _Op(first, zero_preserving=True, zero_when="last", couplings=couplings)  # type: ignore[arg-type]
+
+    def _matmul(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """A batched matmul is channel-wise in a batch dim (attention's explicit form)."""
+        a, b = node.args[:2]
+        ndim = len(_shape(node))
+        if len(_shape(a)) != ndim or len(_shape(b)) != ndim:  # type: ignore[arg-type]
+            return "matmul that broadcasts its operands"
+        layouts = [self.flows[t].layout for t in compact]
+        dim = layouts[0].dim
+        if dim >= ndim - 2 or any(la.dim != dim or not la.same_shape(layouts[0]) for la in layouts):
+            return "matmul over the channel dim"
+        if len(compact) == 1 and int(_shape(b if compact == [a] else a)[dim]) != 1:  # type: ignore[arg-type]
+            return "matmul with a full-width batch of another tensor"
+        couplings = [
+            (p.group, r.group, "attention")
+            for p, r in zip(layouts[0].pieces, layouts[-1].pieces, strict=True)
+            if p.group and r.group
+        ]
+        return _Op(layouts[0], zero_preserving=True, zero_when="any", couplings=couplings)
+
+    def _split(self, node: fx.Node, layout: Layout) -> _Op | str:
+        """A split along the channel dim hands each output its pieces; a boundary inside a
+        piece cuts that space into sub-spaces (the next walk creates them)."""
+        ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
+        dim = int(_arg(node, 2, "dim", 0)) % ndim  # type: ignore[call-overload]
+        full = int(_shape(node.args[0])[dim])  # type: ignore[arg-type]
+        sizes = node.args[1]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, full - start) for start in range(0, full, sizes)]
+        if dim != layout.dim:
+            parts = [layout for _ in sizes]  # type: ignore[union-attr]
+            return _Op(layout, zero_preserving=True, parts=parts, meta={"split": None})
+        bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]  # type: ignore[index]
+        pieces = _cut(layout, bounds)
+        if isinstance(pieces, dict):
+            for space, cut in pieces.items():
+                self.refine.parts[space] = cut
+            return "split waits for its spaces to be cut at the split's boundaries"
+        parts = [Layout(dim, chunk) for chunk in pieces]
+        return _Op(layout, zero_preserving=True, parts=parts, meta={"split": parts})
+
+    def _view(self, node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
+        op = _view(node, x, layout)
+        if not isinstance(op, int):
+            return op
+        for piece in layout.pieces:  # a channel spans several features of the new inner dims
+            if piece.group is not None and op % piece.block == 0:
+                factor = op // piece.block
+                if piece.size % factor == 0:
+                    grain = self.result.spaces[piece.group].grain * factor
+                    self.refine.grain[piece.group] = grain
+        return f"{_op_name(node)} splits a channel across dims"
+
+
+_INTO_DENSE = (
+    "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "
+    "from an unpruned source such as the input or an embedding): pruning it would zero "
+    "features of that stream"
+)
+
+
+def _cut(layout: Layout, bounds: list[int]) -> list[tuple[Piece, ...]] | dict[str, list[int]]:
+    """The pieces between feature `bounds`, or the cuts of spaces that those bounds need
+    (empty if a bound falls inside a channel or a dense stretch)."""
+    chunks: list[list[Piece]] = [[] for _ in range(len(bounds) + 1)]
+    cuts: dict[str, list[int]] = {}
+    for piece, start in zip(layout.pieces, layout.offsets(), strict=True):
+        end = start + piece.features
+        inside = [b for b in bounds if start < b < end]
+        if inside:
+            if piece.group is None or any((b - start) % piece.block for b in inside):
+                return {}
+            edges = [0, *((b - start) // piece.block for b in inside), piece.size]
+            cuts[piece.group] = [hi - lo for lo, hi in itertools.pairwise(edges)]
+        chunks[sum(b <= start for b in bounds)].append(piece)
+    return cuts or [tuple(chunk) for chunk in chunks]
+
 
 # -- layout transfer of shape ops ---------------------------------------------------------------
 
 
-def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
-    """flatten and unflatten keep channels as blocks; other reshapes are not understood."""
+def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
+    """flatten and unflatten keep channels as blocks; other reshapes are not understood.
+    An int: the unflatten would split a channel, whose features must group by that many."""
     in_shape, out_shape = _shape(x), _shape(node)
     span = _merged_span(in_shape, out_shape)
     if span is not None:
@@ -421,7 +643,7 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
     else:
         divided = layout.divided(_static_prod(inner))
         if divided is None:
-            return f"{_op_name(node)} splits a channel across dims"
+            return _static_prod(inner)
         moved = divided
     return _Op(
         moved,
@@ -459,8 +681,10 @@ def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
 
 
 def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
-    """Why this linear/conv cannot be a pruned producer, or None if it can."""
-    weight, bias = _weight_args(node)
+    """Why this linear/conv/addmm cannot be a pruned producer, or None if it can."""
+    _, weight, bias = ops.weight_args(node)
+    if node.target in ops.ADDMM and not ops.is_plain_addmm(node):
+        return "addmm that is not a linear layer (scaled, or not a bias vector)"
     if view.param(weight) is None:
         return "weight is not a parameter of the model"
     if view.own_param(weight) is None:
@@ -552,11 +776,6 @@ def _channel_dim(node: fx.Node) -> int:
     if ops.is_conv(node.target):
         return ndim - (len(_shape(node.args[1])) - 2) - 1
     return ndim - 1
-
-
-def _weight_args(node: fx.Node) -> tuple[object, object]:
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[1], bias
 
 
 def _conv_groups(node: fx.Node) -> int:

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, fx
 from torch.export.graph_signature import InputKind
 
-from sparsefx.analysis.dependency import DenseOp, GraphView, Member, Propagation, propagate
+from sparsefx.analysis.dependency import (
+    DenseOp,
+    GraphView,
+    Member,
+    Propagation,
+    Refinements,
+    propagate,
+)
 from sparsefx.analysis.layout import Layout
 
 __all__ = ["META", "Analysis", "DenseOp", "Group", "analyze"]
@@ -84,8 +91,11 @@ def analyze(
     """Annotate `gm` with groups and compact layouts; see the module docstring."""
     view = GraphView(gm.graph, inputs)
     dense: dict[str, str] = {}
+    refined = Refinements()
     while True:
-        walk = propagate(gm, view, dense)
+        walk = propagate(gm, view, dense, refined)
+        if refined.update(walk.refine):
+            continue
         blocked = _dense_components(walk, prune_streams)
         if not blocked:
             break
@@ -157,7 +167,11 @@ def _annotate(gm: fx.GraphModule, walk: Propagation, names: dict[str, str]) -> N
         for key, value in meta.items():
             if isinstance(value, Layout):
                 value = value.renamed(names)  # type: ignore[arg-type]
-            elif key in ("group", "mask_point"):
+            elif key == "split" and value is not None:
+                value = [part.renamed(names) for part in value]
+            elif key == "group":
                 value = names[value]
+            elif key == "mask_point":
+                value = list(dict.fromkeys(names[space] for space in value))
             renamed[key] = value
         node.meta[META] = renamed

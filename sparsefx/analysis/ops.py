@@ -17,12 +17,17 @@ too; analysis/dependency.py says what each does to a layout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import fx
 from torch._ops import OpOverload
 
 aten = torch.ops.aten
 
 LINEAR: frozenset[OpOverload] = frozenset({aten.linear.default})
+ADDMM: frozenset[OpOverload] = frozenset({aten.addmm.default})
+"""bias + x @ W with W shaped [in, out]: GPT-2's Conv1D (DESIGN §6)."""
 CONVS: frozenset[OpOverload] = frozenset(
     {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 )
@@ -66,6 +71,7 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.alpha_dropout.default,
         aten.clone.default,
         aten.contiguous.default,
+        aten.alias.default,
     }
 )
 """Channel-wise and f(0) = 0, with the tensor as the first argument."""
@@ -76,6 +82,8 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
         aten.sigmoid_.default,
         aten.hardsigmoid.default,
         aten.softplus.default,
+        aten.exp.default,
+        aten.cos.default,
     }
 )
 """Channel-wise but f(0) != 0: allowed only before the mask point."""
@@ -124,6 +132,12 @@ VIEWS: frozenset[OpOverload] = frozenset(
 PERMUTES: frozenset[OpOverload] = frozenset(
     {aten.permute.default, aten.transpose.int, aten.t.default}
 )
+SPLITS: frozenset[OpOverload] = frozenset({aten.split.Tensor, aten.split_with_sizes.default})
+SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
+"""Softmax over one dim: channel-wise (not zero-preserving) unless it is the channel dim."""
+ATTENTION: frozenset[OpOverload] = frozenset({aten.scaled_dot_product_attention.default})
+MATMUL: frozenset[OpOverload] = frozenset({aten.matmul.default})
+POW: frozenset[OpOverload] = frozenset({aten.pow.Tensor_Scalar})
 REDUCTIONS: frozenset[OpOverload] = frozenset(
     {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 )
@@ -136,5 +150,37 @@ def is_conv(target: object) -> bool:
 
 
 def is_weight_op(target: object) -> bool:
-    """linear or convolution: the ops whose weight channels sparsefx prunes."""
-    return target in LINEAR or target in CONVS
+    """linear, convolution or addmm: the ops whose weight channels sparsefx prunes."""
+    return target in LINEAR or target in CONVS or target in ADDMM
+
+
+@dataclass(frozen=True)
+class WeightOperands:
+    """Where a weight op's operands are, and which weight dims hold its channels."""
+
+    input: int
+    weight: int
+    bias: int
+    out_dim: int
+    in_dim: int
+
+
+def weight_operands(node: fx.Node) -> WeightOperands:
+    if node.target in ADDMM:
+        return WeightOperands(input=1, weight=2, bias=0, out_dim=1, in_dim=0)
+    return WeightOperands(input=0, weight=1, bias=2, out_dim=0, in_dim=1)
+
+
+def weight_args(node: fx.Node) -> tuple[object, object, object]:
+    """(input, weight, bias) of a weight op; bias may be None."""
+    if node.target in ADDMM:
+        return node.args[1], node.args[2], node.args[0]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], node.args[1], bias
+
+
+def is_plain_addmm(node: fx.Node) -> bool:
+    """addmm(b, x, W) that is a linear layer: unscaled, b a vector."""
+    bias = node.args[0]
+    scaled = len(node.args) > 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
+    return not scaled and isinstance(bias, fx.Node) and len(bias.meta["val"].shape) == 1

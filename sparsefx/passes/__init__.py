@@ -12,6 +12,7 @@ from sparsefx.passes.compact import (
     insert_scatters,
     opaque_compact_convolutions,
     rewrite_batch_norms,
+    rewrite_splits,
     rewrite_views,
     rewrite_weight_ops,
 )
@@ -30,7 +31,7 @@ def rewrite_compact(
 ) -> fx.GraphModule:
     """Run the compact-rewrite passes in order. The graph gains one index input per group."""
     gm = add_index_inputs(gm, groups)
-    for rewrite in (insert_scatters, rewrite_views, rewrite_batch_norms):
+    for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
         gm = rewrite(gm)
     return _finalize(rewrite_weight_ops(gm, sparse_gradients=sparse_gradients))
 

@@ -7,6 +7,8 @@ node metadata of untouched nodes. They read the annotations written by
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
@@ -22,6 +24,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_batch_norms",
+    "rewrite_splits",
     "rewrite_views",
     "rewrite_weight_ops",
 ]
@@ -88,16 +91,51 @@ def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
         if out_layout is None and "in_layout" not in meta:
             continue
         in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
-        weight, bias = node.args[1], _arg(node, 2, "bias", None)
+        _, weight, bias = ops.weight_args(node)
+        where = ops.weight_operands(node)
+        by_dim = {where.out_dim: out_idx, where.in_dim: in_idx}
         with graph.inserting_before(node):
-            gathered = graph.call_function(gather, (weight, out_idx, in_idx, sparse_gradients))
-            node.update_arg(1, gathered)
+            gathered = graph.call_function(gather, (weight, by_dim[0], by_dim[1], sparse_gradients))
+            node.update_arg(where.weight, gathered)
             if bias is not None and out_idx is not None:
-                _set_arg(node, 2, "bias", graph.call_function(select, (bias, 0, out_idx)))
+                kept_bias = graph.call_function(select, (bias, 0, out_idx))
+                if len(node.args) > where.bias:
+                    node.update_arg(where.bias, kept_bias)
+                else:
+                    node.update_kwarg("bias", kept_bias)
             if depthwise:
                 kept = graph.call_function(aten.sym_size.int, (out_idx, 0))
                 _set_arg(node, 6, "groups", kept)
     return gm
+
+
+def rewrite_splits(gm: fx.GraphModule) -> fx.GraphModule:
+    """A split of the compact channel dim takes the compact sizes of its outputs, which
+    change with the masks: sums of kept counts (sym_size of the index inputs) times blocks."""
+    indices = _Indices(gm)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        parts = node.meta.get(META, {}).get("split")
+        if not parts:
+            continue
+        with graph.inserting_before(node):
+            sizes = [_compact_size(graph, indices, part) for part in parts]
+        dim = parts[0].dim
+        _replace(node, aten.split_with_sizes.default, (node.args[0], sizes, dim))
+    return gm
+
+
+def _compact_size(graph: fx.Graph, indices: _Indices, layout: Layout) -> object:
+    """The size of a layout's dim in compact form, as an int or a graph node."""
+    total: object = None
+    for piece in layout.pieces:
+        if piece.group is None:
+            size: object = piece.size
+        else:
+            kept = graph.call_function(aten.sym_size.int, (indices.inputs[piece.group], 0))
+            size = graph.call_function(operator.mul, (kept, piece.block))
+        total = size if total is None else graph.call_function(operator.add, (total, size))
+    return total
 
 
 _SPATIAL_DIMS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
