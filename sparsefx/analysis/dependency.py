@@ -193,6 +193,9 @@ class _Walk:
                     self._full_width(arg, node, "model output")
             elif node.op == "call_function":
                 self._visit(node, compact)
+                if node.target in ops.NORMS:
+                    reason = "normalises across features, so the features it reads stay dense"
+                    self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         return self.result
 
     def _meta(self, node: fx.Node) -> dict:

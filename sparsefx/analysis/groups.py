@@ -78,7 +78,7 @@ class Group:
 class Analysis:
     groups: list[Group] = field(default_factory=list)
     dense: list[DenseOp] = field(default_factory=list)
-    """Linear/conv ops left dense, and why."""
+    """Ops left dense, and why: linear/conv/addmm that are not pruned, norms across features."""
     scatters: list[DenseOp] = field(default_factory=list)
     """Users that read a compact tensor at full width, and why."""
     couplings: nx.Graph = field(default_factory=nx.Graph, repr=False)

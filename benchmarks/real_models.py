@@ -1,0 +1,156 @@
+"""Training-step time of real third-party models (Hugging Face `transformers`, random
+weights, configs of the coupling issue): dense eager against sparsefx, side by side.
+
+    python benchmarks/real_models.py [--models resnet,gpt2] [--density 0.25] [--quick]
+
+HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 images, batch
+32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`.
+Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
+parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
+`sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import count_flops, environment, format_table, summarize, time_interleaved
+from torch import Tensor, nn
+
+import sparsefx
+
+LR = 0.01
+
+
+def resnet() -> tuple[nn.Module, Tensor, Tensor]:
+    import transformers
+
+    config = transformers.ResNetConfig(
+        layer_type="basic",
+        embedding_size=64,
+        hidden_sizes=[64, 128, 256, 512],
+        depths=[2, 2, 2, 2],
+        num_labels=10,
+    )
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(config)
+    return model, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+
+def gpt2() -> tuple[nn.Module, Tensor, Tensor]:
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=512, n_embd=256, n_layer=4, n_head=8, n_positions=128, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 512, (8, 128))
+    return model, ids, ids
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
+    "resnet": resnet,
+    "gpt2": gpt2,
+}
+METHODS = {
+    "sparsefx": {},
+    "sparsefx-sg": {"sparse_gradients": True},
+    "sparsefx-streams": {"prune_streams": True},
+    "sparsefx-streams-sg": {"prune_streams": True, "sparse_gradients": True},
+}
+
+
+def _step(model: nn.Module, run: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    run.train()
+
+    def step() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = run(x, labels=y).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def steps_for(name: str, density: float) -> tuple[dict[str, Callable[[], Tensor]], dict]:
+    model, x, y = MODELS[name]()
+    steps = {"dense": _step(model, model, x, y)}
+    groups = {}
+    for method, options in METHODS.items():
+        twin = copy.deepcopy(model)
+        config = sparsefx.SparseConfig(density=density, seed=0, **options)
+        sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
+        groups[method] = len(sparsefx.groups(sparse))
+        steps[method] = _step(twin, sparse, x, y)
+    return steps, groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet,gpt2")
+    parser.add_argument("--density", type=float, default=0.25)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="2 rounds × 2 steps")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment()
+    print("sparsefx on real models: one training step (model loss + SGD), side by side")
+    print(
+        f"torch {env['torch']} | {env['threads']} threads | CPU: {env['cpu']} "
+        f"({env['cores']} logical cores) | load at start: {env['load_avg']}"
+    )
+    print(f"density {args.density}; {args.rounds} rounds × {args.steps} steps, medians")
+    start, rows, results = time.perf_counter(), [], {}
+    for name in args.models.split(","):
+        steps, groups = steps_for(name, args.density)
+        for step in steps.values():  # warm-up (the first sparse step captures nothing new)
+            step()
+        flops = {m: count_flops(s, min_steps=2, min_seconds=0.0) for m, s in steps.items()}
+        times = time_interleaved(steps, args.rounds, args.steps)
+        dense = summarize(times["dense"])
+        for method, seconds in times.items():
+            summary = summarize(seconds)
+            speedup = dense.median_ms / summary.median_ms
+            rows.append(
+                [
+                    name,
+                    method,
+                    str(groups.get(method, "")),
+                    f"{summary.median_ms:.1f}",
+                    f"{100 * summary.spread:.0f}",
+                    f"{speedup:.2f}x",
+                    f"{flops[method] / 1e9:.2f}",
+                    f"{flops['dense'] / flops[method]:.1f}",
+                ]
+            )
+            results[f"{name}/{method}"] = {
+                "ms": summary.median_ms,
+                "speedup": speedup,
+                "gflop": flops[method] / 1e9,
+            }
+        print(f"[{time.perf_counter() - start:6.0f}s] {name} done", flush=True)
+    headers = ["model", "method", "groups", "ms/step", "IQR%", "speedup", "GFLOP/step", "FLOP×"]
+    print(format_table(headers, rows))
+    print(f"wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
