@@ -37,6 +37,7 @@ def resnet() -> tuple[nn.Module, Tensor, Tensor]:
         hidden_sizes=[64, 128, 256, 512],
         depths=[2, 2, 2, 2],
         num_labels=10,
+        problem_type="single_label_classification",  # HF sets it on the first call otherwise
     )
     torch.manual_seed(0)
     model = transformers.ResNetForImageClassification(config)
@@ -81,16 +82,26 @@ def _step(model: nn.Module, run: nn.Module, x: Tensor, y: Tensor) -> Callable[[]
     return step
 
 
-def steps_for(name: str, density: float) -> tuple[dict[str, Callable[[], Tensor]], dict]:
+def steps_for(
+    name: str, density: float, methods: list[str]
+) -> tuple[dict[str, Callable[[], Tensor]], dict]:
     model, x, y = MODELS[name]()
     steps = {"dense": _step(model, model, x, y)}
     groups = {}
-    for method, options in METHODS.items():
+    for method in methods:
         twin = copy.deepcopy(model)
-        config = sparsefx.SparseConfig(density=density, seed=0, **options)
-        sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
-        groups[method] = len(sparsefx.groups(sparse))
-        steps[method] = _step(twin, sparse, x, y)
+        options = {"density": density, "seed": 0, **METHODS[method.removesuffix("-compiled")]}
+        if method.endswith("-compiled"):
+            steps[method] = _step(
+                twin, torch.compile(twin, backend="sparsefx", options=options), x, y
+            )
+            steps[method]()  # compiles, so that the runtime (and its groups) exists
+            groups[method] = len(sparsefx.groups(twin))
+        else:
+            config = sparsefx.SparseConfig(**options)
+            sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
+            groups[method] = len(sparsefx.groups(sparse))
+            steps[method] = _step(twin, sparse, x, y)
     return steps, groups
 
 
@@ -98,6 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet,gpt2")
     parser.add_argument("--density", type=float, default=0.25)
+    parser.add_argument(
+        "--methods",
+        default=",".join([*METHODS, *(f"{m}-compiled" for m in METHODS)]),
+        help="sparsefx methods; a -compiled suffix runs torch.compile(backend='sparsefx')",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -117,7 +133,7 @@ def main() -> None:
     print(f"density {args.density}; {args.rounds} rounds × {args.steps} steps, medians")
     start, rows, results = time.perf_counter(), [], {}
     for name in args.models.split(","):
-        steps, groups = steps_for(name, args.density)
+        steps, groups = steps_for(name, args.density, args.methods.split(","))
         for step in steps.values():  # warm-up (the first sparse step captures nothing new)
             step()
         flops = {m: count_flops(s, min_steps=2, min_seconds=0.0) for m, s in steps.items()}

@@ -414,6 +414,13 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
 
     While Dynamo compiles a frame it marks the code of every GraphModule generated meanwhile
     as never-to-trace (so that it does not trace its own output); a graph rewritten inside the
-    backend is such a module, so it is regenerated here, outside that compile."""
+    backend is such a module, so it is regenerated here, outside that compile.
+
+    Layout optimization is off: on CPU Inductor turns it on for any graph with a convolution
+    (a dense stem or shortcut), and AOTAutograd then restrides the backward's inputs to the
+    forward's concrete strides, which specialises every kept-channel count and recompiles at
+    each new mask."""
     graph.recompile()
-    return torch.compile(graph, backend="inductor", fullgraph=True)
+    return torch.compile(
+        graph, backend="inductor", fullgraph=True, options={"layout_optimization": False}
+    )

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 
 import sparsefx
 
@@ -131,6 +132,23 @@ def test_hf_resnet_training_loss_falls(mode):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks():
+    """Streams dense: the stem conv stays a dense conv in Inductor's graph. On CPU that turns on
+    Inductor's layout optimisation, which must not specialise the kept-channel counts."""
+    torch.manual_seed(0)
+    model = _resnet()
+    model.config.problem_type = "single_label_classification"  # else HF sets it on call 1
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))
+    cmodel = torch.compile(model, backend="sparsefx", options={"density": 0.5, "seed": 0})
+    counts = []
+    for _ in range(6):
+        cmodel(x, labels=labels).loss.backward()
+        counts.append(counters["stats"]["unique_graphs"])
+    groups = sparsefx.groups(model)
+    assert any("layer.0.convolution" in g.name for g in groups), [g.name for g in groups]
+    assert counts[-1] == counts[0], f"recompiled as the masks changed: {counts}"
 
 
 # -- transformers: attention heads and MLP neurons ------------------------------------------
