@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from common import count_flops, environment, format_table, summarize, time_interleaved
 from torch import Tensor, nn
+from torch._dynamo.utils import counters
 
 import sparsefx
 
@@ -95,7 +96,10 @@ def steps_for(
             steps[method] = _step(
                 twin, torch.compile(twin, backend="sparsefx", options=options), x, y
             )
+            graphs = counters["stats"]["unique_graphs"]
             steps[method]()  # compiles, so that the runtime (and its groups) exists
+            if counters["stats"]["unique_graphs"] == graphs:
+                raise RuntimeError(f"Dynamo compiled nothing for {name}/{method}: it runs eagerly")
             groups[method] = len(sparsefx.groups(twin))
         else:
             config = sparsefx.SparseConfig(**options)
@@ -103,6 +107,14 @@ def steps_for(
             groups[method] = len(sparsefx.groups(sparse))
             steps[method] = _step(twin, sparse, x, y)
     return steps, groups
+
+
+def _gflop(flops: float | None) -> str:
+    return "n/a" if flops is None else f"{flops / 1e9:.2f}"
+
+
+def _ratio(dense: float, flops: float | None) -> str:
+    return "n/a" if flops is None else f"{dense / flops:.1f}"
 
 
 def main() -> None:
@@ -136,7 +148,13 @@ def main() -> None:
         steps, groups = steps_for(name, args.density, args.methods.split(","))
         for step in steps.values():  # warm-up (the first sparse step captures nothing new)
             step()
-        flops = {m: count_flops(s, min_steps=2, min_seconds=0.0) for m, s in steps.items()}
+        # Dynamo skips a frame called under a TorchDispatchMode such as FlopCounterMode, and
+        # then runs that code eagerly for good: compiled steps report their eager twin's FLOPs.
+        flops = {
+            m: count_flops(s, min_steps=2, min_seconds=0.0)
+            for m, s in steps.items()
+            if not m.endswith("-compiled")
+        }
         times = time_interleaved(steps, args.rounds, args.steps)
         dense = summarize(times["dense"])
         for method, seconds in times.items():
@@ -150,14 +168,14 @@ def main() -> None:
                     f"{summary.median_ms:.1f}",
                     f"{100 * summary.spread:.0f}",
                     f"{speedup:.2f}x",
-                    f"{flops[method] / 1e9:.2f}",
-                    f"{flops['dense'] / flops[method]:.1f}",
+                    _gflop(flops.get(method.removesuffix("-compiled"))),
+                    _ratio(flops["dense"], flops.get(method.removesuffix("-compiled"))),
                 ]
             )
             results[f"{name}/{method}"] = {
                 "ms": summary.median_ms,
                 "speedup": speedup,
-                "gflop": flops[method] / 1e9,
+                "gflop": flops.get(method.removesuffix("-compiled"), float("nan")) / 1e9,
             }
         print(f"[{time.perf_counter() - start:6.0f}s] {name} done", flush=True)
     headers = ["model", "method", "groups", "ms/step", "IQR%", "speedup", "GFLOP/step", "FLOP×"]

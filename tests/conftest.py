@@ -1,10 +1,11 @@
-"""Shared test setup: a deterministic hypothesis profile and seeded torch."""
+"""Shared test setup: a deterministic hypothesis profile, seeded torch, fresh Dynamo."""
 
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
+from torch._dynamo.utils import counters
 
 settings.register_profile(
     "ci",
@@ -24,3 +25,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: Dynamo's recompile limit (8 per code object) is shared
+    by every model whose forward shares code (Hugging Face's decorated forwards), and a frame
+    past it runs eagerly, without sparsefx."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -68,14 +68,6 @@ def data(n: int = 6):
     return torch.randn(n, 8), torch.randint(0, 3, (n,))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def compiled(model: nn.Module, **options):
     return torch.compile(model, backend="sparsefx", options={**OPTIONS, **options})
 

@@ -306,3 +306,29 @@ def test_compiled_matches_transform(model_cls):
     compiled(x).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+@pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
+def test_training_loss_falls(model_cls, mode):
+    """Compact training of the whole structure (streams pruned too) fits random labels."""
+    torch.manual_seed(0)
+    model = model_cls()
+    x = torch.randn(16, 3, 4, 4)
+    y = torch.randint(0, model.fc.out_features, (16,))
+    options = {"density": 0.5, "prune_streams": True, "seed": 0}
+    if mode == "transform":
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    else:
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = criterion(sparse(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5, losses
+    assert sparsefx.stats(sparse)["sampled_density"] < 0.75
