@@ -174,8 +174,9 @@ def _warn_dense_at_break(frame: _DynamoFrame, dense: list[DenseOp]) -> None:
         warnings.warn(
             f"sparsefx keeps {cut} of {frame.name} dense: their outputs leave the compiled "
             f"graph at a graph break ({frame.graph_break}), so they count as output layers. "
-            "If they feed further layers rather than the loss, remove the break to prune them "
-            "(torch._dynamo.explain lists breaks).",
+            "If they feed further layers rather than the loss, removing the break may let "
+            "sparsefx prune them (torch._dynamo.explain lists breaks; layers writing into a "
+            "dense residual stream stay dense either way).",
             stacklevel=2,
         )
 
