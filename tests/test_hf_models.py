@@ -117,21 +117,29 @@ def test_hf_resnet_training_loss_falls(mode):
     model = _resnet()
     x = torch.randn(16, 3, 16, 16)
     labels = torch.randint(0, 3, (16,))
-    config = sparsefx.SparseConfig(density=0.5, prune_streams=True, seed=0)
+    options = {"density": 0.5, "prune_streams": True, "seed": 0}
+    losses = _train(model, x, labels, mode, options, steps=40)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def _train(
+    model: nn.Module, x: Tensor, labels: Tensor, mode: str, options: dict, steps: int
+) -> list[float]:
+    """Losses of `steps` Adam steps on the model's own loss, through either entry point."""
     if mode == "transform":
+        config = sparsefx.SparseConfig(**options)
         sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
     else:
-        options = {f: getattr(config, f) for f in ("density", "prune_streams", "seed")}
         sparse = torch.compile(model, backend="sparsefx", options=options)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(steps):
         opt.zero_grad()
         loss = sparse(x, labels=labels).loss
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    return losses
 
 
 def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks():
@@ -277,6 +285,7 @@ def test_transformer_report_keeps_streams_and_tied_head_dense():
     reasons = [d.reason for d in sparse.analysis.dense]
     assert sum("residual stream from an unpruned source" in r for r in reasons) == 4
     assert sum("shared weights" in r for r in reasons) == 1  # lm_head tied to the embedding
+    assert sum("normalises across features" in r for r in reasons) == 5  # 2 per block, ln_f
     assert not sparse.analysis.scatters
     (group,) = [g for g in sparsefx.groups(sparse) if g.name == "transformer.h.0.attn.c_attn"]
     kept = {(n, d): m for n, d, m in group.expand(torch.tensor([False, True]))}
@@ -293,19 +302,7 @@ def test_transformer_training_loss_falls(name, mode):
     torch.manual_seed(0)
     model = build()
     x, labels = inputs()
-    config = sparsefx.SparseConfig(density=0.5, seed=0)
-    if mode == "transform":
-        sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
-    else:
-        sparse = torch.compile(model, backend="sparsefx", options={"density": 0.5, "seed": 0})
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = sparse(x, labels=labels).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(model, x, labels, mode, {"density": 0.5, "seed": 0}, steps=30)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
