@@ -220,10 +220,10 @@ class _Walk:
                         f"{_op_name(node)} is not zero-preserving and its output in dropped "
                         "channels is read by an op that needs them zero",
                     )
-            elif "in_layout" in op.meta and not self._zero(compact):
-                pass  # a consumer of non-zero dropped channels: refined to a scatter upstream
-            else:
+            elif "in_layout" not in op.meta or self._zero(compact):
                 self._accept(node, op, chained, compact)
+            # else: a weight consumer reading non-zero dropped channels; the refinement pass
+            # put a scatter upstream of it, so it is not a compact consumer
         if ops.is_weight_op(node.target) and not _is_depthwise(node):
             self._source(node)
         if node in self.flows and len(node.users) != 1:
