@@ -31,7 +31,13 @@ from torch.export.graph_signature import InputKind
 from sparsefx.analysis import DenseOp, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
 from sparsefx.config import SparseConfig
-from sparsefx.passes import keep_outputs, opaque_compact_convolutions, rewrite_compact, score_graph
+from sparsefx.passes import (
+    keep_outputs,
+    opaque_compact_convolutions,
+    rewrite_compact,
+    score_graph,
+    shared_noise_count,
+)
 from sparsefx.runtime import (
     MissingLossError,
     SampledStep,
@@ -40,6 +46,7 @@ from sparsefx.runtime import (
     counterparts,
     missing_loss_message,
     register_counterparts,
+    split_noises,
     warn_if_nothing_to_prune,
 )
 
@@ -235,6 +242,8 @@ class _Program:
     graph: fx.GraphModule
     loss_index: int | None
     """Position of the loss among the graph outputs (first floating-point scalar)."""
+    noises: int
+    """Trailing outputs of `graph` that are dropout noise for the score graph to reuse."""
     _train: Callable[..., Any] | None = field(default=None, repr=False)
     _score: Callable[..., Any] | None = field(default=None, repr=False)
 
@@ -296,7 +305,7 @@ class CompiledGraph:
         groups = self.runtime.groups if self.runtime is not None else []
         graph = rewrite_compact(captured.gm, groups, sparse_gradients=self.config.sparse_gradients)
         graph = opaque_compact_convolutions(graph)
-        return _Program(captured, graph, _loss_index(graph))
+        return _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
 
     def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:
         """The program for these inputs' static shapes. Dynamo's guards already hold for
@@ -324,17 +333,23 @@ class CompiledGraph:
         program = self._program(args, flat)
         runtime = self.runtime
         if runtime is None:
-            outputs = program.train()(*program.arguments(flat, []))
-            self._follow_counterparts(program, flat, outputs)
+            outputs, noises = split_noises(
+                program.train()(*program.arguments(flat, [])), program.noises
+            )
+            self._follow_counterparts(program, flat, outputs, noises)
             return outputs
         masks, step = runtime.masks_for_forward(self.training)
         indices = runtime.structure.indices
-        outputs = program.train()(*program.arguments(flat, _mark_dynamic(indices(masks[0]))))
+        train = program.train()
+        outputs, noises = split_noises(
+            train(*program.arguments(flat, _mark_dynamic(indices(masks[0])))), program.noises
+        )
         if step is not None:
             with torch.no_grad():
                 score = program.score()
                 others = [
-                    score(*program.arguments(flat, _mark_dynamic(indices(m)))) for m in masks[1:]
+                    score(*program.arguments(flat, _mark_dynamic(indices(m))), *noises)
+                    for m in masks[1:]
                 ]
             self._finish(program, step, outputs, others)
         return outputs
@@ -355,7 +370,7 @@ class CompiledGraph:
                 value.register_hook(_check_resolved(step, message))
 
     def _follow_counterparts(
-        self, program: _Program, flat: list[Any], outputs: Sequence[Any]
+        self, program: _Program, flat: list[Any], outputs: Sequence[Any], noises: list[Tensor]
     ) -> None:
         found = counterparts(list(flat))
         if found is None:
@@ -363,7 +378,7 @@ class CompiledGraph:
         step, other_inputs = found
         with torch.no_grad():
             score = program.score()
-            others = [score(*program.arguments(inputs, [])) for inputs in other_inputs]
+            others = [score(*program.arguments(inputs, []), *noises) for inputs in other_inputs]
         if program.loss_index is None:
             register_counterparts(step, outputs, others)
         else:

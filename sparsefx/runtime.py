@@ -24,7 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture
 from sparsefx.config import SparseConfig
-from sparsefx.passes import rewrite_compact, score_graph
+from sparsefx.passes import rewrite_compact, score_graph, shared_noise_count
 from sparsefx.policy import project_to_budget, sample_masks, structure_gradient, top_budget_mask
 
 __all__ = [
@@ -350,6 +350,8 @@ class _Program:
     captured: CapturedGraph
     graph: fx.GraphModule
     score: fx.GraphModule | None
+    noises: int
+    """Trailing outputs of `graph` that are dropout noise for `score` to reuse."""
 
     def arguments(self, model: nn.Module, flat: Sequence[Any], indices: list[Tensor]) -> list:
         """Graph inputs in placeholder order: state, user inputs, group indices."""
@@ -414,7 +416,7 @@ class SparseModule(nn.Module):
             captured.gm, analysis.groups, sparse_gradients=self.config.sparse_gradients
         )
         score = score_graph(graph, captured.inputs) if captured.training else None
-        return _Program(captured, graph, score)
+        return _Program(captured, graph, score, shared_noise_count(graph))
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for this mode and input signature, capturing a new one if
@@ -439,11 +441,11 @@ class SparseModule(nn.Module):
         runtime = self.runtime
         masks, step = runtime.masks_for_forward(self.training)
         inputs = program.arguments(self.model, flat, self.structure.indices(masks[0]))
-        outputs = program.graph(*inputs)
+        outputs, noises = split_noises(program.graph(*inputs), program.noises)
         output = pytree.tree_unflatten(outputs, program.captured.out_spec)
         if step is None:
             return output
-        others = self._pure_forwards(program, flat, masks)
+        others = self._pure_forwards(program, flat, masks, noises)
         loss = find_loss(output)
         if loss is not None:
             spec_ = program.captured.out_spec
@@ -456,13 +458,26 @@ class SparseModule(nn.Module):
         return output
 
     @torch.no_grad()
-    def _pure_forwards(self, program: _Program, flat: list[Any], masks: Tensor) -> list[Any]:
-        """Flat outputs of the score graph for masks 2..K: no autograd, no running-stat update."""
+    def _pure_forwards(
+        self, program: _Program, flat: list[Any], masks: Tensor, noises: list[Tensor]
+    ) -> list[Any]:
+        """Flat outputs of the score graph for masks 2..K: no autograd, no running-stat
+        update, the training forward's dropout noise."""
         assert program.score is not None
         return [
-            program.score(*program.arguments(self.model, flat, self.structure.indices(mask)))
+            program.score(
+                *program.arguments(self.model, flat, self.structure.indices(mask)), *noises
+            )
             for mask in masks[1:]
         ]
+
+
+def split_noises(outputs: Sequence[Any], count: int) -> tuple[list[Any], list[Tensor]]:
+    """A training graph's outputs, and the dropout noises it returns after them."""
+    outputs = list(outputs)
+    if not count:
+        return outputs, []
+    return outputs[:-count], outputs[-count:]
 
 
 def warn_if_nothing_to_prune(model_name: str, analysis: Analysis) -> None:

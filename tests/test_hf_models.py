@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 import sparsefx
+from sparsefx.kernels import attention_with_dropout
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,10 +165,10 @@ def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks()
 HEAD_DIM = 8
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(dropout: float = 0.0) -> nn.Module:
     config = transformers.GPT2Config(
         vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16, use_cache=False,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(config)
 
@@ -302,6 +303,27 @@ def test_transformer_training_loss_falls(name, mode):
     torch.manual_seed(0)
     model = build()
     x, labels = inputs()
+    losses = _train(model, x, labels, mode, {"density": 0.5, "seed": 0}, steps=30)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_gpt2_dropouts_on_the_stream_share_noise_and_attention_drops_in_math_form():
+    torch.manual_seed(0)
+    model = _gpt2(dropout=0.1)
+    x, labels = TRANSFORMERS["gpt2"][2]()
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    program = sparse._programs[True][0]
+    assert program.noises == 5  # embedding dropout, then attention and MLP output per layer
+    targets = [n.target for n in program.graph.graph.nodes]
+    assert targets.count(attention_with_dropout) == 2
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_gpt2_with_dropout_training_loss_falls(mode):
+    torch.manual_seed(0)
+    model = _gpt2(dropout=0.1)
+    x, labels = TRANSFORMERS["gpt2"][2]()
     losses = _train(model, x, labels, mode, {"density": 0.5, "seed": 0}, steps=30)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 

@@ -20,6 +20,8 @@ means "every channel" on that side.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -212,3 +214,47 @@ def layout_index(groups: list[Tensor | None], pieces: list[tuple[int, int]]) -> 
             parts.append(block_index(idx, block) + offset)
         offset += size * block
     return torch.cat(parts)
+
+
+def dropout_noise(x: Tensor, p: float) -> Tensor:
+    """The inverted-dropout multiplier for `x`: 0 with probability `p`, else 1/(1-p).
+
+    The same distribution as ``aten.dropout``'s Bernoulli(1-p) noise, drawn as float32
+    uniforms compared with `p` (exact for low-precision `x` too), which on CPU costs half of
+    ``bernoulli_``. Plain torch, so Inductor lowers it to its own fused RNG."""
+    if p >= 1:
+        return torch.zeros_like(x)
+    keep = torch.rand_like(x, dtype=torch.float32).ge_(p)
+    return keep.to(x.dtype).mul_(1 / (1 - p))
+
+
+def attention_with_dropout(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """``scaled_dot_product_attention`` in the math form that CPU runs when it drops
+    attention weights (low precision computed in float32, fully masked rows zero), with
+    `dropout_noise` for its dropout."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+    scale = query.size(-1) ** -0.5 if scale is None else scale
+    root = abs(scale) ** 0.5  # scaling both factors, as aten does, keeps products in range
+    scores = (query * root) @ (key * math.copysign(root, scale)).transpose(-2, -1)
+    if is_causal:
+        length, source = query.size(-2), key.size(-2)
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(
+            attn_mask.logical_not(), float("-inf")
+        )
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.ops.aten._safe_softmax(scores, -1)
+    return ((weights * dropout_noise(weights, dropout_p)) @ value).to(dtype)

@@ -16,6 +16,7 @@ from sparsefx.passes.compact import (
     rewrite_views,
     rewrite_weight_ops,
 )
+from sparsefx.passes.dropout import reuse_dropout_noise, sample_dropout_noise, shared_noise_count
 
 __all__ = [
     "copy_graph_module",
@@ -23,22 +24,26 @@ __all__ = [
     "opaque_compact_convolutions",
     "rewrite_compact",
     "score_graph",
+    "shared_noise_count",
 ]
 
 
 def rewrite_compact(
     gm: fx.GraphModule, groups: list[Group], *, sparse_gradients: bool = False
 ) -> fx.GraphModule:
-    """Run the compact-rewrite passes in order. The graph gains one index input per group."""
+    """Run the compact-rewrite passes in order. The graph gains one index input per group,
+    and a training graph one output per full-width dropout (its noise, for the score graph)."""
     gm = add_index_inputs(gm, groups)
     for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
         gm = rewrite(gm)
-    return _finalize(rewrite_weight_ops(gm, sparse_gradients=sparse_gradients))
+    gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)
+    return _finalize(sample_dropout_noise(gm))
 
 
 def score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
-    """A copy of a compact training graph for the K-1 pure forward passes."""
-    return _finalize(extract_score_graph(copy_graph_module(gm), inputs))
+    """A copy of a compact training graph for the K-1 pure forward passes. It takes the
+    training forward's shared dropout noises as trailing inputs (`shared_noise_count`)."""
+    return _finalize(reuse_dropout_noise(extract_score_graph(copy_graph_module(gm), inputs)))
 
 
 def keep_outputs(gm: fx.GraphModule, positions: list[int]) -> fx.GraphModule:

@@ -1,0 +1,156 @@
+"""Dropout in compact graphs: the noise has dropout's distribution, attention drops its
+weights as the math backend does, and the K forwards of a step share full-width noise
+(common random numbers)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsefx
+import sparsefx.runtime
+from sparsefx.kernels import attention_with_dropout, dropout_noise
+from sparsefx.runtime import StructureState
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_noise_is_bernoulli_keep_scaled(p, dtype):
+    n = 1 << 16
+    noise = dropout_noise(torch.empty(n, dtype=dtype), p)
+    assert noise.dtype == dtype
+    scale = torch.tensor(1 / (1 - p), dtype=dtype)
+    assert set(noise.unique().tolist()) == {0.0, scale.item()}
+    dropped = (noise == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_dropout_noise_at_zero_and_one():
+    x = torch.randn(4, 5)
+    assert torch.equal(dropout_noise(x, 0.0), torch.ones_like(x))
+    assert torch.equal(dropout_noise(x, 1.0), torch.zeros_like(x))
+
+
+ATTENTION_OPTIONS = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "bool-mask": {"attn_mask": torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) > 0.3},
+    "float-mask": {"attn_mask": torch.randn(2, 1, 5, 5, dtype=torch.float64)},
+    "negative-scale": {"scale": -0.2},
+}
+
+
+@pytest.mark.parametrize("options", ATTENTION_OPTIONS.values(), ids=list(ATTENTION_OPTIONS))
+def test_attention_without_dropout_equals_sdpa(options):
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, **options)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, **options), expected)
+
+
+def test_attention_drops_weights_as_the_math_backend_does():
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(1)
+    out = attention_with_dropout(q, k, v, dropout_p=0.3, is_causal=True)
+    torch.manual_seed(1)  # the same draw: the noise is the only random number drawn
+    keep = dropout_noise(torch.empty(2, 3, 5, 5, dtype=torch.float64), 0.3) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Dropout mask should only be used for testing"
+        expected, _ = torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, None, 0.3, True, dropout_mask=keep
+        )
+    torch.testing.assert_close(out, expected)
+    assert not torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_low_precision_attention_is_computed_in_float32():
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    out = attention_with_dropout(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+class DropoutNet(nn.Module):
+    """A residual block: a dropout inside it (compact: after the pruned hidden layer) and
+    one on what it writes into the dense stream (full width)."""
+
+    def __init__(self, hidden_p: float):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.hidden_dropout, self.stream_dropout = nn.Dropout(hidden_p), nn.Dropout(0.5)
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        block = self.fc2(self.hidden_dropout(F.relu(self.fc1(h))))
+        return F.cross_entropy(self.head(h + self.stream_dropout(block)), y)
+
+
+def _data():
+    return torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+
+def _program(hidden_p: float):
+    x, y = _data()
+    sparse = sparsefx.transform(DropoutNet(hidden_p), (x, y), density=0.5)
+    program = sparse._programs[True][0]
+    mask = sparse.structure.sample(1)[0]
+    args = program.arguments(sparse.model, [x, y], sparse.structure.indices(mask))
+    return program, args
+
+
+def test_full_width_noise_is_returned_and_reused_by_the_score_graph():
+    program, args = _program(hidden_p=0.0)
+    assert program.noises == 1  # the stream's; p = 0 dropouts are left alone
+    placeholders = [n for n in program.score.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(args) + 1
+    loss, noise = program.graph(*args)
+    assert set(noise.unique().tolist()) == {0.0, 2.0}
+    with torch.no_grad():
+        (same,) = program.score(*args, noise)
+        (other,) = program.score(*args, dropout_noise(noise, 0.5))
+    assert torch.equal(same, loss.detach())  # same mask, same noise: the same loss
+    assert not torch.equal(other, loss.detach())  # the noise does matter
+
+
+def test_compact_dropout_draws_its_own_noise_in_every_forward():
+    program, args = _program(hidden_p=0.5)
+    assert program.noises == 1  # only the stream's is shared
+    noise_nodes = program.graph.graph.find_nodes(op="call_function", target=dropout_noise)
+    shared = [n.meta["sparsefx"]["shared"] for n in noise_nodes]
+    assert sorted(shared) == [False, True]
+    loss, noise = program.graph(*args)
+    with torch.no_grad():
+        (score,) = program.score(*args, noise)
+    assert not torch.equal(score, loss.detach())
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+@pytest.mark.parametrize("hidden_p", [0.0, 0.5], ids=["shared-only", "with-compact"])
+def test_the_k_losses_of_a_step_share_full_width_noise(monkeypatch, mode, hidden_p):
+    """With K equal masks the K losses differ only through unshared noise."""
+    sample = StructureState.sample
+    monkeypatch.setattr(StructureState, "sample", lambda self, k: sample(self, 1).expand(k, -1))
+    losses = []
+
+    def recording(values, *args):
+        losses.append(values)
+        return structure_gradient(values, *args)
+
+    structure_gradient = sparsefx.runtime.structure_gradient
+    monkeypatch.setattr(sparsefx.runtime, "structure_gradient", recording)
+    model = DropoutNet(hidden_p)
+    if mode == "transform":
+        run = sparsefx.transform(model, _data(), density=0.5)
+    else:
+        run = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    for _ in range(2):
+        run(*_data()).backward()
+    assert len(losses) == 2
+    for values in losses:
+        assert len(values) == 2
+        assert (values[0] == values[1]).item() is (hidden_p == 0.0)
