@@ -7,7 +7,10 @@ HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 im
 32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`.
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
-`sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True).
+`sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `-compiled`
+(torch.compile). A `-same-masks` suffix is a diagnostic, not a training configuration: the
+step samples its masks once and reuses them (K forwards as usual), which shows what new
+kept-channel counts cost at every step (oneDNN creates a primitive per new conv shape).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 import sparsefx
+from sparsefx.runtime import StructureState
 
 LR = 0.01
 
@@ -69,6 +73,23 @@ METHODS = {
 }
 
 
+def _reusing_masks(step: Callable[[], Tensor], structure: StructureState) -> Callable[[], Tensor]:
+    """`step` with the masks of its first call at every call (the `-same-masks` diagnostic)."""
+    masks = structure.sample(structure.config.samples)
+
+    def same_masks(num_samples: int) -> Tensor:
+        return masks[:num_samples]
+
+    def reusing() -> Tensor:
+        structure.sample = same_masks  # instance attribute: only this model's structure
+        try:
+            return step()
+        finally:
+            del structure.sample
+
+    return reusing
+
+
 def _step(model: nn.Module, run: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     run.train()
@@ -90,8 +111,11 @@ def steps_for(
     steps = {"dense": _step(model, model, x, y)}
     groups = {}
     for method in methods:
+        if method.endswith("-same-masks") and "-compiled" in method:
+            raise SystemExit(f"{method}: -same-masks is a diagnostic of eager methods only")
         twin = copy.deepcopy(model)
-        options = {"density": density, "seed": 0, **METHODS[method.removesuffix("-compiled")]}
+        base = method.removesuffix("-same-masks").removesuffix("-compiled")
+        options = {"density": density, "seed": 0, **METHODS[base]}
         if method.endswith("-compiled"):
             steps[method] = _step(
                 twin, torch.compile(twin, backend="sparsefx", options=options), x, y
@@ -106,6 +130,8 @@ def steps_for(
             sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
             groups[method] = len(sparsefx.groups(sparse))
             steps[method] = _step(twin, sparse, x, y)
+            if method.endswith("-same-masks"):
+                steps[method] = _reusing_masks(steps[method], sparse.structure)
     return steps, groups
 
 
