@@ -154,3 +154,20 @@ def test_the_k_losses_of_a_step_share_full_width_noise(monkeypatch, mode, hidden
     for values in losses:
         assert len(values) == 2
         assert (values[0] == values[1]).item() is (hidden_p == 0.0)
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_frozen_training_forward_returns_only_the_model_outputs(mode):
+    """Without a structure step there is no score forward, and the noise outputs are still
+    stripped: the caller gets the loss, and dropout still drops."""
+    model = DropoutNet(hidden_p=0.5)
+    x, y = _data()
+    if mode == "transform":
+        run = sparsefx.transform(model, (x, y), density=0.5)
+    else:
+        run = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+        run(x, y).backward()  # the compiled structure exists after the first call
+    sparsefx.freeze(run)
+    losses = [run(x, y) for _ in range(2)]
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)
+    assert not torch.equal(losses[0], losses[1])  # same mask, fresh dropout noise
