@@ -8,8 +8,8 @@ score forwards no longer draw it. Only full-width dropouts share: a compact tens
 depends on its forward's mask, so compact dropouts draw their own noise in every forward.
 
 Both kinds draw with `dropout_noise` (float uniforms against p), which on CPU costs half
-of aten's ``bernoulli_``; attention that drops its weights runs in the math form CPU uses
-for it anyway, with that noise.
+of aten's ``bernoulli_``; attention that drops its weights on CPU runs in the math form CPU
+uses for it anyway, with that noise.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ aten = torch.ops.aten
 def sample_dropout_noise(gm: fx.GraphModule) -> fx.GraphModule:
     """Each training dropout becomes ``x * dropout_noise(x, p)`` (the node keeps its name);
     the noise of each full-width one is also returned, after the captured outputs, for the
-    score graph to reuse. Attention with dropout becomes `attention_with_dropout`."""
+    score graph to reuse. Attention with dropout on CPU becomes `attention_with_dropout`."""
     graph = gm.graph
     for node in graph.find_nodes(
         op="call_function", target=aten.scaled_dot_product_attention.default
     ):
         dropout_p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        if dropout_p > 0 and not node.kwargs.get("enable_gqa", False):
+        query = node.args[0].meta.get("val")
+        on_cpu = query is not None and query.device.type == "cpu"  # CUDA drops in-kernel
+        if dropout_p > 0 and on_cpu and not node.kwargs.get("enable_gqa", False):
             node.target = attention_with_dropout
     shared = []
     for node in list(graph.find_nodes(op="call_function", target=aten.dropout.default)):
