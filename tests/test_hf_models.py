@@ -205,24 +205,29 @@ def _gpt2_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
     return points
 
 
-def _bert_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    points = {"bert.pooler.dense": masks["bert.pooler.dense"]}
+def _encoder_points(
+    masks: dict[str, Tensor], layers: str, projections: tuple[str, str, str], mlp: str
+) -> dict[str, Tensor]:
+    """Output features zeroed by the reference in an encoder: q, k, v rows of each head (the
+    group is named after q) and the MLP's hidden neurons, per layer."""
+    points = {}
     for layer in range(2):
-        a = f"bert.encoder.layer.{layer}"
-        for proj in ("query", "key", "value"):
-            points[f"{a}.attention.self.{proj}"] = _heads(masks[f"{a}.attention.self.query"])
-        points[f"{a}.intermediate.dense"] = masks[f"{a}.intermediate.dense"]
+        a = f"{layers}.{layer}"
+        for proj in projections:
+            points[f"{a}.{proj}"] = _heads(masks[f"{a}.{projections[0]}"])
+        points[f"{a}.{mlp}"] = masks[f"{a}.{mlp}"]
     return points
+
+
+def _bert_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    projections = ("attention.self.query", "attention.self.key", "attention.self.value")
+    points = _encoder_points(masks, "bert.encoder.layer", projections, "intermediate.dense")
+    return {"bert.pooler.dense": masks["bert.pooler.dense"], **points}
 
 
 def _vit_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    points = {}
-    for layer in range(2):
-        a = f"vit.layers.{layer}"
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            points[f"{a}.attention.{proj}"] = _heads(masks[f"{a}.attention.q_proj"])
-        points[f"{a}.mlp.fc1"] = masks[f"{a}.mlp.fc1"]
-    return points
+    projections = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    return _encoder_points(masks, "vit.layers", projections, "mlp.fc1")
 
 
 @contextmanager
