@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 
-from sparsefx.analysis import DenseOp, analyze, build_cost_model
+from sparsefx.analysis import Analysis, DenseOp, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
 from sparsefx.config import SparseConfig
 from sparsefx.passes import (
+    copy_graph_module,
     keep_outputs,
     opaque_compact_convolutions,
     rewrite_compact,
@@ -39,6 +40,7 @@ from sparsefx.passes import (
     shared_noise_count,
 )
 from sparsefx.runtime import (
+    GraphRecord,
     MissingLossError,
     SampledStep,
     SparseRuntime,
@@ -79,7 +81,9 @@ def backend(
         _warn_dense_at_break(frame, analysis.dense)
     runtime = _runtime_for(frame, captured, analysis, config)
     log.info("sparsefx: compiled graph of %s with %d groups", frame.name, len(analysis.groups))
-    return CompiledGraph(gm, frame, captured, runtime if analysis.groups else None, config)
+    return CompiledGraph(
+        gm, frame, captured, analysis, runtime if analysis.groups else None, config
+    )
 
 
 def runtime_of(model: Any) -> SparseRuntime | None:
@@ -240,6 +244,9 @@ class _Program:
 
     captured: CapturedGraph
     graph: fx.GraphModule
+    score_graph: fx.GraphModule
+    """The pure-forward graph for masks 2..K: only the loss as output when the graph computes
+    one, no running-stat updates."""
     loss_index: int | None
     """Position of the loss among the graph outputs (first floating-point scalar)."""
     noises: int
@@ -262,13 +269,9 @@ class _Program:
         return self._train
 
     def score(self) -> Callable[..., Any]:
-        """The pure-forward graph for masks 2..K: only the loss as output when the graph
-        computes one, no running-stat updates, compiled for inference."""
+        """The score graph, compiled for inference."""
         if self._score is None:
-            graph = score_graph(self.graph, self.captured.inputs)
-            if self.loss_index is not None:
-                graph = keep_outputs(graph, [self.loss_index])
-            self._score = _inductor(graph)
+            self._score = _inductor(self.score_graph)
         return self._score
 
 
@@ -288,6 +291,7 @@ class CompiledGraph:
         dynamo_graph: fx.GraphModule,
         frame: _DynamoFrame,
         captured: CapturedGraph,
+        analysis: Analysis,
         runtime: SparseRuntime | None,
         config: SparseConfig,
     ):
@@ -299,13 +303,33 @@ class CompiledGraph:
         self._keep = [
             i for i in range(len(frame.inputs) + len(frame.dropped)) if i not in set(frame.dropped)
         ]
-        self._programs: list[_Program] = [self._build(captured)]
+        self.records: list[GraphRecord] = []
+        """What each program rewrote (`sparsefx.explain`, the diff tool)."""
+        self._programs: list[_Program] = [self._build(captured, analysis)]
 
-    def _build(self, captured: CapturedGraph) -> _Program:
+    def _build(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
         groups = self.runtime.groups if self.runtime is not None else []
-        graph = rewrite_compact(captured.gm, groups, sparse_gradients=self.config.sparse_gradients)
+        graph = rewrite_compact(
+            copy_graph_module(captured.gm), groups, sparse_gradients=self.config.sparse_gradients
+        )
         graph = opaque_compact_convolutions(graph)
-        return _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
+        loss_index = _loss_index(graph)
+        score = score_graph(graph, captured.inputs)
+        if loss_index is not None:
+            score = keep_outputs(score, [loss_index])
+        record = GraphRecord(
+            f"{self.frame.name} graph",
+            captured,
+            analysis,
+            graph,
+            score,
+            dynamo=self._dynamo_graph,
+            graph_break=self.frame.graph_break,
+        )
+        self.records.append(record)
+        if self.runtime is not None:
+            self.runtime.graphs.append(record)
+        return _Program(captured, graph, score, loss_index, shared_noise_count(graph))
 
     def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:
         """The program for these inputs' static shapes. Dynamo's guards already hold for
@@ -316,11 +340,10 @@ class CompiledGraph:
                 return program
         frame = self.frame
         captured = capture_graph(self._dynamo_graph, list(args), frame.inputs, frame.dropped)
+        analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
         if self.runtime is not None:
-            streams = self.config.prune_streams
-            found = analyze(captured.gm, captured.inputs, prune_streams=streams).groups
-            check_same_groups(found, self.runtime.groups)
-        self._programs.append(self._build(captured))
+            check_same_groups(analysis.groups, self.runtime.groups)
+        self._programs.append(self._build(captured, analysis))
         return self._programs[-1]
 
     @property

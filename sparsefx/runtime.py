@@ -24,10 +24,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture
 from sparsefx.config import SparseConfig
-from sparsefx.passes import rewrite_compact, score_graph, shared_noise_count
+from sparsefx.passes import copy_graph_module, rewrite_compact, score_graph, shared_noise_count
 from sparsefx.policy import project_to_budget, sample_masks, structure_gradient, top_budget_mask
 
 __all__ = [
+    "GraphRecord",
     "MissingLossError",
     "SampledStep",
     "SparseModule",
@@ -267,6 +268,24 @@ def counterparts(tree: Any) -> tuple[SampledStep, list[Any]] | None:
     return step, others
 
 
+@dataclass
+class GraphRecord:
+    """One graph sparsefx rewrote for a model, as `sparsefx.explain` and the diff tool show it."""
+
+    title: str
+    captured: CapturedGraph
+    """The captured graph, analysed (``node.meta["sparsefx"]``) and not rewritten."""
+    analysis: Analysis
+    """This graph's analysis (a graph after a Dynamo graph break has its own dense report)."""
+    compact: fx.GraphModule
+    score: fx.GraphModule | None
+    """The pure-forward graph of masks 2..K (training graphs only)."""
+    dynamo: fx.GraphModule | None = None
+    """The graph Dynamo captured (torch.compile only)."""
+    graph_break: str | None = None
+    """Where Dynamo broke the graph after this one ("file:line (reason)")."""
+
+
 class SparseRuntime:
     """What both entry points share for one model: its groups and costs, the structure state
     and the per-step protocol (which masks a forward uses, the structure gradient from the K
@@ -283,10 +302,17 @@ class SparseRuntime:
         self.structure = StructureState(analysis.groups, costs, config, seed).to(device)
         self.criterion: Callable[..., Tensor] | None = None
         """The criterion registered by wrap_loss, for a model that returns logits."""
+        self.graphs: list[GraphRecord] = []
+        """Every graph rewritten for this model so far, in capture order."""
 
     @property
     def groups(self) -> list[Group]:
         return self.analysis.groups
+
+    def current_mask(self) -> Tensor:
+        """The masks of the last training forward, else the deterministic (eval) mask."""
+        structure = self.structure
+        return structure.last if structure.last is not None else structure.deterministic_mask()
 
     def masks_for_forward(self, training: bool) -> tuple[Tensor, SampledStep | None]:
         """Masks [K, N] for one forward, and the sampled step when the structure trains.
@@ -413,9 +439,13 @@ class SparseModule(nn.Module):
 
     def _compile(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
         graph = rewrite_compact(
-            captured.gm, analysis.groups, sparse_gradients=self.config.sparse_gradients
+            copy_graph_module(captured.gm),
+            analysis.groups,
+            sparse_gradients=self.config.sparse_gradients,
         )
         score = score_graph(graph, captured.inputs) if captured.training else None
+        mode = "training" if captured.training else "eval"
+        self.runtime.graphs.append(GraphRecord(f"{mode} graph", captured, analysis, graph, score))
         return _Program(captured, graph, score, shared_noise_count(graph))
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:

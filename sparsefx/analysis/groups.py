@@ -82,7 +82,8 @@ class Analysis:
     scatters: list[DenseOp] = field(default_factory=list)
     """Users that read a compact tensor at full width, and why."""
     couplings: nx.Graph = field(default_factory=nx.Graph, repr=False)
-    """The dependency graph between producers' channel spaces (nodes: producer names)."""
+    """The dependency graph between producers' channel spaces (nodes: producer names; edges
+    labelled with the joins' ``kinds``), including components that were kept dense."""
 
 
 def analyze(
@@ -91,6 +92,7 @@ def analyze(
     """Annotate `gm` with groups and compact layouts; see the module docstring."""
     view = GraphView(gm.graph, inputs)
     dense: dict[str, str] = {}
+    dense_couplings = nx.Graph()
     refined = Refinements()
     while True:
         walk = propagate(gm, view, dense, refined)
@@ -99,10 +101,12 @@ def analyze(
         blocked = _dense_components(walk, prune_streams)
         if not blocked:
             break
+        dense_couplings.update(walk.couplings.subgraph(blocked))
         dense.update(blocked)
     groups, names = _groups(gm, walk)
     _annotate(gm, walk, names)
-    return Analysis(groups, walk.dense, walk.scatters, walk.couplings)
+    couplings = nx.compose(dense_couplings, walk.couplings)
+    return Analysis(groups, walk.dense, walk.scatters, couplings)
 
 
 def _components(walk: Propagation) -> list[list[str]]:

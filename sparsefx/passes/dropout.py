@@ -76,6 +76,7 @@ def reuse_dropout_noise(gm: fx.GraphModule) -> fx.GraphModule:
     for noise in noises:
         with graph.inserting_after(last):
             last = graph.placeholder(f"{noise.name}_shared")
+        last.meta[META] = {"role": "shared_noise"}
         if "val" in noise.meta:
             last.meta["val"] = noise.meta["val"]
         noise.replace_all_uses_with(last)
