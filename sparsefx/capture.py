@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sysconfig
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._ops import OpOverload
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "capture", "capture_graph"]
+__all__ = ["CaptureError", "CapturedGraph", "capture", "capture_graph", "first_line", "where"]
 
 
 class CaptureError(RuntimeError):
@@ -124,7 +128,7 @@ def capture_graph(
     except Exception as error:
         raise CaptureError(
             f"sparsefx could not normalise a torch.compile graph: {type(error).__name__}: "
-            f"{_first_line(error)}"
+            f"{first_line(error)}"
         ) from error
     captured = _captured(ep, training=True)
     given = iter(inputs)
@@ -190,16 +194,92 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         try:  # dynamic batch is an optimisation: retry fully static before giving up
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
+            rejected = _eager_error(model, args, kwargs)
+            if rejected is not None:
+                raise CaptureError(
+                    f"{name} rejects the example inputs {_describe(args, kwargs)}: "
+                    f"{type(rejected).__name__}: {first_line(rejected)}{where(rejected)}\n"
+                    "Pass example inputs that the model's forward accepts (shapes, dtypes, "
+                    "devices): the model fails on them without sparsefx too."
+                ) from rejected
             raise CaptureError(
                 f"sparsefx could not capture {name}: {type(error).__name__}: "
-                f"{_first_line(error)}\n"
-                "Check that the example inputs are ones the model accepts (shapes, dtypes, "
-                "devices) and that its forward is traceable by torch.export "
-                "(no data-dependent Python control flow)."
+                f"{first_line(error)}{where(error)}\n"
+                "The model runs on these inputs, but torch.export cannot trace it: make its "
+                "forward traceable (no Python control flow on tensor values, no ops without "
+                'a meta kernel), or use torch.compile(model, backend="sparsefx"), which '
+                "graph-breaks around such code."
             ) from first
 
 
-def _first_line(error: BaseException) -> str:
+def _eager_error(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Exception | None:
+    """What the model raises on these inputs when run eagerly (eval mode, no autograd, so
+    no state changes), which puts the blame on the inputs rather than on tracing."""
+    with _mode(model, False), torch.no_grad():
+        try:
+            model(*args, **kwargs)
+        except Exception as error:  # any failure here is the inputs' fault
+            return error
+    return None
+
+
+def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Inputs by dtype and shape: ``[float32[2, 3, 32, 32]] with {'mask': bool[2, 32]}``."""
+
+    def describe(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+        if isinstance(x, list | tuple):
+            return f"[{', '.join(describe(v) for v in x)}]"
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in x.items()) + "}"
+        return repr(x)
+
+    return describe(list(args)) + (f" with {describe(kwargs)}" if kwargs else "")
+
+
+def where(error: BaseException) -> str:
+    """The source line in the model's code where `error` arose and, when the error names
+    one, the op that failed; "" when neither is known."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    text = ""
+    frame = next((f for e in reversed(chain) if (f := _model_frame(e)) is not None), None)
+    if frame is not None:
+        text += (
+            f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+        )
+    op = next((e.func for e in chain if isinstance(getattr(e, "func", None), OpOverload)), None)
+    if op is not None:
+        text += f"\n  op: {op}"
+    return text
+
+
+def _model_frame(error: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of `error` outside torch, sparsefx and the standard library."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return next((f for f in reversed(frames) if not _library_file(f.filename)), None)
+
+
+_LIBRARY_DIRS = tuple(
+    str(Path(p).resolve()) for p in (Path(torch.__file__).parent, Path(__file__).parent)
+)
+_STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve())
+
+
+def _library_file(filename: str) -> bool:
+    if filename.startswith("<"):  # <string>, <frozen ...>: generated code
+        return True
+    path = str(Path(filename).resolve())
+    installed = "site-packages" in path or "dist-packages" in path
+    return path.startswith(_LIBRARY_DIRS) or (path.startswith(_STDLIB) and not installed)
+
+
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "(no message)"
 
