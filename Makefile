@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 is pinned for the venv only (a CPU wheel); the package itself supports torch>=2.11.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench venv
+.PHONY: demo test lint bench venv browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,7 +18,14 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/sparsefx demo $(ARGS)
 
-test: $(VENV)/.installed
+# The HTML report's test opens it in headless Chromium (Debian's package): installed here when
+# missing and this runs as root with apt-get; otherwise that one test says what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: chromium is not installed; the HTML report's browser test needs it (apt-get install chromium)"
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
 
 lint: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """sparsefx: train unmodified PyTorch models with structured sparsity, really faster."""
 
 from sparsefx.api import (
+    explain,
     freeze,
     groups,
     masks,
@@ -15,13 +16,18 @@ from sparsefx.capture import CaptureError
 from sparsefx.compiled import backend
 from sparsefx.config import SparseConfig
 from sparsefx.runtime import MissingLossError, SparseModule
+from sparsefx.tools.diff import diff
+from sparsefx.tools.report import Report
 
 __all__ = [
     "CaptureError",
     "MissingLossError",
+    "Report",
     "SparseConfig",
     "SparseModule",
     "backend",
+    "diff",
+    "explain",
     "freeze",
     "groups",
     "masks",

@@ -12,8 +12,10 @@ from sparsefx import compiled
 from sparsefx.analysis import Group
 from sparsefx.config import SparseConfig, resolve_config
 from sparsefx.runtime import SparseModule, SparseRuntime, find_loss, wrap_criterion
+from sparsefx.tools.report import build_report
 
 __all__ = [
+    "explain",
     "freeze",
     "groups",
     "masks",
@@ -175,7 +177,7 @@ def stats(model: nn.Module) -> dict[str, float]:
     sparse = _runtime(model)
     structure = sparse.structure
     s = structure.probabilities.detach()
-    mask = structure.last if structure.last is not None else structure.deterministic_mask()
+    mask = sparse.current_mask()
     total = float(structure.costs.sum()) or 1.0
     kept = [float(m.sum()) for m in structure.split(mask)]
     expected = [float(p.sum()) for p in structure.split(s)]
@@ -190,6 +192,21 @@ def stats(model: nn.Module) -> dict[str, float]:
         "expected_flops_fraction": cost.fraction("flops", expected),
         "frozen": float(structure.fixed is not None),
     }
+
+
+def explain(model: nn.Module) -> str:
+    """What sparsefx did to a transformed or compiled model, as text for logs: the groups
+    with their probabilities and the masks in use, the costs, the ops left dense and why,
+    and every node of each compact graph with its annotation. Example::
+
+        logging.info(sparsefx.explain(smodel))
+    """
+    sparse = _runtime(model)
+    if isinstance(model, SparseModule):
+        name, mode = type(model.model).__name__, "transform"
+    else:
+        name, mode = type(getattr(model, "_orig_mod", model)).__name__, "compile"
+    return build_report(name, mode, sparse.config, sparse, sparse.graphs).text(diff=False)
 
 
 @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Model factories for ``sparsefx diff`` (random weights, nothing downloaded)::
+
+    sparsefx diff examples/models.py:mobilenet_v2 --density 0.25
+    sparsefx diff examples/models.py:hf_resnet --html resnet.html
+    sparsefx diff examples/models.py:gpt2 --mode compile
+
+A factory returns a model, or ``(model, example_inputs)`` where the inputs are a tensor, a
+tuple of forward arguments, or a dict of keyword arguments; ``--input-shape`` or
+``--inputs FILE.pt`` on the command line override them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 for 32x32 images (CIFAR strides): inverted residuals with depthwise
+    convolutions, the coupling issue's MobileNetV2-style net at a realistic depth."""
+
+    # expansion, output channels, blocks, first stride
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 2, 2), (6, 96, 1, 1))
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()
+        )
+        blocks, cin = [], 32
+        for expand, cout, n, stride in self.SETTINGS:
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Conv2d(cin, 320, 1, bias=False), nn.BatchNorm2d(320), nn.ReLU6()
+        )
+        self.classifier = nn.Linear(320, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def mobilenet_v2() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return MobileNetV2(), torch.randn(2, 3, 32, 32)
+
+
+def hf_resnet() -> tuple[nn.Module, Tensor]:
+    """Hugging Face ResNet-18 layout (basic blocks, 64..512 channels), 10 labels."""
+    import transformers
+
+    config = transformers.ResNetConfig(
+        layer_type="basic",
+        embedding_size=64,
+        hidden_sizes=[64, 128, 256, 512],
+        depths=[2, 2, 2, 2],
+        num_labels=10,
+    )
+    torch.manual_seed(0)
+    return transformers.ResNetForImageClassification(config), torch.randn(2, 3, 32, 32)
+
+
+def gpt2() -> tuple[nn.Module, dict[str, Any]]:
+    """A small Hugging Face GPT-2 (4 layers, 8 heads, n_embd 256) with its LM loss."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=512, n_embd=256, n_layer=4, n_head=8, n_positions=128, use_cache=False
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 64))
+    return transformers.GPT2LMHeadModel(config), {"input_ids": ids, "labels": ids}

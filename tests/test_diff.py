@@ -1,0 +1,339 @@
+"""The graph-diff tool: `sparsefx.diff`, `sparsefx.explain`, `sparsefx diff` and the HTML report."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.tools.cli import main
+from tests import diff_models
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+TINY = str(Path(diff_models.__file__)) + ":tiny"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models.py"
+
+
+def _check_snapshot(name: str, text: str) -> None:
+    """Compare with tests/snapshots/NAME; SPARSEFX_UPDATE_SNAPSHOTS=1 rewrites it."""
+    path = SNAPSHOTS / name
+    if os.environ.get("SPARSEFX_UPDATE_SNAPSHOTS") == "1":
+        path.write_text(text)
+    assert path.exists(), f"no snapshot {path}; run with SPARSEFX_UPDATE_SNAPSHOTS=1 to create it"
+    assert text == path.read_text(), f"{name} changed; if on purpose, update the snapshot"
+
+
+def _tiny_report(**kwargs) -> sparsefx.Report:
+    model, x = diff_models.tiny()
+    return sparsefx.diff(model, (x,), density=0.5, **kwargs)
+
+
+# -- text format ------------------------------------------------------------------------------
+
+
+def test_diff_text_snapshot():
+    _check_snapshot("tiny_diff.txt", _tiny_report().text(context=1))
+
+
+def test_explain_text_snapshot():
+    model, x = diff_models.tiny()
+    smodel = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(density=0.5, seed=0))
+    _check_snapshot("tiny_explain.txt", sparsefx.explain(smodel))
+
+
+def test_listings_are_identical_across_runs():
+    first, second = _tiny_report(), _tiny_report()
+    assert first.text(context=1000) == second.text(context=1000)
+
+
+def test_compact_shapes_are_symbolic_in_kept_counts():
+    graph = _tiny_report().graphs[0]
+    lines = {line.node: line for line in graph.compact.lines}
+    assert lines["idx_conv1"].code.startswith("idx_conv1: i64[k_0] = input")
+    assert lines["conv2d_1"].code.startswith("conv2d_1: f32[s0, k_0, 8, 8] = aten.conv2d(")
+    assert lines["gather_weight_default_1"].code.startswith(
+        "gather_weight_default_1: f32[k_1, k_0, 3, 3]"
+    )
+    captured = {line.node: line for line in graph.captured.lines}
+    assert captured["conv2d_1"].code.startswith("conv2d_1: f32[s0, 6, 8, 8]")
+    assert graph.compact.problem is None and graph.score.problem is None
+
+
+def test_every_node_says_what_sparsefx_did_to_it():
+    graph = _tiny_report().graphs[0]
+    notes = {line.node: line.note for line in graph.compact.lines}
+    assert notes["p_conv1_weight"] == "parameter conv1.weight"
+    assert notes["b_bn1_running_mean"] == "buffer bn1.running_mean"
+    assert notes["x"] == "model input"
+    assert notes["conv2d_1"] == "prunable producer of k_0"
+    assert notes["relu_1"] == "compact k_0 on dim 1; mask point of k_0"
+    assert notes["conv2d"].startswith("dense: add.Tensor (add) joins it with a full-width")
+    assert notes["linear"] == "dense: output layer: its channels reach the model output or loss"
+    assert notes["scatter_channels_default"] == (
+        "scatter k_1 to full width for mul_4: mul.Tensor joins tensors whose channels are "
+        "laid out differently"
+    )
+    assert notes["index_copy__default"].startswith("writes kept channels' statistics back to")
+    score = {line.node: line for line in graph.score.lines}
+    assert "index_copy__default" not in score  # the score graph leaves running stats alone
+
+
+# -- content on real models -------------------------------------------------------------------
+
+
+def _assert_complete(report: sparsefx.Report, model, expected_groups: list[str]) -> None:
+    """Every group and every dense op with its reason is named, and the costs match stats."""
+    text = report.text()
+    assert [g.name for g in report.groups] == expected_groups
+    for group in report.groups:
+        assert re.search(rf"\b{group.symbol}\s+{re.escape(group.name)}\s", text)
+    for graph in report.graphs:
+        for dense in graph.dense:
+            assert re.search(
+                rf"{dense.node}\s+{re.escape(dense.op)}\s+{re.escape(dense.reason)}", text
+            )
+    stats = sparsefx.stats(model)
+    flops, params = report.costs.flops, report.costs.params
+    assert flops[1] / flops[0] == pytest.approx(stats["flops_fraction"], rel=1e-12)
+    assert params[1] / params[0] == pytest.approx(stats["params_fraction"], rel=1e-12)
+    assert flops[2] / flops[0] == pytest.approx(stats["expected_flops_fraction"], rel=1e-12)
+
+
+def _load_examples():
+    spec = __import__("importlib.util").util.spec_from_file_location("example_models", EXAMPLES)
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mobilenet_v2_report_is_complete():
+    model, x = _load_examples().mobilenet_v2()
+    config = sparsefx.SparseConfig(density=0.25)
+    report = sparsefx.diff(model, (x,), config=config)
+    reference = sparsefx.transform(model, (x,), config=config)
+    _assert_complete(report, reference, [g.name for g in sparsefx.groups(reference)])
+    assert "depthwise: gathers kept rows" in report.text()
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_hf_models_reports_are_complete(mode):
+    transformers = pytest.importorskip("transformers")
+    resnet = transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
+            num_labels=3,
+        )
+    )  # fmt: skip
+    x = torch.randn(2, 3, 16, 16)
+    report = sparsefx.diff(resnet, (x,), density=0.5, mode=mode)
+    reference = sparsefx.transform(resnet, (x,), density=0.5)
+    _assert_complete(report, reference, [g.name for g in sparsefx.groups(reference)])
+    assert any("residual stream" in d.reason for d in report.graphs[0].dense)
+
+
+def test_gpt2_compile_report_shows_dynamo_graphs_and_the_break():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16, use_cache=False
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (2, 8))
+    inputs = {"input_ids": ids, "labels": ids}
+    report = sparsefx.diff(model, (), density=0.5, mode="compile", example_kwargs=inputs)
+    transformed = sparsefx.diff(model, (), density=0.5, example_kwargs=inputs)
+    assert [g.name for g in report.groups] == [g.name for g in transformed.groups]
+    assert len(report.graphs) == 2  # Hugging Face computes the loss after a graph break
+    first, second = report.graphs
+    assert first.graph_break and "modeling_gpt2.py" in first.graph_break
+    assert first.dynamo is not None and any("input_ids" in line.node for line in first.dynamo.lines)
+    assert any("cross_entropy" in line.code for line in second.compact.lines)
+    text = report.text()
+    assert "ends at a graph break: " in text and "-- Dynamo graph" in text
+    assert "dropout noise, shared with the score forwards" in text
+
+
+def test_compile_mode_leaves_the_users_model_alone():
+    model, x = diff_models.tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sparsefx.diff(model, (x,), density=0.5, mode="compile")
+    assert [g.name for g in report.groups] == ["conv1", "conv2", "gate"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match=r"expected a model returned by sparsefx\.transform"):
+        sparsefx.groups(model)  # no runtime was registered for it
+
+
+def test_explain_a_compiled_model():
+    model, x = diff_models.tiny()
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5, "seed": 0})
+    model.eval()
+    compiled(x)
+    text = sparsefx.explain(compiled)
+    assert text.startswith("sparsefx explain: Tiny (compile mode)")
+    assert "prunable producer of k_0" in text and "-- compact graph --" in text
+
+
+def test_explain_rejects_a_plain_model():
+    with pytest.raises(TypeError, match=r"call sparsefx\.transform"):
+        sparsefx.explain(torch.nn.Linear(2, 2))
+
+
+def test_diff_rejects_an_unknown_mode():
+    model, x = diff_models.tiny()
+    with pytest.raises(ValueError, match=r"mode must be one of \['transform', 'compile'\]"):
+        sparsefx.diff(model, (x,), density=0.5, mode="eager")
+
+
+def test_sympy_expressions_on_request():
+    report = _tiny_report()
+    assert "FLOPs  = " not in report.text()
+    assert f"FLOPs  = {report.costs.flops_expr}" in report.text(sympy=True)
+    assert "k_0*k_1" in str(report.costs.flops_expr)  # conv2 is bilinear in two groups
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_capture_error_names_the_source_line():
+    model, x = diff_models.data_dependent()
+    with pytest.raises(sparsefx.CaptureError) as caught:
+        sparsefx.diff(model, (x,), density=0.5)
+    message = str(caught.value)
+    assert f"{diff_models.__file__}:" in message
+    assert "if h.sum() > 0:" in message
+    assert "The model runs on these inputs, but torch.export cannot trace it" in message
+
+
+def test_wrong_input_shape_is_blamed_on_the_inputs():
+    model, _ = diff_models.tiny()
+    with pytest.raises(sparsefx.CaptureError) as caught:
+        sparsefx.transform(model, (torch.randn(2, 1, 8, 8),), density=0.5)
+    message = str(caught.value)
+    assert message.startswith("Tiny rejects the example inputs [float32[2, 1, 8, 8]]")
+    assert "diff_models.py" in message and "self.stem(x)" in message
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_cli_prints_the_diff_and_writes_html(capsys, tmp_path):
+    html = tmp_path / "report.html"
+    assert main(["diff", TINY, "--density", "0.5", "--context", "1", "--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sparsefx diff: Tiny (transform mode), density 0.5")
+    assert "+conv2d_1: f32[s0, k_0, 8, 8]" in out
+    assert out.endswith(f"HTML report: {html}\n")
+    assert "conv1" in html.read_text() and "http" not in html.read_text().split("<svg")[0]
+
+
+def test_cli_input_shape_and_options(capsys):
+    argv = ["diff", TINY, "--input-shape", "4,3,8,8", "--option", "prune_streams=True"]
+    assert main([*argv, "--option", "budget=flops", "--sympy"]) == 0
+    out = capsys.readouterr().out
+    assert "prune_streams True" in out and "budget flops" in out and "FLOPs  = " in out
+
+
+def test_cli_inputs_file(capsys, tmp_path):
+    path = tmp_path / "inputs.pt"
+    torch.save((torch.randn(2, 3, 8, 8),), path)
+    assert main(["diff", TINY, "--inputs", str(path), "--mode", "compile"]) == 0
+    assert "(compile mode)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "message"),
+    [
+        ("no_colon", [], "expected MODULE:FACTORY"),
+        ("no.such.module:build", [], "cannot import 'no.such.module'"),
+        ("missing.py:build", [], "no such file: missing.py"),
+        (f"{diff_models.__file__}:nope", [], "has no function 'nope'; it defines: "),
+        (f"{diff_models.__file__}:broken", [], "raised RuntimeError: cannot build this model"),
+        (f"{diff_models.__file__}:not_a_model", [], "returned int; it must return an nn.Module"),
+        (f"{diff_models.__file__}:Tiny", [], "no example inputs: pass --input-shape"),
+        (TINY, ["--inputs", "missing.pt"], "no such file: missing.pt"),
+        (TINY, ["--option", "colour=red"], "unknown sparsefx option(s) ['colour']"),
+        (TINY, ["--option", "novalue"], "--option takes KEY=VALUE"),
+    ],
+)
+def test_cli_usage_errors_say_what_to_change(capsys, spec, extra, message):
+    assert main(["diff", spec, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsefx: error: ") and message in err
+
+
+def test_cli_capture_error_exits_one_with_the_source_line(capsys):
+    assert main(["diff", f"{diff_models.__file__}:data_dependent"]) == 1
+    assert "if h.sum() > 0:" in capsys.readouterr().err
+
+
+def test_cli_wrong_input_shape(capsys):
+    assert main(["diff", TINY, "--input-shape", "2,1,8,8"]) == 1
+    assert "Tiny rejects the example inputs [float32[2, 1, 8, 8]]" in capsys.readouterr().err
+
+
+def test_console_script_runs_the_examples_factory():
+    """The README's command, through the installed entry point, on a real factory."""
+    script = Path(sys.executable).with_name("sparsefx")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sparsefx.tools.cli"]
+    result = subprocess.run(
+        [*command, "diff", f"{EXAMPLES}:mobilenet_v2", "--density", "0.25", "--context", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "groups (12)" in result.stdout and "depthwise" in result.stdout
+
+
+# -- HTML in a browser ------------------------------------------------------------------------
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "the HTML test needs Debian's chromium (apt-get install chromium; make test installs it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
+            num_labels=3,
+        )
+    )  # fmt: skip
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
+    report = sparsefx.diff(model, (torch.randn(2, 3, 16, 16),), config=config)
+    path = report.save_html(tmp_path / "report.html")
+    html = path.read_text()
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", html), (
+        "the report must not load anything"
+    )
+    result = subprocess.run(
+        [
+            browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+            "--v=0", "--virtual-time-budget=2000", "--dump-dom", path.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], f"the page logged to the console: {console}"
+    dom = result.stdout
+    assert "<svg" in dom and "Coupling groups" in dom
+    for group in report.groups:
+        assert f"<b>{group.name}</b>" in dom
+        assert f'data-k="{group.symbol}"' in dom
+    assert dom.count('<tr class="chg"') > 0 and dom.count('<tr class="add"') > 0
