@@ -57,3 +57,19 @@ def broken() -> nn.Module:
 
 def not_a_model() -> int:
     return 3
+
+
+@torch.library.custom_op("sparsefx_test::opaque", mutates_args=())
+def opaque(x: Tensor) -> Tensor:
+    """An op with no fake (meta) implementation: eager runs it, tracing cannot."""
+    return x.clone()
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(opaque(self.fc(x)))

@@ -210,6 +210,14 @@ def test_capture_error_names_the_source_line():
     assert "The model runs on these inputs, but torch.export cannot trace it" in message
 
 
+def test_capture_error_names_an_op_without_a_meta_kernel():
+    with pytest.raises(sparsefx.CaptureError) as caught:
+        sparsefx.transform(diff_models.Untraceable(), (torch.randn(2, 4),), density=0.5)
+    message = str(caught.value)
+    assert "sparsefx_test::opaque" in message
+    assert "in forward: return self.out(opaque(self.fc(x)))" in message
+
+
 def test_wrong_input_shape_is_blamed_on_the_inputs():
     model, _ = diff_models.tiny()
     with pytest.raises(sparsefx.CaptureError) as caught:

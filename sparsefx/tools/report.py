@@ -224,10 +224,12 @@ def _groups_and_costs(
 
 
 def _couplings(records: Sequence[GraphRecord], producers: dict[str, str]) -> nx.Graph:
+    """The coupling graph of the graph that holds the groups (after a graph break, the
+    others have none; train and eval graphs have the same)."""
     graph = nx.Graph()
-    for record in records[:1]:  # every graph of a model has the same groups
-        graph.add_nodes_from(record.analysis.couplings.nodes)
-        graph.add_edges_from(record.analysis.couplings.edges(data=True))
+    source = next((r for r in records if r.analysis.groups), records[0] if records else None)
+    if source is not None:
+        graph.update(source.analysis.couplings)
     graph.add_nodes_from(producers)
     nx.set_node_attributes(graph, {n: producers.get(n) for n in graph.nodes}, "group")
     return graph
