@@ -141,7 +141,29 @@ class DenseNetStyle(nn.Module):
         return self.fc(F.avg_pool2d(h, 2).flatten(1))
 
 
-MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle]
+class SliceStyle(nn.Module):
+    """One producer's channels read in two ranges (``h[:, :5]`` and ``narrow``) by two
+    branches that are added: the slice bounds cut its space into two groups."""
+
+    streams: ClassVar = {"a": ("a", "b")}
+    internal = ("conv#0", "conv#1")
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(5, 6, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        first, second = _m(masks, "conv#0", h[:, :5]), _m(masks, "conv#1", h.narrow(1, 5, 3))
+        y = F.relu(_m(masks, "a", self.a(first)) + _m(masks, "b", self.b(second)))
+        return self.fc(y.mean((2, 3)))
+
+
+MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle]
 
 
 def _random_masks(groups, generator: torch.Generator) -> dict[str, Tensor]:
@@ -199,12 +221,14 @@ def test_training_step_matches_reference(model_cls, prune_streams):
 
 
 def _kept_channels(groups, masks, module: str) -> Tensor:
-    """Channels of a BatchNorm whose running statistics sparsefx updated this step."""
+    """Channels of a BatchNorm whose running statistics sparsefx updated this step (a
+    BatchNorm may be shared by several groups, each covering a range of its channels)."""
+    kept = None
     for group in groups:
-        for fqn, dim in group.members:
+        for fqn, dim, dims in group.expand(masks[group.name]):
             if fqn == f"{module}.weight" and dim == 0:
-                return masks[group.name]
-    return slice(None)  # a dense BatchNorm: every channel
+                kept = dims if kept is None else kept | dims
+    return slice(None) if kept is None else kept  # a dense BatchNorm: every channel
 
 
 def test_resnet_report_says_streams_stay_dense_and_why():

@@ -388,6 +388,8 @@ class _Walk:
             return _Op(layout, zero_preserving=positive, chainable=True)
         if target in ops.SPLITS:
             return self._split(node, layout)
+        if target in ops.SLICES:
+            return self._slice(node, layout)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
 
     def _weight_op(self, node: fx.Node, layout: Layout) -> _Op | str:
@@ -574,6 +576,37 @@ class _Walk:
         parts = [Layout(dim, chunk) for chunk in pieces]
         return _Op(layout, zero_preserving=True, parts=parts, meta={"split": parts})
 
+    def _slice(self, node: fx.Node, layout: Layout) -> _Op | str:
+        """A range of the channel dim keeps the pieces inside it, like one output of a split
+        (a bound inside a piece cuts its space); a range of another dim keeps the layout."""
+        x = node.args[0]
+        ndim = len(_shape(x))
+        dim = int(_arg(node, 1, "dim", 0)) % ndim  # type: ignore[call-overload]
+        if dim != layout.dim:
+            return _Op(layout, zero_preserving=True)
+        full = int(_shape(x)[dim])
+        if node.target is aten.narrow.default:
+            start, length = int(node.args[2]), int(node.args[3])  # type: ignore[call-overload]
+            start, end, step = start % full, start % full + length, 1
+        else:
+            start, end, step = (_arg(node, i, k, d) for i, k, d in _SLICE_ARGS)
+            start, end = slice(start, end).indices(full)[:2]  # type: ignore[arg-type]
+        if step != 1:
+            return "a strided slice of the channel dim"
+        bounds = [b for b in (start, end) if 0 < b < full]
+        pieces = _cut(layout, bounds)
+        if isinstance(pieces, dict):
+            for space, cut in pieces.items():
+                self.refine.parts[space] = cut
+            return "slice waits for its spaces to be cut at the slice's bounds"
+        if not pieces:
+            return "a slice of the channel dim that cuts a channel or a dense stretch"
+        before, kept = (pieces[0], pieces[1]) if start > 0 else ((), pieces[0])
+        if all(p.group is None for p in kept):
+            return "a slice of the channel dim that keeps no pruned channel"
+        slice_ = (Layout(dim, before) if before else None, Layout(dim, kept))
+        return _Op(Layout(dim, kept), zero_preserving=True, meta={"slice": slice_})
+
     def _view(self, node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
         op = _view(node, x, layout)
         if not isinstance(op, int):
@@ -586,6 +619,8 @@ class _Walk:
                     self.refine.grain[piece.group] = grain
         return f"{_op_name(node)} splits a channel across dims"
 
+
+_SLICE_ARGS = ((2, "start", None), (3, "end", None), (4, "step", 1))
 
 _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "

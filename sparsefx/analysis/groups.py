@@ -31,7 +31,7 @@ from sparsefx.analysis.dependency import (
     Refinements,
     propagate,
 )
-from sparsefx.analysis.layout import Layout
+from sparsefx.analysis.layout import Layout, Piece
 
 __all__ = ["META", "Analysis", "DenseOp", "Group", "analyze"]
 
@@ -143,9 +143,13 @@ def _dense_components(walk: Propagation, prune_streams: bool) -> dict[str, str]:
 
 def _groups(gm: fx.GraphModule, walk: Propagation) -> tuple[list[Group], dict[str, str]]:
     groups, names = [], {}
-    for component in _components(walk):
+    components = _components(walk)
+    bases = [walk.spaces[c[0]].weight.removesuffix(".weight") for c in components]
+    for i, component in enumerate(components):
         spaces = [walk.spaces[s] for s in component]
-        name = spaces[0].weight.removesuffix(".weight")
+        name = bases[i]
+        if bases.count(name) > 1:  # sub-spaces of one weight in separate groups (a slice)
+            name += f"#{bases[:i].count(name)}"
         slices = [m for space in spaces for m in space.members]
         members = list(dict.fromkeys((m.fqn, m.dim) for m in slices))
         group = Group(
@@ -173,6 +177,10 @@ def _annotate(gm: fx.GraphModule, walk: Propagation, names: dict[str, str]) -> N
                 value = value.renamed(names)  # type: ignore[arg-type]
             elif key == "split" and value is not None:
                 value = [part.renamed(names) for part in value]
+            elif key == "slice":
+                before, kept = value
+                dense = None if before is None else Layout(before.dim, (Piece(None, before.full),))
+                value = (before and (before.renamed(names) or dense), kept.renamed(names))
             elif key == "group":
                 value = names[value]
             elif key == "mask_point":

@@ -133,6 +133,8 @@ PERMUTES: frozenset[OpOverload] = frozenset(
     {aten.permute.default, aten.transpose.int, aten.t.default}
 )
 SPLITS: frozenset[OpOverload] = frozenset({aten.split.Tensor, aten.split_with_sizes.default})
+SLICES: frozenset[OpOverload] = frozenset({aten.slice.Tensor, aten.narrow.default})
+"""A contiguous range of one dim (``x[:, a:b]``, ``narrow``): channel-wise along other dims."""
 SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
 """Softmax over one dim: channel-wise (not zero-preserving) unless it is the channel dim."""
 ATTENTION: frozenset[OpOverload] = frozenset({aten.scaled_dot_product_attention.default})

@@ -110,18 +110,24 @@ def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
 
 
 def rewrite_splits(gm: fx.GraphModule) -> fx.GraphModule:
-    """A split of the compact channel dim takes the compact sizes of its outputs, which
+    """A split or slice of the compact channel dim takes compact sizes and bounds, which
     change with the masks: sums of kept counts (sym_size of the index inputs) times blocks."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
-        parts = node.meta.get(META, {}).get("split")
-        if not parts:
-            continue
-        with graph.inserting_before(node):
-            sizes = [_compact_size(graph, indices, part) for part in parts]
-        dim = parts[0].dim
-        _replace(node, aten.split_with_sizes.default, (node.args[0], sizes, dim))
+        meta = node.meta.get(META, {})
+        if meta.get("split"):
+            parts = meta["split"]
+            with graph.inserting_before(node):
+                sizes = [_compact_size(graph, indices, part) for part in parts]
+            _replace(node, aten.split_with_sizes.default, (node.args[0], sizes, parts[0].dim))
+        elif "slice" in meta:
+            before, kept = meta["slice"]
+            with graph.inserting_before(node):
+                start = 0 if before is None else _compact_size(graph, indices, before)
+                size = _compact_size(graph, indices, kept)
+                end = graph.call_function(operator.add, (start, size)) if start else size
+            _replace(node, aten.slice.Tensor, (node.args[0], kept.dim, start, end))
     return gm
 
 
