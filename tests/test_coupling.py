@@ -163,7 +163,36 @@ class SliceStyle(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle]
+class ResNeXtStyle(nn.Module):
+    """A bottleneck whose 3x3 conv is grouped (4 conv groups of 3 channels in, 6 out): the
+    reduce conv is pruned in whole conv groups, which the grouped conv and the BatchNorms
+    after it follow, and the expand conv gathers."""
+
+    streams: ClassVar = {"stem": ("stem", "expand")}
+    internal = ("reduce",)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.reduce = nn.Conv2d(8, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.grouped = nn.Conv2d(12, 24, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.expand = nn.Conv2d(24, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        x = _m(masks, "stem", F.relu(self.bn(self.stem(x))))
+        h = F.relu(self.bn2(self.grouped(F.relu(self.bn1(self.reduce(x))))))
+        if masks is not None and "reduce" in masks:  # one mask entry per conv group
+            h = _m({"reduce": masks["reduce"].repeat_interleave(6)}, "reduce", h)
+        x = F.relu(x + _m(masks, "stem", self.bn3(self.expand(h))))
+        return self.fc(x.mean((2, 3)))
+
+
+MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle, ResNeXtStyle]
 
 
 def _random_masks(groups, generator: torch.Generator) -> dict[str, Tensor]:
@@ -256,6 +285,19 @@ def test_pruned_stream_is_one_group_over_every_writer_and_reader():
     assert readers == {"layer1.conv1.weight", "layer2.conv1.weight", "layer2.shortcut.0.weight"}
     edges = sparse.analysis.couplings.edges(data="kinds")
     assert any("residual" in kinds for _, _, kinds in edges)
+
+
+def test_grouped_convolution_prunes_whole_conv_groups():
+    sparse = sparsefx.transform(ResNeXtStyle(), torch.randn(2, 3, 4, 4), density=0.5)
+    (group,) = sparsefx.groups(sparse)
+    assert (group.name, group.size) == ("reduce", 4)  # 12 channels in 4 conv groups
+    kept = {
+        name: dims for name, dim, dims in group.expand(torch.tensor([True, False, False, True]))
+    }
+    assert kept["reduce.weight"].nonzero().squeeze(1).tolist() == [0, 1, 2, 9, 10, 11]
+    assert kept["grouped.weight"].nonzero().squeeze(1).tolist() == [*range(6), *range(18, 24)]
+    assert ("expand.weight", 1) in group.members and ("bn2.weight", 0) in group.members
+    assert "grouped" not in [d.node for d in sparse.analysis.dense]
 
 
 def test_depthwise_convolution_follows_its_input_channels():

@@ -119,7 +119,7 @@ def test_mobilenet_v2_report_is_complete():
     report = sparsefx.diff(model, (x,), config=config)
     reference = sparsefx.transform(model, (x,), config=config)
     _assert_complete(report, reference, [g.name for g in sparsefx.groups(reference)])
-    assert "depthwise: gathers kept rows" in report.text()
+    assert "grouped conv: gathers the rows of kept conv groups" in report.text()
 
 
 @pytest.mark.parametrize("mode", ["transform", "compile"])
@@ -297,7 +297,7 @@ def test_console_script_runs_the_examples_factory():
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "groups (12)" in result.stdout and "depthwise" in result.stdout
+    assert "groups (12)" in result.stdout and "grouped conv" in result.stdout
 
 
 # -- HTML in a browser ------------------------------------------------------------------------

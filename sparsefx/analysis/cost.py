@@ -84,7 +84,7 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             _, weight, bias = ops.weight_args(node)
             where = ops.weight_operands(node)
             weight_shape = tuple(weight.meta["val"].shape)  # type: ignore[attr-defined]
-            compact_out = meta.get("role") == "producer" or meta.get("depthwise", False)
+            compact_out = meta.get("role") == "producer" or bool(meta.get("grouped"))
             c_out = width(meta.get("layout") if compact_out else None, weight_shape[where.out_dim])
             c_in = width(meta.get("in_layout"), weight_shape[where.in_dim])
             kernel = math.prod(weight_shape[2:])

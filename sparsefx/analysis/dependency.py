@@ -224,8 +224,11 @@ class _Walk:
                 self._accept(node, op, chained, compact)
             # else: a weight consumer reading non-zero dropped channels; the refinement pass
             # put a scatter upstream of it, so it is not a compact consumer
-        if ops.is_weight_op(node.target) and not _is_depthwise(node):
+        if ops.is_weight_op(node.target) and not _is_grouped(node):
             self._source(node)
+        elif _is_grouped(node) and node not in self.flows:
+            reason = "grouped convolution whose input is not compact: it follows its input's groups"
+            self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         if node in self.flows and len(node.users) != 1:
             self._end_chain(node)
 
@@ -393,30 +396,16 @@ class _Walk:
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
 
     def _weight_op(self, node: fx.Node, layout: Layout) -> _Op | str:
-        x, weight, bias = ops.weight_args(node)
+        x, weight, _ = ops.weight_args(node)
         ndim = len(_shape(x))
-        if _is_depthwise(node):
-            if self.view.own_param(weight) is None or (
-                bias is not None and self.view.own_param(bias) is None
-            ):
-                return "depthwise convolution whose weight is not a parameter used by it alone"
-            if layout.dim != 1 or any(p.block != 1 for p in layout.pieces):
-                return "depthwise convolution channels are not the compact dim"
-            members = self._members(layout, [(weight, 0), (bias, 0)])
-            return _Op(
-                layout, zero_preserving=bias is None, chainable=True, members=members,
-                meta={"depthwise": True},
-            )  # fmt: skip
+        if _is_grouped(node):
+            return self._grouped_conv(node, layout)
         if self.view.own_param(weight) is None:
             return f"{_op_name(node)} weight is not a parameter used by this op alone"
         if node.target in ops.ADDMM and not ops.is_plain_addmm(node):
             return "addmm that is not a linear layer (scaled, or not a bias vector)"
         if ops.is_conv(node.target):
-            if _conv_groups(node) != 1:
-                return "grouped convolution reads these channels"
-            if layout.dim != ndim - (len(_shape(weight)) - 2) - 1 or any(
-                p.block != 1 for p in layout.pieces
-            ):
+            if layout.dim != ndim - (len(_shape(weight)) - 2) - 1:
                 return "convolution input channels are not the compact dim"
         elif layout.dim != ndim - 1:
             return "linear input features are not the compact dim"
@@ -425,8 +414,48 @@ class _Walk:
         members = self._members(layout, [(weight, in_dim)])
         return _Op(None, zero_preserving=True, members=members, meta=meta)
 
+    def _grouped_conv(self, node: fx.Node, layout: Layout) -> _Op | str:
+        """A grouped convolution (depthwise included) maps each conv group's input channels
+        to that group's output channels only. When every channel of its input covers whole
+        conv groups, it runs channel-wise: on the kept conv groups, with its weight rows (and
+        bias) as members of its input's groups. A finer input space is coarsened to conv
+        groups (the next walk prunes the producer in conv groups, like attention heads)."""
+        _, weight, bias = ops.weight_args(node)
+        if self.view.own_param(weight) is None or (
+            bias is not None and self.view.own_param(bias) is None
+        ):
+            return "grouped convolution whose weight is not a parameter used by it alone"
+        if layout.dim != 1:
+            return "grouped convolution channels are not the compact dim"
+        out_channels, per_group = (int(size) for size in _shape(weight)[:2])
+        out_per_group = out_channels // _conv_groups(node)
+        pieces, waits = [], False
+        for piece, offset in zip(layout.pieces, layout.offsets(), strict=True):
+            if offset % per_group or piece.features % per_group:
+                return f"grouped convolution: its input's layout splits conv groups of {per_group}"
+            if piece.group is None:
+                pieces.append(Piece(None, piece.features // per_group * out_per_group))
+            elif piece.block % per_group == 0:
+                pieces.append(
+                    Piece(piece.group, piece.size, piece.block // per_group * out_per_group)
+                )
+            elif per_group % piece.block == 0 and piece.size % (per_group // piece.block) == 0:
+                space = self.result.spaces[piece.group]
+                self.refine.grain[piece.group] = space.grain * (per_group // piece.block)
+                waits = True
+            else:
+                return f"grouped convolution: a channel of its input does not cover whole conv groups of {per_group}"
+        if waits:
+            return "grouped convolution waits for its input's channels to cover whole conv groups"
+        out = Layout(1, tuple(pieces))
+        members = self._members(out, [(weight, 0), (bias, 0)])
+        return _Op(
+            out, zero_preserving=bias is None, chainable=True, members=members,
+            meta={"grouped": out_per_group},
+        )  # fmt: skip
+
     def _batch_norm(self, node: fx.Node, layout: Layout) -> _Op | str:
-        if layout.dim != 1 or any(p.block != 1 for p in layout.pieces):
+        if layout.dim != 1:
             return "batch_norm normalises a dim other than the compact one"
         state = node.args[1:5]  # weight, bias, running_mean, running_var
         for arg in state:
@@ -729,8 +758,6 @@ def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
         return "weight is used by several ops (shared weights are not pruned yet)"
     if bias is not None and view.own_param(bias) is None:
         return "bias is not a parameter used by this op alone"
-    if ops.is_conv(node.target) and _conv_groups(node) != 1:
-        return "grouped convolution (only depthwise convolutions follow their input's channels)"
     if _reaches_output(node, view):
         return "output layer: its channels reach the model output or loss"
     return None
@@ -738,13 +765,13 @@ def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
 
 def _reaches_output(node: fx.Node, view: GraphView) -> bool:
     """Whether `node` reaches the graph output without passing another linear/conv that
-    mixes channels (a depthwise conv does not)."""
+    mixes channels (a grouped conv follows its input's groups)."""
     seen, frontier = {node}, [node]
     while frontier:
         for user in frontier.pop().users:
             if user is view.output:
                 return True
-            mixes = ops.is_weight_op(user.target) and not _is_depthwise(user)
+            mixes = ops.is_weight_op(user.target) and not _is_grouped(user)
             if user in seen or (user.op == "call_function" and mixes):
                 continue
             seen.add(user)
@@ -752,13 +779,10 @@ def _reaches_output(node: fx.Node, view: GraphView) -> bool:
     return False
 
 
-def _is_depthwise(node: fx.Node) -> bool:
-    """A convolution whose every output channel reads only the same input channel."""
-    if not ops.is_conv(node.target):
-        return False
-    groups = _conv_groups(node)
-    out_channels, in_per_group = _shape(node.args[1])[:2]  # type: ignore[arg-type]
-    return groups > 1 and int(in_per_group) == 1 and int(out_channels) == groups
+def _is_grouped(node: fx.Node) -> bool:
+    """A convolution with groups > 1 (depthwise included): output channels of a conv group
+    read only that group's input channels."""
+    return ops.is_conv(node.target) and _conv_groups(node) > 1
 
 
 def _merged_span(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:

@@ -77,17 +77,17 @@ def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
 def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) -> fx.GraphModule:
     """linear/conv with a compact input or output read their weight through
     sparsefx::gather_weight (and their bias through index_select): the op itself is
-    unchanged and computes only kept channels, with aten's kernels and autograd. A depthwise
-    convolution on a compact tensor gathers its kept rows and runs with one group per kept
-    channel. `sparse_gradients` makes pruned producers' weight gradients row-sparse."""
+    unchanged and computes only kept channels, with aten's kernels and autograd. A grouped
+    (or depthwise) convolution on a compact tensor gathers the rows of its kept conv groups
+    and runs with one group per kept conv group. `sparse_gradients` makes pruned producers' weight gradients row-sparse."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
         meta = node.meta.get(META, {})
         if node.op != "call_function" or not ops.is_weight_op(node.target):
             continue
-        depthwise = meta.get("depthwise", False)
-        out_layout = meta.get("layout") if meta.get("role") == "producer" or depthwise else None
+        grouped = meta.get("grouped")
+        out_layout = meta.get("layout") if meta.get("role") == "producer" or grouped else None
         if out_layout is None and "in_layout" not in meta:
             continue
         in_idx, out_idx = indices.of(meta.get("in_layout")), indices.of(out_layout)
@@ -103,8 +103,10 @@ def rewrite_weight_ops(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
                     node.update_arg(where.bias, kept_bias)
                 else:
                     node.update_kwarg("bias", kept_bias)
-            if depthwise:
+            if grouped:
                 kept = graph.call_function(aten.sym_size.int, (out_idx, 0))
+                if grouped > 1:  # output channels per conv group
+                    kept = graph.call_function(operator.floordiv, (kept, grouped))
                 _set_arg(node, 6, "groups", kept)
     return gm
 

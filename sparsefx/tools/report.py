@@ -493,8 +493,8 @@ class _Notes:
             parts.append(f"prunable producer of {self.symbols[meta['group']]}")
         if "in_layout" in meta:
             parts.append(f"gathers input columns of {self._layout(meta['in_layout'])}")
-        if meta.get("depthwise"):
-            parts.append("depthwise: gathers kept rows, one group per kept channel")
+        if meta.get("grouped"):
+            parts.append("grouped conv: gathers the rows of kept conv groups, one group each")
         if role == "channelwise" and "layout" in meta:
             parts.append(f"compact {self._layout(meta['layout'])}")
         if role == "scatter":
