@@ -201,12 +201,18 @@ def explain(model: nn.Module) -> str:
 
         logging.info(sparsefx.explain(smodel))
     """
-    sparse = _runtime(model)
     if isinstance(model, SparseModule):
-        name, mode = type(model.model).__name__, "transform"
-    else:
-        name, mode = type(getattr(model, "_orig_mod", model)).__name__, "compile"
-    return build_report(name, mode, sparse.config, sparse, sparse.graphs).text(diff=False)
+        sparse = model.runtime
+        report = build_report(
+            type(model.model).__name__, "transform", sparse.config, sparse, sparse.graphs
+        )
+        return report.text(diff=False)
+    records = compiled.records_of(model) if isinstance(model, nn.Module) else []
+    if not records:
+        _runtime(model)  # raises the error that says what to do
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    runtime, config = compiled.runtime_of(model), records[0].config
+    return build_report(name, "compile", config, runtime, records).text(diff=False)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -26,7 +26,15 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "capture", "capture_graph", "first_line", "where"]
+__all__ = [
+    "CaptureError",
+    "CapturedGraph",
+    "capture",
+    "capture_failure",
+    "capture_graph",
+    "first_line",
+    "where",
+]
 
 
 class CaptureError(RuntimeError):
@@ -185,7 +193,6 @@ def _input_target(spec: Any) -> str:
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
-    name = type(model).__name__
     try:
         return torch.export.export(
             model, args, kwargs, dynamic_shapes=_batch_dynamic(model, args, kwargs), strict=False
@@ -194,29 +201,41 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         try:  # dynamic batch is an optimisation: retry fully static before giving up
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
-            rejected = _eager_error(model, args, kwargs)
-            if rejected is not None:
-                raise CaptureError(
-                    f"{name} rejects the example inputs {_describe(args, kwargs)}: "
-                    f"{type(rejected).__name__}: {first_line(rejected)}{where(rejected)}\n"
-                    "Pass example inputs that the model's forward accepts (shapes, dtypes, "
-                    "devices): the model fails on them without sparsefx too."
-                ) from rejected
-            raise CaptureError(
-                f"sparsefx could not capture {name}: {type(error).__name__}: "
-                f"{first_line(error)}{where(error)}\n"
-                "The model runs on these inputs, but torch.export cannot trace it: make its "
-                "forward traceable (no Python control flow on tensor values, no ops without "
-                'a meta kernel), or use torch.compile(model, backend="sparsefx"), which '
-                "graph-breaks around such code."
-            ) from first
+            raise capture_failure(model, args, kwargs, error) from first
+
+
+def capture_failure(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], error: BaseException
+) -> CaptureError:
+    """The error for a model that failed to capture with `error`: it blames the inputs when
+    the model rejects them without sparsefx too, and names the model's source line and the
+    failing op. Both entry points (and the diff tool) raise it."""
+    name = type(model).__name__
+    rejected = _eager_error(model, args, kwargs)
+    if rejected is not None:
+        failure = CaptureError(
+            f"{name} rejects the example inputs {_describe(args, kwargs)}: "
+            f"{type(rejected).__name__}: {first_line(rejected)}{where(rejected)}\n"
+            "Pass example inputs that the model's forward accepts (shapes, dtypes, devices): "
+            "the model fails on them without sparsefx too."
+        )
+        failure.__cause__ = rejected
+        return failure
+    return CaptureError(
+        f"sparsefx could not capture {name}: {type(error).__name__}: "
+        f"{first_line(error)}{where(error)}\n"
+        "The model runs on these inputs, but cannot be traced: make its forward traceable "
+        "(no Python control flow on tensor values; a custom op needs a fake implementation, "
+        'torch.library.register_fake). torch.compile(model, backend="sparsefx") '
+        "graph-breaks around Python control flow."
+    )
 
 
 def _eager_error(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Exception | None:
-    """What the model raises on these inputs when run eagerly (eval mode, no autograd, so
-    no state changes), which puts the blame on the inputs rather than on tracing."""
+    """What the model raises on these inputs when run eagerly (eval mode, without autograd:
+    BatchNorm statistics do not move), which puts the blame on the inputs, not on tracing."""
     with _mode(model, False), torch.no_grad():
         try:
             model(*args, **kwargs)
@@ -241,8 +260,8 @@ def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def where(error: BaseException) -> str:
-    """The source line in the model's code where `error` arose and, when the error names
-    one, the op that failed; "" when neither is known."""
+    """The source line in the model's code where `error` arose, the op that failed when the
+    error names one, and the root cause when it was re-raised; "" when none is known."""
     chain: list[BaseException] = []
     while error is not None and error not in chain:
         chain.append(error)
@@ -256,12 +275,15 @@ def where(error: BaseException) -> str:
     op = next((e.func for e in chain if isinstance(getattr(e, "func", None), OpOverload)), None)
     if op is not None:
         text += f"\n  op: {op}"
+    if len(chain) > 1 and first_line(chain[-1]) != first_line(chain[0]):
+        text += f"\n  caused by {type(chain[-1]).__name__}: {first_line(chain[-1])}"
     return text
 
 
 def _model_frame(error: BaseException) -> traceback.FrameSummary | None:
-    """The innermost frame of `error` outside torch, sparsefx and the standard library."""
-    frames = traceback.extract_tb(error.__traceback__)
+    """The innermost frame of `error` in the model's code: from the traceback (the model's
+    Python ran), or from Dynamo's record of the user code it was tracing."""
+    frames = getattr(error, "real_stack", None) or traceback.extract_tb(error.__traceback__)
     return next((f for f in reversed(frames) if not _library_file(f.filename)), None)
 
 

@@ -52,7 +52,7 @@ from sparsefx.runtime import (
     warn_if_nothing_to_prune,
 )
 
-__all__ = ["CompiledGraph", "backend", "runtime_of", "set_criterion"]
+__all__ = ["CompiledGraph", "backend", "records_of", "runtime_of", "set_criterion"]
 
 log = logging.getLogger("sparsefx")
 
@@ -62,6 +62,8 @@ _CRITERIA: weakref.WeakKeyDictionary[nn.Module, Callable[..., Tensor]] = weakref
 """Model -> criterion registered by wrap_loss (possibly before the first compile)."""
 _BREAKS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 """Model -> where Dynamo broke its graphs, for error messages."""
+_RECORDS: weakref.WeakKeyDictionary[nn.Module, list[GraphRecord]] = weakref.WeakKeyDictionary()
+"""Model -> every graph the backend rewrote for it, with or without groups (`explain`)."""
 
 
 def backend(
@@ -90,6 +92,11 @@ def runtime_of(model: Any) -> SparseRuntime | None:
     """The runtime of a model compiled with the sparsefx backend (the OptimizedModule or the
     model itself), or None if no graph of it has been compiled yet."""
     return _RUNTIMES.get(_unwrap(model))
+
+
+def records_of(model: Any) -> list[GraphRecord]:
+    """The graphs the backend rewrote for a model (the OptimizedModule or the model)."""
+    return list(_RECORDS.get(_unwrap(model), []))
 
 
 def set_criterion(model: Any, criterion: Callable[..., Tensor]) -> None:
@@ -244,13 +251,12 @@ class _Program:
 
     captured: CapturedGraph
     graph: fx.GraphModule
-    score_graph: fx.GraphModule
-    """The pure-forward graph for masks 2..K: only the loss as output when the graph computes
-    one, no running-stat updates."""
     loss_index: int | None
     """Position of the loss among the graph outputs (first floating-point scalar)."""
     noises: int
     """Trailing outputs of `graph` that are dropout noise for the score graph to reuse."""
+    pure: fx.GraphModule | None = None
+    """The score graph: the pure forward of masks 2..K (built when first needed)."""
     _train: Callable[..., Any] | None = field(default=None, repr=False)
     _score: Callable[..., Any] | None = field(default=None, repr=False)
 
@@ -271,8 +277,18 @@ class _Program:
     def score(self) -> Callable[..., Any]:
         """The score graph, compiled for inference."""
         if self._score is None:
-            self._score = _inductor(self.score_graph)
+            self._score = _inductor(self.pure_forward())
         return self._score
+
+    def pure_forward(self) -> fx.GraphModule:
+        """The score graph: only the loss as output when the graph computes one, no
+        running-stat updates."""
+        if self.pure is None:
+            graph = score_graph(self.graph, self.captured.inputs)
+            if self.loss_index is not None:
+                graph = keep_outputs(graph, [self.loss_index])
+            self.pure = graph
+        return self.pure
 
 
 class CompiledGraph:
@@ -313,23 +329,21 @@ class CompiledGraph:
             copy_graph_module(captured.gm), groups, sparse_gradients=self.config.sparse_gradients
         )
         graph = opaque_compact_convolutions(graph)
-        loss_index = _loss_index(graph)
-        score = score_graph(graph, captured.inputs)
-        if loss_index is not None:
-            score = keep_outputs(score, [loss_index])
+        program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
         record = GraphRecord(
             f"{self.frame.name} graph",
             captured,
             analysis,
             graph,
-            score,
+            program.pure_forward() if self.runtime is not None else None,
             dynamo=self._dynamo_graph,
             graph_break=self.frame.graph_break,
+            config=self.config,
         )
         self.records.append(record)
-        if self.runtime is not None:
-            self.runtime.graphs.append(record)
-        return _Program(captured, graph, score, loss_index, shared_noise_count(graph))
+        for root in self.frame.roots:
+            _RECORDS.setdefault(root, []).append(record)
+        return program
 
     def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:
         """The program for these inputs' static shapes. Dynamo's guards already hold for

@@ -284,6 +284,8 @@ class GraphRecord:
     """The graph Dynamo captured (torch.compile only)."""
     graph_break: str | None = None
     """Where Dynamo broke the graph after this one ("file:line (reason)")."""
+    config: SparseConfig | None = None
+    """The options it was rewritten with (torch.compile only; transform: the module's)."""
 
 
 class SparseRuntime:
@@ -445,7 +447,8 @@ class SparseModule(nn.Module):
         )
         score = score_graph(graph, captured.inputs) if captured.training else None
         mode = "training" if captured.training else "eval"
-        self.runtime.graphs.append(GraphRecord(f"{mode} graph", captured, analysis, graph, score))
+        record = GraphRecord(f"{mode} graph", captured, analysis, graph, score, config=self.config)
+        self.runtime.graphs.append(record)
         return _Program(captured, graph, score, shared_noise_count(graph))
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:

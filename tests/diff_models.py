@@ -73,3 +73,18 @@ class Untraceable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(opaque(self.fc(x)))
+
+
+class BreakBeforeHead(nn.Module):
+    """A graph break between the hidden layer and the head: torch.compile makes two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.mid(torch.relu(self.hidden(x)))
+        torch._dynamo.graph_break()
+        return self.head(torch.relu(h))

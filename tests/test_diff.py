@@ -159,6 +159,57 @@ def test_gpt2_compile_report_shows_dynamo_graphs_and_the_break():
     assert "dropout noise, shared with the score forwards" in text
 
 
+def test_unchanged_nodes_are_unchanged_lines():
+    """Names survive the copy the passes run on (nn.Sequential's ``input``), and sizes that
+    export fixed stay numbers: only what sparsefx rewrote shows up in the diff."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    graph = sparsefx.diff(mlp, (torch.randn(2, 4),), density=0.5).graphs[0]
+    before = {line.node: line.render() for line in graph.captured.lines}
+    after = {line.node: line.render() for line in graph.compact.lines}
+    assert after["input"] == before["input"] == "input: f32[s0, 4] = input  # model input"
+
+    attention = torch.nn.MultiheadAttention(16, 2, batch_first=True)  # export fixes sizes
+    x = torch.randn(2, 10, 16)
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        graph = sparsefx.diff(attention, (x, x, x), density=0.5).graphs[0]
+    assert graph.compact.text() == graph.captured.text()
+
+
+def test_repeated_compile_mode_diffs_leave_dynamo_usable():
+    model, x = diff_models.tiny()
+    for _ in range(10):  # more than Dynamo's recompile limit (8)
+        assert len(sparsefx.diff(model, (x,), density=0.5, mode="compile").groups) == 3
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    compiled(x)
+    assert [g.name for g in sparsefx.groups(compiled)] == ["conv1", "conv2", "gate"]
+
+
+def test_compile_mode_errors_are_capture_errors_with_the_source_line():
+    model, _ = diff_models.tiny()
+    with pytest.raises(sparsefx.CaptureError, match="rejects the example inputs"):
+        sparsefx.diff(model, (torch.randn(2, 1, 8, 8),), density=0.5, mode="compile")
+    with pytest.raises(sparsefx.CaptureError) as caught:
+        sparsefx.diff(diff_models.Untraceable(), (torch.randn(2, 4),), density=0.5, mode="compile")
+    assert "return self.out(opaque(self.fc(x)))" in str(caught.value)
+    assert "sparsefx_test::opaque" in str(caught.value)
+
+
+def test_explain_a_compiled_model_with_a_break_and_one_with_nothing_to_prune():
+    model = diff_models.BreakBeforeHead()
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    with pytest.warns(UserWarning, match="graph break"):
+        compiled(torch.randn(2, 4))
+    text = sparsefx.explain(compiled)
+    assert text.count("== graph ") == 2 and "ends at a graph break: " in text
+
+    linear = torch.nn.Linear(4, 2)
+    compiled = torch.compile(linear, backend="sparsefx", options={"density": 0.5})
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        compiled(torch.randn(2, 4))
+    text = sparsefx.explain(compiled)
+    assert "groups: none" in text and "nothing is pruned" in text
+
+
 def test_compile_mode_leaves_the_users_model_alone():
     model, x = diff_models.tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -207,7 +258,7 @@ def test_capture_error_names_the_source_line():
     message = str(caught.value)
     assert f"{diff_models.__file__}:" in message
     assert "if h.sum() > 0:" in message
-    assert "The model runs on these inputs, but torch.export cannot trace it" in message
+    assert "The model runs on these inputs, but cannot be traced" in message
 
 
 def test_capture_error_names_an_op_without_a_meta_kernel():
@@ -267,12 +318,34 @@ def test_cli_inputs_file(capsys, tmp_path):
         (TINY, ["--inputs", "missing.pt"], "no such file: missing.pt"),
         (TINY, ["--option", "colour=red"], "unknown sparsefx option(s) ['colour']"),
         (TINY, ["--option", "novalue"], "--option takes KEY=VALUE"),
+        (f"{diff_models.__file__}:Tiny", [], "no example inputs: pass --input-shape"),
     ],
 )
 def test_cli_usage_errors_say_what_to_change(capsys, spec, extra, message):
     assert main(["diff", spec, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparsefx: error: ") and message in err
+
+
+def test_cli_factories_import_from_the_current_directory_and_beside_their_file(
+    capsys, tmp_path, monkeypatch
+):
+    (tmp_path / "layers.py").write_text("import torch\nWIDTH = 8\n")
+    (tmp_path / "nets.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    import layers  # a sibling module, imported when the factory runs\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(4, layers.WIDTH), torch.nn.ReLU(),\n"
+        "                              torch.nn.Linear(layers.WIDTH, 2))\n"
+        "    return net, torch.randn(2, 4)\n"
+    )
+    (tmp_path / "broken_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    assert main(["diff", f"{tmp_path / 'nets.py'}:build"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["diff", "nets:build"]) == 0
+    assert capsys.readouterr().out.count("groups (1)") == 2
+    assert main(["diff", "broken_import:build"]) == 2
+    assert "importing broken_import failed: RuntimeError: no GPU here" in capsys.readouterr().err
 
 
 def test_cli_capture_error_exits_one_with_the_source_line(capsys):

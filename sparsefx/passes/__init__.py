@@ -56,9 +56,13 @@ def keep_outputs(gm: fx.GraphModule, positions: list[int]) -> fx.GraphModule:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy with its own graph (node metadata copied shallowly)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    """A copy with its own graph (node metadata copied shallowly) and the same node names:
+    `graph_copy` renames nodes named like Python builtins (nn.Sequential's ``input``), and
+    the diff tool matches nodes across graphs by name (codegen renames them itself)."""
+    graph, copies = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for node, copy in copies.items():
+        copy.name = node.name
     return fx.GraphModule(gm, graph)
 
 

@@ -95,8 +95,8 @@ def _add_diff(commands: argparse._SubParsersAction) -> None:
     inputs.add_argument(
         "--inputs",
         metavar="FILE.pt",
-        help="example inputs saved with torch.save: a tensor, a tuple of tensors, or a dict "
-        "of keyword arguments",
+        help="example inputs saved with torch.save: a tuple of forward arguments, a dict of "
+        "keyword arguments, or one argument (a tensor); as example_inputs in Python",
     )
     show.add_argument("--density", type=_density, default=0.1, help="kept fraction, in (0, 1]")
     show.add_argument("--mode", choices=diff.MODES, default="transform", help="entry point")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from sparsefx import compiled
-from sparsefx.capture import CaptureError
+from sparsefx.capture import CaptureError, capture_failure
 from sparsefx.config import SparseConfig, resolve_config
 from sparsefx.runtime import GraphRecord, SparseModule, SparseRuntime
 from sparsefx.tools.report import Report, build_report
@@ -45,6 +46,7 @@ def diff(
         report = sparsefx.diff(model, (torch.randn(2, 3, 32, 32),), density=0.25)
         print(report.text(context=1))
     """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module
     if not isinstance(model, nn.Module):
         raise TypeError(f"diff expects an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -63,16 +65,30 @@ def diff(
 def _compiled_records(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], config: SparseConfig
 ) -> tuple[SparseRuntime | None, list[GraphRecord]]:
-    """Run a copy of `model` once under Dynamo with the sparsefx backend, recording its graphs."""
+    """Run a copy of `model` once under Dynamo with the sparsefx backend, recording its
+    graphs; then drop what Dynamo cached for the frames it compiled, so repeated reports do
+    not use up its recompile limit (the model's own compiled code recompiles on next use)."""
     twin = copy.deepcopy(model)
     graphs: list[compiled.CompiledGraph] = []
+    frames: set[types.CodeType] = set()
     options = dataclasses.asdict(config)
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        frames.add(InstructionTranslator.current_tx().f_code)
         graphs.append(compiled.backend(gm, example_inputs, options))
         return gm.forward
 
-    torch.compile(twin, backend=record)(*args, **kwargs)
+    try:
+        torch.compile(twin, backend=record)(*args, **kwargs)
+    except CaptureError:
+        raise
+    except Exception as error:
+        raise capture_failure(model, args, kwargs, error) from error
+    finally:
+        for code in frames:
+            torch._C._dynamo.eval_frame.reset_code(code)
     if not graphs:
         raise CaptureError(
             f"torch.compile captured no graph of {type(model).__name__}: Dynamo skipped its "

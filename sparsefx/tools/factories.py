@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,9 +49,7 @@ def build(spec: str) -> tuple[nn.Module, Any]:
     try:
         built = factory()
     except Exception as error:
-        raise UsageError(
-            f"the factory {spec} raised {type(error).__name__}: {error}{where(error)}"
-        ) from error
+        raise UsageError(f"the factory {spec} raised {_failure(error)}") from error
     model, example = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -61,32 +60,40 @@ def build(spec: str) -> tuple[nn.Module, Any]:
 
 
 def _load(location: str) -> Any:
+    """Import a module by name (the current directory is importable, as for ``python -m``)
+    or from a .py file (its own folder importable, for sibling imports)."""
     if location.endswith(".py"):
         path = Path(location)
         if not path.is_file():
             raise UsageError(f"no such file: {location}")
+        folder = str(path.resolve().parent)
         name = f"sparsefx_factory_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
-        sys.path.insert(0, str(path.resolve().parent))  # the file's own sibling imports
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         try:
             spec.loader.exec_module(module)
         except Exception as error:
-            raise UsageError(
-                f"importing {location} failed: {type(error).__name__}: {error}"
-            ) from error
-        finally:
-            sys.path.remove(str(path.resolve().parent))
+            raise UsageError(f"importing {location} failed: {_failure(error)}") from error
         return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(location)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
         raise UsageError(
-            f"cannot import {location!r} ({error}); pass an importable module (on PYTHONPATH) "
-            "or the path of a .py file"
+            f"cannot import {location!r} ({error}); pass an importable module (on PYTHONPATH "
+            "or in the current directory) or the path of a .py file"
         ) from error
+    except Exception as error:
+        raise UsageError(f"importing {location} failed: {_failure(error)}") from error
+
+
+def _failure(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}{where(error)}"
 
 
 def example_inputs(
@@ -112,6 +119,6 @@ def example_inputs(
         )
     if isinstance(example, dict):
         return Inputs((), dict(example))
-    if isinstance(example, list | tuple):
-        return Inputs(tuple(example))
-    return Inputs((example,))
+    if isinstance(example, tuple):
+        return Inputs(example)
+    return Inputs((example,))  # a tensor, or a list that forward takes as one argument

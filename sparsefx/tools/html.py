@@ -85,7 +85,9 @@ def _costs(report: Report) -> str:
         rows.append([name, *cells])
     return (
         f"<h2>Cost</h2><p class='note'>Cost model: forward linear/conv FLOPs per example and "
-        f"parameters; masks: {escape(costs.masks)}.</p>"
+        f"parameters; masks: {escape(costs.masks)}"
+        + (f"; of {escape(costs.scope)}, the graph holding the groups" if costs.scope else "")
+        + ".</p>"
         + _table(["", "dense", "masks", "expected under s"], rows)
         + f"<details><summary>sympy expressions</summary><pre>FLOPs  = {escape(str(costs.flops_expr))}\n"
         f"params = {escape(str(costs.params_expr))}</pre></details>"
@@ -105,7 +107,8 @@ def _group(group: GroupRow) -> str:
         f"<span class='sym' data-k='{group.symbol}'>{group.symbol}</span> "
         f"<b>{escape(group.name)}</b>: {group.size} channels{stream}, {group.kept} kept, "
         f"E[kept] {group.expected_kept:.2f}, s {low:.3f}/{mean:.3f}/{high:.3f}, "
-        f"cost/channel {group.channel_cost:.4g}</summary><ul>"
+        f"cost/channel {group.channel_cost:.4g}, FLOPs/channel {group.channel_flops:,.0f}"
+        "</summary><ul>"
         + "".join(f"<li>{k}: <code>{escape(v)}</code></li>" for k, v in items)
         + "</ul></details>"
     )
@@ -119,17 +122,21 @@ def _drawing(couplings: nx.Graph) -> str:
     try:
         import matplotlib
         from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError(
-            "the HTML report draws the coupling groups with matplotlib: "
-            "pip install 'sparsefx[report]' (or matplotlib)"
-        ) from error
+    except ImportError:
+        return (
+            "<p>The drawing needs matplotlib: <code>pip install 'sparsefx[report]'</code>. "
+            "The groups above list the same couplings.</p>"
+        )
 
     groups = [g for _, g in couplings.nodes(data="group")]
     symbols = sorted({g for g in groups if g}, key=lambda g: int(g[2:]))
     palette = matplotlib.colormaps["tab20"]
     colours = [palette(symbols.index(g) % 20) if g else (0.8, 0.8, 0.8, 1.0) for g in groups]
-    labels = {n: f"{n}\n{g}" if g else n for n, g in couplings.nodes(data="group")}
+    prefix = _common_prefix([str(n) for n in couplings.nodes])
+    labels = {
+        n: f"{n[len(prefix) :]}\n{g}" if g else n[len(prefix) :]
+        for n, g in couplings.nodes(data="group")
+    }
     position, columns, rows = _grid_layout(couplings)
     figure = Figure(figsize=(2.2 * columns, 1.6 * rows))
     axes = figure.add_subplot()
@@ -144,11 +151,23 @@ def _drawing(couplings: nx.Graph) -> str:
         figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     svg = buffer.getvalue()
     return (
-        "<p class='note'>Nodes are producers (linear/conv outputs); edges are the joins that "
-        "couple their channels. A connected component is one group; grey ones stay dense "
-        "(see the reasons under each graph).</p>"
+        "<p class='note'>Nodes are producers (the linear/conv modules whose output channels are "
+        "pruned); edges are the joins that couple their channels. A connected component is one "
+        "group; grey ones stay dense (see the reasons under each graph).</p>"
         f"<div class='svg'>{svg[svg.index('<svg') :]}</div>"
     )
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted module path all names share ("transformer."), dropped from the labels."""
+    parts = [name.split(".") for name in names]
+    shared = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        shared.append(level[0])
+    shared = shared[: min(len(p) for p in parts) - 1] if parts else []
+    return "".join(f"{part}." for part in shared)
 
 
 def _grid_layout(graph: nx.Graph) -> tuple[dict, int, int]:
@@ -217,8 +236,8 @@ def _side_by_side(before: Listing, after: Listing, *, open_: bool) -> str:
 
 
 def _aligned(before: list[Line], after: list[Line]) -> list[tuple[str, Line | None, Line | None]]:
-    """Rows of a side-by-side diff: equal lines, then within each changed stretch, nodes
-    on both sides ("chg", same name), only after ("add") or only before ("del")."""
+    """Rows of a side-by-side diff: equal lines, then within each changed stretch, the same
+    node on both sides ("chg"), nodes only after ("add") and only before ("del")."""
     rows: list[tuple[str, Line | None, Line | None]] = []
     lines = difflib.SequenceMatcher(
         None, [x.render() for x in before], [x.render() for x in after], autojunk=False
@@ -231,11 +250,12 @@ def _aligned(before: list[Line], after: list[Line]) -> list[tuple[str, Line | No
         names = difflib.SequenceMatcher(
             None, [x.node for x in left], [y.node for y in right], autojunk=False
         )
-        for _, c0, c1, d0, d1 in names.get_opcodes():
-            pairs = list(zip(left[c0:c1], right[d0:d1], strict=False))
-            rows += [("chg", x, y) for x, y in pairs]
-            rows += [("del", x, None) for x in left[c0 + len(pairs) : c1]]
-            rows += [("add", None, y) for y in right[d0 + len(pairs) : d1]]
+        for tag, c0, c1, d0, d1 in names.get_opcodes():
+            if tag == "equal":  # the same nodes, changed
+                rows += [("chg", x, y) for x, y in zip(left[c0:c1], right[d0:d1], strict=True)]
+                continue
+            rows += [("del", x, None) for x in left[c0:c1]]
+            rows += [("add", None, y) for y in right[d0:d1]]
     return rows
 
 

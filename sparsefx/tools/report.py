@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export.graph_signature import InputKind
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-from sparsefx.analysis import META, DenseOp, Group, Layout
+from sparsefx.analysis import META, DenseOp, Group, Layout, build_cost_model, ops
 from sparsefx.capture import first_line
 from sparsefx.config import SparseConfig
 from sparsefx.kernels import layout_index
@@ -42,7 +42,6 @@ __all__ = ["GraphReport", "GroupRow", "Line", "Listing", "Report", "build_report
 
 aten = torch.ops.aten
 _GATHER = torch.ops.sparsefx.gather_weight.default
-_SCATTER = torch.ops.sparsefx.scatter_channels.default
 _DTYPES = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -107,6 +106,9 @@ class GroupRow:
     members: list[str]
     """``parameter[dim]`` of every parameter dim the group's channels index."""
     channel_cost: float
+    """c_i of one channel in the budget (1 for budget="channels")."""
+    channel_flops: float
+    """Forward FLOPs per example of one more kept channel, at the target operating point."""
     probabilities: tuple[float, float, float]
     """min, mean and max of the keep probabilities s."""
     expected_kept: float
@@ -125,6 +127,8 @@ class Costs:
     params: tuple[float, float, float]
     flops_expr: sympy.Expr
     params_expr: sympy.Expr
+    scope: str = ""
+    """Which graph the costs cover, when there are several."""
 
 
 @dataclass
@@ -172,11 +176,15 @@ def build_report(
     groups = runtime.groups if runtime is not None else []
     symbols = {g.name: f"k_{i}" for i, g in enumerate(groups)}
     graphs = [_graph_report(record, groups, symbols, config) for record in records]
-    if runtime is None:
-        return Report(model, mode, config, [], None, graphs, _couplings(records, {}))
+    source = next((r for r in records if r.analysis.groups), records[0] if records else None)
+    if runtime is None or source is None:
+        costs = _dense_costs(source.captured.gm) if source is not None else None
+        return Report(model, mode, config, [], costs, graphs, _couplings(source, {}))
     rows, costs = _groups_and_costs(runtime, symbols)
+    if len(records) > 1:
+        costs.scope = f"graph {records.index(source) + 1} of {len(records)}, {source.title}"
     producers = {p: symbols[g.name] for g in groups for p in g.producers}
-    return Report(model, mode, config, rows, costs, graphs, _couplings(records, producers))
+    return Report(model, mode, config, rows, costs, graphs, _couplings(source, producers))
 
 
 # -- groups and costs --------------------------------------------------------------------------
@@ -203,12 +211,16 @@ def _groups_and_costs(
                 list(dict.fromkeys(group.mask_points)),
                 [f"{fqn}[{dim}]" for fqn, dim in group.members],
                 float(structure.costs[structure.offsets[i]]),
+                0.0,  # set below from the cost model
                 (float(part.min()), float(part.mean()), float(part.max())),
                 expected[i],
                 kept[i],
             )
         )
     cost = runtime.cost_model
+    flops_per_channel = cost.channel_costs("flops", runtime.config.density)
+    for row, flops in zip(rows, flops_per_channel, strict=True):
+        row.channel_flops = flops
     masks = (
         "the masks of the last training forward"
         if structure.last is not None
@@ -223,16 +235,43 @@ def _groups_and_costs(
     return rows, Costs(masks, evaluate("flops"), evaluate("params"), cost.flops, cost.params)
 
 
-def _couplings(records: Sequence[GraphRecord], producers: dict[str, str]) -> nx.Graph:
-    """The coupling graph of the graph that holds the groups (after a graph break, the
-    others have none; train and eval graphs have the same)."""
+def _dense_costs(gm: fx.GraphModule) -> Costs:
+    """Costs of a graph with nothing to prune: every column is the dense model."""
+    cost = build_cost_model(gm, [])
+    flops, params = cost.evaluate("flops", []), cost.evaluate("params", [])
+    return Costs("nothing is pruned", (flops,) * 3, (params,) * 3, cost.flops, cost.params)
+
+
+def _couplings(source: GraphRecord | None, producers: dict[str, str]) -> nx.Graph:
+    """The coupling graph of the graph that holds the groups, its nodes named by module
+    (``layer1.conv`` for a producer, ``attn.c_attn#1`` for a part of one) with their group
+    symbol as attribute ``group``."""
     graph = nx.Graph()
-    source = next((r for r in records if r.analysis.groups), records[0] if records else None)
-    if source is not None:
-        graph.update(source.analysis.couplings)
+    if source is None:
+        return graph
+    modules = _producer_modules(source)
+    graph.add_nodes_from(source.analysis.couplings.nodes)
+    graph.add_edges_from(source.analysis.couplings.edges(data=True))
     graph.add_nodes_from(producers)
     nx.set_node_attributes(graph, {n: producers.get(n) for n in graph.nodes}, "group")
-    return graph
+    return nx.relabel_nodes(graph, {n: modules.get(n, n) for n in graph.nodes})
+
+
+def _producer_modules(record: GraphRecord) -> dict[str, str]:
+    """Producer node name (``addmm#1`` for a part) -> its module's name."""
+    placeholders = record.captured.gm.graph.find_nodes(op="placeholder")
+    state = {
+        n.name: target for n, (_, target) in zip(placeholders, record.captured.inputs, strict=True)
+    }
+    names = {}
+    for node in record.analysis.couplings.nodes:
+        base, sep, part = node.partition("#")
+        found = [n for n in record.captured.gm.graph.nodes if n.name == base]
+        if found and ops.is_weight_op(found[0].target):
+            weight = ops.weight_args(found[0])[1]
+            module = state.get(getattr(weight, "name", ""), base).removesuffix(".weight")
+            names[node] = module + sep + part
+    return names
 
 
 # -- one graph ---------------------------------------------------------------------------------
@@ -312,17 +351,21 @@ class _FakeShapes:
         self.names: dict[sympy.Symbol, str] = {}
         self.inputs: dict[str, Tensor] = {}
         self.renamed: dict[sympy.Expr, torch.SymInt | int] = {}
+        device = torch.device("cpu")
         with self.mode:
             for node in captured.graph.find_nodes(op="placeholder"):
                 value = node.meta.get("val")
                 if isinstance(value, Tensor):
                     sizes = [self._size(s) for s in value.shape]
+                    device = value.device  # index inputs live where the parameters do
                     self.inputs[node.name] = torch.empty(
                         sizes, dtype=value.dtype, device=value.device
                     )
             self.kept = {
                 g.name: torch.empty(
-                    self._symbol(symbols[g.name], _hint(g.size, density)), dtype=torch.int64
+                    self._symbol(symbols[g.name], _hint(g.size, density)),
+                    dtype=torch.int64,
+                    device=device,
                 )
                 for g in groups
             }
@@ -341,6 +384,8 @@ class _FakeShapes:
         if not isinstance(size, torch.SymInt):
             return size
         expr, hint = size.node.expr, size.node.hint
+        if expr.is_number:  # export specialised this size
+            return int(expr)
         if expr not in self.renamed:
             self.renamed[expr] = self._symbol(f"s{len(self.renamed)}", int(hint) if hint else 8)
         return self.renamed[expr]
@@ -369,8 +414,12 @@ class _FakeShapes:
             args = [self._input(node) for node in gm.graph.find_nodes(op="placeholder")]
             try:
                 interpreter.run(*args)
-            except Exception as error:  # shapes are a convenience: say why they stop
-                problem = f"shapes unavailable past the first failing node: {type(error).__name__}: {first_line(error)}"
+            except Exception as error:  # shapes are a convenience: say where they stop
+                failed = next((n.name for n in gm.graph.nodes if n not in interpreter.env), "?")
+                problem = (
+                    f"shapes stop at {failed}, which failed on fake tensors: "
+                    f"{type(error).__name__}: {first_line(error)}"
+                )
         return _listing(title, gm, interpreter.env, self.names, notes, problem)
 
 
@@ -394,9 +443,9 @@ def _value(value: Any, names: dict[sympy.Symbol, str]) -> str:
     if isinstance(value, list | tuple):
         parts = [_value(v, names) for v in value]
         return f"({', '.join(p or '?' for p in parts)})" if any(parts) else ""
-    if isinstance(value, torch.SymInt):
+    if isinstance(value, torch.SymInt) and not value.node.expr.is_number:
         return f"sym {_dim(value, names)}"
-    return ""
+    return ""  # a plain or specialised int (sizes are part of the shapes that use them)
 
 
 def _dim(size: Any, names: dict[sympy.Symbol, str]) -> str:
@@ -571,11 +620,12 @@ def _text(report: Report, *, diff: bool, context: int, show_sympy: bool) -> list
         if graph.dynamo is not None and diff:
             out += ["", f"-- {graph.dynamo.title} (what torch.compile handed to sparsefx) --"]
             out += graph.dynamo.text()
+        out += ["", _LEGEND]
         if diff:
-            out += ["", f"-- {graph.captured.title} -> {graph.compact.title} --"]
+            out += [f"-- {graph.captured.title} -> {graph.compact.title} --"]
             out += _unified(graph.captured, graph.compact, context)
         else:
-            out += ["", f"-- {graph.compact.title} --", *graph.compact.text()]
+            out += [f"-- {graph.compact.title} --", *graph.compact.text()]
         if graph.score is not None:
             out += [
                 "",
@@ -588,6 +638,12 @@ def _text(report: Report, *, diff: bool, context: int, show_sympy: bool) -> list
             if listing and listing.problem
         ]
     return out
+
+
+_LEGEND = (
+    "listing: name: dtype[shape] = op(args)  # what sparsefx did; k_i = kept channels of group "
+    "i, s_i = a dynamic input size; nodes without a note run unchanged"
+)
 
 
 def _unified(before: Listing, after: Listing, context: int) -> list[str]:
@@ -611,11 +667,13 @@ def _group_table(groups: list[GroupRow]) -> list[str]:
             f"{g.expected_kept:.2f}",
             "/".join(f"{p:.3f}" for p in g.probabilities),
             f"{g.channel_cost:.4g}",
+            f"{g.channel_flops:,.0f}",
             "yes" if g.stream else "",
         ]
         for g in groups
     ]
-    header = ["sym", "group", "size", "kept", "E[kept]", "s min/mean/max", "cost/ch", "stream"]
+    header = ["sym", "group", "size", "kept", "E[kept]", "s min/mean/max", "cost/ch", "FLOPs/ch"]
+    header.append("stream")
     out = [f"groups ({len(groups)})", *_table(header, rows)]
     for g in groups:
         out.append(
@@ -638,7 +696,8 @@ def _cost_table(costs: Costs, show_sympy: bool) -> list[str]:
     out = [
         "",
         f"cost (cost model: forward linear/conv FLOPs per example; parameters of pruned "
-        f"layers counted at kept channels; 'masks' = {costs.masks})",
+        f"layers counted at kept channels; 'masks' = {costs.masks})"
+        + (f"; of {costs.scope}, the graph holding the groups" if costs.scope else ""),
         *_table(
             ["", "dense", "masks", "expected under s"],
             [row("FLOPs", costs.flops), row("params", costs.params)],
