@@ -209,7 +209,7 @@ def _groups_and_costs(
                 group.stream,
                 list(group.producers),
                 list(dict.fromkeys(group.mask_points)),
-                [f"{fqn}[{dim}]" for fqn, dim in group.members],
+                _members(group),
                 float(structure.costs[structure.offsets[i]]),
                 0.0,  # set below from the cost model
                 (float(part.min()), float(part.mean()), float(part.max())),
@@ -233,6 +233,17 @@ def _groups_and_costs(
         return tuple(cost.evaluate(which, k) for k in (cost.sizes, kept, expected))  # type: ignore[return-value]
 
     return rows, Costs(masks, evaluate("flops"), evaluate("params"), cost.flops, cost.params)
+
+
+def _members(group: Group) -> list[str]:
+    """``weight[dim]``, with the range of that dim when the group indexes only part of it
+    (a concat's piece, q/k/v in a fused weight, a slice)."""
+    names = []
+    for m in group.slices:
+        span = group.size * m.block
+        whole = m.offset == 0 and span == m.extent
+        names.append(f"{m.fqn}[{m.dim}]" + ("" if whole else f"[{m.offset}:{m.offset + span}]"))
+    return list(dict.fromkeys(names))
 
 
 def _dense_costs(gm: fx.GraphModule) -> Costs:
