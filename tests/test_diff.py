@@ -122,15 +122,17 @@ def test_mobilenet_v2_report_is_complete():
     assert "grouped conv: gathers the rows of kept conv groups" in report.text()
 
 
+def _small_hf_resnet() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(
+        layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1], num_labels=3
+    )
+    return transformers.ResNetForImageClassification(config)
+
+
 @pytest.mark.parametrize("mode", ["transform", "compile"])
 def test_hf_models_reports_are_complete(mode):
-    transformers = pytest.importorskip("transformers")
-    resnet = transformers.ResNetForImageClassification(
-        transformers.ResNetConfig(
-            layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
-            num_labels=3,
-        )
-    )  # fmt: skip
+    resnet = _small_hf_resnet()
     x = torch.randn(2, 3, 16, 16)
     report = sparsefx.diff(resnet, (x,), density=0.5, mode=mode)
     reference = sparsefx.transform(resnet, (x,), density=0.5)
@@ -388,13 +390,7 @@ def _chromium() -> str:
 
 def test_html_report_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
-    transformers = pytest.importorskip("transformers")
-    model = transformers.ResNetForImageClassification(
-        transformers.ResNetConfig(
-            layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
-            num_labels=3,
-        )
-    )  # fmt: skip
+    model = _small_hf_resnet()
     config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
     report = sparsefx.diff(model, (torch.randn(2, 3, 16, 16),), config=config)
     path = report.save_html(tmp_path / "report.html")
