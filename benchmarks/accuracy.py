@@ -1,0 +1,502 @@
+"""Accuracy of sparse training on real data: sparsefx against dense training and peer methods.
+
+    python benchmarks/accuracy.py --quick          # under 5 minutes on 2 CPU cores
+    python benchmarks/accuracy.py                  # the full run (3 seeds, every setting)
+
+Settings: Fashion-MNIST (Debian's `dataset-fashion-mnist`) with a small CNN with BatchNorm
+and with an MLP, and scikit-learn's digits with an MLP. Methods, all with the same epochs,
+the same data order per seed, SGD with momentum and a cosine learning rate:
+
+* dense: ordinary training.
+* sparsefx-paper / sparsefx-exact: `sparsefx.transform` with each score form of DESIGN §3;
+  VR-PGE for the first `SEARCH` fraction of the epochs, then `freeze("topk")` and fine-tuning.
+* paper-code: the VR-PGE code of Zhou et al. (2021) as it runs (masks multiply the weights
+  before BatchNorm, dense compute, K=2 forwards and backwards), then the same freeze and
+  fine-tuning with dense masked compute (`benchmarks/step_time.py` holds its step).
+* static: a random channel mask at the density (per group), fixed, trained through sparsefx.
+* rigl: channel-level dynamic sparse training (RigL-style): every `RIGL_EVERY` steps until
+  75% of training, each group drops the kept channels with the smallest weight-row norm and
+  regrows as many dropped ones with the largest dense gradient (one dense step), the drop
+  fraction decaying on a cosine; through sparsefx's compact ops with `set_masks`.
+
+Reported per (setting, method, density): test accuracy (mean and spread over seeds), the
+achieved channel density, training FLOPs (linear/conv FLOPs counted by FlopCounterMode on the
+first steps of each phase, times its steps) and the wall time of the training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import environment, format_table
+from step_time import Scores, masked_forward, plan_of
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsefx
+from sparsefx.tools.datasets import Split, load_digits, load_fashion_mnist
+
+RESULTS = Path(__file__).parent / "results"
+SEARCH = 0.5  # default fraction of the epochs that searches masks; the rest fine-tunes
+RIGL_EVERY = 50  # steps between RigL mask updates
+RIGL_DROP = 0.3  # initial fraction of kept channels RigL drops and regrows
+MOMENTUM = 0.9
+FLOP_STEPS = 2  # steps measured by FlopCounterMode per phase
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def cnn(channels: int, classes: int) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (32, 64, 128 channels; strides 2, 2, 1), pool, linear."""
+    layers: list[nn.Module] = []
+    for width, stride in ((32, 2), (64, 2), (128, 1)):
+        layers += [nn.Conv2d(channels, width, 3, stride, 1), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+
+
+def mlp(features: int, classes: int, width: int = 512) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, classes),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Setting:
+    load: Callable[[], Split]
+    build: Callable[[Split], nn.Sequential]
+    epochs: int
+    batch: int
+    lr: float
+    flat: bool
+    """Inputs flattened to vectors (the MLPs)."""
+
+
+SETTINGS = {
+    "fashion-cnn": Setting(
+        load_fashion_mnist, lambda d: cnn(1, d.num_classes), epochs=10, batch=128, lr=0.05,
+        flat=False,
+    ),
+    "fashion-mlp": Setting(
+        load_fashion_mnist, lambda d: mlp(784, d.num_classes), epochs=10, batch=128, lr=0.05,
+        flat=True,
+    ),
+    "digits-mlp": Setting(
+        load_digits, lambda d: mlp(64, d.num_classes), epochs=30, batch=64, lr=0.05, flat=True
+    ),
+}  # fmt: skip
+QUICK_EPOCHS = {"fashion-cnn": 6, "fashion-mlp": 6}
+METHODS = ("dense", "sparsefx-paper", "sparsefx-exact", "paper-code", "static", "rigl")
+
+
+# -- one training run -----------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One method on one setting, density and seed."""
+
+    setting: str
+    method: str
+    density: float
+    seed: int
+    accuracy: float = 0.0
+    achieved_density: float = 1.0
+    train_flops: float = 0.0
+    train_seconds: float = 0.0
+    step_flops: list[float] = field(default_factory=list, repr=False)
+
+
+class Trainer:
+    """A method's training: `step(x, y, lr)` per batch, `fine_tune()` when the search ends,
+    `predict(x)` in eval mode, and the density of the structure it ends with."""
+
+    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+        self.model, self.density = model, density
+        self.net: nn.Module = model
+        """The module to call: its train/eval mode is the run's."""
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM)
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def fine_tune(self) -> None:
+        """Called once when the mask search ends (a no-op for methods without one)."""
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def achieved_density(self) -> float:
+        return 1.0
+
+
+class Dense(Trainer):
+    pass
+
+
+class Sparsefx(Trainer):
+    """sparsefx as a user writes it: transform, wrap_loss, an ordinary loop, then freeze."""
+
+    score_form = "paper"
+
+    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+        super().__init__(model, density, example, seed)
+        config = sparsefx.SparseConfig(density=density, score_form=self.score_form, seed=seed)
+        self.sparse = self.net = sparsefx.transform(model, (example,), config=config)
+        self.criterion = sparsefx.wrap_loss(self.sparse, nn.CrossEntropyLoss())
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        loss = self.criterion(self.sparse(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def fine_tune(self) -> None:
+        sparsefx.freeze(self.sparse, "topk")
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.sparse(x)
+
+    def achieved_density(self) -> float:
+        return sparsefx.stats(self.sparse)["channel_density"]
+
+
+class SparsefxExact(Sparsefx):
+    score_form = "exact"
+
+
+class Static(Sparsefx):
+    """A random mask at the density (the same fraction of every group), never changed."""
+
+    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+        super().__init__(model, density, example, seed)
+        generator = torch.Generator().manual_seed(seed)
+        sparsefx.set_masks(self.sparse, _random_masks(self.sparse, density, generator))
+
+    def fine_tune(self) -> None:
+        pass
+
+
+class RigL(Static):
+    """Channel-level RigL: periodically drop the weakest kept channels (weight-row norm) and
+    regrow the dropped ones with the largest gradient, from one dense step on the batch."""
+
+    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+        super().__init__(model, density, example, seed)
+        self.steps = 0
+        self.total_steps = 1  # set by `train` before the first step
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        self.steps += 1
+        if self.steps % RIGL_EVERY == 0 and self.steps < 0.75 * self.total_steps:
+            self._update(x, y)
+        super().step(x, y)
+
+    def _update(self, x: Tensor, y: Tensor) -> None:
+        groups = sparsefx.groups(self.sparse)
+        masks = sparsefx.masks(self.sparse)  # the fixed masks, as the last step used them
+        horizon = 0.75 * self.total_steps
+        fraction = RIGL_DROP * (1 + math.cos(math.pi * self.steps / horizon)) / 2
+        sparsefx.set_masks(
+            self.sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.sparse(x), y).backward()  # a dense step's gradients
+        new = {}
+        for group in groups:
+            weight = self.model.get_parameter(group.members[0][0])  # the producer's weight
+            norms = weight.detach().flatten(1).norm(dim=1)
+            grads = weight.grad.flatten(1).norm(dim=1)
+            kept = masks[group.name].clone()
+            count = int(fraction * int(kept.sum()))
+            if count:
+                kept[torch.where(kept, norms, math.inf).topk(count, largest=False).indices] = False
+                kept[torch.where(kept, -math.inf, grads).topk(count).indices] = True
+            new[group.name] = kept
+        self.optimizer.zero_grad(set_to_none=True)
+        sparsefx.set_masks(self.sparse, new)
+
+
+class PaperCode(Trainer):
+    """The paper's code: K masked-weight dense forwards and backwards, then the score update;
+    after the search, the top-budget mask multiplies the weights for fine-tuning."""
+
+    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+        super().__init__(model, density, example, seed)
+        self.plan = plan_of(model)
+        self.scores = Scores(self.plan.widths, density)
+        self.fixed: Tensor | None = None
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.fixed is not None:
+            loss = F.cross_entropy(self._forward(x, self.fixed), y)
+            loss.backward()
+            self.optimizer.step()
+            return
+        masks = self.scores.sample(2)
+        losses = []
+        for mask in masks.float():
+            loss = F.cross_entropy(self._forward(x, mask), y)
+            (loss / 2).backward()
+            losses.append(loss.detach())
+        self.optimizer.step()
+        self.scores.update(torch.stack(losses), masks)
+
+    def _forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return masked_forward(self.plan, x, self.scores.split(mask), at_output=False)
+
+    def fine_tune(self) -> None:
+        budget = round(self.scores.budget)
+        top = self.scores.s.topk(budget).indices
+        self.fixed = torch.zeros_like(self.scores.s).index_fill_(0, top, 1.0)
+
+    def predict(self, x: Tensor) -> Tensor:
+        if self.fixed is None:
+            self.fine_tune()
+        return self._forward(x, self.fixed)
+
+    def achieved_density(self) -> float:
+        return float(self.fixed.mean()) if self.fixed is not None else self.density
+
+
+TRAINERS: dict[str, type[Trainer]] = {
+    "dense": Dense,
+    "sparsefx-paper": Sparsefx,
+    "sparsefx-exact": SparsefxExact,
+    "paper-code": PaperCode,
+    "static": Static,
+    "rigl": RigL,
+}
+
+
+def _random_masks(sparse: nn.Module, density: float, generator: torch.Generator) -> dict:
+    masks = {}
+    for group in sparsefx.groups(sparse):
+        kept = max(2, round(density * group.size))
+        mask = torch.zeros(group.size, dtype=torch.bool)
+        mask[torch.randperm(group.size, generator=generator)[:kept]] = True
+        masks[group.name] = mask
+    return masks
+
+
+def train(
+    name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
+    search: float = SEARCH,
+) -> Run:  # fmt: skip
+    """Train one method from the seed's initial weights on the seed's batch order."""
+    torch.manual_seed(seed)
+    model = setting.build(data)
+    x_train, x_test = data.x_train, data.x_test
+    if setting.flat:
+        x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    order = torch.Generator().manual_seed(seed)
+    epochs = [
+        torch.randperm(len(x_train), generator=order).split(setting.batch)[:-1]
+        for _ in range(setting.epochs)
+    ]
+    total = sum(map(len, epochs))
+    trainer = TRAINERS[method](model, density, x_train[: setting.batch], seed)
+    if isinstance(trainer, RigL):
+        trainer.total_steps = total
+    run = Run(name, method, density if method != "dense" else 1.0, seed)
+    search_epochs = math.ceil(search * setting.epochs)
+    step = counted = 0
+    for epoch, batches in enumerate(epochs):
+        if epoch == search_epochs:
+            trainer.fine_tune()
+        trainer.net.train()
+        for i, idx in enumerate(batches):
+            for group in trainer.optimizer.param_groups:  # cosine learning rate
+                group["lr"] = setting.lr * (1 + math.cos(math.pi * step / total)) / 2
+            x, y = x_train[idx], data.y_train[idx]
+            if i < FLOP_STEPS and epoch in (0, search_epochs):
+                with FlopCounterMode(display=False) as counter:
+                    trainer.step(x, y)
+                flops = counter.get_total_flops()
+                run.step_flops.append(flops)
+                run.train_flops += flops * _phase_steps(epochs, epoch, search_epochs) / FLOP_STEPS
+                counted += 1
+            else:
+                start = time.perf_counter()
+                trainer.step(x, y)
+                run.train_seconds += time.perf_counter() - start
+            step += 1
+    run.train_seconds *= total / (total - counted)  # the FLOP-counted steps, at the mean pace
+    trainer.net.eval()
+    with torch.no_grad():
+        logits = torch.cat([trainer.predict(x) for x in x_test.split(1024)])
+    run.accuracy = float((logits.argmax(1) == data.y_test).float().mean())
+    run.achieved_density = trainer.achieved_density() if method != "dense" else 1.0
+    return run
+
+
+def _phase_steps(epochs: list, epoch: int, search_epochs: int) -> int:
+    """Steps of the phase (search or fine-tuning) that starts at `epoch`."""
+    phase = epochs[:search_epochs] if epoch < search_epochs else epochs[search_epochs:]
+    return sum(map(len, phase))
+
+
+# -- the table and plots --------------------------------------------------------------------
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """Mean and spread over seeds per (setting, method, density)."""
+    keys = sorted(
+        {(r.setting, r.method, r.density) for r in runs},
+        key=lambda k: (k[0], -k[2], METHODS.index(k[1])),
+    )
+    rows = []
+    for setting, method, density in keys:
+        group = [r for r in runs if (r.setting, r.method, r.density) == (setting, method, density)]
+        accuracy = [100 * r.accuracy for r in group]
+        rows.append(
+            {
+                "setting": setting,
+                "method": method,
+                "density": density,
+                "seeds": len(group),
+                "accuracy": statistics.fmean(accuracy),
+                "spread": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                "achieved_density": statistics.fmean(r.achieved_density for r in group),
+                "train_gflops": statistics.fmean(r.train_flops for r in group) / 1e9,
+                "train_seconds": statistics.fmean(r.train_seconds for r in group),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    return format_table(
+        ["setting", "method", "density", "test acc %", "± sd", "achieved", "train GFLOPs", "train s"],
+        [
+            [
+                r["setting"], r["method"], f"{r['density']:.2f}", f"{r['accuracy']:.2f}",
+                f"{r['spread']:.2f}", f"{r['achieved_density']:.3f}", f"{r['train_gflops']:.1f}",
+                f"{r['train_seconds']:.1f}",
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """Accuracy against density and against training time, one line per method, per setting."""
+    from matplotlib.figure import Figure
+
+    paths = []
+    for setting in sorted({r["setting"] for r in rows}):
+        figure = Figure(figsize=(10, 4))
+        by_density, by_time = figure.subplots(1, 2)
+        dense = [r for r in rows if r["setting"] == setting and r["method"] == "dense"]
+        for method in METHODS:
+            points = sorted(
+                (r for r in rows if r["setting"] == setting and r["method"] == method),
+                key=lambda r: r["density"],
+            )
+            if not points or method == "dense":
+                continue
+            by_density.errorbar(
+                [r["density"] for r in points], [r["accuracy"] for r in points],
+                yerr=[r["spread"] for r in points], marker="o", capsize=3, label=method,
+            )  # fmt: skip
+            by_time.plot(
+                [r["train_seconds"] for r in points], [r["accuracy"] for r in points],
+                marker="o", label=method,
+            )  # fmt: skip
+        for r in dense:
+            by_density.axhline(r["accuracy"], color="black", linestyle="--", label="dense")
+            by_time.plot([r["train_seconds"]], [r["accuracy"]], "k*", markersize=10, label="dense")
+        by_density.set(
+            xscale="log", xlabel="density (kept channel fraction)", ylabel="test accuracy %"
+        )
+        by_time.set(xlabel="training wall time (s)", ylabel="test accuracy %")
+        by_density.legend(fontsize=7)
+        figure.suptitle(setting)
+        path = out / f"accuracy_{setting}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes: small subsets, 1 seed")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--densities", default="0.5,0.25,0.1")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=None, help="override every setting's epochs")
+    parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST examples per split")
+    parser.add_argument(
+        "--search", type=float, default=SEARCH, help="fraction of the epochs that search masks"
+    )
+    parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.quick:  # digits at its full length; Fashion-MNIST on a subset, fewer epochs
+        args.settings, args.densities, args.seeds = "digits-mlp,fashion-cnn", "0.25", "0"
+        args.limit = args.limit or 6000
+    print(" | ".join(f"{k}: {v}" for k, v in environment().items()))
+    densities = [float(d) for d in args.densities.split(",")]
+    runs: list[Run] = []
+    for name in args.settings.split(","):
+        setting = SETTINGS[name]
+        epochs = args.epochs or (QUICK_EPOCHS.get(name) if args.quick else None)
+        if epochs:
+            setting = Setting(**{**asdict_setting(setting), "epochs": epochs})
+        data = (
+            load_fashion_mnist(limit=args.limit)
+            if setting.load is load_fashion_mnist
+            else setting.load()
+        )
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in args.methods.split(","):
+                for density in [1.0] if method == "dense" else densities:
+                    start = time.perf_counter()
+                    run = train(name, setting, data, method, density, seed, args.search)
+                    runs.append(run)
+                    print(
+                        f"{name} {method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
+                        f"({time.perf_counter() - start:.0f} s)", flush=True,
+                    )  # fmt: skip
+    rows = summarize(runs)
+    print(table(rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "args": vars(args) | {"json": str(args.json)},
+                "rows": rows,
+                "runs": [asdict(r) for r in runs],
+            },
+            indent=1,
+        )
+    )
+    for path in plot(rows, args.json.parent):
+        print(f"plot: {path}")
+
+
+def asdict_setting(setting: Setting) -> dict:
+    return {f: getattr(setting, f) for f in Setting.__dataclass_fields__}
+
+
+if __name__ == "__main__":
+    main()
