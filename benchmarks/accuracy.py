@@ -27,6 +27,7 @@ first steps of each phase, times its steps) and the wall time of the training st
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import statistics
@@ -119,10 +120,13 @@ class Run:
 
 
 class Trainer:
-    """A method's training: `step(x, y, lr)` per batch, `fine_tune()` when the search ends,
-    `predict(x)` in eval mode, and the density of the structure it ends with."""
+    """A method's training: `step(x, y)` per batch (the loop sets the learning rate),
+    `fine_tune()` when the search ends, `predict(x)` in eval mode, and the density of the
+    structure it ends with. `options` are SparseConfig fields for the sparsefx methods."""
 
-    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
+    def __init__(
+        self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
+    ):
         self.model, self.density = model, density
         self.net: nn.Module = model
         """The module to call: its train/eval mode is the run's."""
@@ -153,9 +157,12 @@ class Sparsefx(Trainer):
 
     score_form = "paper"
 
-    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
-        super().__init__(model, density, example, seed)
-        config = sparsefx.SparseConfig(density=density, score_form=self.score_form, seed=seed)
+    def __init__(
+        self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
+    ):
+        super().__init__(model, density, example, seed, options)
+        options = {"score_form": self.score_form, **options}
+        config = sparsefx.SparseConfig(density=density, seed=seed, **options)
         self.sparse = self.net = sparsefx.transform(model, (example,), config=config)
         self.criterion = sparsefx.wrap_loss(self.sparse, nn.CrossEntropyLoss())
 
@@ -182,8 +189,10 @@ class SparsefxExact(Sparsefx):
 class Static(Sparsefx):
     """A random mask at the density (the same fraction of every group), never changed."""
 
-    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
-        super().__init__(model, density, example, seed)
+    def __init__(
+        self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
+    ):
+        super().__init__(model, density, example, seed, options)
         generator = torch.Generator().manual_seed(seed)
         sparsefx.set_masks(self.sparse, _random_masks(self.sparse, density, generator))
 
@@ -195,8 +204,10 @@ class RigL(Static):
     """Channel-level RigL: periodically drop the weakest kept channels (weight-row norm) and
     regrow the dropped ones with the largest gradient, from one dense step on the batch."""
 
-    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
-        super().__init__(model, density, example, seed)
+    def __init__(
+        self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
+    ):
+        super().__init__(model, density, example, seed, options)
         self.steps = 0
         self.total_steps = 1  # set by `train` before the first step
 
@@ -235,8 +246,10 @@ class PaperCode(Trainer):
     """The paper's code: K masked-weight dense forwards and backwards, then the score update;
     after the search, the top-budget mask multiplies the weights for fine-tuning."""
 
-    def __init__(self, model: nn.Sequential, density: float, example: Tensor, seed: int):
-        super().__init__(model, density, example, seed)
+    def __init__(
+        self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
+    ):
+        super().__init__(model, density, example, seed, options)
         self.plan = plan_of(model)
         self.scores = Scores(self.plan.widths, density)
         self.fixed: Tensor | None = None
@@ -296,7 +309,7 @@ def _random_masks(sparse: nn.Module, density: float, generator: torch.Generator)
 
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
-    search: float = SEARCH,
+    search: float = SEARCH, options: dict | None = None,
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order."""
     torch.manual_seed(seed)
@@ -310,7 +323,7 @@ def train(
         for _ in range(setting.epochs)
     ]
     total = sum(map(len, epochs))
-    trainer = TRAINERS[method](model, density, x_train[: setting.batch], seed)
+    trainer = TRAINERS[method](model, density, x_train[: setting.batch], seed, options or {})
     if isinstance(trainer, RigL):
         trainer.total_steps = total
     run = Run(name, method, density if method != "dense" else 1.0, seed)
@@ -445,12 +458,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--search", type=float, default=SEARCH, help="fraction of the epochs that search masks"
     )
+    parser.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a SparseConfig field for the sparsefx methods, e.g. score_lr=0.1 or samples=4",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
     return parser.parse_args(argv)
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.option = dict(args.option)
     if args.quick:  # digits at its full length; Fashion-MNIST on a subset, fewer epochs
         args.settings, args.densities, args.seeds = "digits-mlp,fashion-cnn", "0.25", "0"
         args.limit = args.limit or 6000
@@ -471,7 +501,9 @@ def main(argv: list[str] | None = None) -> None:
             for method in args.methods.split(","):
                 for density in [1.0] if method == "dense" else densities:
                     start = time.perf_counter()
-                    run = train(name, setting, data, method, density, seed, args.search)
+                    run = train(
+                        name, setting, data, method, density, seed, args.search, args.option
+                    )
                     runs.append(run)
                     print(
                         f"{name} {method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
