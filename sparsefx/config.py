@@ -33,9 +33,7 @@ class SparseConfig:
     score_form: ScoreForm = "paper"
     """psi = (m-s)/sqrt(s(1-s)) ("paper", the VR-PGE code) or (m-s)/(s(1-s)) ("exact")."""
     score_optimizer: ScoreOptimizer = "adam"
-    score_lr: float = 0.3
-    """Adam's learning rate on s. 0.3 trained better than 1e-2 in every setting of the accuracy
-    benchmark tried so far (benchmarks/RESULTS.md)."""
+    score_lr: float = 1e-2
     score_eps: float = 1e-3
     """s is clamped to [eps, 1-eps] inside psi so the score function stays finite."""
     seed: int | None = None
