@@ -285,7 +285,7 @@ class GraphRecord:
     graph_break: str | None = None
     """Where Dynamo broke the graph after this one ("file:line (reason)")."""
     config: SparseConfig | None = None
-    """The options it was rewritten with (torch.compile only; transform: the module's)."""
+    """The options it was rewritten with."""
 
 
 class SparseRuntime:
