@@ -132,8 +132,11 @@ class Trainer:
         """The module to call: its train/eval mode is the run's."""
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM)
 
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(self.model(x), y)
+
     def step(self, x: Tensor, y: Tensor) -> None:
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -166,11 +169,8 @@ class Sparsefx(Trainer):
         self.sparse = self.net = sparsefx.transform(model, (example,), config=config)
         self.criterion = sparsefx.wrap_loss(self.sparse, nn.CrossEntropyLoss())
 
-    def step(self, x: Tensor, y: Tensor) -> None:
-        loss = self.criterion(self.sparse(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.criterion(self.sparse(x), y)
 
     def fine_tune(self) -> None:
         sparsefx.freeze(self.sparse, "topk")
