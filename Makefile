@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sparsefx demo $(ARGS)
 
 # The HTML report's test opens it in headless Chromium (Debian's package): installed here when
-# missing and this runs as root with apt-get; otherwise that one test says what to install.
+# missing and this runs as root with apt-get; otherwise that one test fails saying what to install.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,33 +31,19 @@ from torch._dynamo.utils import counters
 import sparsefx
 from sparsefx.runtime import StructureState
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
+from examples.models import gpt2_model, hf_resnet_model
+
 LR = 0.01
 
 
 def resnet() -> tuple[nn.Module, Tensor, Tensor]:
-    import transformers
-
-    config = transformers.ResNetConfig(
-        layer_type="basic",
-        embedding_size=64,
-        hidden_sizes=[64, 128, 256, 512],
-        depths=[2, 2, 2, 2],
-        num_labels=10,
-        problem_type="single_label_classification",  # HF sets it on the first call otherwise
-    )
-    torch.manual_seed(0)
-    model = transformers.ResNetForImageClassification(config)
+    model = hf_resnet_model()
     return model, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
 
 def gpt2() -> tuple[nn.Module, Tensor, Tensor]:
-    import transformers
-
-    config = transformers.GPT2Config(
-        vocab_size=512, n_embd=256, n_layer=4, n_head=8, n_positions=128, use_cache=False
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = gpt2_model()
     ids = torch.randint(0, 512, (8, 128))
     return model, ids, ids
 

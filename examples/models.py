@@ -74,8 +74,9 @@ def mobilenet_v2() -> tuple[nn.Module, Tensor]:
     return MobileNetV2(), torch.randn(2, 3, 32, 32)
 
 
-def hf_resnet() -> tuple[nn.Module, Tensor]:
-    """Hugging Face ResNet-18 layout (basic blocks, 64..512 channels), 10 labels."""
+def hf_resnet_model() -> nn.Module:
+    """Hugging Face ResNet-18 layout (basic blocks, 64..512 channels), 10 labels: the issue's
+    model, shared with benchmarks/real_models.py."""
     import transformers
 
     config = transformers.ResNetConfig(
@@ -84,18 +85,31 @@ def hf_resnet() -> tuple[nn.Module, Tensor]:
         hidden_sizes=[64, 128, 256, 512],
         depths=[2, 2, 2, 2],
         num_labels=10,
+        problem_type="single_label_classification",  # HF sets it on the first call otherwise
     )
     torch.manual_seed(0)
-    return transformers.ResNetForImageClassification(config), torch.randn(2, 3, 32, 32)
+    return transformers.ResNetForImageClassification(config)
 
 
-def gpt2() -> tuple[nn.Module, dict[str, Any]]:
-    """A small Hugging Face GPT-2 (4 layers, 8 heads, n_embd 256) with its LM loss."""
+def gpt2_model() -> nn.Module:
+    """A small Hugging Face GPT-2 (vocab 512, 4 layers, 8 heads, n_embd 256, context 128):
+    the issue's model, shared with benchmarks/real_models.py."""
     import transformers
 
     config = transformers.GPT2Config(
         vocab_size=512, n_embd=256, n_layer=4, n_head=8, n_positions=128, use_cache=False
     )
     torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def hf_resnet() -> tuple[nn.Module, Tensor]:
+    model = hf_resnet_model()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def gpt2() -> tuple[nn.Module, dict[str, Any]]:
+    """GPT-2 with its LM loss (``labels=``) on 2 sequences of 64 tokens."""
+    model = gpt2_model()
     ids = torch.randint(0, 512, (2, 64))
-    return transformers.GPT2LMHeadModel(config), {"input_ids": ids, "labels": ids}
+    return model, {"input_ids": ids, "labels": ids}
