@@ -326,7 +326,10 @@ class CompiledGraph:
     def _build(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
         groups = self.runtime.groups if self.runtime is not None else []
         graph = rewrite_compact(
-            copy_graph_module(captured.gm), groups, sparse_gradients=self.config.sparse_gradients
+            copy_graph_module(captured.gm),
+            groups,
+            sparse_gradients=self.config.sparse_gradients,
+            triton_kernels=self.runtime is not None and self.runtime.triton,
         )
         graph = opaque_compact_convolutions(graph)
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))

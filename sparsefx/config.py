@@ -9,10 +9,12 @@ from typing import Literal
 Budget = Literal["channels", "params", "flops"]
 ScoreForm = Literal["exact", "paper"]
 ScoreOptimizer = Literal["adam", "sgd"]
+Kernels = Literal["auto", "torch", "triton"]
 
 _BUDGETS = ("channels", "params", "flops")
 _SCORE_FORMS = ("exact", "paper")
 _SCORE_OPTIMIZERS = ("adam", "sgd")
+_KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class SparseConfig:
     """Also prune residual streams: every tensor added into one stream (the producers that
     write into it, the layers that read it) is one shared group. By default streams stay
     dense and only the channels inside blocks are pruned."""
+    kernels: Kernels = "auto"
+    """Which kernels run the compact ops, the sampler and the projection: "triton" (fused
+    gather-GEMMs that read weights by index, one-launch sampling and projection), "torch"
+    (aten ops around index gathers; the reference), or "auto": Triton for a model on CUDA
+    when triton is installed, else torch. "triton" on CPU tensors needs TRITON_INTERPRET=1
+    (Triton's interpreter, for testing)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.density, bool) or not isinstance(self.density, int | float):
@@ -62,6 +70,7 @@ class SparseConfig:
         _check_choice("budget", self.budget, _BUDGETS)
         _check_choice("score_form", self.score_form, _SCORE_FORMS)
         _check_choice("score_optimizer", self.score_optimizer, _SCORE_OPTIMIZERS)
+        _check_choice("kernels", self.kernels, _KERNELS)
         if not self.score_lr > 0:
             raise ValueError(f"score_lr must be > 0, got {self.score_lr}")
         if not isinstance(self.sparse_gradients, bool):

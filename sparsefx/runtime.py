@@ -24,8 +24,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, capture
 from sparsefx.config import SparseConfig
+from sparsefx.kernels import load_triton_kernels, triton_selected
 from sparsefx.passes import copy_graph_module, rewrite_compact, score_graph, shared_noise_count
-from sparsefx.policy import project_to_budget, sample_masks, structure_gradient, top_budget_mask
+from sparsefx.policy import project_to_budget, sample_masks, top_budget_mask
+from sparsefx.policy.estimator import leave_one_out, score_function
 
 __all__ = [
     "GraphRecord",
@@ -55,12 +57,23 @@ class StructureState(nn.Module):
     two integers: checkpoints resume exactly and data-parallel ranks agree.
     """
 
-    def __init__(self, groups: list[Group], costs: list[float], config: SparseConfig, seed: int):
+    def __init__(
+        self,
+        groups: list[Group],
+        costs: list[float],
+        config: SparseConfig,
+        seed: int,
+        *,
+        triton: bool = False,
+    ):
         super().__init__()
         self.config = config
+        self.triton = triton
+        """Sample and project with the fused Triton kernels (SparseConfig.kernels)."""
         self.offsets = [0]
         for group in groups:
             self.offsets.append(self.offsets[-1] + group.size)
+        self.register_buffer("group_offsets", torch.tensor(self.offsets), persistent=False)
         channel_costs = torch.cat(
             [
                 torch.full((g.size,), c, dtype=torch.float64)
@@ -88,6 +101,8 @@ class StructureState(nn.Module):
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict | None = None
         self._eval_cache: tuple[int, Tensor] | None = None
+        self._sampled: tuple[Tensor, list[list[Tensor]], Tensor] | None = None
+        """The Triton sampler's last masks, with their per-group indices and score terms."""
 
     # -- the score optimizer is bound to the buffer lazily: .to() replaces buffers ----------
 
@@ -112,15 +127,38 @@ class StructureState(nn.Module):
         s.grad = self.pending.to(s.dtype)
         self.optimizer().step()
         s.grad = None
-        s.copy_(project_to_budget(s, self.costs, self.budget))
+        project = load_triton_kernels().project_budget if self.triton else project_to_budget
+        s.copy_(project(s, self.costs, self.budget))
         self.pending = None
 
     def sample(self, num_samples: int) -> Tensor:
         """K masks, bool [K, N], from the (seed, step) generator; advances the step."""
-        generator = torch.Generator(device=self.probabilities.device)
-        generator.manual_seed(_mix(int(self.seed), int(self.step)))
+        seed = _mix(int(self.seed), int(self.step))
         self.step += 1
+        if self.triton:
+            return self._sample_fused(num_samples, seed)
+        generator = torch.Generator(device=self.probabilities.device)
+        generator.manual_seed(seed)
         return self.keep_minimum(sample_masks(self.probabilities, num_samples, generator))
+
+    def _sample_fused(self, num_samples: int, seed: int) -> Tensor:
+        """One Triton launch: masks (keep-minimum rule included), every group's sorted kept
+        indices and the score terms; one host read of the kept counts slices the indices."""
+        masks, packed, counts, psi = load_triton_kernels().sample_compact(
+            self.probabilities,
+            self.group_offsets,
+            num_samples,
+            seed,
+            exact=self.config.score_form == "exact",
+            eps=self.config.score_eps,
+        )
+        starts = self.offsets[:-1]
+        indices = [
+            [row[a : a + n] for a, n in zip(starts, kept, strict=True)]
+            for row, kept in zip(packed, counts.tolist(), strict=True)
+        ]
+        self._sampled = (masks, indices, psi)
+        return masks
 
     def deterministic_mask(self) -> Tensor:
         """The frozen mask, else the top-budget mask by s (cached while s is unchanged)."""
@@ -163,8 +201,19 @@ class StructureState(nn.Module):
         return [mask[a:b] for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
 
     def indices(self, mask: Tensor) -> list[Tensor]:
-        """Sorted kept channel indices of each group."""
+        """Sorted kept channel indices of each group (a row of the fused sampler's last
+        masks reuses the indices it compacted: no nonzero, no host sync per group)."""
+        if self._sampled is not None and mask._base is self._sampled[0]:
+            return self._sampled[1][mask.storage_offset() // max(mask.numel(), 1)]
         return [part.nonzero().squeeze(1) for part in self.split(mask)]
+
+    def score_terms(self, masks: Tensor) -> Tensor:
+        """psi(m, s) [K, N] of the score form, in float32 (from the fused sampler if it
+        drew these masks)."""
+        if self._sampled is not None and masks is self._sampled[0]:
+            return self._sampled[2]
+        s = self.probabilities.float()
+        return score_function(masks, s, self.config.score_form, self.config.score_eps)
 
     def get_extra_state(self) -> dict:
         optimizer = self.optimizer().state_dict() if self._optimizer else self._optimizer_state
@@ -301,7 +350,11 @@ class SparseRuntime:
         self.config = config
         seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
         costs = cost_model.channel_costs(config.budget, config.density)
-        self.structure = StructureState(analysis.groups, costs, config, seed).to(device)
+        self.triton = triton_selected(config.kernels, device)
+        """The compact graphs, sampler and projection run the Triton kernels."""
+        self.structure = StructureState(
+            analysis.groups, costs, config, seed, triton=self.triton
+        ).to(device)
         self.criterion: Callable[..., Tensor] | None = None
         """The criterion registered by wrap_loss, for a model that returns logits."""
         self.graphs: list[GraphRecord] = []
@@ -346,13 +399,8 @@ class SparseRuntime:
             return
         losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()  # type: ignore[union-attr]
         structure = self.structure
-        gradient = structure_gradient(
-            losses,
-            step.masks,
-            structure.probabilities,
-            self.config.score_form,
-            self.config.score_eps,
-        )
+        psi = structure.score_terms(step.masks)
+        gradient = leave_one_out(losses, psi).to(structure.probabilities.dtype)
 
         def commit(grad: Tensor) -> Tensor:
             structure.commit(gradient)
@@ -444,6 +492,7 @@ class SparseModule(nn.Module):
             copy_graph_module(captured.gm),
             analysis.groups,
             sparse_gradients=self.config.sparse_gradients,
+            triton_kernels=self.runtime.triton,
         )
         score = score_graph(graph, captured.inputs) if captured.training else None
         mode = "training" if captured.training else "eval"

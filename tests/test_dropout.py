@@ -137,12 +137,12 @@ def test_the_k_losses_of_a_step_share_full_width_noise(monkeypatch, mode, hidden
     monkeypatch.setattr(StructureState, "sample", lambda self, k: sample(self, 1).expand(k, -1))
     losses = []
 
-    def recording(values, *args):
+    def recording(values, psi):
         losses.append(values)
-        return structure_gradient(values, *args)
+        return leave_one_out(values, psi)
 
-    structure_gradient = sparsefx.runtime.structure_gradient
-    monkeypatch.setattr(sparsefx.runtime, "structure_gradient", recording)
+    leave_one_out = sparsefx.runtime.leave_one_out
+    monkeypatch.setattr(sparsefx.runtime, "leave_one_out", recording)
     model = DropoutNet(hidden_p)
     if mode == "transform":
         run = sparsefx.transform(model, _data(), density=0.5)

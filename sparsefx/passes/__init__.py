@@ -17,6 +17,7 @@ from sparsefx.passes.compact import (
     rewrite_weight_ops,
 )
 from sparsefx.passes.dropout import reuse_dropout_noise, sample_dropout_noise, shared_noise_count
+from sparsefx.passes.kernels import use_triton_kernels
 
 __all__ = [
     "copy_graph_module",
@@ -29,14 +30,21 @@ __all__ = [
 
 
 def rewrite_compact(
-    gm: fx.GraphModule, groups: list[Group], *, sparse_gradients: bool = False
+    gm: fx.GraphModule,
+    groups: list[Group],
+    *,
+    sparse_gradients: bool = False,
+    triton_kernels: bool = False,
 ) -> fx.GraphModule:
     """Run the compact-rewrite passes in order. The graph gains one index input per group,
-    and a training graph one output per full-width dropout (its noise, for the score graph)."""
+    and a training graph one output per full-width dropout (its noise, for the score graph).
+    `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py)."""
     gm = add_index_inputs(gm, groups)
     for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)
+    if triton_kernels:
+        gm = use_triton_kernels(gm, sparse_gradients=sparse_gradients)
     return _finalize(sample_dropout_noise(gm))
 
 

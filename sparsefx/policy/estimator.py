@@ -7,7 +7,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreForm", "score_function", "structure_gradient"]
+__all__ = ["ScoreForm", "leave_one_out", "score_function", "structure_gradient"]
 
 ScoreForm = Literal["exact", "paper"]
 
@@ -50,5 +50,10 @@ def structure_gradient(
         )
     dtype = torch.promote_types(torch.promote_types(s.dtype, losses.dtype), torch.float32)
     psi = score_function(masks, s.to(dtype), form, eps)
-    losses = losses.to(dtype)
-    return ((losses - losses.mean()) @ psi / (num - 1)).to(s.dtype)
+    return leave_one_out(losses.to(dtype), psi).to(s.dtype)
+
+
+def leave_one_out(losses: Tensor, psi: Tensor) -> Tensor:
+    """1/(K-1) * sum_j (L_j - mean_k L_k) * psi_j for score terms psi [K, N] computed already
+    (the fused Triton sampler returns them with the masks)."""
+    return (losses - losses.mean()) @ psi / (losses.shape[0] - 1)

@@ -1,0 +1,72 @@
+"""Kernel selection: on CUDA the compact graph's weight gathers become Triton-backed ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from sparsefx.analysis import ops
+
+__all__ = ["use_triton_kernels"]
+
+aten = torch.ops.aten
+gather = torch.ops.sparsefx.gather_weight.default
+select = aten.index_select.default
+
+
+def use_triton_kernels(gm: fx.GraphModule, *, sparse_gradients: bool = False) -> fx.GraphModule:
+    """A linear (or linear-style addmm) on a gathered weight becomes one
+    ``sparsefx::compact_linear``, which reads the weight by index and takes the full bias,
+    with the ReLU that is its only user fused in; every other gather becomes
+    ``sparsefx::gather_block`` (one kernel each way around cuDNN's convolution)."""
+    import sparsefx.kernels.triton_ops  # noqa: F401  (registers the ops; imports triton)
+
+    compact_linear = torch.ops.sparsefx.compact_linear.default
+    graph = gm.graph
+    for node in list(graph.nodes):
+        linear = _compact_linear_args(node, sparse_gradients)
+        if linear is None:
+            continue
+        x, weight, bias, out_idx, in_idx = linear
+        users = list(node.users)
+        relu = len(users) == 1 and users[0].target is aten.relu.default
+        last = users[0] if relu else node
+        with graph.inserting_before(node):
+            if node.target is not aten.linear.default:  # addmm's weight is [in, out]
+                weight = graph.call_function(aten.t.default, (weight,))
+            fused = graph.call_function(
+                compact_linear,
+                (x, weight, bias, out_idx, in_idx, relu, sparse_gradients),
+            )
+        fused.meta = dict(node.meta)
+        last.replace_all_uses_with(fused)
+        for dead in (last, node) if relu else (node,):
+            graph.erase_node(dead)
+    for node in graph.find_nodes(op="call_function", target=gather):
+        node.target = torch.ops.sparsefx.gather_block.default
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _compact_linear_args(node: fx.Node, sparse_gradients: bool) -> tuple | None:
+    """(x, full weight [out, in] or [in, out], full bias, out_idx, in_idx) of a linear or
+    plain addmm whose weight is gathered (and only used there), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.linear.default:
+        x, weight, bias = ops.weight_args(node)
+        out_pos, in_pos = 1, 2
+    elif node.target is aten.addmm.default and ops.is_plain_addmm(node) and not sparse_gradients:
+        x, weight, bias = ops.weight_args(node)
+        out_pos, in_pos = 2, 1  # gather_weight(W [in, out], in_idx, out_idx)
+    else:
+        return None
+    if not (isinstance(weight, fx.Node) and weight.target is gather and len(weight.users) == 1):
+        return None
+    out_idx, in_idx = weight.args[out_pos], weight.args[in_pos]
+    if isinstance(bias, fx.Node) and bias.target is select and bias.args[2] is out_idx:
+        bias = bias.args[0]  # the op reads kept bias entries by index itself
+    elif bias is not None and out_idx is not None:
+        return None
+    return x, weight.args[0], bias, out_idx, in_idx

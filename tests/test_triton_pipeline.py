@@ -1,0 +1,156 @@
+"""SparseConfig(kernels="triton"): the compact graphs run the Triton ops, the structure update
+the fused sampler and projection, and training matches kernels="torch" (the reference).
+
+On CUDA when a GPU is present, else on CPU tensors under Triton's interpreter
+(tests/conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsefx
+from sparsefx.kernels import interpreting, triton_selected
+from sparsefx.kernels.triton_ops import compact_linear, gather_block
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not interpreting():
+    pytest.skip(
+        "kernels='triton' needs an NVIDIA GPU, or TRITON_INTERPRET=1 for CPU tensors "
+        "(tests/conftest.py sets it on machines without a GPU)",
+        allow_module_level=True,
+    )
+
+TRITON_OPS = {compact_linear._opoverload, gather_block._opoverload}
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 5)
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Conv2d(12, 10, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(10, 4),
+    )
+
+
+def _pair(model: nn.Module, x: torch.Tensor, **options):
+    """The same model transformed with each kernel choice, sharing a seed."""
+    models = {}
+    for kernels in ("torch", "triton"):
+        config = sparsefx.SparseConfig(density=0.5, seed=3, kernels=kernels, **options)
+        models[kernels] = sparsefx.transform(copy.deepcopy(model).to(DEVICE), (x,), config=config)
+    return models
+
+
+def _targets(sparse: nn.Module) -> set:
+    graph = sparse.runtime.graphs[0].compact.graph
+    return {n.target for n in graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("sparse_gradients", [False, True])
+def test_triton_graph_matches_reference_under_fixed_masks(build, sparse_gradients):
+    torch.manual_seed(0)
+    x = (
+        torch.randn(6, 20, device=DEVICE)
+        if build is _mlp
+        else torch.randn(2, 3, 6, 6, device=DEVICE)
+    )
+    target = torch.randint(0, 4, (x.shape[0],), device=DEVICE)
+    models = _pair(build(), x, sparse_gradients=sparse_gradients)
+    groups = models["torch"].groups
+    masks = {g.name: torch.rand(g.size) < 0.5 for g in groups}
+    for mask in masks.values():
+        mask[:2] = True
+    results = {}
+    for kernels, sparse in models.items():
+        sparsefx.set_masks(sparse, masks)
+        loss = nn.functional.cross_entropy(sparse(x)[:, :4], target)
+        loss.backward()
+        grads = {n: p.grad.to_dense() for n, p in sparse.named_parameters() if p.grad is not None}
+        results[kernels] = (loss.detach(), grads)
+    assert TRITON_OPS & _targets(models["triton"])
+    assert not TRITON_OPS & _targets(models["torch"])
+    torch.testing.assert_close(results["triton"][0], results["torch"][0])
+    assert results["triton"][1].keys() == results["torch"][1].keys()
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, msg=name)
+
+
+def test_relu_after_a_compact_linear_is_fused():
+    sparse = _pair(_mlp(), torch.randn(4, 20, device=DEVICE))["triton"]
+    graph = sparse.runtime.graphs[0].compact.graph
+    fused = [n for n in graph.nodes if n.target is compact_linear._opoverload]
+    assert [n.args[5] for n in fused] == [True, False, False]  # ReLU fused, GELU not
+    assert not graph.find_nodes(op="call_function", target=torch.ops.aten.relu.default)
+
+
+def test_training_with_the_fused_sampler_and_projection():
+    """Sampling, the score terms and the projection come from the Triton kernels: masks keep
+    every group non-trivial, s stays on the budget, and the loss falls."""
+    torch.manual_seed(0)
+    x, target = torch.randn(64, 20, device=DEVICE), torch.randint(0, 5, (64,), device=DEVICE)
+    config = sparsefx.SparseConfig(density=0.4, seed=5, kernels="triton", score_lr=0.05)
+    sparse = sparsefx.transform(_mlp().to(DEVICE), (x,), config=config)
+    criterion = sparsefx.wrap_loss(sparse, nn.functional.cross_entropy)
+    structure = sparse.structure
+    assert structure.triton
+    optimizer = torch.optim.Adam(sparse.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = criterion(sparse(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        masks = structure._sampled[0]
+        for indices, mask in zip(structure._sampled[1][0], structure.split(masks[0]), strict=True):
+            assert torch.equal(indices, mask.nonzero().squeeze(1))
+            assert len(indices) >= 2
+    s = structure.probabilities
+    assert (s.double() @ structure.costs.double()).item() <= structure.budget * (1 + 1e-6)
+    assert not torch.equal(s, torch.full_like(s, 0.4)), "the structure never moved"
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_compiled_model_with_triton_kernels():
+    """On a GPU Inductor compiles the kernels in; under the CPU interpreter the traced op
+    bodies take the reference path, and the run still matches eager."""
+    torch.manual_seed(0)
+    x, target = torch.randn(8, 20, device=DEVICE), torch.randint(0, 5, (8,), device=DEVICE)
+    model = _mlp().to(DEVICE)
+    options = {"density": 0.5, "seed": 2, "kernels": "triton"}
+    compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options=options)
+    eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    compiled.eval()(x)  # the compiled model has its sparsefx runtime after a first call
+    criterion = nn.functional.cross_entropy
+    results = []
+    for sparse in (compiled, eager):
+        sparsefx.set_masks(sparse, {g.name: torch.arange(g.size) % 3 != 1 for g in eager.groups})
+        loss = criterion(sparse.train()(x), target)
+        loss.backward()
+        results.append((loss.detach(), sparse.get_submodule("" if sparse is compiled else "model")))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for (name, p), q in zip(model.named_parameters(), results[0][1].parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_kernel_choice_is_validated():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        sparsefx.SparseConfig(density=0.5, kernels="cuda")
+    assert not triton_selected("auto", torch.device("cpu"))
+    assert not triton_selected("torch", torch.device(DEVICE))
+    assert triton_selected("triton", torch.device(DEVICE))
