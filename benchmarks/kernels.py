@@ -1,0 +1,240 @@
+"""The Triton kernels (issue 5) against cuBLAS on pre-gathered compact operands and against
+the dense GEMM, forward and backward, and the end-to-end sparse training step against dense
+torch.compile. Needs a CUDA GPU; ``--smoke`` runs the same code at toy sizes (on CPU under
+TRITON_INTERPRET=1) to check the plumbing, and its timings mean nothing.
+
+    .venv/bin/python benchmarks/kernels.py [--dtype bf16] [--json benchmarks/results/kernels.json]
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/kernels.py --smoke
+
+Kernel rows: x [M, n] @ W[n, n]^T with M tokens, `density` of W's rows and of its columns
+kept (random sorted indices). "cuBLAS" multiplies operands gathered beforehand (the gather
+not timed): the bar is triton >= 0.9x of it. "dense" is the full GEMM. Backward = dx and dW;
+the Triton dW writes straight into the full-size gradient (its zero fill of the dropped
+entries is one memset, timed in its own column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import build_mlp, format_table
+from torch import Tensor, nn
+
+import sparsefx
+from sparsefx.kernels import interpreting
+from sparsefx.kernels import triton_kernels as tk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bench(fn: Callable[[], object], device: str) -> float:
+    """Median milliseconds of fn: triton's do_bench on a GPU, a plain loop elsewhere."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def kernel_rows(tokens: int, width: int, densities: list[float], dtype, device: str) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, width, device=device, dtype=dtype)
+    weight = torch.randn(width, width, device=device, dtype=dtype) / width**0.5
+    grad_y = torch.randn(tokens, width, device=device, dtype=dtype)
+    return [row for density in densities for row in _rows_at(density, x, weight, grad_y, device)]
+
+
+def _rows_at(density: float, x: Tensor, weight: Tensor, grad_y: Tensor, device: str) -> list[dict]:
+    """Forward and backward rows at one density (same kept count for rows and columns)."""
+    tokens, width = x.shape
+    dtype = x.dtype
+    kept = max(1, round(density * width))
+    out_idx = torch.randperm(width, device=device)[:kept].sort().values
+    in_idx = torch.randperm(width, device=device)[:kept].sort().values
+    x_c, w_c = x[:, in_idx].contiguous(), weight[out_idx][:, in_idx].contiguous()
+    dy_c = grad_y[:, out_idx].contiguous()
+    w_grad = torch.zeros_like(weight)
+
+    def triton_forward() -> Tensor:
+        return tk.gather_matmul(x_c, weight, out_idx, in_idx, b_transposed=False)
+
+    def triton_backward() -> tuple[Tensor, None]:
+        dx = tk.gather_matmul(dy_c, weight, in_idx, out_idx, b_transposed=True)
+        return dx, tk.weight_grad(dy_c, x_c, w_grad, out_idx, in_idx)
+
+    # correctness against the pre-gathered cuBLAS products before timing anything
+    tol = {"atol": 5e-2, "rtol": 5e-2} if dtype != torch.float32 else {}
+    torch.testing.assert_close(triton_forward(), x_c @ w_c.t(), **tol)
+    dx, _ = triton_backward()
+    torch.testing.assert_close(dx, dy_c @ w_c, **tol)
+    torch.testing.assert_close(w_grad[out_idx][:, in_idx], dy_c.t() @ x_c, **tol)
+
+    timings = {
+        ("forward", "dense"): lambda: F.linear(x, weight),
+        ("forward", "cublas"): lambda: F.linear(x_c, w_c),
+        ("forward", "triton"): triton_forward,
+        ("backward", "dense"): lambda: (grad_y @ weight, grad_y.t() @ x),
+        ("backward", "cublas"): lambda: (dy_c @ w_c, dy_c.t() @ x_c),
+        ("backward", "triton"): triton_backward,
+        ("backward", "zero fill"): lambda: w_grad.zero_(),
+    }
+    ms = {key: bench(fn, device) for key, fn in timings.items()}
+    rows = []
+    for direction in ("forward", "backward"):
+        flops = 2 * tokens * kept * kept * (1 if direction == "forward" else 2)
+        triton_ms = ms[(direction, "triton")]
+        rows.append(
+            {
+                "density": density,
+                "kept": kept,
+                "pass": direction,
+                "dense_ms": ms[(direction, "dense")],
+                "cublas_ms": ms[(direction, "cublas")],
+                "triton_ms": triton_ms,
+                "zero_fill_ms": ms.get((direction, "zero fill")),
+                "vs_cublas": ms[(direction, "cublas")] / triton_ms,
+                "vs_dense": ms[(direction, "dense")] / triton_ms,
+                "tflops": flops / triton_ms / 1e9,
+            }
+        )
+    return rows
+
+
+def _hf_resnet(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    from examples.models import hf_resnet_model
+
+    model = hf_resnet_model().to(device)
+    x = torch.randn(32, 3, 32, 32, device=device)
+    return model, x, torch.randint(0, 10, (32,), device=device)
+
+
+def _mlp(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    model = build_mlp().to(device)
+    return model, torch.randn(256, 512, device=device), torch.randint(0, 10, (256,), device=device)
+
+
+def _training_step(model: nn.Module, run: nn.Module, x, y, criterion, device: str):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    run.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = run(x, labels=y) if criterion is None else run(x)
+        loss = out.loss if criterion is None else criterion(out, y)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def step_rows(models: dict[str, float], device: str, steps: int) -> list[dict]:
+    """Dense torch.compile against sparsefx (compiled and eager, default kernels: Triton on
+    CUDA) at each model's density; median of `steps` timed steps after warm-up."""
+    rows = []
+    builders = {"mlp": _mlp, "hf-resnet": _hf_resnet}
+    for name, density in models.items():
+        methods = {}
+        for method in ("dense-compiled", "sparsefx-compiled", "sparsefx"):
+            torch.manual_seed(0)
+            model, x, y = builders[name](device)
+            criterion = nn.CrossEntropyLoss() if name == "mlp" else None
+            options = {"density": density, "seed": 0}
+            if method == "dense-compiled":
+                run = torch.compile(model)
+            elif method == "sparsefx-compiled":
+                run = torch.compile(model, backend="sparsefx", options=options)
+            else:
+                kwargs = {} if criterion is not None else {"labels": y}
+                config = sparsefx.SparseConfig(**options)
+                run = sparsefx.transform(model, (x,), example_kwargs=kwargs, config=config)
+            if criterion is not None and method != "dense-compiled":
+                run(x)  # a compiled model has its runtime after one call
+                criterion = sparsefx.wrap_loss(run, criterion)
+            methods[method] = _training_step(model, run, x, y, criterion, device)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for step in methods.values():
+            for _ in range(3):
+                step()  # compile and warm up
+        for _ in range(steps):
+            for method, step in methods.items():
+                start = time.perf_counter()
+                step()
+                times[method].append(1e3 * (time.perf_counter() - start))
+        dense = sorted(times["dense-compiled"])[steps // 2]
+        for method, values in times.items():
+            median = sorted(values)[steps // 2]
+            rows.append(
+                {"model": name, "density": density, "method": method, "ms": median,
+                 "vs_dense_compiled": dense / median}
+            )  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: plumbing check only")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per method")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not (args.smoke and interpreting()):
+        raise SystemExit(
+            "benchmarks/kernels.py times CUDA kernels and needs a GPU; on a CPU run "
+            "`TRITON_INTERPRET=1 .venv/bin/python benchmarks/kernels.py --smoke` to check it"
+        )
+    dtype = DTYPES[args.dtype]
+    if args.smoke:
+        kernels = kernel_rows(64, 96, [0.5, 0.25, 0.1], dtype, device)
+        steps = step_rows({"mlp": 0.1}, device, 1)
+    else:
+        kernels = kernel_rows(8192, 4096, [0.5, 0.25, 0.1], dtype, device)
+        steps = step_rows({"mlp": 0.1, "hf-resnet": 0.25}, device, args.steps)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype}")
+    print(
+        format_table(
+            ["density", "kept", "pass", "dense ms", "cuBLAS ms", "triton ms", "zero fill ms",
+             "vs cuBLAS", "vs dense", "TFLOP/s"],
+            [
+                [f"{r['density']}", str(r["kept"]), r["pass"], f"{r['dense_ms']:.3f}",
+                 f"{r['cublas_ms']:.3f}", f"{r['triton_ms']:.3f}",
+                 "" if r["zero_fill_ms"] is None else f"{r['zero_fill_ms']:.3f}",
+                 f"{r['vs_cublas']:.2f}x", f"{r['vs_dense']:.2f}x", f"{r['tflops']:.1f}"]
+                for r in kernels
+            ],
+        )
+    )  # fmt: skip
+    if steps:
+        print(
+            format_table(
+                ["model", "density", "method", "ms/step", "vs dense compiled"],
+                [
+                    [r["model"], str(r["density"]), r["method"], f"{r['ms']:.2f}",
+                     f"{r['vs_dense_compiled']:.2f}x"]
+                    for r in steps
+                ],
+            )
+        )  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"device": name, "torch": torch.__version__, "kernels": kernels, "steps": steps}
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
