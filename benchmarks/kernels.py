@@ -142,27 +142,31 @@ def _training_step(model: nn.Module, run: nn.Module, x, y, criterion, device: st
 
 
 def step_rows(models: dict[str, float], device: str, steps: int) -> list[dict]:
-    """Dense torch.compile against sparsefx (compiled and eager, default kernels: Triton on
-    CUDA) at each model's density; median of `steps` timed steps after warm-up."""
+    """Dense torch.compile against sparsefx (compiled and eager with the default kernels,
+    Triton on CUDA; and compiled with kernels="torch", "-aten") at each model's density;
+    median of `steps` timed steps after warm-up, methods interleaved."""
     rows = []
     builders = {"mlp": _mlp, "hf-resnet": _hf_resnet}
     for name, density in models.items():
         methods = {}
-        for method in ("dense-compiled", "sparsefx-compiled", "sparsefx"):
+        for method in ("dense-compiled", "sparsefx-compiled", "sparsefx-compiled-aten", "sparsefx"):
             torch.manual_seed(0)
             model, x, y = builders[name](device)
             criterion = nn.CrossEntropyLoss() if name == "mlp" else None
             options = {"density": density, "seed": 0}
             if method == "dense-compiled":
                 run = torch.compile(model)
-            elif method == "sparsefx-compiled":
+            elif method.startswith("sparsefx-compiled"):
+                if method.endswith("-aten"):  # the same step without the Triton kernels
+                    options["kernels"] = "torch"
                 run = torch.compile(model, backend="sparsefx", options=options)
             else:
                 kwargs = {} if criterion is not None else {"labels": y}
                 config = sparsefx.SparseConfig(**options)
                 run = sparsefx.transform(model, (x,), example_kwargs=kwargs, config=config)
+            if method.startswith("sparsefx-compiled"):
+                run.eval()(x)  # a compiled model has its sparsefx runtime after one call
             if criterion is not None and method != "dense-compiled":
-                run(x)  # a compiled model has its runtime after one call
                 criterion = sparsefx.wrap_loss(run, criterion)
             methods[method] = _training_step(model, run, x, y, criterion, device)
         times: dict[str, list[float]] = {m: [] for m in methods}
