@@ -2,6 +2,7 @@
 
 from sparsefx.api import (
     explain,
+    export,
     freeze,
     groups,
     masks,
@@ -28,6 +29,7 @@ __all__ = [
     "backend",
     "diff",
     "explain",
+    "export",
     "freeze",
     "groups",
     "masks",

@@ -7,15 +7,27 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from sparsefx import compiled
-from sparsefx.analysis import Group
+from sparsefx.analysis import Group, analyze
+from sparsefx.capture import capture
 from sparsefx.config import SparseConfig, resolve_config
-from sparsefx.runtime import SparseModule, SparseRuntime, find_loss, wrap_criterion
+from sparsefx.kernels import compact
+from sparsefx.passes import copy_graph_module, rewrite_compact
+from sparsefx.passes.export import fold_constants, inline_state
+from sparsefx.runtime import (
+    SparseModule,
+    SparseRuntime,
+    check_same_groups,
+    find_loss,
+    wrap_criterion,
+)
 from sparsefx.tools.report import build_report
 
 __all__ = [
     "explain",
+    "export",
     "freeze",
     "groups",
     "masks",
@@ -192,6 +204,70 @@ def stats(model: nn.Module) -> dict[str, float]:
         "expected_flops_fraction": cost.fraction("flops", expected),
         "frozen": float(structure.fixed is not None),
     }
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+) -> torch.export.ExportedProgram:
+    """The frozen sparse model as a compact inference program: a ``torch.export``
+    ExportedProgram whose parameters are physically sliced to the kept channels, with no
+    masks, gathers or sparsefx ops (activations that must return to full width do so by an
+    ``index_copy`` with a constant index). Its output equals the frozen model's eval output;
+    ``torch.export.save``/``load`` round-trip it. Shapes are the examples' (static), as in
+    sparsefx's own capture. Example::
+
+        sparsefx.freeze(smodel)
+        program = sparsefx.export(smodel, (x,))
+        logits = program.module()(x)
+    """
+    runtime = _runtime(model)
+    structure = runtime.structure
+    if structure.fixed is None:
+        raise RuntimeError(
+            "export needs frozen masks: call sparsefx.freeze(model) (or sparsefx.set_masks) "
+            "first; while the structure trains, every step samples different channels"
+        )
+    module = model.model if isinstance(model, SparseModule) else compiled._unwrap(model)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    training = module.training
+    module.eval()
+    try:
+        captured = capture(module, args, kwargs, training=False)
+    finally:
+        module.train(training)
+    analysis = analyze(captured.gm, captured.inputs, prune_streams=runtime.config.prune_streams)
+    check_same_groups(analysis.groups, runtime.groups)
+    graph = rewrite_compact(copy_graph_module(captured.gm), analysis.groups)
+    state = {
+        **dict(module.named_parameters(remove_duplicate=False)),
+        **dict(module.named_buffers(remove_duplicate=False)),
+        **captured.constants,
+    }
+    kept = dict(
+        zip((g.name for g in runtime.groups), structure.indices(structure.fixed), strict=True)
+    )
+    graph = fold_constants(inline_state(graph, captured.inputs, state, kept))
+    program = torch.export.export(_CompactInference(graph, captured.out_spec), args, kwargs)
+    return program.run_decompositions(
+        {torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_reference}
+    )
+
+
+class _CompactInference(nn.Module):
+    """The folded compact graph behind the model's own calling convention."""
+
+    def __init__(self, graph: torch.fx.GraphModule, out_spec: pytree.TreeSpec):
+        super().__init__()
+        self.compact = graph
+        self.out_spec = out_spec
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = pytree.tree_leaves((args, kwargs))
+        return pytree.tree_unflatten(list(self.compact(*flat)), self.out_spec)
 
 
 def explain(model: nn.Module) -> str:

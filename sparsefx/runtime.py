@@ -365,9 +365,12 @@ class SparseRuntime:
         return self.analysis.groups
 
     def current_mask(self) -> Tensor:
-        """The masks of the last training forward, else the deterministic (eval) mask."""
+        """The fixed (frozen) mask; else the mask of the last training forward, else the
+        deterministic (eval) mask."""
         structure = self.structure
-        return structure.last if structure.last is not None else structure.deterministic_mask()
+        if structure.fixed is None and structure.last is not None:
+            return structure.last
+        return structure.deterministic_mask()
 
     def masks_for_forward(self, training: bool) -> tuple[Tensor, SampledStep | None]:
         """Masks [K, N] for one forward, and the sampled step when the structure trains.

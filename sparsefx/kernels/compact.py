@@ -82,12 +82,18 @@ def _gather_backward(ctx, grad_c):
 gather_weight.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-@torch.library.custom_op("sparsefx::scatter_channels", mutates_args=())
-def scatter_channels(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
-    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere."""
+def scatter_channels_reference(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
+    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere
+    (aten ops only: also the decomposition an exported compact model runs)."""
     shape = list(x.shape)
     shape[dim] = size
     return x.new_zeros(shape).index_copy_(dim, idx, x)
+
+
+@torch.library.custom_op("sparsefx::scatter_channels", mutates_args=())
+def scatter_channels(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
+    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere."""
+    return scatter_channels_reference(x, idx, dim, size)
 
 
 @scatter_channels.register_fake

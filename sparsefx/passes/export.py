@@ -1,0 +1,135 @@
+"""Export passes: a compact eval graph with frozen masks becomes a standalone inference graph
+whose parameters are physically sliced to the kept channels.
+
+With the masks fixed, the index inputs are constants, so every gather of a parameter, bias
+or running statistic depends only on constants: folding those subgraphs leaves the compact
+weights themselves as the graph's state, and nothing that selects channels at run time except
+the scatters to full width that the analysis kept (plain ``index_copy`` with a constant index
+after decomposition).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+from torch.export.graph_signature import InputKind
+
+__all__ = ["fold_constants", "inline_state"]
+
+
+def inline_state(
+    gm: fx.GraphModule,
+    inputs: list[tuple[InputKind, str]],
+    state: dict[str, Tensor],
+    indices: dict[str, Tensor],
+) -> fx.GraphModule:
+    """Replace the placeholders of parameters, buffers and constants (`state`, by FQN) and
+    the trailing index inputs (`indices`, by group) by attributes of the module, parameters
+    staying parameters; user inputs stay inputs."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    names = [(kind, target) for kind, target in inputs]
+    names += [(None, f"kept {group}") for group in indices]
+    for node, (kind, target) in zip(placeholders, names, strict=True):
+        if kind == InputKind.USER_INPUT:
+            continue
+        value = state[target] if kind is not None else indices[target.removeprefix("kept ")]
+        name = _attribute_name(gm, target)
+        if kind == InputKind.PARAMETER:
+            gm.register_parameter(name, torch.nn.Parameter(value.detach(), value.requires_grad))
+        else:
+            gm.register_buffer(name, value.detach())
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.get_attr(name)
+        constant.meta = dict(node.meta)
+        node.replace_all_uses_with(constant)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """Evaluate every call whose inputs are all constants (get_attr nodes or folded values)
+    and make each folded tensor a module attribute, named after the state it comes from: a
+    parameter when it derives from a parameter (a kept slice of a weight), else a buffer.
+    Non-tensor results (sizes) become literals; attributes nothing reads any more (the
+    full-size state the slices replace) are dropped."""
+    graph = gm.graph
+    values: dict[fx.Node, object] = {}
+    from_parameter: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            values[node] = getattr(gm, node.target)
+            if isinstance(values[node], torch.nn.Parameter):
+                from_parameter.add(node)
+        elif node.op == "call_function" and _foldable(node, values):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            values[node] = node.target(*args, **kwargs)
+            if any(n in from_parameter for n in node.all_input_nodes):
+                from_parameter.add(node)
+    for node in list(graph.nodes):
+        if node not in values or node.op == "get_attr":
+            continue
+        if not any(user not in values for user in node.users):
+            continue  # only feeds other folded nodes
+        value = values[node]
+        if isinstance(value, Tensor):
+            source = next(n for n in _constant_sources(node, values))
+            name = _attribute_name(gm, f"{source.target}_kept")
+            if node in from_parameter:
+                gm.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+            else:
+                gm.register_buffer(name, value.detach().clone())
+            with graph.inserting_before(node):
+                constant = graph.get_attr(name)
+            constant.meta = dict(node.meta)
+            node.replace_all_uses_with(constant)
+        else:
+            node.replace_all_uses_with(value)  # type: ignore[arg-type]
+    graph.eliminate_dead_code()
+    for name, _ in list(gm.named_buffers(recurse=False)) + list(gm.named_parameters(recurse=False)):
+        if not graph.find_nodes(op="get_attr", target=name):
+            delattr(gm, name)  # the full-size state the folded slices replaced
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _constant_sources(node: fx.Node, values: dict[fx.Node, object]):
+    """The get_attr nodes a folded node derives from."""
+    stack, seen, found = [node], set(), []
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            found.append(current)
+        stack.extend(n for n in current.all_input_nodes if n in values)
+    # name a slice after its parameter, else its buffer, before the kept-index constants
+    found.sort(
+        key=lambda n: (not isinstance(values[n], torch.nn.Parameter), n.target.startswith("kept_"))
+    )
+    return found
+
+
+def _attribute_name(gm: fx.GraphModule, name: str) -> str:
+    """A free attribute name derived from an FQN or description."""
+    base = "".join(c if c.isalnum() else "_" for c in name).strip("_") or "state"
+    candidate, i = base, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{base}_{i}", i + 1
+    return candidate
+
+
+def _foldable(node: fx.Node, values: dict[fx.Node, object]) -> bool:
+    """Inputs all constant, at least one of them (a factory call stays in the graph), and
+    not an op with side effects or randomness."""
+    inputs = node.all_input_nodes
+    if not inputs or any(n not in values for n in inputs):
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return (
+            not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+        )
+    return True

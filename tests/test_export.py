@@ -1,0 +1,133 @@
+"""sparsefx.export: a frozen sparse model becomes a compact torch.export program with
+physically sliced parameters, equal to the frozen model's eval output, with the parameter
+count and FLOPs of the cost model, and no sparsefx op or channel gather left."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsefx
+from tests.test_coupling import DenseNetStyle, MobileNetV2Style, ResNetStyle
+
+transformers = pytest.importorskip("transformers")
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 5),
+    )  # fmt: skip
+
+
+def _hf_resnet() -> nn.Module:
+    config = transformers.ResNetConfig(
+        layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1], num_labels=3
+    )
+    return transformers.ResNetForImageClassification(config)
+
+
+MODELS = {  # builder, options, input size
+    "cnn": (_cnn, {}, 16),
+    "resnet-style": (ResNetStyle, {}, 16),
+    "resnet-style-streams": (ResNetStyle, {"prune_streams": True}, 16),
+    "mobilenet-v2-style": (MobileNetV2Style, {}, 16),
+    "densenet-style": (DenseNetStyle, {}, 4),
+    "hf-resnet": (_hf_resnet, {}, 16),
+}
+
+
+def _frozen(build, options: dict, x: torch.Tensor) -> nn.Module:
+    """A sparse model trained for two steps (weights, BN statistics and s all move), then
+    frozen to its top-budget mask."""
+    model = build()
+    config = sparsefx.SparseConfig(density=0.4, seed=0, score_lr=0.1, **options)
+    sparse = sparsefx.transform(model, (x,), config=config)
+    hf = isinstance(model, transformers.PreTrainedModel)
+
+    def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output.logits if hf else output, target)
+
+    criterion = sparsefx.wrap_loss(sparse, cross_entropy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    target = torch.randint(0, 3, (x.shape[0],))
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = criterion(sparse(x), target)
+        loss.backward()
+        optimizer.step()
+    sparsefx.freeze(sparse)
+    return sparse.eval()
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exported_program_equals_the_frozen_model_and_is_compact(name, tmp_path):
+    build, options, size = MODELS[name]
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, size, size)
+    sparse = _frozen(build, options, x)
+    with torch.no_grad():
+        expected = _outputs(sparse(x))
+    program = sparsefx.export(sparse, (x,))
+    actual = _outputs(program.module()(x))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+    path = tmp_path / "compact.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    for a, e in zip(_outputs(loaded.module()(x)), expected, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert not {t for t in targets if "sparsefx" in str(t)}, targets
+    assert torch.ops.aten.index_select.default not in targets
+
+    runtime = sparse.runtime
+    kept = [float(m.sum()) for m in runtime.structure.split(runtime.structure.fixed)]
+    cost = runtime.cost_model
+    params = sum(program.state_dict[n].numel() for n in program.graph_signature.parameters)
+    dense_params = sum(p.numel() for p in sparse.model.parameters())
+    assert params == cost.evaluate("params", kept) < dense_params
+    with FlopCounterMode(display=False) as flops:
+        program.module()(x)
+    assert flops.get_total_flops() == pytest.approx(x.shape[0] * cost.evaluate("flops", kept))
+    assert sparsefx.stats(sparse)["params_fraction"] == pytest.approx(
+        params / cost.evaluate("params", cost.sizes)
+    )
+
+
+def test_export_of_a_compiled_model():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    model = _cnn()
+    compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
+    compiled.eval()(x)  # the compiled model has its sparsefx runtime after a first call
+    sparsefx.set_masks(
+        compiled, {g.name: torch.arange(g.size) % 2 == 0 for g in sparsefx.groups(compiled)}
+    )
+    with torch.no_grad():
+        expected = compiled(x)
+    program = sparsefx.export(compiled, (x,))
+    torch.testing.assert_close(program.module()(x), expected, atol=1e-5, rtol=1e-5)
+    conv = next(v for k, v in program.state_dict.items() if k.endswith("0_weight_kept"))
+    assert conv.shape == (8, 3, 3, 3)
+
+
+def test_export_needs_frozen_masks():
+    x = torch.randn(2, 3, 8, 8)
+    sparse = sparsefx.transform(_cnn(), (x,), density=0.5)
+    with pytest.raises(RuntimeError, match=r"sparsefx.freeze\(model\)"):
+        sparsefx.export(sparse, (x,))
+    with pytest.raises(TypeError, match=r"returned by sparsefx\.transform"):
+        sparsefx.export(_cnn(), (x,))
