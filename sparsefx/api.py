@@ -30,10 +30,12 @@ __all__ = [
     "export",
     "freeze",
     "groups",
+    "load_structure_state",
     "masks",
     "probabilities",
     "set_masks",
     "stats",
+    "structure_state",
     "transform",
     "unfreeze",
     "wrap_loss",
@@ -204,6 +206,29 @@ def stats(model: nn.Module) -> dict[str, float]:
         "expected_flops_fraction": cost.fraction("flops", expected),
         "frozen": float(structure.fixed is not None),
     }
+
+
+def structure_state(model: nn.Module) -> dict[str, Any]:
+    """The structure's state of a transformed or compiled model: probabilities s, the
+    sampler's seed and step, the score optimizer, the pending structure gradient, frozen and
+    last masks. A checkpoint saves it with the model's and the optimizer's state dicts; for a
+    transformed model it is also inside ``model.state_dict()`` (under ``structure.``), while a
+    compiled model keeps it beside the model. Example::
+
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "structure": sparsefx.structure_state(cmodel)}, path)
+    """
+    return _runtime(model).structure.state_dict()
+
+
+def load_structure_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load what :func:`structure_state` returned. A model compiled with sparsefx that has
+    not been called yet keeps it until its first compile, so a resumed run continues with
+    the checkpoint's masks from its first step."""
+    if compiled.runtime_of(model) is None and hasattr(model, "_orig_mod"):
+        compiled.load_structure_state_later(model, state)
+        return
+    _runtime(model).structure.load_state_dict(state)
 
 
 def export(

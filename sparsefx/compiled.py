@@ -64,6 +64,8 @@ _BREAKS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictio
 """Model -> where Dynamo broke its graphs, for error messages."""
 _RECORDS: weakref.WeakKeyDictionary[nn.Module, list[GraphRecord]] = weakref.WeakKeyDictionary()
 """Model -> every graph the backend rewrote for it, with or without groups (`explain`)."""
+_PENDING_STATE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+"""Model -> structure state loaded before its first compile, applied when its runtime exists."""
 
 
 def backend(
@@ -105,6 +107,13 @@ def set_criterion(model: Any, criterion: Callable[..., Tensor]) -> None:
     _CRITERIA[model] = criterion
     if model in _RUNTIMES:
         _RUNTIMES[model].criterion = criterion
+
+
+def load_structure_state_later(model: Any, state: dict) -> None:
+    """Keep a structure state for a compiled model whose runtime does not exist yet (no call
+    so far): its first compile with groups loads it, so a resumed run's first step already
+    samples from the checkpoint's state."""
+    _PENDING_STATE[_unwrap(model)] = state
 
 
 def _unwrap(model: Any) -> Any:
@@ -238,6 +247,8 @@ def _runtime_for(
         _RUNTIMES[root] = runtime
         if root in _CRITERIA:
             runtime.criterion = _CRITERIA[root]
+        if root in _PENDING_STATE:
+            runtime.structure.load_state_dict(_PENDING_STATE.pop(root))
     return runtime
 
 
