@@ -76,6 +76,8 @@ def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..
         criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
         loss = criterion(smodel(x), y); loss.backward(); opt.step()
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     if isinstance(model, SparseModule):
         model.runtime.criterion = criterion
     elif isinstance(model, nn.Module):
@@ -340,7 +342,10 @@ def _mean_eval_loss(
 
 
 def _runtime(model: Any) -> SparseRuntime:
-    """The runtime behind a transformed model, or behind a model compiled with sparsefx."""
+    """The runtime behind a transformed model, or behind a model compiled with sparsefx
+    (either possibly wrapped by DistributedDataParallel)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     if isinstance(model, SparseModule):
         return model.runtime
     runtime = compiled.runtime_of(model) if isinstance(model, nn.Module) else None

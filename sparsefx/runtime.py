@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
@@ -359,6 +360,7 @@ class SparseRuntime:
         """The criterion registered by wrap_loss, for a model that returns logits."""
         self.graphs: list[GraphRecord] = []
         """Every graph rewritten for this model so far, in capture order."""
+        self._ranks_checked = False
 
     @property
     def groups(self) -> list[Group]:
@@ -379,6 +381,9 @@ class SparseRuntime:
         and frozen masks use the deterministic mask, K = 1."""
         structure = self.structure
         if training and structure.fixed is None:
+            if not self._ranks_checked:
+                check_ranks_agree(structure)
+                self._ranks_checked = True
             structure.apply_pending()
             masks = structure.sample(self.config.samples)
             step: SampledStep | None = SampledStep(self, masks)
@@ -401,15 +406,56 @@ class SparseRuntime:
         if not loss.requires_grad:
             return
         losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()  # type: ignore[union-attr]
+        losses = average_over_ranks(losses)
         structure = self.structure
         psi = structure.score_terms(step.masks)
-        gradient = leave_one_out(losses, psi).to(structure.probabilities.dtype)
+        gradient = leave_one_out(losses, psi)
+        # An overflowing step (inf/NaN losses, as float16 gives before GradScaler backs off)
+        # must not poison s: its structure gradient is zero (a select, no host sync).
+        finite = torch.isfinite(losses).all()
+        gradient = torch.where(finite, gradient, torch.zeros_like(gradient))
+        gradient = gradient.to(structure.probabilities.dtype)
 
         def commit(grad: Tensor) -> Tensor:
             structure.commit(gradient)
             return grad
 
         loss.register_hook(commit)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_over_ranks(losses: Tensor) -> Tensor:
+    """The K losses averaged over data-parallel ranks (the default process group), so every
+    rank computes the structure gradient of the global batch: VR-PGE is linear in the
+    losses, and a mean loss over equal local batches averages to the global batch's."""
+    if not _distributed():
+        return losses
+    losses = losses.clone()
+    dist.all_reduce(losses)  # SUM: gloo has no AVG
+    return losses / dist.get_world_size()
+
+
+def check_ranks_agree(structure: StructureState) -> None:
+    """Raise unless every rank holds the same sampler seed, step and probabilities: each
+    rank then samples the same masks with no communication per step."""
+    if not _distributed():
+        return
+    summary = torch.stack(
+        [structure.seed.double(), structure.step.double(), structure.probabilities.double().sum()]
+    )
+    low, high = summary.clone(), summary.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            "data-parallel ranks disagree on the sparsefx structure (sampler seed, step or "
+            f"probabilities; min {low.tolist()}, max {high.tolist()}), so they would sample "
+            "different masks: pass the same SparseConfig(seed=...) on every rank (or seed "
+            "torch identically before transform), and load the same checkpoint on every rank"
+        )
 
 
 def missing_loss_message(model_name: str, detail: str = "") -> str:

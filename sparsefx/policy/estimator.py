@@ -55,5 +55,11 @@ def structure_gradient(
 
 def leave_one_out(losses: Tensor, psi: Tensor) -> Tensor:
     """1/(K-1) * sum_j (L_j - mean_k L_k) * psi_j for score terms psi [K, N] computed already
-    (the fused Triton sampler returns them with the masks)."""
-    return (losses - losses.mean()) @ psi / (losses.shape[0] - 1)
+    (the fused Triton sampler returns them with the masks).
+
+    Computed as sum_j (L_j - mean) (psi_j - psi_0), equal since the centred losses sum to 0,
+    so that a channel kept (or dropped) by every sample gets exactly 0 rather than rounding
+    noise of the centred sum: Adam normalises any nonzero gradient to a step of about its
+    lr, which would move such channels at random (and differently on each data-parallel
+    rank or between compiled and eager losses)."""
+    return (losses - losses.mean()) @ (psi - psi[0]) / (losses.shape[0] - 1)
