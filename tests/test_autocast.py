@@ -1,0 +1,87 @@
+"""Mixed precision: training under torch.autocast (bfloat16 on CPU; float16 with GradScaler
+on CUDA) behaves as float32 training within low-precision tolerances, the structure gradient
+is computed in float32 from the K losses, and a non-finite loss does not poison s."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsefx
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4),
+    ).to(DEVICE)  # fmt: skip
+
+
+def _train(model, mode: str, dtype: torch.dtype | None, steps: int = 6, scaler=None):
+    """Losses of `steps` steps and the final s, under autocast to `dtype` (None: float32)."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 3, 8, 8, device=DEVICE)
+    y = torch.randint(0, 4, (16,), device=DEVICE)
+    options = {"density": 0.5, "seed": 4, "score_lr": 0.05}
+    if mode == "compile":
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    else:
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    criterion = sparsefx.wrap_loss(sparse, nn.functional.cross_entropy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = criterion(sparse(x), y)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        losses.append(loss.item())
+    s = torch.cat(list(sparsefx.probabilities(sparse).values()))
+    return torch.tensor(losses), s
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_bfloat16_autocast_trains_like_float32(mode):
+    model = _model()
+    losses32, s32 = _train(copy.deepcopy(model), mode, None)
+    losses16, s16 = _train(model, mode, torch.bfloat16)
+    torch.testing.assert_close(losses16, losses32, rtol=0.05, atol=0.02)
+    assert s16.dtype == torch.float32
+    torch.testing.assert_close(s16, s32, rtol=0, atol=0.05)
+    assert losses16[-1] < losses16[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 GradScaler needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_float16_with_grad_scaler_trains_like_float32(mode):
+    model = _model()
+    losses32, s32 = _train(copy.deepcopy(model), mode, None)
+    scaler = torch.amp.GradScaler("cuda")
+    losses16, s16 = _train(model, mode, torch.float16, scaler=scaler)
+    torch.testing.assert_close(losses16, losses32, rtol=0.02, atol=0.01)
+    torch.testing.assert_close(s16, s32, rtol=0, atol=0.05)
+
+
+def test_non_finite_loss_leaves_the_structure_finite():
+    model = _model()
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(density=0.5, seed=0))
+    criterion = sparsefx.wrap_loss(sparse, lambda out, y: (out * y).sum())
+    scale = torch.tensor(float("inf"), device=DEVICE)
+    criterion(sparse(x), scale).backward()  # an overflowing step: inf losses
+    sparse(x)  # the next training forward applies the pending structure update
+    s = sparse.structure.probabilities
+    assert torch.isfinite(s).all()
