@@ -192,6 +192,27 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(blocks, (_randn(9, 7, 3), out_idx, in_idx))
 
 
+def test_autotuning_keeps_only_tiles_that_fit_hopper_shared_memory():
+    """The bounds come from building the kernels for sm_90 without a GPU (triton.compile to
+    cubin): float32 tiles past 232448 bytes of shared memory failed to fit there."""
+    import triton
+
+    configs = [
+        triton.Config({"BLOCK_M": a, "BLOCK_J": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
+        for a, b, r, s, w in tk.TILES
+    ]
+
+    def kept(dtype: torch.dtype, **flags) -> list[tuple[int, int, int, int]]:
+        named = {"a_ptr": torch.empty(1, dtype=dtype)}
+        return [(*c.kwargs.values(), c.num_stages) for c in tk.prune_tiles(configs, named, **flags)]
+
+    assert (128, 256, 64, 3) in kept(torch.bfloat16, GATE=True, PRECISION=None)
+    assert (128, 256, 64, 3) not in kept(torch.float32, GATE=False, PRECISION="tf32")
+    assert (128, 128, 64, 3) not in kept(torch.float32, GATE=True, PRECISION="tf32")
+    assert all(a * b <= 128 * 128 for a, b, _, _ in kept(torch.float32, PRECISION="ieee"))
+    assert (32, 32, 32, 2) in kept(torch.float32, GATE=True, PRECISION="ieee")
+
+
 # -- fused sampling ------------------------------------------------------------------------
 
 

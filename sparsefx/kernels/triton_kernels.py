@@ -29,26 +29,51 @@ __all__ = [
 ]
 
 
+TILES = [  # (outer, outer, reduction, stages, warps)
+    (128, 256, 64, 3, 8),
+    (128, 128, 64, 3, 8),
+    (128, 128, 32, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 32, 32, 4, 2),
+    (32, 32, 32, 2, 2),
+]
+"""Hopper tiles down to 32x32x32 for small kept counts; `prune_tiles` drops those that
+cannot fit a launch's dtype."""
+SHARED_MEMORY = 232448
+"""Bytes of shared memory one block may use on sm_90 (H100/H200)."""
+
+
 def _matmul_configs(names: tuple[str, str, str]) -> list[triton.Config]:
-    """Tiles (outer, outer, reduction) for Hopper, down to 32x32x32 for small kept counts;
-    the interpreter gets one small tile (autotuning there would only cost time)."""
+    """`TILES` as configs with these block names (outer, outer, reduction); the interpreter
+    gets one small tile (autotuning there would only cost time)."""
     a, b, r = names
     if interpreting():
         return [triton.Config({a: 16, b: 16, r: 16}, num_warps=1)]
-    tiles = [
-        (128, 256, 64, 3, 8),
-        (128, 128, 64, 3, 8),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 32, 32, 4, 2),
-        (32, 32, 32, 2, 2),
-    ]
     return [
         triton.Config({a: ta, b: tb, r: tr}, num_stages=stages, num_warps=warps)
-        for ta, tb, tr, stages, warps in tiles
+        for ta, tb, tr, stages, warps in TILES
     ]
+
+
+def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuning candidates whose pipelined operand tiles fit in shared memory (every stage
+    holds an [outer, reduction] tile of the first operand, twice with a ReLU gate, and a
+    [reduction, outer] tile of the second), without the 128x256 tile for IEEE float32,
+    which spills registers. Ahead-of-time builds for sm_90 without a GPU (triton.compile to
+    cubin) showed the float32 configs this drops exceed the limit; they would fail to launch
+    and cost compile time on every new autotuning key. The smallest tile always stays."""
+    element = next(iter(named_args.values())).element_size()
+    operands = 2 if kwargs.get("GATE") else 1
+    kept = []
+    for config in configs:
+        outer_a, outer_b, reduction = config.kwargs.values()
+        tiles = (operands * outer_a + outer_b) * reduction * element * config.num_stages
+        spills = kwargs.get("PRECISION") == "ieee" and outer_a * outer_b > 128 * 128
+        if tiles <= SHARED_MEMORY and not spills:
+            kept.append(config)
+    return kept or configs[-1:]
 
 
 def _bucket(n: int | torch.SymInt) -> int:
@@ -63,7 +88,9 @@ def _bucket(n: int | torch.SymInt) -> int:
 
 
 @triton.autotune(
-    configs=_matmul_configs(("BLOCK_M", "BLOCK_J", "BLOCK_R")), key=["KEY_M", "KEY_J", "KEY_R"]
+    configs=_matmul_configs(("BLOCK_M", "BLOCK_J", "BLOCK_R")),
+    key=["KEY_M", "KEY_J", "KEY_R"],
+    prune_configs_by={"early_config_prune": prune_tiles},
 )
 @triton.jit
 def _gather_matmul_kernel(
@@ -135,7 +162,9 @@ def _gather_matmul_kernel(
 
 
 @triton.autotune(
-    configs=_matmul_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")), key=["KEY_M", "KEY_N", "KEY_K"]
+    configs=_matmul_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    key=["KEY_M", "KEY_N", "KEY_K"],
+    prune_configs_by={"early_config_prune": prune_tiles},
 )
 @triton.jit
 def _weight_grad_kernel(
