@@ -41,3 +41,19 @@ def _fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def triton_device() -> str:
+    """Where the Triton tests run: "cuda" on a GPU, else "cpu" under Triton's interpreter;
+    a module calling this at import is skipped, naming the missing hardware, otherwise."""
+    if torch.cuda.is_available():
+        return "cuda"
+    from sparsefx.kernels import interpreting
+
+    if not interpreting():
+        pytest.skip(
+            "the Triton kernels need an NVIDIA GPU, or TRITON_INTERPRET=1 set before triton "
+            "is imported (this conftest sets it on machines without /dev/nvidiactl)",
+            allow_module_level=True,
+        )
+    return "cpu"

@@ -13,19 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsefx.kernels import interpreting
-from sparsefx.kernels import triton_kernels as tk
-from sparsefx.kernels.triton_ops import compact_linear, gather_block
-from sparsefx.policy import project_to_budget
-from sparsefx.policy.estimator import score_function
+from tests.conftest import triton_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpreting():
-    pytest.skip(
-        "the Triton kernels need an NVIDIA GPU, or TRITON_INTERPRET=1 set before triton is "
-        "imported (tests/conftest.py does that on machines without a GPU)",
-        allow_module_level=True,
-    )
+DEVICE = triton_device()  # skips the module, naming the hardware, before the Triton imports
+
+from sparsefx.kernels import triton_kernels as tk  # noqa: E402
+from sparsefx.kernels.triton_ops import compact_linear, gather_block  # noqa: E402
+from sparsefx.policy import project_to_budget  # noqa: E402
+from sparsefx.policy.estimator import score_function  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # max |error| / (|x| |W| scale): fp32 (TF32 on a GPU where torch allows it), bf16, fp16

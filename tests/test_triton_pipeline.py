@@ -13,16 +13,12 @@ import torch
 from torch import nn
 
 import sparsefx
-from sparsefx.kernels import interpreting, triton_selected
-from sparsefx.kernels.triton_ops import compact_linear, gather_block
+from tests.conftest import triton_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not interpreting():
-    pytest.skip(
-        "kernels='triton' needs an NVIDIA GPU, or TRITON_INTERPRET=1 for CPU tensors "
-        "(tests/conftest.py sets it on machines without a GPU)",
-        allow_module_level=True,
-    )
+DEVICE = triton_device()  # skips the module, naming the hardware, before the Triton imports
+
+from sparsefx.kernels import triton_selected  # noqa: E402
+from sparsefx.kernels.triton_ops import compact_linear, gather_block  # noqa: E402
 
 TRITON_OPS = {compact_linear._opoverload, gather_block._opoverload}
 
