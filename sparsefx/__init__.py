@@ -1,6 +1,7 @@
 """sparsefx: train unmodified PyTorch models with structured sparsity, really faster."""
 
 from sparsefx.api import (
+    compact_module,
     explain,
     export,
     freeze,
@@ -29,6 +30,7 @@ __all__ = [
     "SparseConfig",
     "SparseModule",
     "backend",
+    "compact_module",
     "diff",
     "explain",
     "export",

@@ -15,7 +15,12 @@ from sparsefx.capture import capture
 from sparsefx.config import SparseConfig, resolve_config
 from sparsefx.kernels import compact
 from sparsefx.passes import copy_graph_module, rewrite_compact
-from sparsefx.passes.export import fold_constants, inline_state
+from sparsefx.passes.export import (
+    fold_constants,
+    inline_state,
+    rebuild_sequential,
+    unsupported_layers,
+)
 from sparsefx.runtime import (
     SparseModule,
     SparseRuntime,
@@ -26,6 +31,7 @@ from sparsefx.runtime import (
 from sparsefx.tools.report import build_report
 
 __all__ = [
+    "compact_module",
     "explain",
     "export",
     "freeze",
@@ -250,14 +256,8 @@ def export(
         program = sparsefx.export(smodel, (x,))
         logits = program.module()(x)
     """
-    runtime = _runtime(model)
+    runtime, module = _frozen(model, "export")
     structure = runtime.structure
-    if structure.fixed is None:
-        raise RuntimeError(
-            "export needs frozen masks: call sparsefx.freeze(model) (or sparsefx.set_masks) "
-            "first; while the structure trains, every step samples different channels"
-        )
-    module = model.model if isinstance(model, SparseModule) else compiled._unwrap(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     training = module.training
@@ -282,6 +282,50 @@ def export(
     return program.run_decompositions(
         {torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_reference}
     )
+
+
+def compact_module(model: nn.Module) -> nn.Module:
+    """The frozen sparse model as an ordinary ``nn.Module`` with smaller layers, for models
+    built only from standard layers: Sequential containers of Linear, Conv (plain or
+    depthwise), BatchNorm, Flatten, activations, dropout and pooling. Its eval output equals
+    the frozen model's and its parameters are the kept slices (``sparsefx.export`` covers
+    every other model). Example::
+
+        small = sparsefx.compact_module(smodel)  # Linear(512, 2048) -> Linear(512, k)
+    """
+    runtime, module = _frozen(model, "compact_module")
+    structure = runtime.structure
+    unsupported = unsupported_layers(module)
+    if unsupported or not isinstance(module, nn.Sequential):
+        raise TypeError(
+            "compact_module rebuilds nn.Sequential models of standard layers only; "
+            f"{type(module).__name__} has {unsupported or ['a custom forward']}. "
+            "Use sparsefx.export(model, example_inputs) for this model"
+        )
+    if runtime.analysis.scatters:
+        raise TypeError(
+            "compact_module cannot rebuild a model that reads compact tensors at full width "
+            f"({[s.node for s in runtime.analysis.scatters]}); use sparsefx.export"
+        )
+    kept: dict[tuple[str, int], Tensor] = {}
+    for group, mask in zip(runtime.groups, structure.split(structure.fixed.cpu()), strict=True):
+        for name, dim, part in group.expand(mask):
+            kept[(name, dim)] = part | kept[(name, dim)] if (name, dim) in kept else part
+    return rebuild_sequential(module, kept)
+
+
+def _frozen(model: nn.Module, what: str) -> tuple[SparseRuntime, nn.Module]:
+    """The runtime and the user's module of a sparse model whose masks are frozen."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    runtime = _runtime(model)
+    if runtime.structure.fixed is None:
+        raise RuntimeError(
+            f"{what} needs frozen masks: call sparsefx.freeze(model) (or sparsefx.set_masks) "
+            "first; while the structure trains, every step samples different channels"
+        )
+    module = model.model if isinstance(model, SparseModule) else compiled._unwrap(model)
+    return runtime, module
 
 
 class _CompactInference(nn.Module):

@@ -567,8 +567,26 @@ class SparseModule(nn.Module):
     # -- the step ------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The compact programs, run as the model's own forward (`model(...)` with its
+        forward swapped for this call), so hooks registered on the model run around them:
+        FSDP2's `fully_shard` gathers the parameters before and reduce-scatters their
+        gradients after, and a user's forward hooks see the sparse forward."""
         flat, spec = pytree.tree_flatten((args, kwargs))
-        program = self._program(flat, spec)
+        program = self._program(flat, spec)  # a new capture traces the model's own forward
+        model = self.model
+        shadowed = model.__dict__.get("forward")
+        # an instance attribute shadows the class's forward; hooks that replace the inputs
+        # are not followed (the program runs on the inputs given here)
+        model.forward = lambda *_args, **_kwargs: self._sparse_forward(program, flat)
+        try:
+            return model(*args, **kwargs)
+        finally:
+            if shadowed is None:
+                del model.forward
+            else:
+                model.forward = shadowed
+
+    def _sparse_forward(self, program: _Program, flat: list[Any]) -> Any:
         runtime = self.runtime
         masks, step = runtime.masks_for_forward(self.training)
         inputs = program.arguments(self.model, flat, self.structure.indices(masks[0]))

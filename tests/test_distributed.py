@@ -1,6 +1,6 @@
-"""Data-parallel training: 2 ranks (gloo, CPU) under DistributedDataParallel sample the same
-masks, keep identical structure state, and match one process training on the concatenated
-batch; ranks that disagree on the sampler get a clear error."""
+"""Data-parallel training: 2 ranks (gloo, CPU) under DistributedDataParallel or FSDP2 sample
+the same masks, keep identical structure state, and match one process training on the
+concatenated batch; ranks that disagree on the sampler get a clear error."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsefx
@@ -33,11 +34,17 @@ def _train(model: nn.Module, rank: int | None, mode: str) -> list[dict]:
     """STEPS steps; under DDP (rank given) each rank takes its half of every batch."""
     x, _ = _batch(0)
     options = {"density": 0.5, "seed": 3, "score_lr": 0.1}
-    if mode == "compile":
+    if mode == "compile":  # "transform" and "fsdp2" transform the model
         sparse = torch.compile(model, backend="sparsefx", options=options)
     else:
         sparse = sparsefx.transform(model, (x[:8],), config=sparsefx.SparseConfig(**options))
-    run = DistributedDataParallel(sparse) if rank is not None else sparse
+    if rank is None:
+        run = sparse
+    elif mode == "fsdp2":  # shard the transformed model's parameters, then build the optimizer
+        fully_shard(model)
+        run = sparse
+    else:
+        run = DistributedDataParallel(sparse)
     criterion = sparsefx.wrap_loss(run, nn.functional.cross_entropy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     records = []
@@ -54,7 +61,8 @@ def _train(model: nn.Module, rank: int | None, mode: str) -> list[dict]:
                 "s": {k: v.clone() for k, v in sparsefx.probabilities(run).items()},
             }
         )
-    records.append({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+    weights = {k: getattr(v, "full_tensor", v.detach)() for k, v in model.state_dict().items()}
+    records.append({"weights": {k: v.detach().clone() for k, v in weights.items()}})
     return records
 
 
@@ -73,8 +81,10 @@ def _spawn(target, *args) -> dict:
         return dict(results)
 
 
-@pytest.mark.parametrize("mode", ["transform", "compile"])
+@pytest.mark.parametrize("mode", ["transform", "compile", "fsdp2"])
 def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path, mode):
+    """DDP for a transformed and a compiled model; FSDP2's fully_shard on a transformed
+    model (its hooks run around the compact graph: gather before, reduce-scatter after)."""
     ranks = _spawn(_rank, str(tmp_path / "pg"), mode)
     single = _train(_model(), None, mode)
     for step in range(STEPS):

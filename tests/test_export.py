@@ -131,3 +131,46 @@ def test_export_needs_frozen_masks():
         sparsefx.export(sparse, (x,))
     with pytest.raises(TypeError, match=r"returned by sparsefx\.transform"):
         sparsefx.export(_cnn(), (x,))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 16 * 16, 64), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 3),
+    )  # fmt: skip
+
+
+def _depthwise() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 8, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [_cnn, _mlp, _depthwise], ids=["cnn", "mlp", "depthwise"])
+def test_compact_module_has_smaller_layers_and_the_same_output(build):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    sparse = _frozen(build, {}, x)
+    small = sparsefx.compact_module(sparse).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), sparse(x), atol=1e-5, rtol=1e-5)
+    runtime = sparse.runtime
+    kept = [float(m.sum()) for m in runtime.structure.split(runtime.structure.fixed)]
+    assert sum(p.numel() for p in small.parameters()) == runtime.cost_model.evaluate("params", kept)
+    assert type(small) is type(sparse.model) and len(small) == len(sparse.model)
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in sparse.model.parameters()
+    )
+
+
+def test_compact_module_refuses_what_it_cannot_rebuild():
+    x = torch.randn(2, 3, 8, 8)
+    sparse = sparsefx.transform(ResNetStyle(), (x,), density=0.5)
+    sparsefx.freeze(sparse)
+    with pytest.raises(TypeError, match=r"sparsefx\.export"):
+        sparsefx.compact_module(sparse)
+    sparse = sparsefx.transform(_cnn(), (x,), density=0.5)
+    with pytest.raises(RuntimeError, match=r"sparsefx\.freeze"):
+        sparsefx.compact_module(sparse)

@@ -1,5 +1,6 @@
 """Export passes: a compact eval graph with frozen masks becomes a standalone inference graph
-whose parameters are physically sliced to the kept channels.
+whose parameters are physically sliced to the kept channels; a Sequential of standard layers
+can instead be rebuilt with smaller layers.
 
 With the masks fixed, the index inputs are constants, so every gather of a parameter, bias
 or running statistic depends only on constants: folding those subgraphs leaves the compact
@@ -10,11 +11,13 @@ after decomposition).
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 
-__all__ = ["fold_constants", "inline_state"]
+__all__ = ["fold_constants", "inline_state", "rebuild_sequential", "unsupported_layers"]
 
 
 def inline_state(
@@ -133,3 +136,76 @@ def _foldable(node: fx.Node, values: dict[fx.Node, object]) -> bool:
             not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
         )
     return True
+
+
+_PASS_THROUGH = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+"""Standard layers that act on each channel alone: they keep the channels they receive."""
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Layers `rebuild_sequential` cannot slice: anything but Sequential containers of
+    Linear, Conv (plain or depthwise), BatchNorm, Flatten and channel-wise layers."""
+    bad = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, (nn.Sequential, nn.Linear, nn.Flatten, *_NORMS, *_PASS_THROUGH)):
+            continue
+        if isinstance(layer, _CONVS) and layer.groups in (1, layer.in_channels):
+            continue
+        bad.append(f"{name or 'the model'} ({type(layer).__name__})")
+    return bad
+
+
+def rebuild_sequential(model: nn.Module, kept: dict[tuple[str, int], Tensor]) -> nn.Module:
+    """A copy of a Sequential model of standard layers with smaller layers: each weight
+    keeps the rows and columns of `kept` ((parameter name, dim) -> bool mask, from the
+    groups' `expand`), BatchNorm keeps the channels its input has, and each layer's sizes
+    are updated. The chain order of a Sequential is the data flow, so a layer's input
+    channels are the previous producer's kept outputs (after Flatten, the Linear's own
+    column mask, which maps each channel to its block of features)."""
+    model = copy.deepcopy(model)
+    channels: Tensor | None = None  # kept channels of the tensor flowing into the next layer
+    for name, layer in model.named_modules():
+        weight = f"{name}.weight"
+        if isinstance(layer, (nn.Linear, *_CONVS)):
+            rows = kept.get((weight, 0))
+            depthwise = isinstance(layer, _CONVS) and layer.groups > 1
+            if depthwise:
+                rows = channels if rows is None else rows
+                cols = None
+            else:
+                cols = kept.get((weight, 1), channels)
+            w = layer.weight.detach()
+            w = w if rows is None else w[rows]
+            w = w if cols is None else w[:, cols]
+            layer.weight = nn.Parameter(w.clone())
+            if layer.bias is not None and rows is not None:
+                layer.bias = nn.Parameter(layer.bias.detach()[rows].clone())
+            out_size = w.shape[0]
+            if isinstance(layer, nn.Linear):
+                layer.in_features, layer.out_features = w.shape[1], out_size
+            else:
+                in_size = out_size if depthwise else w.shape[1]
+                layer.in_channels, layer.out_channels = in_size, out_size
+                layer.groups = out_size if depthwise else 1
+            channels = rows
+        elif isinstance(layer, _NORMS):
+            mask = kept.get((weight, 0), channels)
+            if mask is not None:
+                for attr in ("weight", "bias", "running_mean", "running_var"):
+                    value = getattr(layer, attr)
+                    if isinstance(value, nn.Parameter):
+                        setattr(layer, attr, nn.Parameter(value.detach()[mask].clone()))
+                    elif value is not None:
+                        setattr(layer, attr, value[mask].clone())
+                layer.num_features = int(mask.sum())
+        elif isinstance(layer, nn.Flatten):
+            channels = None
+    return model
