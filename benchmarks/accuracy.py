@@ -57,13 +57,15 @@ FLOP_STEPS = 2  # steps measured by FlopCounterMode per phase
 # -- settings -------------------------------------------------------------------------------
 
 
-def cnn(channels: int, classes: int) -> nn.Sequential:
-    """Three conv-BN-ReLU blocks (32, 64, 128 channels; strides 2, 2, 1), pool, linear."""
+def cnn(channels: int, classes: int, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Sequential:
+    """Three conv-BN-ReLU blocks (`widths` channels; strides 2, 2, 1), pool, linear."""
     layers: list[nn.Module] = []
-    for width, stride in ((32, 2), (64, 2), (128, 1)):
+    for width, stride in zip(widths, (2, 2, 1), strict=True):
         layers += [nn.Conv2d(channels, width, 3, stride, 1), nn.BatchNorm2d(width), nn.ReLU()]
         channels = width
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, classes))
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)
+    )
 
 
 def mlp(features: int, classes: int, width: int = 512) -> nn.Sequential:
@@ -89,6 +91,10 @@ SETTINGS = {
         load_fashion_mnist, lambda d: cnn(1, d.num_classes), epochs=10, batch=128, lr=0.05,
         flat=False,
     ),
+    "fashion-cnn-wide": Setting(
+        load_fashion_mnist, lambda d: cnn(1, d.num_classes, (64, 128, 256)), epochs=10,
+        batch=128, lr=0.05, flat=False,
+    ),
     "fashion-mlp": Setting(
         load_fashion_mnist, lambda d: mlp(784, d.num_classes), epochs=10, batch=128, lr=0.05,
         flat=True,
@@ -97,7 +103,7 @@ SETTINGS = {
         load_digits, lambda d: mlp(64, d.num_classes), epochs=30, batch=64, lr=0.05, flat=True
     ),
 }  # fmt: skip
-QUICK_EPOCHS = {"fashion-cnn": 6, "fashion-mlp": 6}
+QUICK_EPOCHS = {"fashion-cnn": 6, "fashion-cnn-wide": 6, "fashion-mlp": 6}
 METHODS = ("dense", "sparsefx-paper", "sparsefx-exact", "paper-code", "static", "rigl")
 
 
