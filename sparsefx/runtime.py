@@ -423,6 +423,15 @@ class SparseRuntime:
         loss.register_hook(commit)
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2's fully_shard has sharded `model`'s parameters."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -556,7 +565,15 @@ class SparseModule(nn.Module):
             if program.captured.matches(flat, spec):
                 return program
         args, kwargs = pytree.tree_unflatten(flat, spec)
-        log.info("sparsefx: capturing %s graph", "training" if self.training else "eval")
+        mode = "training" if self.training else "eval"
+        if _is_sharded(self.model):
+            raise CaptureError(
+                f"sparsefx needs a new {mode} graph for these inputs, but "
+                f"{type(self.model).__name__} is already sharded by fully_shard, and capture "
+                "needs the whole parameters: run one forward in each mode you will use (train "
+                "and eval) with inputs of the final shapes before calling fully_shard"
+            )
+        log.info("sparsefx: capturing %s graph", mode)
         captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
         analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
         check_same_groups(analysis.groups, self.groups)

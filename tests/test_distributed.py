@@ -120,3 +120,30 @@ def test_ranks_with_different_seeds_are_rejected(tmp_path):
     for rank in range(WORLD):
         assert "ranks disagree on the sparsefx structure" in results[rank]
         assert "SparseConfig(seed=...)" in results[rank]
+
+
+def _sharded_rank(rank: int, path: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        x, _ = _batch(0)
+        model = _model()
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(density=0.5, seed=0))
+        sparsefx.freeze(sparse)
+        expected = sparse.eval()(x)  # the eval graph, captured before sharding
+        fully_shard(model)
+        same = torch.equal(sparse(x), expected)
+        try:
+            sparse(x[None])  # a new input rank needs a new capture: sharded weights cannot give one
+            results[rank] = (same, "no error")
+        except sparsefx.CaptureError as error:
+            results[rank] = (same, str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_eval_runs_graphs_captured_before_sharding_and_names_the_fix(tmp_path):
+    results = _spawn(_sharded_rank, str(tmp_path / "pg"))
+    for rank in range(WORLD):
+        same, message = results[rank]
+        assert same
+        assert "before calling fully_shard" in message
