@@ -82,8 +82,7 @@ def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..
         criterion = sparsefx.wrap_loss(smodel, nn.CrossEntropyLoss())
         loss = criterion(smodel(x), y); loss.backward(); opt.step()
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _without_ddp(model)
     if isinstance(model, SparseModule):
         model.runtime.criterion = criterion
     elif isinstance(model, nn.Module):
@@ -316,8 +315,7 @@ def compact_module(model: nn.Module) -> nn.Module:
 
 def _frozen(model: nn.Module, what: str) -> tuple[SparseRuntime, nn.Module]:
     """The runtime and the user's module of a sparse model whose masks are frozen."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _without_ddp(model)
     runtime = _runtime(model)
     if runtime.structure.fixed is None:
         raise RuntimeError(
@@ -385,11 +383,15 @@ def _mean_eval_loss(
         structure.fixed = None
 
 
+def _without_ddp(model: Any) -> Any:
+    """The module a DistributedDataParallel wrapper trains (any other model as is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def _runtime(model: Any) -> SparseRuntime:
     """The runtime behind a transformed model, or behind a model compiled with sparsefx
     (either possibly wrapped by DistributedDataParallel)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _without_ddp(model)
     if isinstance(model, SparseModule):
         return model.runtime
     runtime = compiled.runtime_of(model) if isinstance(model, nn.Module) else None
