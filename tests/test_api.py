@@ -351,3 +351,18 @@ def test_model_with_nothing_to_prune_warns_and_trains_dense():
     sparse.eval()
     torch.testing.assert_close(sparse(x), model(x))
     assert sparsefx.groups(sparse) == []
+
+
+def test_forward_hooks_on_the_model_run_around_the_sparse_forward():
+    """The compact program runs as the model's forward, so the model's hooks see it (FSDP2's
+    fully_shard relies on this); the model's own forward is restored afterwards."""
+    model = mlp()
+    x, y = data()
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.functional.cross_entropy)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    model.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    criterion(sparse(x), y).backward()
+    assert seen == ["pre", torch.Size([12, 3])]
+    assert "forward" not in model.__dict__

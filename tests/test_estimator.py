@@ -192,3 +192,17 @@ def test_score_function_values_and_clamp():
 def test_structure_gradient_validates(losses, masks, s, form, eps, message):
     with pytest.raises(ValueError, match=message):
         structure_gradient(losses, masks, s, form, eps)
+
+
+def test_channels_every_sample_agrees_on_get_an_exact_zero_gradient():
+    """Rounding in the centred losses must not reach channels whose psi is the same in every
+    sample: Adam would turn that noise into steps of about its lr."""
+    losses = torch.tensor([0.1, 0.7, 0.3], dtype=torch.float32)
+    s = torch.tensor([0.3, 0.6, 0.9, 0.5])
+    masks = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    gradient = structure_gradient(losses, masks, s, "paper", 1e-3)
+    assert gradient[0] == 0 and gradient[1] == 0  # kept / dropped by all three samples
+    assert gradient[2] != 0 and gradient[3] != 0
+    psi = score_function(masks, s, "paper", 1e-3)
+    plain = (losses - losses.mean()) @ psi / 2  # the textbook sum keeps the rounding
+    assert plain[0] != 0 and plain[1] != 0, "the example must have rounding to cancel"
