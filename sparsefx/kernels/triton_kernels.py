@@ -76,6 +76,16 @@ def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     return kept or configs[-1:]
 
 
+def _autotuned(blocks: tuple[str, str, str], key: list[str]):
+    """Autotuning over `TILES` for a GEMM kernel with these block names (outer, outer,
+    reduction), keyed by bucketed sizes, pruned by `prune_tiles`."""
+    return triton.autotune(
+        configs=_matmul_configs(blocks),
+        key=key,
+        prune_configs_by={"early_config_prune": prune_tiles},
+    )
+
+
 def _bucket(n: int | torch.SymInt) -> int:
     """Autotuning key of a size: its next power of two, so per-step kept counts that change
     by a few channels reuse one tuned config instead of re-tuning every step. A symbolic size
@@ -87,11 +97,7 @@ def _bucket(n: int | torch.SymInt) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-@triton.autotune(
-    configs=_matmul_configs(("BLOCK_M", "BLOCK_J", "BLOCK_R")),
-    key=["KEY_M", "KEY_J", "KEY_R"],
-    prune_configs_by={"early_config_prune": prune_tiles},
-)
+@_autotuned(("BLOCK_M", "BLOCK_J", "BLOCK_R"), ["KEY_M", "KEY_J", "KEY_R"])
 @triton.jit
 def _gather_matmul_kernel(
     a_ptr,
@@ -161,11 +167,7 @@ def _gather_matmul_kernel(
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_j[None, :])
 
 
-@triton.autotune(
-    configs=_matmul_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")),
-    key=["KEY_M", "KEY_N", "KEY_K"],
-    prune_configs_by={"early_config_prune": prune_tiles},
-)
+@_autotuned(("BLOCK_N", "BLOCK_K", "BLOCK_M"), ["KEY_M", "KEY_N", "KEY_K"])
 @triton.jit
 def _weight_grad_kernel(
     g_ptr,
