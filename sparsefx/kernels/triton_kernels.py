@@ -352,6 +352,13 @@ def _argmax_excluding(s_ptr, start, end, excluded, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_z_and_costs(z_ptr, c_ptr, offs, inside):
+    """z and c at `offs` in float64 (0 and 1 outside the vector: no cost, no budget use)."""
+    z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    return z, tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+
+
+@triton.jit
 def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     """s = clamp(z - v c, 0, 1) with the smallest v >= 0 meeting c @ s <= budget (one
     program, float64): bisection on v, then the exact solve on the linear piece of
@@ -361,8 +368,7 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: 
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-        c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
         f0 += tl.sum(tl.where(inside, c * tl.minimum(tl.maximum(z, 0.0), 1.0), 0.0), axis=0)
         hi = tl.maximum(hi, tl.max(tl.where(inside, z / c, 0.0), axis=0))
     v = tl.zeros((), dtype=tl.float64)
@@ -374,8 +380,7 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: 
             for b0 in range(0, N, BLOCK):
                 offs = b0 + tl.arange(0, BLOCK)
                 inside = offs < N
-                z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-                c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+                z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
                 s = tl.minimum(tl.maximum(z - mid * c, 0.0), 1.0)
                 f += tl.sum(tl.where(inside, c * s, 0.0), axis=0)
             if f > budget:
@@ -389,8 +394,7 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: 
         for b0 in range(0, N, BLOCK):
             offs = b0 + tl.arange(0, BLOCK)
             inside = offs < N
-            z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-            c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+            z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
             t = z - mid * c
             one = inside & (t >= 1.0)
             free = inside & (t > 0.0) & (t < 1.0)
@@ -402,8 +406,7 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: 
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-        c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
         s = tl.minimum(tl.maximum(z - v * c, 0.0), 1.0)
         tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=inside)
 
