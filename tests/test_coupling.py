@@ -21,12 +21,12 @@ import sparsefx
 Masks = dict[str, Tensor] | None
 
 
-def _m(masks: Masks, name: str, x: Tensor) -> Tensor:
-    """x with the reference mask of group `name` applied along dim 1 (1 if unmasked)."""
+def _m(masks: Masks, name: str, x: Tensor, dim: int = 1) -> Tensor:
+    """x with the reference mask of group `name` applied along `dim` (1 if unmasked)."""
     if masks is None or name not in masks:
         return x
     shape = [1] * x.dim()
-    shape[1] = -1
+    shape[dim] = -1
     return x * masks[name].to(x.dtype).view(shape)
 
 
@@ -192,7 +192,45 @@ class ResNeXtStyle(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle, ResNeXtStyle]
+class EmbeddingStream(nn.Module):
+    """Token and position embeddings start a residual stream that MLP blocks write into,
+    with no norm across features, so a pruned stream covers the embeddings' columns. The
+    input is an image of tokens (one per pixel) so that it shares this file's harness."""
+
+    streams: ClassVar = {"tokens": ("tokens", "positions", "blocks.0.1", "blocks.1.1")}
+    internal = ("blocks.0.0", "blocks.1.0")
+
+    def __init__(self, vocab: int = 7, width: int = 8):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(16, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(width, 2 * width), nn.Linear(2 * width, width)])
+            for _ in range(2)
+        )
+        self.fc = nn.Linear(width, 3)
+
+    @staticmethod
+    def inputs(batch: int) -> Tensor:
+        return torch.randint(0, 7, (batch, 3, 4, 4), generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        tokens = x[:, 0].flatten(1)  # [B, 16]
+        h = _m(masks, "tokens", self.tokens(tokens), 2)
+        h = h + _m(masks, "positions", self.positions(torch.arange(16)), 1)  # broadcast over B
+        for i, (up, down) in enumerate(self.blocks):
+            inner = _m(masks, f"blocks.{i}.0", F.relu(up(h)), 2)
+            h = h + _m(masks, f"blocks.{i}.1", down(inner), 2)
+        return self.fc(h.amax(1))
+
+
+MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle, ResNeXtStyle, EmbeddingStream]
+
+
+def _inputs(model_cls, batch: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    if hasattr(model_cls, "inputs"):
+        return model_cls.inputs(batch)
+    return torch.randn(batch, 3, 4, 4, dtype=dtype)
 
 
 def _random_masks(groups, generator: torch.Generator) -> dict[str, Tensor]:
@@ -220,7 +258,7 @@ def test_training_step_matches_reference(model_cls, prune_streams):
     torch.manual_seed(0)
     model = model_cls().double()
     reference = copy.deepcopy(model)
-    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    x = _inputs(model_cls, 3, torch.float64)
     config = sparsefx.SparseConfig(density=0.5, prune_streams=prune_streams, seed=0)
     sparse = sparsefx.transform(model, (x,), config=config)
     groups = sparsefx.groups(sparse)
@@ -287,6 +325,39 @@ def test_pruned_stream_is_one_group_over_every_writer_and_reader():
     assert any("residual" in kinds for _, _, kinds in edges)
 
 
+def test_embeddings_feeding_a_pruned_stream_gather_their_columns():
+    x = EmbeddingStream.inputs(2)
+    dense = sparsefx.transform(EmbeddingStream(), x, density=0.5)
+    reasons = {d.node: d.reason for d in dense.analysis.dense}
+    assert "residual stream" in reasons["embedding"] and "residual stream" in reasons["embedding_1"]
+
+    config = sparsefx.SparseConfig(0.5, prune_streams=True)
+    sparse = sparsefx.transform(EmbeddingStream(), x, config=config)
+    (stream,) = [g for g in sparsefx.groups(sparse) if g.name == "tokens"]
+    assert {("tokens.weight", 1), ("positions.weight", 1), ("fc.weight", 1)} <= set(stream.members)
+    mask = torch.tensor([True, False] * 4)
+    expanded = {(n, d): m for n, d, m in stream.expand(mask)}
+    torch.testing.assert_close(expanded[("positions.weight", 1)], mask)
+    assert not sparse.analysis.scatters
+    # the lookups read the kept columns of their tables (one gather per table)
+    code = sparse._programs[True][0].graph.code
+    assert code.count("gather_weight.default(p_tokens_weight, None, idx_tokens") == 1
+    # an embedding costs vocab * kept parameters and no FLOPs
+    k = sparse.cost_model.symbols[[g.name for g in sparsefx.groups(sparse)].index("tokens")]
+    params = sparse.cost_model.params
+    assert params.coeff(k).subs({s: 0 for s in sparse.cost_model.symbols}) == 7 + 16 + 3 + 2
+
+
+def test_sparse_embedding_stays_dense_and_says_why():
+    model = EmbeddingStream()
+    model.tokens.sparse = True
+    config = sparsefx.SparseConfig(0.5, prune_streams=True)
+    sparse = sparsefx.transform(model, EmbeddingStream.inputs(2), config=config)
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "sparse=True" in reasons["embedding"]
+    assert "tokens" not in [g.name for g in sparsefx.groups(sparse)]
+
+
 def test_grouped_convolution_prunes_whole_conv_groups():
     sparse = sparsefx.transform(ResNeXtStyle(), torch.randn(2, 3, 4, 4), density=0.5)
     (group,) = sparsefx.groups(sparse)
@@ -342,7 +413,7 @@ def test_cost_model_counts_the_compact_step(model_cls):
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 4, 4)
+    x = _inputs(model_cls, 2)
     config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
     sparse = sparsefx.transform(model_cls(), (x,), config=config)
     masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(2))
@@ -358,7 +429,7 @@ def test_compiled_matches_transform(model_cls):
     torch.manual_seed(0)
     model = model_cls()
     twin = copy.deepcopy(model)
-    x = torch.randn(2, 3, 4, 4)
+    x = _inputs(model_cls, 2)
     options = {"density": 0.5, "prune_streams": True, "seed": 0}
     eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
     compiled = torch.compile(twin, backend="sparsefx", options=options)
@@ -380,7 +451,7 @@ def test_training_loss_falls(model_cls, mode):
     """Compact training of the whole structure (streams pruned too) fits random labels."""
     torch.manual_seed(0)
     model = model_cls()
-    x = torch.randn(16, 3, 4, 4)
+    x = _inputs(model_cls, 16)
     y = torch.randint(0, model.fc.out_features, (16,))
     options = {"density": 0.5, "prune_streams": True, "seed": 0}
     if mode == "transform":

@@ -289,8 +289,9 @@ def test_transformer_report_keeps_streams_and_tied_head_dense():
     x, labels = TRANSFORMERS["gpt2"][2]()
     sparse = sparsefx.transform(_gpt2(), (x,), example_kwargs={"labels": labels}, density=0.5)
     reasons = [d.reason for d in sparse.analysis.dense]
-    assert sum("residual stream from an unpruned source" in r for r in reasons) == 4
-    assert sum("shared weights" in r for r in reasons) == 1  # lm_head tied to the embedding
+    # 4 block writers and the position embedding write into the token embedding's stream
+    assert sum("residual stream from an unpruned source" in r for r in reasons) == 5
+    assert sum("shared weights" in r for r in reasons) == 2  # wte and the lm_head tied to it
     assert sum("normalises across features" in r for r in reasons) == 5  # 2 per block, ln_f
     assert not sparse.analysis.scatters
     (group,) = [g for g in sparsefx.groups(sparse) if g.name == "transformer.h.0.attn.c_attn"]

@@ -2,8 +2,8 @@
 
 Every linear/conv contributes 2 * spatial * c_out * c_in * kernel FLOPs per example and
 c_out * c_in * kernel (+ bias) parameters, where c_out is the symbol k_g of its group if it
-is a pruned producer and c_in is k_h * block if its input is compact; BatchNorm adds its
-affine parameters. A layer between two pruned groups is therefore bilinear in their counts,
+is a pruned producer and c_in is k_h * block if its input is compact; an embedding adds
+vocab * c_out parameters and no FLOPs; BatchNorm adds its affine parameters. A layer between two pruned groups is therefore bilinear in their counts,
 which is why consecutive sparse layers save d^2. Only linear/conv FLOPs are counted:
 element-wise work is memory-bound and small.
 """
@@ -88,7 +88,8 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             c_out = width(meta.get("layout") if compact_out else None, weight_shape[where.out_dim])
             c_in = width(meta.get("in_layout"), weight_shape[where.in_dim])
             kernel = math.prod(weight_shape[2:])
-            flops += 2 * _spatial(node) * c_out * c_in * kernel
+            if node.target not in ops.EMBEDDING:  # a lookup: parameters, no FLOPs
+                flops += 2 * _spatial(node) * c_out * c_in * kernel
             params += c_out * c_in * kernel + (c_out if bias is not None else 0)
         elif node.target in ops.BATCH_NORM:
             affine = sum(arg is not None for arg in node.args[1:3])

@@ -2,7 +2,7 @@
 
 One forward walk over the captured graph gives every tensor that carries pruned channels a
 :class:`Layout` in terms of *spaces* (one per prunable producer: the output channels of a
-linear/conv). Each op either reads its compact inputs as they are (channel-wise ops,
+linear/conv/embedding). Each op either reads its compact inputs as they are (channel-wise ops,
 consumers that gather weight columns, joins) or needs them at full width (a scatter, exact
 because dropped channels are zero there). Joins record edges between spaces in a networkx
 graph: a residual ``add``/``sub``, a gating ``mul`` or a ``cat`` along another dim ties two
@@ -37,7 +37,7 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class DenseOp:
-    """A linear/conv left dense, or a compact tensor scattered to full width, and why."""
+    """A linear/conv/embedding left dense, or a compact tensor scattered to full width, and why."""
 
     node: str
     op: str
@@ -344,6 +344,11 @@ class _Walk:
             return self._binary(node, compact)
         if target in ops.CAT:
             return self._cat(node, compact)
+        if target in ops.METADATA_ASSERTS:
+            checks_shape = any(_arg(node, i, k, None) is not None for i, k in _SHAPE_CHECKS)
+            if compact != [first] or checks_shape:
+                return f"{_op_name(node)} checks the sizes of the compact tensor"
+            return _Op(None, zero_preserving=True)
         if ops.is_weight_op(target):
             x = ops.weight_args(node)[0]
             if compact != [x]:
@@ -483,31 +488,31 @@ class _Walk:
         name = _op_name(node)
         a, b = node.args[0], node.args[1]
         if len(compact) == 2:
-            la, lb = self.flows[a].layout, self.flows[b].layout  # type: ignore[index]
-            if _shape(a) != _shape(b) or not la.same_shape(lb):  # type: ignore[arg-type]
+            layout = _joined(node, self.flows[a].layout, self.flows[b].layout)  # type: ignore[index]
+            if layout is None:
                 return f"{name} joins tensors whose channels are laid out differently"
             if node.target in ops.DIV:
                 return f"{name} divides by a compact tensor"
             gate = node.target in ops.MUL
             kind = "gate" if gate else "residual"
-            pairs = zip(la.pieces, lb.pieces, strict=True)
-            couplings = [(p.group, q.group, kind) for p, q in pairs if p.group and q.group]
+            pieces = zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
+            couplings = [(p.group, q.group, kind) for p, q in pieces if p.group and q.group]
             zero_when = "any" if gate else "all"
-            return _Op(la, zero_preserving=True, zero_when=zero_when, couplings=couplings)  # type: ignore[arg-type]
+            return _Op(layout, zero_preserving=True, zero_when=zero_when, couplings=couplings)
         (x,) = compact
         layout = self.flows[x].layout
         other = b if x is a else a
-        if _shape(x) != _shape(node):
-            return f"{name} broadcasts the compact tensor to a larger shape"
         if isinstance(other, fx.Node):
             shape = _shape(other)
-            other_dim = layout.dim - (len(_shape(x)) - len(shape))
+            other_dim = layout.dim - len(_shape(x)) + len(shape)
             if other_dim >= 0 and int(shape[other_dim]) != 1:
                 if node.target not in ops.MUL and node.target not in ops.DIV:
                     self._block(x, _INTO_DENSE.format(op=name, node=node.name))
                 return f"{name} with a full-width tensor that is not pruned alongside"
         elif not isinstance(other, int | float) or isinstance(other, bool):
             return f"{name} with an argument sparsefx does not understand"
+        if _shape(x) != _shape(node):
+            return f"{name} broadcasts the compact tensor to a larger shape"
         if node.target in ops.MUL:
             zero_preserving = True
         elif node.target in ops.DIV:
@@ -650,6 +655,7 @@ class _Walk:
 
 
 _SLICE_ARGS = ((2, "start", None), (3, "end", None), (4, "step", 1))
+_SHAPE_CHECKS = ((1, "size"), (2, "stride"))
 
 _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "
@@ -676,6 +682,20 @@ def _cut(layout: Layout, bounds: list[int]) -> list[tuple[Piece, ...]] | dict[st
 
 
 # -- layout transfer of shape ops ---------------------------------------------------------------
+
+
+def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
+    """The layout of an element-wise join of two compact tensors, or None if their channels
+    do not line up: same pieces on the same dim counted from the end, other dims broadcast
+    (token + position embeddings: [B, T, C] + [T, C])."""
+    a, b = node.args[0], node.args[1]
+    ndim = len(_shape(node))
+    if la.dim - len(_shape(a)) != lb.dim - len(_shape(b)):
+        return None
+    moved = [la.at(la.dim + ndim - len(_shape(a))), lb.at(lb.dim + ndim - len(_shape(b)))]
+    if not moved[0].same_shape(moved[1]):
+        return None
+    return moved[0]
 
 
 def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
@@ -748,10 +768,12 @@ def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
 
 
 def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
-    """Why this linear/conv/addmm cannot be a pruned producer, or None if it can."""
+    """Why this linear/conv/addmm/embedding cannot be a pruned producer, or None if it can."""
     _, weight, bias = ops.weight_args(node)
     if node.target in ops.ADDMM and not ops.is_plain_addmm(node):
         return "addmm that is not a linear layer (scaled, or not a bias vector)"
+    if node.target in ops.EMBEDDING and _arg(node, 4, "sparse", False):
+        return "embedding with sparse=True: its sparse gradient's rows would become dense"
     if view.param(weight) is None:
         return "weight is not a parameter of the model"
     if view.own_param(weight) is None:

@@ -47,7 +47,7 @@ class Group:
     members: list[tuple[str, int]]
     """(parameter FQN in the original model, dim) for every parameter the channels index."""
     producers: list[str]
-    """The linear/conv nodes whose output channels are this group."""
+    """The linear/conv/embedding nodes whose output channels are this group."""
     mask_points: list[str]
     """Per producer, the node after which dropped channels are exactly zero (DESIGN §2)."""
     stream: bool = False
@@ -78,7 +78,7 @@ class Group:
 class Analysis:
     groups: list[Group] = field(default_factory=list)
     dense: list[DenseOp] = field(default_factory=list)
-    """Ops left dense, and why: linear/conv/addmm that are not pruned, norms across features."""
+    """Ops left dense, and why: linear/conv/addmm/embedding that are not pruned, norms across features."""
     scatters: list[DenseOp] = field(default_factory=list)
     """Users that read a compact tensor at full width, and why."""
     couplings: nx.Graph = field(default_factory=nx.Graph, repr=False)

@@ -4,7 +4,8 @@ Three roles matter for channel sparsity:
 
 * producers/consumers: linear and convolution with a parameter weight. A producer's output
   channels can be pruned; a consumer gathers the input columns of its weight instead of
-  reading a full-width activation.
+  reading a full-width activation. An embedding is a producer only: a lookup of its
+  weight's rows, whose columns are its output channels.
 * channel-wise ops: they act on each channel independently, so they run unchanged on a
   compact tensor that holds only the kept channels.
 * zero-preserving ops: channel-wise with f(0) = 0, so they may also sit *after* a mask point
@@ -31,6 +32,9 @@ ADDMM: frozenset[OpOverload] = frozenset({aten.addmm.default})
 CONVS: frozenset[OpOverload] = frozenset(
     {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 )
+EMBEDDING: frozenset[OpOverload] = frozenset({aten.embedding.default})
+"""embedding(W, tokens) = one_hot(tokens) @ W with W shaped [vocab, dim]: no FLOPs, and no
+input channels (tokens are indices)."""
 BATCH_NORM: frozenset[OpOverload] = frozenset({aten.batch_norm.default})
 
 POOLS: dict[OpOverload, int] = {
@@ -72,9 +76,18 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.clone.default,
         aten.contiguous.default,
         aten.alias.default,
+        aten.to.dtype,
+        aten.to.device,
+        aten.to.dtype_layout,
+        aten.to.other,
+        aten._to_copy.default,
     }
 )
-"""Channel-wise and f(0) = 0, with the tensor as the first argument."""
+"""Channel-wise and f(0) = 0, with the tensor as the first argument (a cast included)."""
+
+METADATA_ASSERTS: frozenset[OpOverload] = frozenset({aten._assert_tensor_metadata.default})
+"""Check a tensor's dtype, device or layout (export writes one before each ``.to``): they
+read a compact tensor as it is unless they also check its sizes or strides."""
 
 OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
     {
@@ -152,8 +165,9 @@ def is_conv(target: object) -> bool:
 
 
 def is_weight_op(target: object) -> bool:
-    """linear, convolution or addmm: the ops whose weight channels sparsefx prunes."""
-    return target in LINEAR or target in CONVS or target in ADDMM
+    """linear, convolution, addmm or embedding: the ops whose weight channels sparsefx
+    prunes."""
+    return target in LINEAR or target in CONVS or target in ADDMM or target in EMBEDDING
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,7 @@ class WeightOperands:
 
     input: int
     weight: int
-    bias: int
+    bias: int | None
     out_dim: int
     in_dim: int
 
@@ -170,6 +184,8 @@ class WeightOperands:
 def weight_operands(node: fx.Node) -> WeightOperands:
     if node.target in ADDMM:
         return WeightOperands(input=1, weight=2, bias=0, out_dim=1, in_dim=0)
+    if node.target in EMBEDDING:  # the input is the tokens; in_dim indexes the vocabulary
+        return WeightOperands(input=1, weight=0, bias=None, out_dim=1, in_dim=0)
     return WeightOperands(input=0, weight=1, bias=2, out_dim=0, in_dim=1)
 
 
@@ -177,6 +193,8 @@ def weight_args(node: fx.Node) -> tuple[object, object, object]:
     """(input, weight, bias) of a weight op; bias may be None."""
     if node.target in ADDMM:
         return node.args[1], node.args[2], node.args[0]
+    if node.target in EMBEDDING:
+        return node.args[1], node.args[0], None
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return node.args[0], node.args[1], bias
 

@@ -151,7 +151,7 @@ def _drawing(couplings: nx.Graph) -> str:
         figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     svg = buffer.getvalue()
     return (
-        "<p class='note'>Nodes are producers (the linear/conv modules whose output channels are "
+        "<p class='note'>Nodes are producers (the linear/conv/embedding modules whose output channels are "
         "pruned); edges are the joins that couple their channels. A connected component is one "
         "group; grey ones stay dense (see the reasons under each graph).</p>"
         f"<div class='svg'>{svg[svg.index('<svg') :]}</div>"
