@@ -486,21 +486,41 @@ class _Program:
     score: fx.GraphModule | None
     noises: int
     """Trailing outputs of `graph` that are dropout noise for `score` to reuse."""
+    _owners: list[tuple[dict[str, Any], str] | None] | None = None
 
     def arguments(self, model: nn.Module, flat: Sequence[Any], indices: list[Tensor]) -> list:
-        """Graph inputs in placeholder order: state, user inputs, group indices."""
+        """Graph inputs in placeholder order: state, user inputs, group indices.
+
+        Parameters and buffers are read from their owning modules' ``_parameters`` and
+        ``_buffers`` at every call (so a tensor replaced by FSDP2's unshard or
+        ``load_state_dict(assign=True)`` is seen), but the owners are resolved once:
+        ``get_parameter`` walks the module path per call, milliseconds per step on a model
+        with a hundred deep-named tensors."""
+        if self._owners is None:
+            self._owners = [_owner(model, kind, target) for kind, target in self.captured.inputs]
         user = iter(flat)
         args: list[Any] = []
-        for kind, target in self.captured.inputs:
-            if kind == InputKind.PARAMETER:
-                args.append(model.get_parameter(target))
-            elif kind == InputKind.BUFFER:
-                args.append(model.get_buffer(target))
+        for (kind, target), owner in zip(self.captured.inputs, self._owners, strict=True):
+            if owner is not None:
+                table, name = owner
+                args.append(table[name])
             elif kind == InputKind.CONSTANT_TENSOR:
                 args.append(self.captured.constants[target])
             else:
                 args.append(next(user))
         return args + indices
+
+
+def _owner(model: nn.Module, kind: InputKind, target: str) -> tuple[dict[str, Any], str] | None:
+    """(the owning module's parameter or buffer table, the name in it) of a state input."""
+    if kind not in (InputKind.PARAMETER, InputKind.BUFFER):
+        return None
+    path, _, name = target.rpartition(".")
+    module = model.get_submodule(path)
+    table = module._parameters if kind == InputKind.PARAMETER else module._buffers
+    if name not in table:
+        raise AttributeError(f"{type(module).__name__} ({path or 'the model'}) has no {target}")
+    return table, name
 
 
 class SparseModule(nn.Module):

@@ -274,6 +274,22 @@ def test_transform_shares_parameters_with_the_original_model():
     assert copy.deepcopy(sparse.state_dict()).keys() == sparse.state_dict().keys()
 
 
+def test_parameters_replaced_after_transform_are_the_ones_it_reads():
+    """load_state_dict(assign=True), FSDP2 and hand edits swap Parameter objects: the sparse
+    model reads its state from the modules at every call, not from a copy."""
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5).eval()
+    sparsefx.set_masks(
+        sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(sparse)}
+    )
+    x = torch.randn(4, 8)
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model[2].bias = nn.Parameter(torch.randn(16))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x))
+
+
 @pytest.mark.parametrize("budget", ["params", "flops"])
 def test_cost_weighted_budget_trains_within_budget(budget):
     torch.manual_seed(0)
