@@ -49,6 +49,11 @@ class SparseConfig:
     """Also prune residual streams: every tensor added into one stream (the producers that
     write into it, the layers that read it) is one shared group. By default streams stay
     dense and only the channels inside blocks are pruned."""
+    conv_channel_multiple: int = 8
+    """On CPU, compact convolutions run on kept-channel counts rounded up to a multiple of
+    this with zero channels (exact): oneDNN JIT-compiles a primitive for every new shape,
+    about a millisecond per convolution, and rounded counts repeat, so after a few steps
+    every shape is cached. 1 runs the exact counts. Eager (`transform`) programs only."""
     kernels: Kernels = "auto"
     """Which kernels run the compact ops, the sampler and the projection: "triton" (fused
     gather-GEMMs that read weights by index, one-launch sampling and projection), "torch"
@@ -75,6 +80,9 @@ class SparseConfig:
             raise ValueError(f"score_lr must be > 0, got {self.score_lr}")
         if not isinstance(self.sparse_gradients, bool):
             raise TypeError(f"sparse_gradients must be a bool, got {self.sparse_gradients!r}")
+        multiple = self.conv_channel_multiple
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"conv_channel_multiple must be an int >= 1, got {multiple!r}")
         if not 0.0 < self.score_eps < 0.5:
             raise ValueError(f"score_eps must be in (0, 0.5), got {self.score_eps}")
 

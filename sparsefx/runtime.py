@@ -545,6 +545,7 @@ class SparseModule(nn.Module):
         analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
         warn_if_nothing_to_prune(type(model).__name__, analysis)
         device = next(iter(model.parameters()), torch.empty(0)).device
+        self._on_cpu = device.type == "cpu"
         self.runtime = SparseRuntime(
             analysis, build_cost_model(captured.gm, analysis.groups), config, device
         )
@@ -571,6 +572,7 @@ class SparseModule(nn.Module):
             analysis.groups,
             sparse_gradients=self.config.sparse_gradients,
             triton_kernels=self.runtime.triton,
+            conv_channel_multiple=self.config.conv_channel_multiple if self._on_cpu else 1,
         )
         score = score_graph(graph, captured.inputs) if captured.training else None
         mode = "training" if captured.training else "eval"

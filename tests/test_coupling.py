@@ -409,12 +409,13 @@ def test_expand_maps_a_flattened_channel_to_its_block_of_features():
 
 @pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
 def test_cost_model_counts_the_compact_step(model_cls):
-    """Forward FLOPs of the compact graph equal the sympy cost model at the kept counts."""
+    """Forward FLOPs of the compact graph equal the sympy cost model at the kept counts
+    (exact counts: conv_channel_multiple=1)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     x = _inputs(model_cls, 2)
-    config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=True, conv_channel_multiple=1)
     sparse = sparsefx.transform(model_cls(), (x,), config=config)
     masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(2))
     sparsefx.set_masks(sparse, masks)
@@ -469,3 +470,34 @@ def test_training_loss_falls(model_cls, mode):
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5, losses
     assert sparsefx.stats(sparse)["sampled_density"] < 0.75
+
+
+def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks():
+    """conv_channel_multiple=8 (the default): kept counts 9..16 of a conv all run one
+    shape, and the step equals the one with exact counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()
+    )
+    model.append(nn.Sequential(nn.Flatten(), nn.Linear(32 * 16, 4)))
+    x = torch.randn(2, 3, 4, 4)
+    exact = copy.deepcopy(model)
+    rounded = sparsefx.transform(model, (x,), density=0.5)
+    config = sparsefx.SparseConfig(0.5, conv_channel_multiple=1)
+    reference = sparsefx.transform(exact, (x,), config=config)
+    flops = set()
+    for first, second in [(9, 14), (16, 10), (12, 12)]:
+        masks = {"0": torch.arange(32) < first, "2": torch.arange(32) >= 32 - second}
+        for sparse in (rounded, reference):
+            sparsefx.set_masks(sparse, masks)
+        with FlopCounterMode(display=False) as counter:
+            out = rounded(x)
+        flops.add(counter.get_total_flops() - 2 * 2 * 4 * 16 * second)  # the linear: exact
+        torch.testing.assert_close(out, reference(x))
+        out.square().sum().backward()
+        reference(x).square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), exact.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert flops == {2 * 2 * 16 * (16 * 3 + 16 * 16) * 9}  # one shape: 16 channels each

@@ -101,3 +101,37 @@ def test_opaque_conv_equals_aten_conv_with_its_gradients(
     grad = torch.randn_like(expected)
     backward_args = (grad, x.detach(), weight.detach(), bias, stride, padding, dilation, groups)
     torch.library.opcheck(torch.ops.sparsefx.conv_backward.default, backward_args)
+
+
+@pytest.mark.parametrize(
+    ("k_in", "k_out", "full_in", "full_out"), [(5, 13, 8, 16), (9, 3, 12, None)]
+)
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
+    k_in, k_out, full_in, full_out, spatial
+):
+    """Rounded-up zero channels leave the output and every gradient exactly as they are,
+    and the convolution aten runs has the rounded counts (capped at the dense ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sparsefx.kernels import bucketed_convolution
+
+    g = torch.Generator().manual_seed(0)
+    size = (5,) * spatial
+    x = torch.randn(2, k_in, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(k_out, k_in, *(3,) * spatial, dtype=torch.float64, generator=g)
+    w.requires_grad_(True)
+    b = torch.randn(k_out, dtype=torch.float64, generator=g, requires_grad=True)
+    conv = F.conv1d if spatial == 1 else F.conv2d
+    stride, padding = [2] * spatial, [1] * spatial
+    with FlopCounterMode(display=False) as counter:
+        y = bucketed_convolution(x, w, b, stride, padding, [1] * spatial, 8, full_in, full_out)
+    expected = conv(x, w, b, stride=2, padding=1)
+    torch.testing.assert_close(y, expected)
+    grads = torch.autograd.grad(y.square().sum(), (x, w, b))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, w, b))):
+        torch.testing.assert_close(got, want)
+    run_in = min(-(-k_in // 8) * 8, full_in)
+    run_out = k_out if full_out is None else min(-(-k_out // 8) * 8, full_out)
+    positions = expected[0, 0].numel()
+    assert counter.get_total_flops() == 2 * 2 * positions * run_in * run_out * 3**spatial

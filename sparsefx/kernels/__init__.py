@@ -11,6 +11,7 @@ import torch
 from sparsefx.kernels.compact import (
     attention_with_dropout,
     block_index,
+    bucketed_convolution,
     conv,
     dropout_noise,
     gather_weight,
@@ -21,6 +22,7 @@ from sparsefx.kernels.compact import (
 __all__ = [
     "attention_with_dropout",
     "block_index",
+    "bucketed_convolution",
     "conv",
     "dropout_noise",
     "gather_weight",

@@ -8,6 +8,7 @@ from torch.export.graph_signature import InputKind
 from sparsefx.analysis.groups import Group
 from sparsefx.passes.compact import (
     add_index_inputs,
+    bucket_convolutions,
     extract_score_graph,
     insert_scatters,
     opaque_compact_convolutions,
@@ -35,16 +36,20 @@ def rewrite_compact(
     *,
     sparse_gradients: bool = False,
     triton_kernels: bool = False,
+    conv_channel_multiple: int = 1,
 ) -> fx.GraphModule:
     """Run the compact-rewrite passes in order. The graph gains one index input per group,
     and a training graph one output per full-width dropout (its noise, for the score graph).
-    `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py)."""
+    `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py);
+    `conv_channel_multiple` > 1 rounds compact convolutions' channel counts up to it."""
     gm = add_index_inputs(gm, groups)
     for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)
     if triton_kernels:
         gm = use_triton_kernels(gm, sparse_gradients=sparse_gradients)
+    if conv_channel_multiple > 1:
+        gm = bucket_convolutions(gm, conv_channel_multiple)
     return _finalize(sample_dropout_noise(gm))
 
 

@@ -16,10 +16,11 @@ from torch.export.graph_signature import InputKind
 from sparsefx.analysis import ops
 from sparsefx.analysis.groups import META, Group
 from sparsefx.analysis.layout import Layout, Piece
-from sparsefx.kernels import layout_index
+from sparsefx.kernels import bucketed_convolution, layout_index
 
 __all__ = [
     "add_index_inputs",
+    "bucket_convolutions",
     "extract_score_graph",
     "insert_scatters",
     "opaque_compact_convolutions",
@@ -159,14 +160,28 @@ def opaque_compact_convolutions(gm: fx.GraphModule) -> fx.GraphModule:
         weight = node.args[1]
         if not (isinstance(weight, fx.Node) and weight.target is gather):
             continue
-        spatial = _SPATIAL_DIMS[node.target]
-        args = [_arg(node, 2, "bias", None)]
-        for position, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)):
-            value = _arg(node, position, name, default)
-            value = list(value) if isinstance(value, list | tuple) else [value]
-            args.append(value * spatial if len(value) == 1 else value)
-        args.append(_arg(node, 6, "groups", 1))
-        _replace(node, torch.ops.sparsefx.conv.default, (node.args[0], weight, *args))
+        args = (node.args[0], weight, *_conv_args(node), _arg(node, 6, "groups", 1))
+        _replace(node, torch.ops.sparsefx.conv.default, args)
+    return gm
+
+
+def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
+    """Convolutions (groups=1) on gathered weights run on compact channel counts rounded up
+    to `multiple` (kernels.compact.bucketed_convolution): for eager CPU programs, where
+    oneDNN builds a primitive per new shape. Grouped convolutions keep their exact counts
+    (their group count is the kept count)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not ops.is_conv(node.target):
+            continue
+        weight = node.args[1]
+        groups = _arg(node, 6, "groups", 1)
+        if not (isinstance(weight, fx.Node) and weight.target is gather) or groups != 1:
+            continue
+        full_out, full_in = (int(d) for d in weight.args[0].meta["val"].shape[:2])  # type: ignore[union-attr]
+        out_size = full_out if weight.args[1] is not None else None
+        in_size = full_in if weight.args[2] is not None else None
+        args = (node.args[0], weight, *_conv_args(node), multiple, in_size, out_size)
+        _replace(node, bucketed_convolution, args)
     return gm
 
 
@@ -269,6 +284,18 @@ def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(name, default)
+
+
+def _conv_args(node: fx.Node) -> list[object]:
+    """(bias, stride, padding, dilation) of a conv node, each list as long as its spatial dims
+    (aten.convolution's form)."""
+    spatial = _SPATIAL_DIMS[node.target]  # type: ignore[index]
+    args = [_arg(node, 2, "bias", None)]
+    for position, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)):
+        value = _arg(node, position, name, default)
+        value = list(value) if isinstance(value, list | tuple) else [value]
+        args.append(value * spatial if len(value) == 1 else value)
+    return args
 
 
 def _set_arg(node: fx.Node, position: int, name: str, value: object) -> None:
