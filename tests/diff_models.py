@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 class Tiny(nn.Module):
     """A stem, one residual block (its inner conv is prunable, the stream stays dense), a
-    sigmoid gate that reads the block's inner channels at full width, and a linear head."""
+    sigmoid gate whose channels are flipped (sparsefx cannot follow a flip, so the gate and
+    the tensor it scales are read at full width), and a linear head."""
 
     def __init__(self):
         super().__init__()
@@ -24,7 +25,9 @@ class Tiny(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn(self.stem(x)))
         h = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(x + self.conv2(h) * torch.sigmoid(self.gate(h).mean((2, 3), keepdim=True)))
+        y = self.conv2(h)
+        gate = torch.sigmoid(self.gate(h).mean((2, 3), keepdim=True)).flip(1)
+        x = F.relu(x + y * gate)
         return self.fc(x.mean((2, 3)))
 
 

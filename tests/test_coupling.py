@@ -192,6 +192,31 @@ class ResNeXtStyle(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class SqueezeExcite(nn.Module):
+    """A conv whose channels a squeeze-excitation gate scales (`h * s`, s shaped [B, C, 1, 1]):
+    the excitation conv is coupled to the conv it scales, the squeeze conv is its own group."""
+
+    streams: ClassVar[dict[str, tuple[str, ...]]] = {}
+    internal = ("conv", "squeeze", "head")
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.excite = nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor, masks: Masks = None) -> Tensor:
+        h = _m(masks, "conv", F.relu(self.bn(self.conv(x))))
+        pooled = h.mean((2, 3), keepdim=True)
+        s = _m(masks, "squeeze", F.relu(self.squeeze(pooled)))
+        h = h * _m(masks, "conv", torch.sigmoid(self.excite(s)))
+        h = _m(masks, "head", F.relu(self.head(h)))
+        return self.fc(h.mean((2, 3)))
+
+
 class EmbeddingStream(nn.Module):
     """Token and position embeddings start a residual stream that MLP blocks write into,
     with no norm across features, so a pruned stream covers the embeddings' columns. The
@@ -224,7 +249,15 @@ class EmbeddingStream(nn.Module):
         return self.fc(h.amax(1))
 
 
-MODELS = [ResNetStyle, MobileNetV2Style, DenseNetStyle, SliceStyle, ResNeXtStyle, EmbeddingStream]
+MODELS = [
+    ResNetStyle,
+    MobileNetV2Style,
+    DenseNetStyle,
+    SliceStyle,
+    ResNeXtStyle,
+    SqueezeExcite,
+    EmbeddingStream,
+]
 
 
 def _inputs(model_cls, batch: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -346,6 +379,16 @@ def test_embeddings_feeding_a_pruned_stream_gather_their_columns():
     k = sparse.cost_model.symbols[[g.name for g in sparsefx.groups(sparse)].index("tokens")]
     params = sparse.cost_model.params
     assert params.coeff(k).subs({s: 0 for s in sparse.cost_model.symbols}) == 7 + 16 + 3 + 2
+
+
+def test_squeeze_excitation_gate_is_coupled_to_the_channels_it_scales():
+    sparse = sparsefx.transform(SqueezeExcite(), torch.randn(2, 3, 4, 4), density=0.5)
+    (group,) = [g for g in sparsefx.groups(sparse) if g.name == "conv"]
+    assert {("excite.weight", 0), ("excite.bias", 0), ("squeeze.weight", 1)} <= set(group.members)
+    assert ("head.weight", 1) in group.members
+    assert not sparse.analysis.scatters
+    kinds = sparse.analysis.couplings.edges(data="kinds")
+    assert any("gate" in k for _, _, k in kinds)
 
 
 def test_sparse_embedding_stays_dense_and_says_why():

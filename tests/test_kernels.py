@@ -129,8 +129,13 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
     expected = conv(x, w, b, stride=2, padding=1)
     torch.testing.assert_close(y, expected)
     grads = torch.autograd.grad(y.square().sum(), (x, w, b))
-    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, w, b))):
+    wanted = torch.autograd.grad(expected.square().sum(), (x, w, b))
+    for got, want in zip(grads, wanted, strict=True):
         torch.testing.assert_close(got, want)
+    torch.library.opcheck(
+        torch.ops.sparsefx.bucketed_convolution.default,
+        (x, w, b, stride, padding, [1] * spatial, 8, full_in, full_out),
+    )
     run_in = min(-(-k_in // 8) * 8, full_in)
     run_out = k_out if full_out is None else min(-(-k_out // 8) * 8, full_out)
     positions = expected[0, 0].numel()

@@ -21,9 +21,11 @@ means "every channel" on that side.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 __all__ = [
     "block_index",
@@ -124,6 +126,7 @@ def _scatter_backward(ctx, grad):
 scatter_channels.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
+@torch.library.custom_op("sparsefx::bucketed_convolution", mutates_args=())
 def bucketed_convolution(
     x: Tensor,
     weight: Tensor,
@@ -142,22 +145,92 @@ def bucketed_convolution(
 
     oneDNN creates (JIT-compiles) a primitive for every new convolution shape, 0.3-1.5 ms
     each on CPU, and compact channel counts change with every mask; rounded counts repeat,
-    so after a few steps every shape is in oneDNN's primitive cache. The padding costs at
-    most `multiple - 1` zero channels per side; dropped channels are never computed."""
-    k_out, k_in = weight.shape[0], weight.shape[1]
-    extra_in = 0 if full_in is None else min(-k_in % multiple, full_in - k_in)
-    extra_out = 0 if full_out is None else min(-k_out % multiple, full_out - k_out)
-    spatial = [0, 0] * (weight.dim() - 2)
-    if extra_in:
-        x = torch.nn.functional.pad(x, [*spatial, 0, extra_in])
-    if extra_in or extra_out:
-        weight = torch.nn.functional.pad(weight, [*spatial, 0, extra_in, 0, extra_out])
-    if extra_out and bias is not None:
-        bias = torch.nn.functional.pad(bias, [0, extra_out])
+    so after a few steps every shape, forward and backward, is in oneDNN's primitive cache.
+    The padding costs at most `multiple - 1` zero channels per side; dropped channels are
+    never computed. A custom op, so that symbolic shape propagation (the diff tool) sees
+    the exact output shape and not the data-dependent padding."""
+    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
+    x, weight = _pad_channels(x, 1, extra_in), _pad_channels(weight, 1, extra_in)
+    weight = _pad_channels(weight, 0, extra_out)
+    bias = None if bias is None else _pad_channels(bias, 0, extra_out)
     y = torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
     )
-    return y[:, :k_out] if extra_out else y
+    return y[:, : y.shape[1] - extra_out].contiguous() if extra_out else y
+
+
+@bucketed_convolution.register_fake
+def _(x, weight, bias, stride, padding, dilation, multiple, full_in, full_out):
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
+    )
+
+
+@register_flop_formula(torch.ops.sparsefx.bucketed_convolution)
+def _bucketed_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the convolution at the rounded counts it runs (FlopCounterMode does not look
+    inside a custom op)."""
+    extra_in, extra_out = _bucket_padding(w_shape, *args[4:7])
+    x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
+    w_shape = [w_shape[0] + extra_out, w_shape[1] + extra_in, *w_shape[2:]]
+    out_shape = [out_shape[0], out_shape[1] + extra_out, *out_shape[2:]]
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+def _bucket_padding(
+    weight_shape: Sequence[int], multiple: int, full_in: int | None, full_out: int | None
+) -> tuple[int, int]:
+    """Zero channels that round (input, output) counts up to `multiple`, within the dense."""
+    k_out, k_in = weight_shape[0], weight_shape[1]
+    extra_in = 0 if full_in is None else min(-k_in % multiple, full_in - k_in)
+    extra_out = 0 if full_out is None else min(-k_out % multiple, full_out - k_out)
+    return extra_in, extra_out
+
+
+def _pad_channels(t: Tensor, dim: int, extra: int) -> Tensor:
+    """`t` with `extra` zero slices appended along `dim`."""
+    if not extra:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def _bucketed_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, multiple, full_in, full_out = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.options = (bias is not None, stride, padding, dilation)
+    ctx.extra = _bucket_padding(weight.shape, multiple, full_in, full_out)
+
+
+def _bucketed_backward(ctx, grad):
+    """convolution_backward on the same rounded shapes (so its primitive is cached too),
+    cut back to the exact ones."""
+    x, weight = ctx.saved_tensors
+    has_bias, stride, padding, dilation = ctx.options
+    extra_in, extra_out = ctx.extra
+    k_out, k_in = weight.shape[0], weight.shape[1]
+    weight = _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        _pad_channels(grad, 1, extra_out),
+        _pad_channels(x, 1, extra_in),
+        weight,
+        [weight.shape[0]] if has_bias else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        1,
+        list(ctx.needs_input_grad[:3]),
+    )
+    grad_x = None if grad_x is None else grad_x[:, :k_in]
+    grad_w = None if grad_w is None else grad_w[:k_out, :k_in]
+    grad_b = None if grad_b is None else grad_b[:k_out]
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+bucketed_convolution.register_autograd(_bucketed_backward, setup_context=_bucketed_setup)
 
 
 @torch.library.custom_op("sparsefx::conv", mutates_args=())

@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind
 from sparsefx.analysis import ops
 from sparsefx.analysis.groups import META, Group
 from sparsefx.analysis.layout import Layout, Piece
-from sparsefx.kernels import bucketed_convolution, layout_index
+from sparsefx.kernels import layout_index
 
 __all__ = [
     "add_index_inputs",
@@ -181,7 +181,7 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
         out_size = full_out if weight.args[1] is not None else None
         in_size = full_in if weight.args[2] is not None else None
         args = (node.args[0], weight, *_conv_args(node), multiple, in_size, out_size)
-        _replace(node, bucketed_convolution, args)
+        _replace(node, torch.ops.sparsefx.bucketed_convolution.default, args)
     return gm
 
 
