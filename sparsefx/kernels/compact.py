@@ -211,17 +211,11 @@ def _bucketed_backward(ctx, grad):
     extra_in, extra_out = ctx.extra
     k_out, k_in = weight.shape[0], weight.shape[1]
     weight = _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out)
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+    grad_x, grad_w, grad_b = _convolution_backward(
         _pad_channels(grad, 1, extra_out),
         _pad_channels(x, 1, extra_in),
         weight,
-        [weight.shape[0]] if has_bias else None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * len(stride),
-        1,
+        (has_bias, stride, padding, dilation, 1),
         list(ctx.needs_input_grad[:3]),
     )
     grad_x = None if grad_x is None else grad_x[:, :k_in]
@@ -231,6 +225,19 @@ def _bucketed_backward(ctx, grad):
 
 
 bucketed_convolution.register_autograd(_bucketed_backward, setup_context=_bucketed_setup)
+
+
+def _convolution_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, options: tuple, output_mask: list[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """aten.convolution_backward of a plain (not transposed) convolution; `options` are
+    (has_bias, stride, padding, dilation, groups)."""
+    has_bias, stride, padding, dilation, groups = options
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
+        output_mask,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("sparsefx::conv", mutates_args=())
@@ -290,19 +297,8 @@ def conv_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """aten.convolution_backward for `conv`, opaque to Inductor for the same reason
     (the bias gradient is an empty tensor when there is no bias)."""
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        [weight.shape[0]] if has_bias else None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0] * len(stride),
-        groups,
-        [True, True, has_bias],
-    )
+    options = (has_bias, stride, padding, dilation, groups)
+    grad_x, grad_w, grad_b = _convolution_backward(grad, x, weight, options, [True, True, has_bias])
     return grad_x, grad_w, grad_b if has_bias else grad.new_empty(0)
 
 
