@@ -356,6 +356,30 @@ def test_sparse_gradients_train_exactly_like_dense_gradients_with_sgd():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_sparse_gradients_of_rounded_cpu_convolutions_equal_the_dense_ones():
+    """Conv weight gradients come back through the zero-padded (conv_channel_multiple)
+    convolution's backward, then the row-sparse gather: they equal the dense-gradient run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    )  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    grads = []
+    for sparse_gradients in (False, True):
+        twin = copy.deepcopy(model)
+        config = sparsefx.SparseConfig(0.5, seed=0, sparse_gradients=sparse_gradients)
+        sparse = sparsefx.transform(twin, x, config=config)
+        masks = {g.name: torch.arange(g.size) % 3 != 0 for g in sparsefx.groups(sparse)}
+        sparsefx.set_masks(sparse, masks)  # 21 of 32 kept: the convs run 24 channels
+        sparse(x).square().sum().backward()
+        grads.append([p.grad for p in twin.parameters()])
+    assert grads[1][0].is_sparse and not grads[0][0].is_sparse
+    for dense, sparse_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(sparse_grad.to_dense(), dense)
+
+
 def test_model_with_nothing_to_prune_warns_and_trains_dense():
     model = nn.Linear(8, 3)  # the classifier alone: never pruned
     with pytest.warns(UserWarning, match="nothing to prune"):

@@ -3,8 +3,9 @@
 Every linear/conv contributes 2 * spatial * c_out * c_in * kernel FLOPs per example and
 c_out * c_in * kernel (+ bias) parameters, where c_out is the symbol k_g of its group if it
 is a pruned producer and c_in is k_h * block if its input is compact; an embedding adds
-vocab * c_out parameters and no FLOPs; BatchNorm adds its affine parameters. A layer between two pruned groups is therefore bilinear in their counts,
-which is why consecutive sparse layers save d^2. Only linear/conv FLOPs are counted:
+vocab * c_out parameters and no FLOPs; BatchNorm adds its affine parameters. A layer between
+two pruned groups is therefore bilinear in their counts, which is why consecutive sparse
+layers save d^2. Only linear/conv FLOPs are counted:
 element-wise work is memory-bound and small.
 """
 

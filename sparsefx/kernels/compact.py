@@ -153,17 +153,13 @@ def bucketed_convolution(
     x, weight = _pad_channels(x, 1, extra_in), _pad_channels(weight, 1, extra_in)
     weight = _pad_channels(weight, 0, extra_out)
     bias = None if bias is None else _pad_channels(bias, 0, extra_out)
-    y = torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
-    )
+    y = _convolution(x, weight, bias, stride, padding, dilation, 1)
     return y[:, : y.shape[1] - extra_out].contiguous() if extra_out else y
 
 
 @bucketed_convolution.register_fake
 def _(x, weight, bias, stride, padding, dilation, multiple, full_in, full_out):
-    return torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
-    )
+    return _convolution(x, weight, bias, stride, padding, dilation, 1)
 
 
 @register_flop_formula(torch.ops.sparsefx.bucketed_convolution)
@@ -227,6 +223,15 @@ def _bucketed_backward(ctx, grad):
 bucketed_convolution.register_autograd(_bucketed_backward, setup_context=_bucketed_setup)
 
 
+def _convolution(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int
+) -> Tensor:
+    """aten.convolution of a plain (not transposed) convolution."""
+    return torch.ops.aten.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+
+
 def _convolution_backward(
     grad: Tensor, x: Tensor, weight: Tensor, options: tuple, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -256,16 +261,12 @@ def conv(
     channel counts change every step: as a custom op it is an extern call with symbolic
     shapes, so a compiled training graph does not recompile per mask. Only the torch.compile
     backend uses it; its backward is aten's convolution_backward."""
-    return torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
-    )
+    return _convolution(x, weight, bias, stride, padding, dilation, groups)
 
 
 @conv.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):
-    return torch.ops.aten.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
-    )
+    return _convolution(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _conv_setup(ctx, inputs, output):
