@@ -63,7 +63,7 @@ import sparsefx
 
 LR = 0.01
 SAMPLES = 2  # K
-SCORE_LR = 1e-2  # Adam on the scores, as sparsefx's default
+SCORE_LR = 1e-2  # Adam on the scores, about the VR-PGE demo's (Adam, lr 1.2e-2)
 SCORE_EPS = 1e-3  # s clamped to [eps, 1-eps] inside psi
 BISECTION_STEPS = 20  # budget projection of the baselines, as in the paper's code
 DENSE_METHODS = ("dense", "dense-compiled")

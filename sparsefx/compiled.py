@@ -44,8 +44,10 @@ from sparsefx.runtime import (
     MissingLossError,
     SampledStep,
     SparseRuntime,
+    agreeing_samples,
     check_same_groups,
     counterparts,
+    detached,
     missing_loss_message,
     register_counterparts,
     split_noises,
@@ -291,6 +293,13 @@ class _Program:
             self._score = _inductor(self.pure_forward())
         return self._score
 
+    def reused(self, outputs: Sequence[Any]) -> list[Any]:
+        """What the score graph returns, from the training graph's `outputs`: the score of a
+        mask equal to mask 1 (`agreeing_samples`)."""
+        if self.loss_index is not None:
+            return [outputs[self.loss_index].detach()]
+        return detached(outputs)
+
     def pure_forward(self) -> fx.GraphModule:
         """The score graph: only the loss as output when the graph computes one, no
         running-stat updates."""
@@ -397,10 +406,13 @@ class CompiledGraph:
         )
         if step is not None:
             with torch.no_grad():
-                score = program.score()
                 others = [
-                    score(*program.arguments(flat, _mark_dynamic(indices(m))), *noises)
-                    for m in masks[1:]
+                    program.reused(outputs)
+                    if same
+                    else program.score()(
+                        *program.arguments(flat, _mark_dynamic(indices(m))), *noises
+                    )
+                    for m, same in zip(masks[1:], agreeing_samples(masks), strict=True)
                 ]
             self._finish(program, step, outputs, others)
         return outputs

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import sparsefx
 
@@ -330,6 +330,53 @@ def test_more_samples_run_more_pure_forwards():
     sparse(x, y).backward()
     assert len(calls) == 3  # K - 1 pure forwards
     assert sparse.structure.pending is not None
+
+
+def _draw(sparse, rows: list[int], samples: int, seed: int = 1):
+    """`sparse`'s sampler made to return rows `rows` of a real draw of `samples` masks."""
+    draws = sparse.structure.sample(samples)
+    assert not torch.equal(draws[0], draws[-1])
+    sparse.structure.sample = lambda num_samples: draws[rows]
+    return draws[rows]
+
+
+def _step(sparse, x, y) -> tuple[Tensor, int]:
+    """One backward: the structure gradient it commits, and the pure forwards it ran."""
+    calls = []
+    hook = sparse._programs[True][0].score.register_forward_hook(lambda *_: calls.append(1))
+    sparse(x, y).backward()
+    hook.remove()
+    return sparse.structure.pending, len(calls)
+
+
+def test_a_mask_equal_to_the_first_reuses_its_forward_exactly(monkeypatch):
+    """Masks 2..K equal to mask 1 skip their pure forward (its loss would be mask 1's); the
+    structure gradient is the one the forward would have given."""
+    torch.manual_seed(0)
+    x, y = data()
+    config = sparsefx.SparseConfig(density=0.5, samples=3, seed=1)
+    model = LossModel()
+    twin = sparsefx.transform(copy.deepcopy(model), (x, y), config=config)
+    sparse = sparsefx.transform(model, (x, y), config=config)
+    _draw(sparse, [0, 0, 2], 3)
+    _draw(twin, [0, 0, 2], 3)
+    gradient, forwards = _step(sparse, x, y)
+    assert forwards == 1  # only the third mask differs from the first
+    monkeypatch.setattr(sparsefx.runtime, "agreeing_samples", lambda masks: [False, False])
+    expected, forwards = _step(twin, x, y)
+    assert forwards == 2
+    torch.testing.assert_close(gradient, expected)
+    assert gradient.abs().sum() > 0
+
+
+def test_k_equal_masks_run_one_forward_and_give_an_exact_zero_gradient():
+    torch.manual_seed(0)
+    x, y = data()
+    sparse = sparsefx.transform(LossModel(), (x, y), config=sparsefx.SparseConfig(density=0.5))
+    _draw(sparse, [0, 0], 2)
+    gradient, forwards = _step(sparse, x, y)
+    assert forwards == 0
+    assert torch.equal(gradient, torch.zeros_like(gradient))
 
 
 def test_sparse_gradients_train_exactly_like_dense_gradients_with_sgd():
