@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --quick          # under 5 minutes on 2 CPU cores
     python benchmarks/accuracy.py                  # the full run (3 seeds, every setting)
+    python benchmarks/accuracy.py --combine a.json,b.json --json all.json  # runs made in parts
 
 Settings: Fashion-MNIST (Debian's `dataset-fashion-mnist`) with a small CNN with BatchNorm
 and with an MLP, and scikit-learn's digits with an MLP. Methods, all with the same epochs,
@@ -473,6 +474,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a SparseConfig field for the sparsefx methods, e.g. score_lr=0.1 or samples=4",
     )
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
+    parser.add_argument(
+        "--combine",
+        default=None,
+        metavar="JSON,...",
+        help="train nothing: the table, JSON and plots of the runs saved in these files "
+        "(a run split into parts, e.g. slow baselines apart)",
+    )
     return parser.parse_args(argv)
 
 
@@ -490,6 +498,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:  # digits at its full length; Fashion-MNIST on a subset, fewer epochs
         args.settings, args.densities, args.seeds = "digits-mlp,fashion-cnn", "0.25", "0"
         args.limit = args.limit or 6000
+    if args.combine:
+        runs = [
+            Run(**run)
+            for path in args.combine.split(",")
+            for run in json.loads(Path(path).read_text())["runs"]
+        ]
+    else:
+        runs = train_all(args)
+    rows = summarize(runs)
+    print(table(rows))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "args": vars(args) | {"json": str(args.json)},
+                "rows": rows,
+                "runs": [asdict(r) for r in runs],
+            },
+            indent=1,
+        )
+    )
+    for path in plot(rows, args.json.parent):
+        print(f"plot: {path}")
+
+
+def train_all(args: argparse.Namespace) -> list[Run]:
+    """Every (setting, seed, method, density) run the arguments name, printed as it ends."""
     print(" | ".join(f"{k}: {v}" for k, v in environment().items()))
     densities = [float(d) for d in args.densities.split(",")]
     runs: list[Run] = []
@@ -515,21 +550,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{name} {method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
                         f"({time.perf_counter() - start:.0f} s)", flush=True,
                     )  # fmt: skip
-    rows = summarize(runs)
-    print(table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "args": vars(args) | {"json": str(args.json)},
-                "rows": rows,
-                "runs": [asdict(r) for r in runs],
-            },
-            indent=1,
-        )
-    )
-    for path in plot(rows, args.json.parent):
-        print(f"plot: {path}")
+    return runs
 
 
 def asdict_setting(setting: Setting) -> dict:
