@@ -44,12 +44,12 @@ from sparsefx.runtime import (
     MissingLossError,
     SampledStep,
     SparseRuntime,
-    agreeing_samples,
     check_same_groups,
     counterparts,
     detached,
     missing_loss_message,
     register_counterparts,
+    samples_agree,
     split_noises,
     warn_if_nothing_to_prune,
 )
@@ -294,8 +294,8 @@ class _Program:
         return self._score
 
     def reused(self, outputs: Sequence[Any]) -> list[Any]:
-        """What the score graph returns, from the training graph's `outputs`: the score of a
-        mask equal to mask 1 (`agreeing_samples`)."""
+        """What the score graph returns, from the training graph's `outputs`: the score of
+        a mask equal to mask 1 (`samples_agree`)."""
         if self.loss_index is not None:
             return [outputs[self.loss_index].detach()]
         return detached(outputs)
@@ -406,14 +406,14 @@ class CompiledGraph:
         )
         if step is not None:
             with torch.no_grad():
-                others = [
-                    program.reused(outputs)
-                    if same
-                    else program.score()(
-                        *program.arguments(flat, _mark_dynamic(indices(m))), *noises
-                    )
-                    for m, same in zip(masks[1:], agreeing_samples(masks), strict=True)
-                ]
+                if samples_agree(masks):
+                    others = [program.reused(outputs)] * (len(masks) - 1)
+                else:
+                    score = program.score()
+                    others = [
+                        score(*program.arguments(flat, _mark_dynamic(indices(m))), *noises)
+                        for m in masks[1:]
+                    ]
             self._finish(program, step, outputs, others)
         return outputs
 

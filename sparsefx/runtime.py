@@ -655,28 +655,28 @@ class SparseModule(nn.Module):
         outputs: list[Any],
     ) -> list[Any]:
         """Flat outputs of the score graph for masks 2..K: no autograd, no running-stat
-        update, the training forward's dropout noise; a mask equal to mask 1 reuses the
-        training `outputs` (`agreeing_samples`)."""
+        update, the training forward's dropout noise; mask 1's `outputs` again when every
+        mask is mask 1 (`samples_agree`)."""
         assert program.score is not None
+        if samples_agree(masks):
+            return [detached(outputs)] * (len(masks) - 1)
         return [
-            detached(outputs)
-            if same
-            else program.score(
+            program.score(
                 *program.arguments(self.model, flat, self.structure.indices(mask)), *noises
             )
-            for mask, same in zip(masks[1:], agreeing_samples(masks), strict=True)
+            for mask in masks[1:]
         ]
 
 
-def agreeing_samples(masks: Tensor) -> list[bool]:
-    """Whether each of masks 2..K equals mask 1, whose forward then need not run again.
+def samples_agree(masks: Tensor) -> bool:
+    """Whether all K masks are equal: the step then needs no forward beyond mask 1's.
 
-    Exact: the same weights, data and dropout noise give mask 1's outputs, so its loss is
-    mask 1's, and its score term equals mask 1's, so it adds nothing to the VR-PGE sum
-    (`leave_one_out`). Once the search has polarised s (a score lr of 0.3 does within tens
-    of steps) most steps draw K equal masks and cost one forward instead of K. One host
-    read of K-1 bools."""
-    return (masks[1:] == masks[0]).all(dim=1).tolist()
+    Exact: equal masks have equal score terms, so the VR-PGE gradient (`leave_one_out`) is
+    zero whatever the K losses are, even where dropout gives each forward noise of its own;
+    mask 1's outputs stand in for the others. Once the search has polarised s (a score lr of
+    0.3 does within tens of steps) most steps draw K equal masks and cost one forward instead
+    of K. One host read of a bool."""
+    return bool((masks[1:] == masks[0]).all())
 
 
 def detached(outputs: Sequence[Any]) -> list[Any]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsefx
+import sparsefx.compiled
 import sparsefx.runtime
 from sparsefx.kernels import attention_with_dropout, dropout_noise
 from sparsefx.runtime import StructureState
@@ -132,9 +133,12 @@ def test_compact_dropout_draws_its_own_noise_in_every_forward():
 @pytest.mark.parametrize("mode", ["transform", "compile"])
 @pytest.mark.parametrize("hidden_p", [0.0, 0.5], ids=["shared-only", "with-compact"])
 def test_the_k_losses_of_a_step_share_full_width_noise(monkeypatch, mode, hidden_p):
-    """With K equal masks the K losses differ only through unshared noise."""
+    """With K equal masks the K losses differ only through unshared noise (the score
+    forwards forced: a step whose masks all agree skips them, its gradient being zero)."""
     sample = StructureState.sample
     monkeypatch.setattr(StructureState, "sample", lambda self, k: sample(self, 1).expand(k, -1))
+    for module in (sparsefx.runtime, sparsefx.compiled):
+        monkeypatch.setattr(module, "samples_agree", lambda masks: False)
     losses = []
 
     def recording(values, psi):
