@@ -332,12 +332,11 @@ def test_more_samples_run_more_pure_forwards():
     assert sparse.structure.pending is not None
 
 
-def _draw(sparse, rows: list[int], samples: int, seed: int = 1):
+def _draw(sparse, rows: list[int], samples: int) -> None:
     """`sparse`'s sampler made to return rows `rows` of a real draw of `samples` masks."""
     draws = sparse.structure.sample(samples)
     assert not torch.equal(draws[0], draws[-1])
     sparse.structure.sample = lambda num_samples: draws[rows]
-    return draws[rows]
 
 
 def _step(sparse, x, y) -> tuple[Tensor, int]:
