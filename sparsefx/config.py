@@ -52,10 +52,11 @@ class SparseConfig:
     write into it, the layers that read it) is one shared group. By default streams stay
     dense and only the channels inside blocks are pruned."""
     conv_channel_multiple: int = 8
-    """On CPU, compact convolutions run on kept-channel counts rounded up to a multiple of
-    this with zero channels (exact): oneDNN JIT-compiles a primitive for every new shape,
-    about a millisecond per convolution, and rounded counts repeat, so after a few steps
-    every shape is cached. 1 runs the exact counts. Eager (`transform`) programs only."""
+    """On CPU, while masks are sampled, compact convolutions run on kept-channel counts
+    rounded up to a multiple of this with zero channels (exact): oneDNN JIT-compiles a
+    primitive for every new shape, about a millisecond per convolution, and rounded counts
+    repeat, so after a few steps every shape is cached. Fixed masks (freeze, set_masks) and
+    eval keep one shape and run the exact counts, as does 1. Eager (`transform`) only."""
     kernels: Kernels = "auto"
     """Which kernels run the compact ops, the sampler and the projection: "triton" (fused
     gather-GEMMs that read weights by index, one-launch sampling and projection), "torch"

@@ -483,6 +483,8 @@ class _Program:
 
     captured: CapturedGraph
     graph: fx.GraphModule
+    fixed_graph: fx.GraphModule
+    """`graph` for masks fixed by freeze/set_masks: exact conv counts, no bucketing."""
     score: fx.GraphModule | None
     noises: int
     """Trailing outputs of `graph` that are dropout noise for `score` to reuse."""
@@ -567,18 +569,28 @@ class SparseModule(nn.Module):
     # -- programs ------------------------------------------------------------------------
 
     def _compile(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
-        graph = rewrite_compact(
-            copy_graph_module(captured.gm),
-            analysis.groups,
-            sparse_gradients=self.config.sparse_gradients,
-            triton_kernels=self.runtime.triton,
-            conv_channel_multiple=self.config.conv_channel_multiple if self._on_cpu else 1,
-        )
+        """The compact program; conv counts are bucketed only where masks are sampled (a
+        training graph on CPU), and a training graph gets an exact-count twin for fixed
+        masks: one mask is one shape, so rounding would only add zero channels."""
+        multiple = self.config.conv_channel_multiple if self._on_cpu and captured.training else 1
+        graph = self._rewrite(captured, analysis, multiple)
+        fixed = self._rewrite(captured, analysis, 1) if multiple > 1 else graph
         score = score_graph(graph, captured.inputs) if captured.training else None
         mode = "training" if captured.training else "eval"
         record = GraphRecord(f"{mode} graph", captured, analysis, graph, score, config=self.config)
         self.runtime.graphs.append(record)
-        return _Program(captured, graph, score, shared_noise_count(graph))
+        return _Program(captured, graph, fixed, score, shared_noise_count(graph))
+
+    def _rewrite(
+        self, captured: CapturedGraph, analysis: Analysis, conv_channel_multiple: int
+    ) -> fx.GraphModule:
+        return rewrite_compact(
+            copy_graph_module(captured.gm),
+            analysis.groups,
+            sparse_gradients=self.config.sparse_gradients,
+            triton_kernels=self.runtime.triton,
+            conv_channel_multiple=conv_channel_multiple,
+        )
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for this mode and input signature, capturing a new one if
@@ -629,7 +641,8 @@ class SparseModule(nn.Module):
         runtime = self.runtime
         masks, step = runtime.masks_for_forward(self.training)
         inputs = program.arguments(self.model, flat, self.structure.indices(masks[0]))
-        outputs, noises = split_noises(program.graph(*inputs), program.noises)
+        graph = program.graph if step is not None else program.fixed_graph
+        outputs, noises = split_noises(graph(*inputs), program.noises)
         output = pytree.tree_unflatten(outputs, program.captured.out_spec)
         if step is None:
             return output

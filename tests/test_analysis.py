@@ -151,8 +151,7 @@ def test_flop_counter_sees_full_masks_as_dense_and_shrinks_with_kept_channels():
         nn.Linear(32, 10),
     )
     x = torch.randn(4, 3, 8, 8)
-    exact_counts = sparsefx.SparseConfig(0.5, conv_channel_multiple=1)
-    sparse = sparsefx.transform(model, x, config=exact_counts)
+    sparse = sparsefx.transform(model, x, density=0.5)  # fixed masks: exact conv counts
     groups = sparsefx.groups(sparse)
     sparsefx.set_masks(sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups})
     dense = _step_flops(model, x)

@@ -453,12 +453,12 @@ def test_expand_maps_a_flattened_channel_to_its_block_of_features():
 @pytest.mark.parametrize("model_cls", MODELS, ids=lambda c: c.__name__)
 def test_cost_model_counts_the_compact_step(model_cls):
     """Forward FLOPs of the compact graph equal the sympy cost model at the kept counts
-    (exact counts: conv_channel_multiple=1)."""
+    (fixed masks run the exact conv counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     x = _inputs(model_cls, 2)
-    config = sparsefx.SparseConfig(density=0.5, prune_streams=True, conv_channel_multiple=1)
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
     sparse = sparsefx.transform(model_cls(), (x,), config=config)
     masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(2))
     sparsefx.set_masks(sparse, masks)
@@ -515,9 +515,10 @@ def test_training_loss_falls(model_cls, mode):
     assert sparsefx.stats(sparse)["sampled_density"] < 0.75
 
 
-def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks():
-    """conv_channel_multiple=8 (the default): kept counts 9..16 of a conv all run one
-    shape, and the step equals the one with exact counts."""
+def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks(monkeypatch):
+    """conv_channel_multiple=8 (the default): while masks are sampled, kept counts 9..16 of
+    a conv all run one shape, and the step equals the one with exact counts, which is what
+    fixed masks (set_masks) run."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -528,19 +529,26 @@ def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks():
     x = torch.randn(2, 3, 4, 4)
     exact = copy.deepcopy(model)
     rounded = sparsefx.transform(model, (x,), density=0.5)
-    config = sparsefx.SparseConfig(0.5, conv_channel_multiple=1)
-    reference = sparsefx.transform(exact, (x,), config=config)
-    flops = set()
+    criterion = sparsefx.wrap_loss(rounded, lambda out, _: out.square().sum())
+    reference = sparsefx.transform(exact, (x,), density=0.5)
+    flops, exact_flops = set(), []
     for first, second in [(9, 14), (16, 10), (12, 12)]:
         masks = {"0": torch.arange(32) < first, "2": torch.arange(32) >= 32 - second}
-        for sparse in (rounded, reference):
-            sparsefx.set_masks(sparse, masks)
+        sampled = torch.cat(list(masks.values()))
+        monkeypatch.setattr(rounded.structure, "sample", lambda k, m=sampled: m.expand(k, -1))
+        sparsefx.set_masks(reference, masks)
         with FlopCounterMode(display=False) as counter:
             out = rounded(x)
         flops.add(counter.get_total_flops() - 2 * 2 * 4 * 16 * second)  # the linear: exact
-        torch.testing.assert_close(out, reference(x))
-        out.square().sum().backward()
-        reference(x).square().sum().backward()
+        with FlopCounterMode(display=False) as counter:
+            expected = reference(x)
+        exact_flops.append(counter.get_total_flops())
+        torch.testing.assert_close(out, expected)
+        criterion(out, None).backward()
+        expected.square().sum().backward()
         for (name, p), q in zip(model.named_parameters(), exact.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert exact_flops == [  # 2 x batch 2 x 16 positions x (conv1, conv2, the linear)
+        2 * 2 * 16 * (27 * k1 + 9 * k1 * k2 + 4 * k2) for k1, k2 in [(9, 14), (16, 10), (12, 12)]
+    ]
     assert flops == {2 * 2 * 16 * (16 * 3 + 16 * 16) * 9}  # one shape: 16 channels each
