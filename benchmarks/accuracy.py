@@ -21,8 +21,9 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
   fraction decaying on a cosine; through sparsefx's compact ops with `set_masks`.
 
 Reported per (setting, method, density): test accuracy (mean and spread over seeds), the
-achieved channel density, training FLOPs (linear/conv FLOPs counted by FlopCounterMode on the
-first steps of each phase, times its steps) and the wall time of the training steps.
+achieved channel density, training FLOPs (linear/conv FLOPs counted by FlopCounterMode on
+every `FLOP_EVERY`-th step, their mean times the steps) and the wall time of the training
+steps (the others, at their mean pace for the counted ones).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ SEARCH = 0.5  # default fraction of the epochs that searches masks; the rest fin
 RIGL_EVERY = 50  # steps between RigL mask updates
 RIGL_DROP = 0.3  # initial fraction of kept channels RigL drops and regrows
 MOMENTUM = 0.9
-FLOP_STEPS = 2  # steps measured by FlopCounterMode per phase
+FLOP_EVERY = 13  # steps between FLOP-counted ones: spread over both phases and coprime to
+# RIGL_EVERY, so sparsefx's polarising search and RigL's dense steps are counted at their rate
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -335,27 +337,26 @@ def train(
         trainer.total_steps = total
     run = Run(name, method, density if method != "dense" else 1.0, seed)
     search_epochs = math.ceil(search * setting.epochs)
-    step = counted = 0
+    step = 0
     for epoch, batches in enumerate(epochs):
         if epoch == search_epochs:
             trainer.fine_tune()
         trainer.net.train()
-        for i, idx in enumerate(batches):
+        for idx in batches:
             for group in trainer.optimizer.param_groups:  # cosine learning rate
                 group["lr"] = setting.lr * (1 + math.cos(math.pi * step / total)) / 2
             x, y = x_train[idx], data.y_train[idx]
-            if i < FLOP_STEPS and epoch in (0, search_epochs):
+            if step % FLOP_EVERY == 0:
                 with FlopCounterMode(display=False) as counter:
                     trainer.step(x, y)
-                flops = counter.get_total_flops()
-                run.step_flops.append(flops)
-                run.train_flops += flops * _phase_steps(epochs, epoch, search_epochs) / FLOP_STEPS
-                counted += 1
+                run.step_flops.append(counter.get_total_flops())
             else:
                 start = time.perf_counter()
                 trainer.step(x, y)
                 run.train_seconds += time.perf_counter() - start
             step += 1
+    counted = len(run.step_flops)
+    run.train_flops = statistics.fmean(run.step_flops) * total
     run.train_seconds *= total / (total - counted)  # the FLOP-counted steps, at the mean pace
     trainer.net.eval()
     with torch.no_grad():
@@ -363,12 +364,6 @@ def train(
     run.accuracy = float((logits.argmax(1) == data.y_test).float().mean())
     run.achieved_density = trainer.achieved_density() if method != "dense" else 1.0
     return run
-
-
-def _phase_steps(epochs: list, epoch: int, search_epochs: int) -> int:
-    """Steps of the phase (search or fine-tuning) that starts at `epoch`."""
-    phase = epochs[:search_epochs] if epoch < search_epochs else epochs[search_epochs:]
-    return sum(map(len, phase))
 
 
 # -- the table and plots --------------------------------------------------------------------
