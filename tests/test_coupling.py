@@ -552,3 +552,9 @@ def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks(mo
         2 * 2 * 16 * (27 * k1 + 9 * k1 * k2 + 4 * k2) for k1, k2 in [(9, 14), (16, 10), (12, 12)]
     ]
     assert flops == {2 * 2 * 16 * (16 * 3 + 16 * 16) * 9}  # one shape: 16 channels each
+    rounded.eval()  # eval keeps one mask, so it runs the exact counts too
+    sparsefx.set_masks(rounded, masks)
+    rounded(x)  # captures the eval graph outside the counter
+    with FlopCounterMode(display=False) as counter:
+        rounded(x)
+    assert counter.get_total_flops() == exact_flops[-1]
