@@ -558,3 +558,40 @@ def test_cpu_convolutions_run_on_rounded_counts_so_shapes_repeat_across_masks(mo
     with FlopCounterMode(display=False) as counter:
         rounded(x)
     assert counter.get_total_flops() == exact_flops[-1]
+
+
+def test_sampled_counts_that_recur_run_exact_convolution_shapes(monkeypatch):
+    """Kept counts sampled twice before run the exact conv shapes (their oneDNN primitives
+    compile once), with the same outputs and gradients as the rounded ones; new counts run
+    rounded again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sparsefx import runtime
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 3))
+    x = torch.randn(2, 3, 4, 4)
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, lambda out, _: out.square().sum())
+    conv_flops: dict[int, list[int]] = {}
+    first: list[torch.Tensor] = []
+    for kept in (12, 12, 12, 12, 13, 12):
+        mask = torch.arange(32) < kept
+        monkeypatch.setattr(sparse.structure, "sample", lambda k, m=mask: m.expand(k, -1))
+        with FlopCounterMode(display=False) as counter:
+            out = sparse(x)
+        conv_flops.setdefault(kept, []).append(counter.get_total_flops())
+        model.zero_grad()
+        criterion(out, None).backward()
+        if kept == 12:  # rounded (the first two) and exact: the same output and gradients
+            results = [out.detach(), *(p.grad.clone() for p in model.parameters())]
+            first = first or results
+            for got, want in zip(results, first, strict=True):
+                torch.testing.assert_close(got, want)
+
+    def flops(k: int) -> int:  # 2 x batch 2 x (conv1 16 positions, conv2 4)
+        return 2 * 2 * (16 * 27 * k + 4 * 9 * k * 4)
+
+    rounded, exact = flops(16), flops(12)
+    assert runtime.RECURRING == 2
+    assert conv_flops == {12: [rounded, rounded, exact, exact, exact], 13: [flops(16)]}
