@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from fractions import Fraction
 from unittest import mock
 
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsefx.policy import project_to_budget, top_budget_mask
+from sparsefx.policy import project_to_budget, round_group_counts, top_budget_mask
 from sparsefx.policy import projection as projection_module
 
 F64 = torch.float64
@@ -257,3 +258,48 @@ def test_top_budget_mask_stops_at_first_overflow():
 def test_top_budget_mask_validates():
     with pytest.raises(ValueError, match="costs must be finite and > 0"):
         top_budget_mask(torch.ones(3), torch.zeros(3), 1.0)
+
+
+# round_group_counts
+
+
+@settings()
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=4).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes),
+            st.lists(st.booleans(), min_size=sum(sizes), max_size=sum(sizes)),
+            st.lists(st.floats(0.0, 1.0), min_size=sum(sizes), max_size=sum(sizes)),
+        )
+    ),
+    st.integers(1, 17),
+)
+def test_round_group_counts_rounds_each_group_by_s(case, multiple):
+    sizes, kept, values = case
+    offsets = [0, *itertools.accumulate(sizes)]
+    mask, s = torch.tensor(kept), torch.tensor(values)
+    rounded = round_group_counts(mask, s, offsets, multiple)
+    for a, b in itertools.pairwise(offsets):
+        old, new, group_s = mask[a:b], rounded[a:b], s[a:b]
+        k, count = int(old.sum()), int(new.sum())
+        nearest = math.floor(Fraction(k, multiple) + Fraction(1, 2)) * multiple  # halves up
+        assert count == min(b - a, max(multiple, nearest))
+        if count <= k:  # kept channels dropped from the lowest s
+            assert bool((new <= old).all())
+            if (old & ~new).any():
+                assert group_s[new].min() >= group_s[old & ~new].max()
+        else:  # dropped channels added from the highest s
+            assert bool((new >= old).all())
+            if (~new).any():
+                assert group_s[new & ~old].min() >= group_s[~new].max()
+
+
+def test_round_group_counts_examples():
+    mask = torch.tensor([True] * 18 + [False] * 46 + [True] * 7 + [False] * 57)
+    s = torch.linspace(1.0, 0.0, 128)
+    rounded = round_group_counts(mask, s, [0, 64, 128], 16)
+    assert [int(rounded[:64].sum()), int(rounded[64:].sum())] == [16, 16]
+    assert rounded[:16].all() and not rounded[16:64].any()  # the two of lowest s dropped
+    assert rounded[64:80].all()  # 7 kept, then the 9 dropped ones of highest s
+    assert round_group_counts(torch.ones(3, dtype=torch.bool), s[:3], [0, 3], 16).all()
+    assert int(round_group_counts(mask, s, [0, 64, 128], 1).sum()) == 25  # 1: unchanged

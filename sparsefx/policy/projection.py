@@ -8,12 +8,14 @@ f(v) = costs @ clamp(z - v costs, 0, 1) is continuous, non-increasing and linear
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["project_to_budget", "top_budget_mask"]
+__all__ = ["project_to_budget", "round_group_counts", "top_budget_mask"]
 
 # Safeguarded Newton steps that narrow the bracket before the exact sort. They only decide how
 # many breakpoints are left to sort (torch's CPU sort costs ~0.1 us per element, so sorting all
@@ -136,3 +138,24 @@ def top_budget_mask(s: Tensor, costs: Tensor, budget: float) -> Tensor:
     order = torch.sort(s, descending=True, stable=True).indices
     keep = torch.cumsum(costs.to(torch.float64)[order], 0) <= budget
     return torch.empty_like(keep).scatter_(0, order, keep)
+
+
+def round_group_counts(mask: Tensor, s: Tensor, offsets: Sequence[int], multiple: int) -> Tensor:
+    """`mask` with each group's kept count (groups at `offsets`) rounded to the nearest
+    multiple of `multiple`, halves up, at least one multiple and at most the group.
+
+    A group rounded down drops its kept channels of lowest s, one rounded up adds its
+    dropped channels of highest s. CPU convolutions (oneDNN) run channels in blocks of the
+    vector width, 16 floats on AVX-512, so a count just above a multiple costs a whole
+    block; `freeze(..., multiple=16)` uses this.
+    """
+    rounded = mask.clone()
+    for start, end in itertools.pairwise(offsets):
+        kept = int(mask[start:end].sum())
+        target = min(end - start, max(multiple, (kept + multiple // 2) // multiple * multiple))
+        if target != kept:  # rank by s (ties: lower index first), kept channels first
+            order = torch.sort(s[start:end], descending=True, stable=True).indices
+            kept_first = torch.sort(mask[start:end][order].byte(), descending=True, stable=True)
+            rounded[start:end] = False
+            rounded[start + order[kept_first.indices[:target]]] = True
+    return rounded
