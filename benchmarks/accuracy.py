@@ -10,7 +10,8 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
 
 * dense: ordinary training.
 * sparsefx-paper / sparsefx-exact: `sparsefx.transform` with each score form of DESIGN §3;
-  VR-PGE for the first `SEARCH` fraction of the epochs, then `freeze("topk")` and fine-tuning.
+  VR-PGE for the first `SEARCH` fraction of the epochs, then `freeze("topk", multiple=M)`
+  (kept counts in the CPU's channel blocks, `--freeze-multiple`) and fine-tuning.
 * paper-code: the VR-PGE code of Zhou et al. (2021) as it runs (masks multiply the weights
   before BatchNorm, dense compute, K=2 forwards and backwards), then the same freeze and
   fine-tuning with dense masked compute (`benchmarks/step_time.py` holds its step).
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import environment, format_table
+from common import channel_block, environment, format_table
 from step_time import Scores, masked_forward, plan_of
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -168,6 +169,8 @@ class Sparsefx(Trainer):
     """sparsefx as a user writes it: transform, wrap_loss, an ordinary loop, then freeze."""
 
     score_form = "paper"
+    freeze_multiple = 1
+    """`freeze(multiple=)`: kept counts rounded to the CPU's channel block (`--freeze-multiple`)."""
 
     def __init__(
         self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
@@ -182,7 +185,7 @@ class Sparsefx(Trainer):
         return self.criterion(self.sparse(x), y)
 
     def fine_tune(self) -> None:
-        sparsefx.freeze(self.sparse, "topk")
+        sparsefx.freeze(self.sparse, "topk", multiple=self.freeze_multiple)
 
     def predict(self, x: Tensor) -> Tensor:
         return self.sparse(x)
@@ -318,7 +321,7 @@ def _random_masks(sparse: nn.Module, density: float, generator: torch.Generator)
 
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
-    search: float = SEARCH, options: dict | None = None,
+    search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order."""
     torch.manual_seed(seed)
@@ -335,6 +338,8 @@ def train(
     trainer = TRAINERS[method](model, density, x_train[: setting.batch], seed, options or {})
     if isinstance(trainer, RigL):
         trainer.total_steps = total
+    if isinstance(trainer, Sparsefx):
+        trainer.freeze_multiple = freeze_multiple
     run = Run(name, method, density if method != "dense" else 1.0, seed)
     search_epochs = math.ceil(search * setting.epochs)
     step = 0
@@ -461,6 +466,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--search", type=float, default=SEARCH, help="fraction of the epochs that search masks"
     )
     parser.add_argument(
+        "--freeze-multiple",
+        type=int,
+        default=channel_block(),
+        help="sparsefx.freeze(multiple=...) after the search: kept counts in blocks of this "
+        "(default: the CPU's channel block, 16 on AVX-512, 8 on AVX2; 1 keeps exact counts)",
+    )
+    parser.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -538,8 +550,9 @@ def train_all(args: argparse.Namespace) -> list[Run]:
                 for density in [1.0] if method == "dense" else densities:
                     start = time.perf_counter()
                     run = train(
-                        name, setting, data, method, density, seed, args.search, args.option
-                    )
+                        name, setting, data, method, density, seed, args.search, args.option,
+                        args.freeze_multiple,
+                    )  # fmt: skip
                     runs.append(run)
                     print(
                         f"{name} {method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "

@@ -26,6 +26,7 @@ __all__ = [
     "MODELS",
     "ModelCase",
     "Summary",
+    "channel_block",
     "count_flops",
     "environment",
     "format_table",
@@ -111,6 +112,12 @@ def environment() -> dict[str, object]:
         "cores": os.cpu_count(),
         "load_avg": [round(v, 2) for v in load],
     }
+
+
+def channel_block() -> int:
+    """oneDNN's channel block on this CPU, the `freeze(multiple=)` to use: 16 floats per
+    AVX-512 vector, else 8 (AVX2; benchmarks/cpu_channels.py measures the effect)."""
+    return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
 
 
 # -- timing ------------------------------------------------------------------------------------
