@@ -162,11 +162,11 @@ def freeze(
     sampled masks, the one with the lowest mean eval loss on `batches`).
 
     Each batch is a tuple of forward arguments; with a wrapped criterion its last element is
-    the target. `multiple` > 1 then rounds each group's kept count to the nearest multiple
-    (at least one, at most the group; channels by s): CPU convolutions run channels in
-    blocks of 16 on AVX-512 (8 on AVX2), so one channel past a multiple costs a block, ~10%
-    of a Fashion-MNIST CNN step (docs/architecture.md). The density moves by up to
-    `multiple / 2` channels per group. Example::
+    the target. `multiple` > 1 then makes each group's kept count a multiple of it within
+    the budget (down to a multiple, then up by largest remainder while the budget allows;
+    channels by s; `policy.round_group_counts`): CPU convolutions run channels in blocks of
+    16 on AVX-512 (8 on AVX2), so one channel past a multiple costs a block, ~10% of a
+    Fashion-MNIST CNN step (benchmarks/cpu_channels.py). Example::
 
         sparsefx.freeze(smodel, "best", batches=[(x_val, y_val)], num_samples=8)
         sparsefx.freeze(smodel, multiple=16)  # top-budget, counts in 16-channel blocks
@@ -192,7 +192,10 @@ def freeze(
     else:
         raise ValueError(f'freeze strategy must be "topk" or "best", got {strategy!r}')
     if multiple > 1:
-        mask = round_group_counts(mask, structure.probabilities, structure.offsets, multiple)
+        mask = round_group_counts(
+            mask, structure.probabilities, structure.offsets, multiple, structure.costs,
+            structure.budget,
+        )  # fmt: skip
     structure.fixed = mask
 
 

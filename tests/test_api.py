@@ -170,28 +170,29 @@ def test_freeze_topk_fixes_masks_and_unfreeze_resumes_sampling():
     assert sparse.structure.pending is not None
 
 
-def test_freeze_rounds_group_counts_to_a_multiple_by_s():
-    """freeze(multiple=8): each group's top-budget count rounded to the nearest multiple of
-    8 (halves up), keeping its channels of highest s; training then runs those counts."""
+def test_freeze_rounds_group_counts_to_multiples_within_the_budget():
+    """freeze(multiple=8): each group's top-budget count becomes a multiple of 8 within the
+    budget (down, then up by largest remainder while it fits), keeping the channels of
+    highest s; training then runs those counts."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU())
     model.append(nn.Linear(48, 3))
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)
-    s = torch.rand(112)
-    sparse.structure.probabilities.copy_(s * 0.5)
-    sparse.structure.probabilities[:20] = 1.0  # the first group's top budget: 20 of 64
-    sparse.structure.probabilities[64:72] = 0.9  # the second's: 8 of 48 (28 in all)
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)  # budget: 28
+    probabilities = sparse.structure.probabilities
+    probabilities.copy_(torch.rand(112) * 0.5)
+    probabilities[:13] = 1.0  # the first group's top budget: 13 of 64
+    probabilities[64:79] = 0.9  # the second's: 15 of 48
     sparsefx.freeze(sparse, "topk")
-    assert [int(m.sum()) for m in sparsefx.masks(sparse).values()] == [20, 8]
+    assert [int(m.sum()) for m in sparsefx.masks(sparse).values()] == [13, 15]
     sparsefx.freeze(sparse, "topk", multiple=8)
     frozen = sparsefx.masks(sparse)
-    assert [int(m.sum()) for m in frozen.values()] == [24, 8]  # 20 rounds up, 8 stays
-    by_s = sparse.structure.probabilities[:64].argsort(descending=True)[:24]
-    assert set(frozen["0"].nonzero().squeeze(1).tolist()) == set(by_s.tolist())
+    assert [int(m.sum()) for m in frozen.values()] == [8, 16]  # remainder 7 > 5; 32 > 28
+    by_s = probabilities[64:].argsort(descending=True)[:16]
+    assert set(frozen["2"].nonzero().squeeze(1).tolist()) == set(by_s.tolist())
     criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
     criterion(sparse(torch.randn(5, 8)), torch.randint(0, 3, (5,))).backward()
     assert model[0].weight.grad[~frozen["0"]].abs().sum() == 0
-    assert sparsefx.stats(sparse)["channel_density"] == 32 / 112
+    assert sparsefx.stats(sparse)["channel_density"] == 24 / 112
     with pytest.raises(ValueError, match="multiple must be an int >= 1"):
         sparsefx.freeze(sparse, multiple=0)
 

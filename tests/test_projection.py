@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from fractions import Fraction
 from unittest import mock
 
@@ -265,25 +264,35 @@ def test_top_budget_mask_validates():
 
 @settings()
 @given(
-    st.lists(st.integers(1, 40), min_size=1, max_size=4).flatmap(
-        lambda sizes: st.tuples(
-            st.just(sizes),
-            st.lists(st.booleans(), min_size=sum(sizes), max_size=sum(sizes)),
-            st.lists(st.floats(0.0, 1.0), min_size=sum(sizes), max_size=sum(sizes)),
+    st.lists(st.tuples(st.integers(1, 40), st.sampled_from([1.0, 2.0, 3.0])), min_size=1,
+             max_size=4).flatmap(
+        lambda groups: st.tuples(
+            st.just(groups),
+            st.lists(st.booleans(), min_size=sum(g[0] for g in groups),
+                     max_size=sum(g[0] for g in groups)),
+            st.lists(st.floats(0.0, 1.0), min_size=sum(g[0] for g in groups),
+                     max_size=sum(g[0] for g in groups)),
         )
     ),
     st.integers(1, 17),
-)
-def test_round_group_counts_rounds_each_group_by_s(case, multiple):
-    sizes, kept, values = case
-    offsets = [0, *itertools.accumulate(sizes)]
+    st.floats(1.0, 150.0),
+)  # fmt: skip
+def test_round_group_counts_rounds_by_s_within_the_budget(case, multiple, budget):
+    groups, kept, values = case
+    offsets = [0, *itertools.accumulate(size for size, _ in groups)]
+    costs = torch.cat([torch.full((size,), cost) for size, cost in groups])
     mask, s = torch.tensor(kept), torch.tensor(values)
-    rounded = round_group_counts(mask, s, offsets, multiple)
-    for a, b in itertools.pairwise(offsets):
+    rounded = round_group_counts(mask, s, offsets, multiple, costs, budget)
+    total = float(costs @ rounded.float())
+    floors = []  # each group's multiple below (one at least), or its count if one block
+    for (a, b), (size, cost) in zip(itertools.pairwise(offsets), groups, strict=True):
         old, new, group_s = mask[a:b], rounded[a:b], s[a:b]
         k, count = int(old.sum()), int(new.sum())
-        nearest = math.floor(Fraction(k, multiple) + Fraction(1, 2)) * multiple  # halves up
-        assert count == min(b - a, max(multiple, nearest))
+        floor = k if size <= multiple else max(multiple, k // multiple * multiple)
+        floors.append(floor * cost)
+        assert count in (floor, min(floor + multiple, size))
+        if count == floor < k:  # not rounded up: its block did not fit the final budget
+            assert total + (min(floor + multiple, size) - floor) * cost > budget * (1 + 1e-9)
         if count <= k:  # kept channels dropped from the lowest s
             assert bool((new <= old).all())
             if (old & ~new).any():
@@ -292,14 +301,26 @@ def test_round_group_counts_rounds_each_group_by_s(case, multiple):
             assert bool((new >= old).all())
             if (~new).any():
                 assert group_s[new & ~old].min() >= group_s[~new].max()
+    assert total <= max(budget * (1 + 1e-9), sum(floors) + 1e-6)
 
 
 def test_round_group_counts_examples():
-    mask = torch.tensor([True] * 18 + [False] * 46 + [True] * 7 + [False] * 57)
-    s = torch.linspace(1.0, 0.0, 128)
-    rounded = round_group_counts(mask, s, [0, 64, 128], 16)
-    assert [int(rounded[:64].sum()), int(rounded[64:].sum())] == [16, 16]
+    searched = torch.tensor([True] * 18 + [False] * 46 + [True] * 31 + [False] * 97)
+    searched = torch.cat([searched, torch.arange(256) < 63])  # 18, 31, 63: 112 channels
+    offsets, costs = [0, 64, 192, 448], torch.ones(448)
+    s = torch.linspace(1.0, 0.0, 448)
+    rounded = round_group_counts(searched, s, offsets, 16, costs, 112.0)
+    assert [int(rounded[a:b].sum()) for a, b in itertools.pairwise(offsets)] == [16, 32, 64]
     assert rounded[:16].all() and not rounded[16:64].any()  # the two of lowest s dropped
-    assert rounded[64:80].all()  # 7 kept, then the 9 dropped ones of highest s
-    assert round_group_counts(torch.ones(3, dtype=torch.bool), s[:3], [0, 3], 16).all()
-    assert int(round_group_counts(mask, s, [0, 64, 128], 1).sum()) == 25  # 1: unchanged
+    assert rounded[64:96].all()  # 31 kept, then the dropped one of highest s
+    # at most the budget: 20 and 8 (28) cannot round 20 up to 24 (32 > 28)
+    mask = torch.tensor([True] * 20 + [False] * 44 + [True] * 8 + [False] * 40)
+    rounded = round_group_counts(mask, s[:112], [0, 64, 112], 8, torch.ones(112), 28.0)
+    assert [int(rounded[:64].sum()), int(rounded[64:].sum())] == [16, 8]
+    # one block fits: the larger remainder (and on ties the earlier group) rounds up
+    mask = torch.tensor([True] * 13 + [False] * 51 + [True] * 15 + [False] * 33)
+    rounded = round_group_counts(mask, s[:112], [0, 64, 112], 8, torch.ones(112), 28.0)
+    assert [int(rounded[:64].sum()), int(rounded[64:].sum())] == [8, 16]
+    small = torch.ones(3, dtype=torch.bool)  # a group no larger than the multiple: as is
+    assert round_group_counts(small, s[:3], [0, 3], 16, torch.ones(3), 1.0).all()
+    assert torch.equal(round_group_counts(searched, s, offsets, 1, costs, 112.0), searched)

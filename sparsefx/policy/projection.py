@@ -140,19 +140,42 @@ def top_budget_mask(s: Tensor, costs: Tensor, budget: float) -> Tensor:
     return torch.empty_like(keep).scatter_(0, order, keep)
 
 
-def round_group_counts(mask: Tensor, s: Tensor, offsets: Sequence[int], multiple: int) -> Tensor:
-    """`mask` with each group's kept count (groups at `offsets`) rounded to the nearest
-    multiple of `multiple`, halves up, at least one multiple and at most the group.
+def round_group_counts(
+    mask: Tensor,
+    s: Tensor,
+    offsets: Sequence[int],
+    multiple: int,
+    costs: Tensor,
+    budget: float,
+) -> Tensor:
+    """`mask` with each group's kept count (groups at `offsets`) a multiple of `multiple`,
+    within the budget: every group first drops to the multiple below its count (one
+    multiple at least), then groups round up to the next one, largest remainder first
+    (Hamilton's apportionment; ties: earlier group), while `costs @ mask` fits `budget`.
 
-    A group rounded down drops its kept channels of lowest s, one rounded up adds its
-    dropped channels of highest s. CPU convolutions (oneDNN) run channels in blocks of the
-    vector width, 16 floats on AVX-512, so a count just above a multiple costs a whole
-    block; `freeze(..., multiple=16)` uses this.
+    A group no larger than `multiple` keeps its count (it is one block at any count), and
+    one whose count is below a multiple rounds up to it even past the budget (a group
+    never empties). Channels by s: a group rounded down drops its kept channels of lowest
+    s, one rounded up adds its dropped channels of highest s (ties: lower index first).
+    CPU convolutions (oneDNN) run channels in blocks of the vector width, 16 floats on
+    AVX-512, so a count just past a multiple costs a whole block; `freeze(..., multiple=16)`
+    uses this.
     """
+    spans = list(itertools.pairwise(offsets))
+    counts = [int(mask[a:b].sum()) for a, b in spans]
+    unit = [float(costs[a:b].double().mean()) if b > a else 0.0 for a, b in spans]
+    targets = [
+        k if b - a <= multiple else max(multiple, k // multiple * multiple)
+        for (a, b), k in zip(spans, counts, strict=True)
+    ]
+    spent = sum(t * c for t, c in zip(targets, unit, strict=True))
+    for g in sorted(range(len(spans)), key=lambda g: targets[g] - counts[g]):
+        up = min(targets[g] + multiple, spans[g][1] - spans[g][0])
+        extra = (up - targets[g]) * unit[g]
+        if counts[g] > targets[g] and spent + extra <= budget * (1 + 1e-9):
+            targets[g], spent = up, spent + extra
     rounded = mask.clone()
-    for start, end in itertools.pairwise(offsets):
-        kept = int(mask[start:end].sum())
-        target = min(end - start, max(multiple, (kept + multiple // 2) // multiple * multiple))
+    for (start, end), kept, target in zip(spans, counts, targets, strict=True):
         if target != kept:  # rank by s (ties: lower index first), kept channels first
             order = torch.sort(s[start:end], descending=True, stable=True).indices
             kept_first = torch.sort(mask[start:end][order].byte(), descending=True, stable=True)
