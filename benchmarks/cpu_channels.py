@@ -1,7 +1,7 @@
 """Kept channel counts and CPU convolution speed: why `freeze(multiple=16)` and exact shapes
 for recurring sampled counts.
 
-    python benchmarks/cpu_channels.py            # about 3 minutes on 2 cores
+    python benchmarks/cpu_channels.py            # about a minute on 2 cores
 
 On the Fashion-MNIST wide CNN of `benchmarks/accuracy.py` (conv 64/128/256, batch 128):
 
@@ -37,10 +37,15 @@ COUNTS = [(16, 32, 64), (17, 32, 64), (16, 33, 64), (16, 32, 65), (18, 31, 63), 
 
 
 def batches(x: Tensor, y: Tensor, seed: int = 0) -> Callable[[], tuple[Tensor, Tensor]]:
-    """An endless stream of shuffled training batches."""
+    """The next shuffled training batch at every call, epoch after epoch."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     splits = itertools.cycle(order.split(BATCH)[:-1])
-    return lambda: (lambda idx: (x[idx], y[idx]))(next(splits))
+
+    def batch() -> tuple[Tensor, Tensor]:
+        idx = next(splits)
+        return x[idx], y[idx]
+
+    return batch
 
 
 def trainer(x: Tensor, density: float = 0.25) -> tuple[torch.nn.Module, Callable]:
@@ -104,6 +109,7 @@ def search_steps(x: Tensor, y: Tensor, rounds: int) -> str:
         recurring = runtime.RECURRING if name != "always rounded" else 10**9
 
         def run(step=step, stream=stream, recurring=recurring) -> None:
+            # the threshold is read at each sampled step: "always rounded" never reaches it
             saved, runtime.RECURRING = runtime.RECURRING, recurring
             try:
                 step(stream())
