@@ -284,12 +284,10 @@ def test_round_group_counts_rounds_by_s_within_the_budget(case, multiple, budget
     mask, s = torch.tensor(kept), torch.tensor(values)
     rounded = round_group_counts(mask, s, offsets, multiple, costs, budget)
     total = float(costs @ rounded.float())
-    floors = []  # each group's multiple below (one at least), or its count if one block
     for (a, b), (size, cost) in zip(itertools.pairwise(offsets), groups, strict=True):
         old, new, group_s = mask[a:b], rounded[a:b], s[a:b]
         k, count = int(old.sum()), int(new.sum())
-        floor = k if size <= multiple else max(multiple, k // multiple * multiple)
-        floors.append(floor * cost)
+        floor = k if min(k, size) <= multiple else k // multiple * multiple  # one block: as is
         assert count in (floor, min(floor + multiple, size))
         if count == floor < k:  # not rounded up: its block did not fit the final budget
             assert total + (min(floor + multiple, size) - floor) * cost > budget * (1 + 1e-9)
@@ -301,7 +299,7 @@ def test_round_group_counts_rounds_by_s_within_the_budget(case, multiple, budget
             assert bool((new >= old).all())
             if (~new).any():
                 assert group_s[new & ~old].min() >= group_s[~new].max()
-    assert total <= max(budget * (1 + 1e-9), sum(floors) + 1e-6)
+    assert total <= max(budget * (1 + 1e-9), float(costs @ mask.float()) + 1e-6)
 
 
 def test_round_group_counts_examples():
@@ -323,4 +321,6 @@ def test_round_group_counts_examples():
     assert [int(rounded[:64].sum()), int(rounded[64:].sum())] == [8, 16]
     small = torch.ones(3, dtype=torch.bool)  # a group no larger than the multiple: as is
     assert round_group_counts(small, s[:3], [0, 3], 16, torch.ones(3), 1.0).all()
+    few = torch.arange(64) < 8  # 8 of 64 kept: one block already, so 8 stay 8
+    assert int(round_group_counts(few, s[:64], [0, 64], 16, torch.ones(64), 8.0).sum()) == 8
     assert torch.equal(round_group_counts(searched, s, offsets, 1, costs, 112.0), searched)

@@ -149,13 +149,13 @@ def round_group_counts(
     budget: float,
 ) -> Tensor:
     """`mask` with each group's kept count (groups at `offsets`) a multiple of `multiple`,
-    within the budget: every group first drops to the multiple below its count (one
-    multiple at least), then groups round up to the next one, largest remainder first
-    (Hamilton's apportionment; ties: earlier group), while `costs @ mask` fits `budget`.
+    within the budget: every group first drops to the multiple below its count, then groups
+    round up to the next one, largest remainder first (Hamilton's apportionment; ties:
+    earlier group), while `costs @ mask` fits `budget`.
 
-    A group no larger than `multiple` keeps its count (it is one block at any count), and
-    one whose count is below a multiple rounds up to it even past the budget (a group
-    never empties). Channels by s: a group rounded down drops its kept channels of lowest
+    A group keeping fewer than `multiple` channels keeps its count (one block at any count;
+    rounding it up could pass the budget, down would empty it), as does a group no larger
+    than `multiple`. Channels by s: a group rounded down drops its kept channels of lowest
     s, one rounded up adds its dropped channels of highest s (ties: lower index first).
     CPU convolutions (oneDNN) run channels in blocks of the vector width, 16 floats on
     AVX-512, so a count just past a multiple costs a whole block; `freeze(..., multiple=16)`
@@ -165,7 +165,7 @@ def round_group_counts(
     counts = [int(mask[a:b].sum()) for a, b in spans]
     unit = [float(costs[a:b].double().mean()) if b > a else 0.0 for a, b in spans]
     targets = [
-        k if b - a <= multiple else max(multiple, k // multiple * multiple)
+        k if min(k, b - a) <= multiple else k // multiple * multiple
         for (a, b), k in zip(spans, counts, strict=True)
     ]
     spent = sum(t * c for t, c in zip(targets, unit, strict=True))
