@@ -25,6 +25,10 @@ Reported per (setting, method, density): test accuracy (mean and spread over see
 achieved channel density, training FLOPs (linear/conv FLOPs counted by FlopCounterMode on
 every `FLOP_EVERY`-th step, their mean times the steps) and the wall time of the training
 steps (the others, at their mean pace for the counted ones).
+
+Device: a CUDA GPU when one is present (`--device` to choose), else the CPU. Initial weights
+and batch orders are drawn on the CPU either way, so a seed starts every device from the same
+model; on CUDA every timed step is synchronised before the clock is read.
 """
 
 from __future__ import annotations
@@ -244,7 +248,7 @@ class RigL(Static):
             weight = self.model.get_parameter(group.members[0][0])  # the producer's weight
             norms = weight.detach().flatten(1).norm(dim=1)
             grads = weight.grad.flatten(1).norm(dim=1)
-            kept = masks[group.name].clone()
+            kept = masks[group.name].to(norms.device, copy=True)
             count = int(fraction * int(kept.sum()))
             if count:
                 kept[torch.where(kept, norms, math.inf).topk(count, largest=False).indices] = False
@@ -263,7 +267,7 @@ class PaperCode(Trainer):
     ):
         super().__init__(model, density, example, seed, options)
         self.plan = plan_of(model)
-        self.scores = Scores(self.plan.widths, density)
+        self.scores = Scores(self.plan.widths, density, device=example.device)
         self.fixed: Tensor | None = None
 
     def step(self, x: Tensor, y: Tensor) -> None:
@@ -322,18 +326,25 @@ def _random_masks(sparse: nn.Module, density: float, generator: torch.Generator)
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
+    device: torch.device | str = "cpu",
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    model = setting.build(data)
-    x_train, x_test = data.x_train, data.x_test
+    model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
+    x_train, x_test = data.x_train.to(device), data.x_test.to(device)
+    y_train, y_test = data.y_train.to(device), data.y_test.to(device)
     if setting.flat:
         x_train, x_test = x_train.flatten(1), x_test.flatten(1)
     order = torch.Generator().manual_seed(seed)
     epochs = [
-        torch.randperm(len(x_train), generator=order).split(setting.batch)[:-1]
+        [
+            idx.to(device)
+            for idx in torch.randperm(len(x_train), generator=order).split(setting.batch)[:-1]
+        ]
         for _ in range(setting.epochs)
     ]
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     total = sum(map(len, epochs))
     trainer = TRAINERS[method](model, density, x_train[: setting.batch], seed, options or {})
     if isinstance(trainer, RigL):
@@ -350,14 +361,16 @@ def train(
         for idx in batches:
             for group in trainer.optimizer.param_groups:  # cosine learning rate
                 group["lr"] = setting.lr * (1 + math.cos(math.pi * step / total)) / 2
-            x, y = x_train[idx], data.y_train[idx]
+            x, y = x_train[idx], y_train[idx]
             if step % FLOP_EVERY == 0:
                 with FlopCounterMode(display=False) as counter:
                     trainer.step(x, y)
                 run.step_flops.append(counter.get_total_flops())
             else:
+                synchronize()
                 start = time.perf_counter()
                 trainer.step(x, y)
+                synchronize()
                 run.train_seconds += time.perf_counter() - start
             step += 1
     counted = len(run.step_flops)
@@ -366,7 +379,7 @@ def train(
     trainer.net.eval()
     with torch.no_grad():
         logits = torch.cat([trainer.predict(x) for x in x_test.split(1024)])
-    run.accuracy = float((logits.argmax(1) == data.y_test).float().mean())
+    run.accuracy = float((logits.argmax(1) == y_test).float().mean())
     run.achieved_density = trainer.achieved_density() if method != "dense" else 1.0
     return run
 
@@ -466,11 +479,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--search", type=float, default=SEARCH, help="fraction of the epochs that search masks"
     )
     parser.add_argument(
+        "--device",
+        type=torch.device,
+        default=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        help="where to train (default: a CUDA GPU when one is present, else the CPU)",
+    )
+    parser.add_argument(
         "--freeze-multiple",
         type=int,
-        default=channel_block(),
+        default=None,
         help="sparsefx.freeze(multiple=...) after the search: kept counts in blocks of this "
-        "(default: the CPU's channel block, 16 on AVX-512, 8 on AVX2; 1 keeps exact counts)",
+        "(default: the device's channel block, on CPU 16 with AVX-512 and 8 with AVX2, 8 on "
+        "CUDA; 1 keeps exact counts)",
     )
     parser.add_argument(
         "--option",
@@ -502,6 +522,8 @@ def _option(text: str) -> tuple[str, object]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.option = dict(args.option)
+    if args.freeze_multiple is None:
+        args.freeze_multiple = channel_block(args.device)
     if args.quick:  # digits at its full length; Fashion-MNIST on a subset, fewer epochs
         args.settings, args.densities, args.seeds = "digits-mlp,fashion-cnn", "0.25", "0"
         args.limit = args.limit or 6000
@@ -519,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(
         json.dumps(
             {
-                "args": vars(args) | {"json": str(args.json)},
+                "args": vars(args) | {"json": str(args.json), "device": str(args.device)},
                 "rows": rows,
                 "runs": [asdict(r) for r in runs],
             },
@@ -551,7 +573,7 @@ def train_all(args: argparse.Namespace) -> list[Run]:
                     start = time.perf_counter()
                     run = train(
                         name, setting, data, method, density, seed, args.search, args.option,
-                        args.freeze_multiple,
+                        args.freeze_multiple, args.device,
                     )  # fmt: skip
                     runs.append(run)
                     print(

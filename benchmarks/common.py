@@ -95,7 +95,7 @@ MODELS: dict[str, ModelCase] = {
 
 
 def environment() -> dict[str, object]:
-    """What the numbers depend on: torch build, threads, CPU model, cores and current load."""
+    """What the numbers depend on: torch build, threads, CPU model, cores, current load, GPU."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -111,12 +111,17 @@ def environment() -> dict[str, object]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_avg": [round(v, 2) for v in load],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
-def channel_block() -> int:
-    """oneDNN's channel block on this CPU, the `freeze(multiple=)` to use: 16 floats per
-    AVX-512 vector, else 8 (AVX2; benchmarks/cpu_channels.py measures the effect)."""
+def channel_block(device: torch.device | str = "cpu") -> int:
+    """The channel block to round kept counts to, the `freeze(multiple=)` to use. CPU:
+    oneDNN's, 16 floats per AVX-512 vector, else 8 (AVX2; benchmarks/cpu_channels.py
+    measures the effect). CUDA: 8, NVIDIA's guideline for tensor-core convolutions and GEMMs
+    (channels in multiples of 8), not measured here."""
+    if torch.device(device).type == "cuda":
+        return 8
     return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
 
 

@@ -199,15 +199,15 @@ class Scores:
     """Keep probabilities s of all pruned channels (one flat vector), Adam on s, and the
     VR-PGE gradient with the leave-one-out baseline and the paper's psi."""
 
-    def __init__(self, widths: list[int], density: float):
+    def __init__(self, widths: list[int], density: float, device: torch.device | str = "cpu"):
         self.widths = widths
-        self.s = torch.full((sum(widths),), float(density))
+        self.s = torch.full((sum(widths),), float(density), device=device)
         self.budget = density * sum(widths)
         self.optimizer = torch.optim.Adam([self.s], lr=SCORE_LR)
 
     def sample(self, k: int) -> Tensor:
         """K Bernoulli(s) masks, bool [K, N]."""
-        return torch.rand(k, self.s.shape[0]) < self.s
+        return torch.rand(k, self.s.shape[0], device=self.s.device) < self.s
 
     def split(self, mask: Tensor) -> tuple[Tensor, ...]:
         return mask.split(self.widths)
