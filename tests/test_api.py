@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparsefx
+from sparsefx.policy import round_group_counts
 
 
 def mlp() -> nn.Sequential:
@@ -217,6 +218,30 @@ def test_freeze_best_picks_the_lowest_loss_sample():
         with torch.no_grad():
             assert float(sparse(x, y)) >= best - 1e-6
     assert any(torch.equal(mask, chosen) for mask in draws)
+
+
+def test_freeze_best_rounds_the_chosen_sample_to_multiples():
+    """freeze("best", multiple=4) picks the same sample as without `multiple` (same sampler
+    state), then rounds its counts exactly as `round_group_counts` does."""
+
+    def build():
+        torch.manual_seed(0)
+        model = LossModel()
+        return sparsefx.transform(model, data(), config=sparsefx.SparseConfig(0.5, seed=0))
+
+    sparse, twin = build(), build()
+    x, y = data(32)
+    sparsefx.freeze(sparse, "best", batches=[(x, y)], num_samples=6)
+    sparsefx.freeze(twin, "best", batches=[(x, y)], num_samples=6, multiple=4)
+    chosen, rounded = sparse.structure.fixed, twin.structure.fixed
+    structure = twin.structure
+    counts = [int(m.sum()) for m in structure.split(chosen)]
+    assert any(k % 4 for k in counts), counts  # the rounding has something to do
+    expected = round_group_counts(
+        chosen, structure.probabilities, structure.offsets, 4, structure.costs, structure.budget
+    )
+    assert torch.equal(rounded, expected)
+    assert all(int(m.sum()) % 4 == 0 for m in structure.split(rounded))
 
 
 def test_set_masks_validates_its_input():
