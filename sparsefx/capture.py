@@ -41,6 +41,31 @@ class CaptureError(RuntimeError):
     """The model could not be captured into sparsefx's graph IR."""
 
 
+@dataclass(frozen=True)
+class TensorSignature:
+    """What a tensor input must have to run a captured graph: dtype, device type, rank and
+    sizes (None where the dim is dynamic). Kept instead of the example's fake tensor, which
+    cannot be deep-copied, so that a transformed model can be (`copy.deepcopy`)."""
+
+    dtype: torch.dtype
+    device_type: str
+    sizes: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, example: torch.Tensor) -> TensorSignature:
+        sizes = tuple(size if isinstance(size, int) else None for size in example.shape)
+        return cls(example.dtype, example.device.type, sizes)
+
+    def matches(self, value: Any) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.dtype == self.dtype
+            and value.device.type == self.device_type
+            and value.dim() == len(self.sizes)
+            and all(s is None or s == v for s, v in zip(self.sizes, value.shape, strict=True))
+        )
+
+
 @dataclass
 class CapturedGraph:
     """A captured model: the graph plus how to feed it and read its outputs."""
@@ -54,7 +79,7 @@ class CapturedGraph:
     constants: dict[str, torch.Tensor]
 
     user_values: list[Any]
-    """Example value of each user input: a fake tensor (symbolic where dynamic) or a constant."""
+    """Each user input's signature (tensors) or value (constants)."""
 
     def matches(self, flat_inputs: Sequence[Any], spec: pytree.TreeSpec) -> bool:
         """Whether inputs of this structure, dtype and static shape can run this graph."""
@@ -65,15 +90,9 @@ class CapturedGraph:
 
 
 def _leaf_matches(expected: Any, value: Any) -> bool:
-    if not isinstance(value, torch.Tensor):
-        return not isinstance(expected, torch.Tensor) and expected == value
-    if not isinstance(expected, torch.Tensor) or expected.dtype != value.dtype:
-        return False
-    if expected.dim() != value.dim() or expected.device.type != value.device.type:
-        return False
-    return all(
-        not isinstance(e, int) or e == v for e, v in zip(expected.shape, value.shape, strict=True)
-    )
+    if isinstance(expected, TensorSignature):
+        return expected.matches(value)
+    return not isinstance(value, torch.Tensor) and expected == value
 
 
 def capture(
@@ -103,13 +122,17 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         training=training,
         constants=dict(ep.constants),
         user_values=[
-            node.meta.get("val")
+            _signature(node.meta.get("val"))
             for node, (kind, _) in zip(
                 ep.graph_module.graph.find_nodes(op="placeholder"), inputs, strict=True
             )
             if kind == InputKind.USER_INPUT
         ],
     )
+
+
+def _signature(example: Any) -> Any:
+    return TensorSignature.of(example) if isinstance(example, torch.Tensor) else example
 
 
 def capture_graph(

@@ -244,6 +244,33 @@ def test_freeze_best_rounds_the_chosen_sample_to_multiples():
     assert all(int(m.sum()) % 4 == 0 for m in structure.split(rounded))
 
 
+def test_deepcopy_is_an_independent_model_in_the_same_state():
+    """copy.deepcopy mid-training (an EMA copy, a snapshot): the copy takes the same next
+    step (masks, loss, gradients) and owns its parameters and structure state."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), config=sparsefx.SparseConfig(0.5, seed=0))
+    x, y = data()
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    criterion(sparse(x), y).backward()  # leaves a pending structure gradient
+    twin = copy.deepcopy(sparse)
+    twin_criterion = sparsefx.wrap_loss(twin, nn.CrossEntropyLoss())
+    sparse.zero_grad()
+    losses = [criterion(sparse(x), y), twin_criterion(twin(x), y)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    assert sparsefx.masks(sparse).keys() == sparsefx.masks(twin).keys()
+    assert all(
+        torch.equal(sparsefx.masks(sparse)[k], sparsefx.masks(twin)[k])
+        for k in sparsefx.masks(sparse)
+    )
+    for p, q in zip(sparse.parameters(), twin.parameters(), strict=True):
+        assert p is not q and torch.equal(p.grad, q.grad)
+    assert twin.structure.probabilities is not sparse.structure.probabilities
+    twin.structure.probabilities.zero_()
+    assert sparse.structure.probabilities.sum() > 0
+
+
 def test_set_masks_validates_its_input():
     sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
     full = {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(sparse)}
