@@ -15,7 +15,9 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
 * paper-code: the VR-PGE code of Zhou et al. (2021) as it runs (masks multiply the weights
   before BatchNorm, dense compute, K=2 forwards and backwards), then the same freeze and
   fine-tuning with dense masked compute (`benchmarks/step_time.py` holds its step).
-* static: a random channel mask at the density (per group), fixed, trained through sparsefx.
+* static: a random channel mask at the density (per group), fixed, trained through sparsefx;
+  `--static-kept 12,20,24` keeps those counts per group instead (reported as
+  `static@12/20/24`: how much the allocation across layers alone is worth).
 * rigl: channel-level dynamic sparse training (RigL-style): every `RIGL_EVERY` steps until
   75% of training, each group drops the kept channels with the smallest weight-row norm and
   regrows as many dropped ones with the largest dense gradient (one dense step), the drop
@@ -23,8 +25,11 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
 
 Reported per (setting, method, density): test accuracy (mean and spread over seeds), the
 achieved channel density, training FLOPs (linear/conv FLOPs counted by FlopCounterMode on
-every `FLOP_EVERY`-th step, their mean times the steps) and the wall time of the training
-steps (the others, at their mean pace for the counted ones).
+every `FLOP_EVERY`-th step, their mean times the steps), the wall time of the training
+steps (the others, at their mean pace for the counted ones) and the kept channels per group.
+For the sparsefx methods each run also records how its search went (`Run.trace`, in the
+JSON): every `TRACE_EVERY` search steps, the channels still undecided and the expected kept
+count per group; the run's line says when every channel was decided.
 
 Device: a CUDA GPU when one is present (`--device` to choose), else the CPU. Initial weights
 and batch orders are drawn on the CPU either way, so a seed starts every device from the same
@@ -58,6 +63,8 @@ SEARCH = 0.5  # default fraction of the epochs that searches masks; the rest fin
 RIGL_EVERY = 50  # steps between RigL mask updates
 RIGL_DROP = 0.3  # initial fraction of kept channels RigL drops and regrows
 MOMENTUM = 0.9
+TRACE_EVERY = 25  # search steps between records of the structure's state
+UNDECIDED = (0.02, 0.98)  # keep probabilities in this open range count as undecided
 FLOP_EVERY = 13  # steps between FLOP-counted ones: spread over both phases and coprime to
 # RIGL_EVERY, so sparsefx's polarising search and RigL's dense steps are counted at their rate
 
@@ -131,6 +138,21 @@ class Run:
     train_flops: float = 0.0
     train_seconds: float = 0.0
     step_flops: list[float] = field(default_factory=list, repr=False)
+    kept: list[int] = field(default_factory=list)
+    """Kept channels per group at the end (the sparse methods)."""
+    trace: list[list[float]] = field(default_factory=list, repr=False)
+    """sparsefx's search every TRACE_EVERY steps: [step, channels undecided, expected kept
+    count per group...]."""
+
+    def decided_step(self) -> int | None:
+        """The first traced step from which no channel was undecided again."""
+        step = None
+        for point in self.trace:
+            if point[1] > 0:
+                step = None
+            elif step is None:
+                step = int(point[0])
+        return step
 
 
 class Trainer:
@@ -164,6 +186,14 @@ class Trainer:
     def achieved_density(self) -> float:
         return 1.0
 
+    def kept(self) -> list[int]:
+        """Kept channels per group of the structure it ends with (none for dense)."""
+        return []
+
+    def search_state(self) -> list[float] | None:
+        """[channels undecided, expected kept count per group...] while masks are sampled."""
+        return None
+
 
 class Dense(Trainer):
     pass
@@ -184,18 +214,31 @@ class Sparsefx(Trainer):
         config = sparsefx.SparseConfig(density=density, seed=seed, **options)
         self.sparse = self.net = sparsefx.transform(model, (example,), config=config)
         self.criterion = sparsefx.wrap_loss(self.sparse, nn.CrossEntropyLoss())
+        self.searching = True
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         return self.criterion(self.sparse(x), y)
 
     def fine_tune(self) -> None:
         sparsefx.freeze(self.sparse, "topk", multiple=self.freeze_multiple)
+        self.searching = False
 
     def predict(self, x: Tensor) -> Tensor:
         return self.sparse(x)
 
     def achieved_density(self) -> float:
         return sparsefx.stats(self.sparse)["channel_density"]
+
+    def kept(self) -> list[int]:
+        return [int(mask.sum()) for mask in sparsefx.masks(self.sparse).values()]
+
+    def search_state(self) -> list[float] | None:
+        if not self.searching:
+            return None
+        low, high = UNDECIDED
+        s = list(sparsefx.probabilities(self.sparse).values())
+        undecided = sum(int(((p > low) & (p < high)).sum()) for p in s)
+        return [undecided, *(float(p.sum()) for p in s)]
 
 
 class SparsefxExact(Sparsefx):
@@ -209,8 +252,26 @@ class Static(Sparsefx):
         self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
     ):
         super().__init__(model, density, example, seed, options)
-        generator = torch.Generator().manual_seed(seed)
-        sparsefx.set_masks(self.sparse, _random_masks(self.sparse, density, generator))
+        self.seed, self.searching = seed, False
+        self.keep([max(2, round(density * g.size)) for g in sparsefx.groups(self.sparse)])
+
+    def keep(self, counts: list[int]) -> None:
+        """Fix a random mask (drawn from the seed) that keeps `counts[i]` channels of group i."""
+        groups = sparsefx.groups(self.sparse)
+        if len(counts) != len(groups) or not all(
+            0 < k <= g.size for k, g in zip(counts, groups, strict=False)
+        ):
+            sizes = [g.size for g in groups]
+            raise ValueError(
+                f"need one kept count in 1..size per group (sizes {sizes}), got {counts}"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        masks = {}
+        for group, count in zip(groups, counts, strict=True):
+            mask = torch.zeros(group.size, dtype=torch.bool)
+            mask[torch.randperm(group.size, generator=generator)[:count]] = True
+            masks[group.name] = mask
+        sparsefx.set_masks(self.sparse, masks)
 
     def fine_tune(self) -> None:
         pass
@@ -302,6 +363,11 @@ class PaperCode(Trainer):
     def achieved_density(self) -> float:
         return float(self.fixed.mean()) if self.fixed is not None else self.density
 
+    def kept(self) -> list[int]:
+        if self.fixed is None:
+            return []
+        return [int(mask.sum()) for mask in self.scores.split(self.fixed)]
+
 
 TRAINERS: dict[str, type[Trainer]] = {
     "dense": Dense,
@@ -313,22 +379,13 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
-def _random_masks(sparse: nn.Module, density: float, generator: torch.Generator) -> dict:
-    masks = {}
-    for group in sparsefx.groups(sparse):
-        kept = max(2, round(density * group.size))
-        mask = torch.zeros(group.size, dtype=torch.bool)
-        mask[torch.randperm(group.size, generator=generator)[:kept]] = True
-        masks[group.name] = mask
-    return masks
-
-
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", static_kept: list[int] | None = None,
 ) -> Run:  # fmt: skip
-    """Train one method from the seed's initial weights on the seed's batch order."""
+    """Train one method from the seed's initial weights on the seed's batch order
+    (`static_kept`: the static method's kept counts per group instead of the density's)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
@@ -352,6 +409,9 @@ def train(
     if isinstance(trainer, Sparsefx):
         trainer.freeze_multiple = freeze_multiple
     run = Run(name, method, density if method != "dense" else 1.0, seed)
+    if static_kept and isinstance(trainer, Static) and not isinstance(trainer, RigL):
+        trainer.keep(static_kept)
+        run.method = f"static@{'/'.join(map(str, static_kept))}"
     search_epochs = math.ceil(search * setting.epochs)
     step = 0
     for epoch, batches in enumerate(epochs):
@@ -362,6 +422,8 @@ def train(
             for group in trainer.optimizer.param_groups:  # cosine learning rate
                 group["lr"] = setting.lr * (1 + math.cos(math.pi * step / total)) / 2
             x, y = x_train[idx], y_train[idx]
+            if step % TRACE_EVERY == 0 and (state := trainer.search_state()) is not None:
+                run.trace.append([step, *state])
             if step % FLOP_EVERY == 0:
                 with FlopCounterMode(display=False) as counter:
                     trainer.step(x, y)
@@ -381,6 +443,7 @@ def train(
         logits = torch.cat([trainer.predict(x) for x in x_test.split(1024)])
     run.accuracy = float((logits.argmax(1) == y_test).float().mean())
     run.achieved_density = trainer.achieved_density() if method != "dense" else 1.0
+    run.kept = trainer.kept()
     return run
 
 
@@ -391,7 +454,7 @@ def summarize(runs: list[Run]) -> list[dict]:
     """Mean and spread over seeds per (setting, method, density)."""
     keys = sorted(
         {(r.setting, r.method, r.density) for r in runs},
-        key=lambda k: (k[0], -k[2], METHODS.index(k[1])),
+        key=lambda k: (k[0], -k[2], METHODS.index(k[1].partition("@")[0]), k[1]),
     )
     rows = []
     for setting, method, density in keys:
@@ -408,6 +471,10 @@ def summarize(runs: list[Run]) -> list[dict]:
                 "achieved_density": statistics.fmean(r.achieved_density for r in group),
                 "train_gflops": statistics.fmean(r.train_flops for r in group) / 1e9,
                 "train_seconds": statistics.fmean(r.train_seconds for r in group),
+                "kept": [
+                    statistics.fmean(k)
+                    for k in zip(*(r.kept for r in group if r.kept), strict=True)
+                ],
             }
         )
     return rows
@@ -415,11 +482,13 @@ def summarize(runs: list[Run]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     return format_table(
-        ["setting", "method", "density", "test acc %", "± sd", "achieved", "train GFLOPs", "train s"],
+        ["setting", "method", "density", "test acc %", "± sd", "achieved", "kept per group",
+         "train GFLOPs", "train s"],
         [
             [
                 r["setting"], r["method"], f"{r['density']:.2f}", f"{r['accuracy']:.2f}",
-                f"{r['spread']:.2f}", f"{r['achieved_density']:.3f}", f"{r['train_gflops']:.1f}",
+                f"{r['spread']:.2f}", f"{r['achieved_density']:.3f}",
+                "/".join(f"{k:.3g}" for k in r.get("kept", [])), f"{r['train_gflops']:.1f}",
                 f"{r['train_seconds']:.1f}",
             ]
             for r in rows
@@ -436,7 +505,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         figure = Figure(figsize=(10, 4))
         by_density, by_time = figure.subplots(1, 2)
         dense = [r for r in rows if r["setting"] == setting and r["method"] == "dense"]
-        for method in METHODS:
+        methods = {r["method"] for r in rows if r["setting"] == setting}
+        for method in sorted(methods, key=lambda m: (METHODS.index(m.partition("@")[0]), m)):
             points = sorted(
                 (r for r in rows if r["setting"] == setting and r["method"] == method),
                 key=lambda r: r["density"],
@@ -491,6 +561,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sparsefx.freeze(multiple=...) after the search: kept counts in blocks of this "
         "(default: the device's channel block, on CPU 16 with AVX-512 and 8 with AVX2, 8 on "
         "CUDA; 1 keeps exact counts)",
+    )
+    parser.add_argument(
+        "--static-kept",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=None,
+        metavar="N,N,...",
+        help="the static method keeps these channel counts per group (in group order) instead "
+        "of the density's fraction of each",
     )
     parser.add_argument(
         "--option",
@@ -573,14 +651,29 @@ def train_all(args: argparse.Namespace) -> list[Run]:
                     start = time.perf_counter()
                     run = train(
                         name, setting, data, method, density, seed, args.search, args.option,
-                        args.freeze_multiple, args.device,
+                        args.freeze_multiple, args.device, args.static_kept,
                     )  # fmt: skip
                     runs.append(run)
                     print(
-                        f"{name} {method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
-                        f"({time.perf_counter() - start:.0f} s)", flush=True,
+                        f"{name} {run.method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
+                        f"({time.perf_counter() - start:.0f} s){_structure_line(run)}", flush=True,
                     )  # fmt: skip
     return runs
+
+
+def _structure_line(run: Run) -> str:
+    """The kept channels per group and, for a search, when it decided and where it went."""
+    line = f", kept {'/'.join(map(str, run.kept))}" if run.kept else ""
+    if run.trace:
+        expected = ["/".join(f"{k:.0f}" for k in point[2:]) for point in run.trace]
+        decided = run.decided_step()
+        line += (
+            f"; search: every channel decided from step {decided}"
+            if decided is not None
+            else f"; search: {run.trace[-1][1]:.0f} channels still undecided at its end"
+        )
+        line += f", expected kept {expected[0]} at step 0 -> {expected[-1]} at its end"
+    return line
 
 
 def asdict_setting(setting: Setting) -> dict:

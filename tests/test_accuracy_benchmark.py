@@ -26,6 +26,12 @@ def _run_every_method(tmp_path: Path, device: str) -> dict[str, dict]:
     saved = json.loads(out.read_text())
     assert saved["args"]["device"] == device
     assert (tmp_path / "accuracy_digits-mlp.png").is_file()
+    for run in saved["runs"]:  # a search's record: [step, undecided, expected kept per group]
+        searched = run["method"].startswith("sparsefx")
+        assert bool(run["trace"]) == searched, run["method"]
+        assert all(
+            len(point) == 4 and point[0] % accuracy.TRACE_EVERY == 0 for point in run["trace"]
+        )
     return {row["method"]: row for row in saved["rows"]}
 
 
@@ -40,6 +46,7 @@ def _check_rows(rows: dict[str, dict]) -> None:
         # freeze(multiple=) rounds down within the budget; static keeps round(0.25 * 512)
         assert 0.2 <= row["achieved_density"] <= 0.25 + 1e-9, (method, row)
         assert row["train_gflops"] > 0 and row["train_seconds"] > 0
+        assert len(row["kept"]) == 2 and sum(row["kept"]) <= 0.25 * 1024 + 1e-9, (method, row)
         if method != "paper-code":  # dense masked compute: more FLOPs than dense
             assert row["train_gflops"] < dense["train_gflops"] / 2, (method, row)
 
@@ -51,3 +58,24 @@ def test_every_method_trains_and_reports_on_cpu(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path needs a CUDA GPU")
 def test_every_method_trains_and_reports_on_cuda(tmp_path):
     _check_rows(_run_every_method(tmp_path, "cuda"))
+
+
+def test_static_kept_counts_label_the_run_and_set_its_structure(tmp_path):
+    out = tmp_path / "accuracy.json"
+    accuracy.main(
+        ["--settings", "digits-mlp", "--epochs", "1", "--seeds", "0", "--densities", "0.25",
+         "--methods", "static", "--static-kept", "100,200", "--json", str(out)]
+    )  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["method"] == "static@100/200"
+    assert run["kept"] == [100, 200]
+    assert run["achieved_density"] == pytest.approx(300 / 1024)
+    assert run["trace"] == []  # no search
+
+
+def test_decided_step_is_where_no_channel_is_undecided_any_more():
+    run = accuracy.Run("s", "sparsefx-paper", 0.25, 0)
+    run.trace = [[0, 9, 4.0], [25, 0, 4.0], [50, 1, 4.0], [75, 0, 4.0], [100, 0, 4.0]]
+    assert run.decided_step() == 75
+    run.trace[-1][1] = 2
+    assert run.decided_step() is None
