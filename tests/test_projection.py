@@ -284,12 +284,23 @@ def test_round_group_counts_rounds_by_s_within_the_budget(case, multiple, budget
     mask, s = torch.tensor(kept), torch.tensor(values)
     rounded = round_group_counts(mask, s, offsets, multiple, costs, budget)
     total = float(costs @ rounded.float())
-    for (a, b), (size, cost) in zip(itertools.pairwise(offsets), groups, strict=True):
+    spans = list(itertools.pairwise(offsets))
+    before = [int(mask[a:b].sum()) for a, b in spans]
+    after = [int(rounded[a:b].sum()) for a, b in spans]
+    exact = [min(k, size) <= multiple for k, (size, _) in zip(before, groups, strict=True)]
+    floors = [k if e else k // multiple * multiple for k, e in zip(before, exact, strict=True)]
+    given_up = sum(k - n for k, n, e in zip(before, after, exact, strict=True) if e)
+    rounded_off = 0  # what rounding down took from the groups that then rounded up
+    for (a, b), (size, cost), k, count, floor, e in zip(
+        spans, groups, before, after, floors, exact, strict=True
+    ):
         old, new, group_s = mask[a:b], rounded[a:b], s[a:b]
-        k, count = int(old.sum()), int(new.sum())
-        floor = k if min(k, size) <= multiple else k // multiple * multiple  # one block: as is
-        assert count in (floor, min(floor + multiple, size))
-        if count == floor < k:  # not rounded up: its block did not fit the final budget
+        if e:  # an exact-count group: as is, or gave up channels (never below two)
+            assert min(2, k) <= count <= k
+        else:
+            assert count in (floor, min(floor + multiple, size))
+            rounded_off += k - floor if count > floor else 0
+        if count == floor < k and not given_up:  # its block did not fit the final budget
             assert total + (min(floor + multiple, size) - floor) * cost > budget * (1 + 1e-9)
         if count <= k:  # kept channels dropped from the lowest s
             assert bool((new <= old).all())
@@ -299,6 +310,7 @@ def test_round_group_counts_rounds_by_s_within_the_budget(case, multiple, budget
             assert bool((new >= old).all())
             if (~new).any():
                 assert group_s[new & ~old].min() >= group_s[~new].max()
+    assert given_up == 0 or given_up < rounded_off  # fewer channels than the rounding restored
     assert total <= max(budget * (1 + 1e-9), float(costs @ mask.float()) + 1e-6)
 
 
@@ -324,3 +336,14 @@ def test_round_group_counts_examples():
     few = torch.arange(64) < 8  # 8 of 64 kept: one block already, so 8 stay 8
     assert int(round_group_counts(few, s[:64], [0, 64], 16, torch.ones(64), 8.0).sum()) == 8
     assert torch.equal(round_group_counts(searched, s, offsets, 1, costs, 112.0), searched)
+    # exact-count groups give up a channel so that a block fits: 9/16/31 in 56 -> 8/16/32
+    offsets, costs = [0, 32, 96, 224], torch.ones(224)
+    mask = torch.cat([torch.arange(32) < 9, torch.arange(64) < 16, torch.arange(128) < 31])
+    rounded = round_group_counts(mask, s[:224], offsets, 16, costs, 56.0)
+    assert [int(rounded[a:b].sum()) for a, b in itertools.pairwise(offsets)] == [8, 16, 32]
+    assert rounded[:8].all() and not rounded[8:32].any()  # the one of lowest s gave way
+    # but not when they give up as many channels as the searched count lost: 9/4/17 in 42
+    # (17 -> 32 fits if 9/4 give up 3, more than the one channel 17 -> 16 drops)
+    mask = torch.cat([torch.arange(32) < 9, torch.arange(64) < 4, torch.arange(128) < 17])
+    rounded = round_group_counts(mask, s[:224], offsets, 16, costs, 42.0)
+    assert [int(rounded[a:b].sum()) for a, b in itertools.pairwise(offsets)] == [9, 4, 16]

@@ -140,6 +140,10 @@ def top_budget_mask(s: Tensor, costs: Tensor, budget: float) -> Tensor:
     return torch.empty_like(keep).scatter_(0, order, keep)
 
 
+def _cost(counts: Sequence[int], unit: Sequence[float]) -> float:
+    return sum(k * c for k, c in zip(counts, unit, strict=True))
+
+
 def round_group_counts(
     mask: Tensor,
     s: Tensor,
@@ -155,8 +159,11 @@ def round_group_counts(
 
     A group keeping fewer than `multiple` channels keeps its count (one block at any count;
     rounding it up could pass the budget, down would empty it), as does a group no larger
-    than `multiple`. Channels by s: a group rounded down drops its kept channels of lowest
-    s, one rounded up adds its dropped channels of highest s (ties: lower index first).
+    than `multiple`; such exact-count groups give up channels (most costly first, never
+    below two) when that lets a rounded group round up and they give up fewer channels than
+    its rounding down took: 9/16/31 channels in a budget of 56 become 8/16/32, not 9/16/16.
+    Channels by s: a group losing channels drops its kept channels of lowest s, one gaining
+    adds its dropped channels of highest s (ties: lower index first).
     CPU convolutions (oneDNN) run channels in blocks of the vector width, 16 floats on
     AVX-512, so a count just past a multiple costs a whole block; `freeze(..., multiple=16)`
     uses this.
@@ -164,16 +171,23 @@ def round_group_counts(
     spans = list(itertools.pairwise(offsets))
     counts = [int(mask[a:b].sum()) for a, b in spans]
     unit = [float(costs[a:b].double().mean()) if b > a else 0.0 for a, b in spans]
-    targets = [
-        k if min(k, b - a) <= multiple else k // multiple * multiple
-        for (a, b), k in zip(spans, counts, strict=True)
-    ]
-    spent = sum(t * c for t, c in zip(targets, unit, strict=True))
+    exact = [min(k, b - a) <= multiple for (a, b), k in zip(spans, counts, strict=True)]
+    targets = [k if e else k // multiple * multiple for k, e in zip(counts, exact, strict=True)]
+    limit = budget * (1 + 1e-9)
     for g in sorted(range(len(spans)), key=lambda g: targets[g] - counts[g]):
-        up = min(targets[g] + multiple, spans[g][1] - spans[g][0])
-        extra = (up - targets[g]) * unit[g]
-        if counts[g] > targets[g] and spent + extra <= budget * (1 + 1e-9):
-            targets[g], spent = up, spent + extra
+        rounded_off = counts[g] - targets[g]
+        if not rounded_off:
+            continue
+        trial = list(targets)
+        trial[g] = min(targets[g] + multiple, spans[g][1] - spans[g][0])
+        freed = 0  # channels the exact-count groups give up, the most costly first
+        for e in sorted((e for e in range(len(spans)) if exact[e]), key=lambda e: -unit[e]):
+            while _cost(trial, unit) > limit and trial[e] > min(2, counts[e]):
+                if freed == rounded_off - 1:
+                    break
+                trial[e], freed = trial[e] - 1, freed + 1
+        if _cost(trial, unit) <= limit:
+            targets = trial
     rounded = mask.clone()
     for (start, end), kept, target in zip(spans, counts, targets, strict=True):
         if target != kept:  # rank by s (ties: lower index first), kept channels first
