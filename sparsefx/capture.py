@@ -11,11 +11,12 @@ The batch dimension is captured as dynamic where the model allows it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import sysconfig
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ class CapturedGraph:
 
     user_values: list[Any]
     """Each user input's signature (tensors) or value (constants)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CapturedGraph:
+        """A copy that shares the tree specs: they are immutable, and deep-copying one trips
+        torch's `LeafSpec` deprecation warning."""
+        memo[id(self.in_spec)], memo[id(self.out_spec)] = self.in_spec, self.out_spec
+        twin = memo[id(self)] = object.__new__(CapturedGraph)
+        for field in fields(self):
+            setattr(twin, field.name, copy.deepcopy(getattr(self, field.name), memo))
+        return twin
 
     def matches(self, flat_inputs: Sequence[Any], spec: pytree.TreeSpec) -> bool:
         """Whether inputs of this structure, dtype and static shape can run this graph."""
