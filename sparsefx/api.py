@@ -367,6 +367,11 @@ def explain(model: nn.Module) -> str:
     """
     if isinstance(model, SparseModule):
         sparse = model.runtime
+        if not sparse.graphs:
+            raise RuntimeError(
+                "this model was unpickled (torch.load) and has not run since, so sparsefx holds "
+                "no graphs to explain: run one forward (it captures them again), then explain"
+            )
         report = build_report(
             type(model.model).__name__, "transform", sparse.config, sparse, sparse.graphs
         )

@@ -9,6 +9,7 @@ applies it. Eval mode uses the deterministic top-budget (or frozen) mask.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import OrderedDict
@@ -589,6 +590,22 @@ class SparseModule(nn.Module):
     @property
     def analysis(self) -> Analysis:
         return self.runtime.analysis
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (`torch.save(smodel)`, multiprocessing) without its programs: torch.fx
+        rebuilds a pickled graph module by re-tracing it with the tracer that made it, and
+        export's tracer cannot be rebuilt that way, so such a file would save and then fail
+        to load. Everything else (model, structure state, groups, costs) pickles, and the
+        first forward after loading captures again, as for any new input signature."""
+        runtime = copy.copy(self.runtime)  # the same structure state, no graph records
+        runtime.graphs = []
+        return {**self.__dict__, "_programs": {True: [], False: []}, "runtime": runtime}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseModule:
+        """A copy with its programs (no capture on the copy's first forward)."""
+        twin = memo[id(self)] = object.__new__(SparseModule)
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     @property
     def cost_model(self) -> CostModel:

@@ -256,6 +256,7 @@ def test_deepcopy_is_an_independent_model_in_the_same_state():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # quietly: nothing deprecated is copied
         twin = copy.deepcopy(sparse)
+    assert len(twin.runtime.graphs) == len(sparse.runtime.graphs)  # copied, not re-captured
     twin_criterion = sparsefx.wrap_loss(twin, nn.CrossEntropyLoss())
     sparse.zero_grad()
     losses = [criterion(sparse(x), y), twin_criterion(twin(x), y)]
@@ -272,6 +273,34 @@ def test_deepcopy_is_an_independent_model_in_the_same_state():
     assert twin.structure.probabilities is not sparse.structure.probabilities
     twin.structure.probabilities.zero_()
     assert sparse.structure.probabilities.sum() > 0
+
+
+def test_torch_save_and_load_of_the_whole_model_resume_training():
+    """torch.save(smodel) mid-training, then torch.load: the loaded model takes the same
+    next step (it captures its graphs again on that forward) and explains itself after it."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), config=sparsefx.SparseConfig(0.5, seed=0))
+    x, y = data()
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    criterion(sparse(x), y).backward()  # leaves a pending structure gradient
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with pytest.raises(RuntimeError, match="run one forward"):
+        sparsefx.explain(loaded)
+    loaded_criterion = sparsefx.wrap_loss(loaded, nn.CrossEntropyLoss())
+    sparse.zero_grad()
+    losses = [criterion(sparse(x), y), loaded_criterion(loaded(x), y)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for k, mask in sparsefx.masks(sparse).items():
+        assert torch.equal(mask, sparsefx.masks(loaded)[k])
+    for p, q in zip(sparse.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert torch.equal(sparse.structure.probabilities, loaded.structure.probabilities)
+    assert sparsefx.explain(loaded) == sparsefx.explain(sparse)
 
 
 def test_set_masks_validates_its_input():
