@@ -86,7 +86,7 @@ class CapturedGraph:
         """A copy that shares the tree specs: they are immutable, and deep-copying one trips
         torch's `LeafSpec` deprecation warning."""
         memo[id(self.in_spec)], memo[id(self.out_spec)] = self.in_spec, self.out_spec
-        twin = memo[id(self)] = object.__new__(CapturedGraph)
+        twin = memo[id(self)] = object.__new__(type(self))
         for field in fields(self):
             setattr(twin, field.name, copy.deepcopy(getattr(self, field.name), memo))
         return twin

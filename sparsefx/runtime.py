@@ -603,7 +603,7 @@ class SparseModule(nn.Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseModule:
         """A copy with its programs (no capture on the copy's first forward)."""
-        twin = memo[id(self)] = object.__new__(SparseModule)
+        twin = memo[id(self)] = object.__new__(type(self))
         twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return twin
 
