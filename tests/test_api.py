@@ -245,6 +245,22 @@ def test_freeze_best_rounds_the_chosen_sample_to_multiples():
     assert all(int(m.sum()) % 4 == 0 for m in structure.split(rounded))
 
 
+def _assert_same_next_step(sparse, criterion, twin, x: Tensor, y: Tensor) -> None:
+    """`twin` (a copy of `sparse` in the same state) takes the same next step: loss, masks and
+    gradients, on parameters of its own."""
+    twin_criterion = sparsefx.wrap_loss(twin, nn.CrossEntropyLoss())
+    sparse.zero_grad()
+    losses = [criterion(sparse(x), y), twin_criterion(twin(x), y)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    masks, twin_masks = sparsefx.masks(sparse), sparsefx.masks(twin)
+    assert masks.keys() == twin_masks.keys()
+    assert all(torch.equal(masks[k], twin_masks[k]) for k in masks)
+    for p, q in zip(sparse.parameters(), twin.parameters(), strict=True):
+        assert p is not q and torch.equal(p.grad, q.grad)
+
+
 def test_deepcopy_is_an_independent_model_in_the_same_state():
     """copy.deepcopy mid-training (an EMA copy, a snapshot): the copy takes the same next
     step (masks, loss, gradients) and owns its parameters and structure state."""
@@ -257,19 +273,7 @@ def test_deepcopy_is_an_independent_model_in_the_same_state():
         warnings.simplefilter("error")  # quietly: nothing deprecated is copied
         twin = copy.deepcopy(sparse)
     assert len(twin.runtime.graphs) == len(sparse.runtime.graphs)  # copied, not re-captured
-    twin_criterion = sparsefx.wrap_loss(twin, nn.CrossEntropyLoss())
-    sparse.zero_grad()
-    losses = [criterion(sparse(x), y), twin_criterion(twin(x), y)]
-    for loss in losses:
-        loss.backward()
-    assert torch.equal(losses[0], losses[1])
-    assert sparsefx.masks(sparse).keys() == sparsefx.masks(twin).keys()
-    assert all(
-        torch.equal(sparsefx.masks(sparse)[k], sparsefx.masks(twin)[k])
-        for k in sparsefx.masks(sparse)
-    )
-    for p, q in zip(sparse.parameters(), twin.parameters(), strict=True):
-        assert p is not q and torch.equal(p.grad, q.grad)
+    _assert_same_next_step(sparse, criterion, twin, x, y)
     assert twin.structure.probabilities is not sparse.structure.probabilities
     twin.structure.probabilities.zero_()
     assert sparse.structure.probabilities.sum() > 0
@@ -289,16 +293,7 @@ def test_torch_save_and_load_of_the_whole_model_resume_training():
     loaded = torch.load(buffer, weights_only=False)
     with pytest.raises(RuntimeError, match="run one forward"):
         sparsefx.explain(loaded)
-    loaded_criterion = sparsefx.wrap_loss(loaded, nn.CrossEntropyLoss())
-    sparse.zero_grad()
-    losses = [criterion(sparse(x), y), loaded_criterion(loaded(x), y)]
-    for loss in losses:
-        loss.backward()
-    assert torch.equal(losses[0], losses[1])
-    for k, mask in sparsefx.masks(sparse).items():
-        assert torch.equal(mask, sparsefx.masks(loaded)[k])
-    for p, q in zip(sparse.parameters(), loaded.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
+    _assert_same_next_step(sparse, criterion, loaded, x, y)
     assert torch.equal(sparse.structure.probabilities, loaded.structure.probabilities)
     assert sparsefx.explain(loaded) == sparsefx.explain(sparse)
 
