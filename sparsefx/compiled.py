@@ -345,13 +345,17 @@ class CompiledGraph:
 
     def _build(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
         groups = self.runtime.groups if self.runtime is not None else []
+        on_cpu = self.runtime is not None and self.runtime.structure.probabilities.is_cpu
         graph = rewrite_compact(
             copy_graph_module(captured.gm),
             groups,
             sparse_gradients=self.config.sparse_gradients,
             triton_kernels=self.runtime is not None and self.runtime.triton,
+            conv_channel_multiple=(
+                self.config.conv_channel_multiple if on_cpu and captured.training else 1
+            ),
         )
-        graph = opaque_compact_convolutions(graph)
+        graph = opaque_compact_convolutions(graph)  # those left: grouped or on CUDA
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
         record = GraphRecord(
             f"{self.frame.name} graph",

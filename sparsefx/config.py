@@ -56,7 +56,8 @@ class SparseConfig:
     rounded up to a multiple of this with zero channels (exact): oneDNN JIT-compiles a
     primitive for every new shape, about a millisecond per convolution, and rounded counts
     repeat, so after a few steps every shape is cached. Fixed masks (freeze, set_masks) and
-    eval keep one shape and run the exact counts, as does 1. Eager (`transform`) only."""
+    eval keep one shape and run the exact counts, as does 1; a compiled model's training
+    graph keeps rounding after freeze (free for freeze(multiple=8 or 16))."""
     kernels: Kernels = "auto"
     """Which kernels run the compact ops, the sampler and the projection: "triton" (fused
     gather-GEMMs that read weights by index, one-launch sampling and projection), "torch"

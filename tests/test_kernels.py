@@ -136,6 +136,13 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
         torch.ops.sparsefx.bucketed_convolution.default,
         (x, w, b, stride, padding, [1] * spatial, 8, full_in, full_out),
     )
+    grad = torch.randn_like(expected)
+    for mask in ([True, True, True], [False, True, False]):  # fake shapes, empties, aliasing
+        torch.library.opcheck(
+            torch.ops.sparsefx.bucketed_convolution_backward.default,
+            (grad, x.detach(), w.detach(), True, stride, padding, [1] * spatial, 8, full_in,
+             full_out, mask),
+        )  # fmt: skip
     run_in = min(-(-k_in // 8) * 8, full_in)
     run_out = k_out if full_out is None else min(-(-k_out // 8) * 8, full_out)
     positions = expected[0, 0].numel()

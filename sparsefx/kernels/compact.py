@@ -30,6 +30,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 __all__ = [
     "block_index",
     "bucketed_convolution",
+    "bucketed_convolution_backward",
     "conv",
     "gather_weight",
     "layout_index",
@@ -195,29 +196,65 @@ def _pad_channels(t: Tensor, dim: int, extra: int) -> Tensor:
 def _bucketed_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, multiple, full_in, full_out = inputs
     ctx.save_for_backward(x, weight)
-    ctx.options = (bias is not None, stride, padding, dilation)
-    ctx.extra = _bucket_padding(weight.shape, multiple, full_in, full_out)
+    ctx.options = (bias is not None, stride, padding, dilation, multiple, full_in, full_out)
 
 
 def _bucketed_backward(ctx, grad):
-    """convolution_backward on the same rounded shapes (so its primitive is cached too),
-    cut back to the exact ones."""
     x, weight = ctx.saved_tensors
-    has_bias, stride, padding, dilation = ctx.options
-    extra_in, extra_out = ctx.extra
+    grad_x, grad_w, grad_b = bucketed_convolution_backward(
+        grad, x, weight, *ctx.options, list(ctx.needs_input_grad[:3])
+    )
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    return (
+        grad_x if needs_x else None, grad_w if needs_w else None, grad_b if needs_b else None,
+        None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("sparsefx::bucketed_convolution_backward", mutates_args=())
+def bucketed_convolution_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    multiple: int,
+    full_in: int | None,
+    full_out: int | None,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """convolution_backward on the same rounded shapes as `bucketed_convolution` (so its
+    primitive is cached too), cut back to the exact ones; gradients `output_mask` leaves out
+    are empty tensors. An op of its own so that a compiled graph's backward sees one opaque
+    call and never reasons about the padding's sizes."""
+    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     k_out, k_in = weight.shape[0], weight.shape[1]
-    weight = _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out)
     grad_x, grad_w, grad_b = _convolution_backward(
         _pad_channels(grad, 1, extra_out),
         _pad_channels(x, 1, extra_in),
-        weight,
+        _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out),
         (has_bias, stride, padding, dilation, 1),
-        list(ctx.needs_input_grad[:3]),
+        output_mask,
     )
-    grad_x = None if grad_x is None else grad_x[:, :k_in]
-    grad_w = None if grad_w is None else grad_w[:k_out, :k_in]
-    grad_b = None if grad_b is None else grad_b[:k_out]
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return (
+        grad.new_empty(0) if grad_x is None else grad_x[:, :k_in].contiguous(),
+        grad.new_empty(0) if grad_w is None else grad_w[:k_out, :k_in].contiguous(),
+        grad.new_empty(0) if grad_b is None else grad_b[:k_out].contiguous(),
+    )  # distinct empties: a custom op's outputs may not alias each other
+
+
+@bucketed_convolution_backward.register_fake
+def _(
+    grad, x, weight, has_bias, stride, padding, dilation, multiple, full_in, full_out, output_mask
+):
+    need_x, need_w, need_b = output_mask
+    return (
+        x.new_empty(x.shape) if need_x else grad.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
+        grad.new_empty((weight.shape[0],)) if need_b and has_bias else grad.new_empty(0),
+    )
 
 
 bucketed_convolution.register_autograd(_bucketed_backward, setup_context=_bucketed_setup)
