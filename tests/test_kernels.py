@@ -137,10 +137,11 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
         (x, w, b, stride, padding, [1] * spatial, 8, full_in, full_out),
     )
     grad = torch.randn_like(expected)
-    for mask in ([True, True, True], [False, True, False]):  # fake shapes, empties, aliasing
+    # fake shapes, empty gradients (left out, or no bias), no aliasing between outputs
+    for has_bias, mask in ((True, [True] * 3), (True, [False, True, False]), (False, [True] * 3)):
         torch.library.opcheck(
             torch.ops.sparsefx.bucketed_convolution_backward.default,
-            (grad, x.detach(), w.detach(), True, stride, padding, [1] * spatial, 8, full_in,
+            (grad, x.detach(), w.detach(), has_bias, stride, padding, [1] * spatial, 8, full_in,
              full_out, mask),
         )  # fmt: skip
     run_in = min(-(-k_in // 8) * 8, full_in)

@@ -278,7 +278,7 @@ def _convolution_backward(
     bias_sizes = [weight.shape[0]] if has_bias else None
     return torch.ops.aten.convolution_backward(
         grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
-        output_mask,
+        [*output_mask[:2], output_mask[2] and has_bias],  # no bias: no bias gradient
     )  # fmt: skip
 
 
