@@ -99,8 +99,10 @@ def test_opaque_conv_equals_aten_conv_with_its_gradients(
     expected = torch.ops.aten.convolution(x, weight, b, stride, padding, dilation, *transposed)
     torch.testing.assert_close(torch.ops.sparsefx.conv(*args), expected)
     grad = torch.randn_like(expected)
-    backward_args = (grad, x.detach(), weight.detach(), bias, stride, padding, dilation, groups)
-    torch.library.opcheck(torch.ops.sparsefx.conv_backward.default, backward_args)
+    operands = (grad, x.detach(), weight.detach(), bias, stride, padding, dilation, groups)
+    for mask in ([True, True, True], [False, True, False]):  # empties where not asked for
+        backward_args = (*operands, 1, None, None, mask)
+        torch.library.opcheck(torch.ops.sparsefx.conv_backward.default, backward_args)
 
 
 @pytest.mark.parametrize(
@@ -140,9 +142,9 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
     # fake shapes, empty gradients (left out, or no bias), no aliasing between outputs
     for has_bias, mask in ((True, [True] * 3), (True, [False, True, False]), (False, [True] * 3)):
         torch.library.opcheck(
-            torch.ops.sparsefx.bucketed_convolution_backward.default,
-            (grad, x.detach(), w.detach(), has_bias, stride, padding, [1] * spatial, 8, full_in,
-             full_out, mask),
+            torch.ops.sparsefx.conv_backward.default,
+            (grad, x.detach(), w.detach(), has_bias, stride, padding, [1] * spatial, 1, 8,
+             full_in, full_out, mask),
         )  # fmt: skip
     run_in = min(-(-k_in // 8) * 8, full_in)
     run_out = k_out if full_out is None else min(-(-k_out // 8) * 8, full_out)

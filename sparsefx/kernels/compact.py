@@ -30,7 +30,6 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 __all__ = [
     "block_index",
     "bucketed_convolution",
-    "bucketed_convolution_backward",
     "conv",
     "gather_weight",
     "layout_index",
@@ -195,69 +194,7 @@ def _pad_channels(t: Tensor, dim: int, extra: int) -> Tensor:
 
 def _bucketed_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, multiple, full_in, full_out = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.options = (bias is not None, stride, padding, dilation, multiple, full_in, full_out)
-
-
-def _bucketed_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = bucketed_convolution_backward(
-        grad, x, weight, *ctx.options, list(ctx.needs_input_grad[:3])
-    )
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    return (
-        grad_x if needs_x else None, grad_w if needs_w else None, grad_b if needs_b else None,
-        None, None, None, None, None, None,
-    )  # fmt: skip
-
-
-@torch.library.custom_op("sparsefx::bucketed_convolution_backward", mutates_args=())
-def bucketed_convolution_backward(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    has_bias: bool,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    multiple: int,
-    full_in: int | None,
-    full_out: int | None,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """convolution_backward on the same rounded shapes as `bucketed_convolution` (so its
-    primitive is cached too), cut back to the exact ones; gradients `output_mask` leaves out
-    are empty tensors. An op of its own so that a compiled graph's backward sees one opaque
-    call and never reasons about the padding's sizes."""
-    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
-    k_out, k_in = weight.shape[0], weight.shape[1]
-    grad_x, grad_w, grad_b = _convolution_backward(
-        _pad_channels(grad, 1, extra_out),
-        _pad_channels(x, 1, extra_in),
-        _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out),
-        (has_bias, stride, padding, dilation, 1),
-        output_mask,
-    )
-    return (
-        grad.new_empty(0) if grad_x is None else grad_x[:, :k_in].contiguous(),
-        grad.new_empty(0) if grad_w is None else grad_w[:k_out, :k_in].contiguous(),
-        grad.new_empty(0) if grad_b is None else grad_b[:k_out].contiguous(),
-    )  # distinct empties: a custom op's outputs may not alias each other
-
-
-@bucketed_convolution_backward.register_fake
-def _(
-    grad, x, weight, has_bias, stride, padding, dilation, multiple, full_in, full_out, output_mask
-):
-    need_x, need_w, need_b = output_mask
-    return (
-        x.new_empty(x.shape) if need_x else grad.new_empty(0),
-        weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
-        grad.new_empty((weight.shape[0],)) if need_b and has_bias else grad.new_empty(0),
-    )
-
-
-bucketed_convolution.register_autograd(_bucketed_backward, setup_context=_bucketed_setup)
+    _save_conv(ctx, x, weight, bias, (stride, padding, dilation, 1, multiple, full_in, full_out))
 
 
 def _convolution(
@@ -308,18 +245,24 @@ def _(x, weight, bias, stride, padding, dilation, groups):
 
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups = inputs
+    _save_conv(ctx, x, weight, bias, (stride, padding, dilation, groups, 1, None, None))
+
+
+def _save_conv(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, options: tuple) -> None:
+    """What `_conv_backward` needs: the operands and conv_backward's options after has_bias
+    (stride, padding, dilation, groups, multiple, full_in, full_out)."""
     ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-    ctx.args = (stride, padding, dilation, groups)
+    ctx.options = (bias is not None, *options)
 
 
 def _conv_backward(ctx, grad):
+    """The backward of `conv` and of `bucketed_convolution`: one `conv_backward` call for
+    the gradients autograd needs."""
     x, weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.args
-    grad_x, grad_w, grad_b = conv_backward(
-        grad, x, weight, ctx.has_bias, stride, padding, dilation, groups
-    )
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
+    needs = list(ctx.needs_input_grad[:3])
+    grads = conv_backward(grad, x, weight, *ctx.options, needs)
+    rest = [None] * (len(ctx.needs_input_grad) - 3)  # the non-tensor arguments
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *rest
 
 
 @torch.library.custom_op("sparsefx::conv_backward", mutates_args=())
@@ -332,21 +275,47 @@ def conv_backward(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    multiple: int,
+    full_in: int | None,
+    full_out: int | None,
+    output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """aten.convolution_backward for `conv`, opaque to Inductor for the same reason
-    (the bias gradient is an empty tensor when there is no bias)."""
-    options = (has_bias, stride, padding, dilation, groups)
-    grad_x, grad_w, grad_b = _convolution_backward(grad, x, weight, options, [True, True, has_bias])
-    return grad_x, grad_w, grad_b if has_bias else grad.new_empty(0)
+    """aten.convolution_backward for `conv` (multiple 1) and for `bucketed_convolution` (on
+    its rounded shapes, so their primitives are cached too, cut back to the exact ones).
+    Gradients `output_mask` leaves out, and the bias's without a bias, are empty tensors. An
+    opaque op, so a compiled graph's backward is one extern call with symbolic channel
+    counts that never reasons about the padding's sizes."""
+    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
+    k_out, k_in = weight.shape[0], weight.shape[1]
+    grad_x, grad_w, grad_b = _convolution_backward(
+        _pad_channels(grad, 1, extra_out),
+        _pad_channels(x, 1, extra_in),
+        _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out),
+        (has_bias, stride, padding, dilation, groups),
+        output_mask,
+    )
+    return (
+        grad.new_empty(0) if grad_x is None else grad_x[:, : x.shape[1]].contiguous(),
+        grad.new_empty(0) if grad_w is None else grad_w[:k_out, :k_in].contiguous(),
+        grad.new_empty(0) if grad_b is None else grad_b[:k_out].contiguous(),
+    )  # distinct empties: a custom op's outputs may not alias each other
 
 
 @conv_backward.register_fake
-def _(grad, x, weight, has_bias, stride, padding, dilation, groups):
-    bias_shape = (weight.shape[0],) if has_bias else (0,)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad.new_empty(bias_shape)
+def _(
+    grad, x, weight, has_bias, stride, padding, dilation, groups, multiple, full_in, full_out,
+    output_mask,
+):  # fmt: skip
+    need_x, need_w, need_b = output_mask
+    return (
+        x.new_empty(x.shape) if need_x else grad.new_empty(0),
+        weight.new_empty(weight.shape) if need_w else grad.new_empty(0),
+        grad.new_empty((weight.shape[0],)) if need_b and has_bias else grad.new_empty(0),
+    )
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+bucketed_convolution.register_autograd(_conv_backward, setup_context=_bucketed_setup)
 
 
 def block_index(idx: Tensor, block: int) -> Tensor:
