@@ -16,12 +16,15 @@ one structure, and `sparsefx.groups(compiled_model)` finds it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -502,8 +505,31 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
     Layout optimization is off: on CPU Inductor turns it on for any graph with a convolution
     (a dense stem or shortcut), and AOTAutograd then restrides the backward's inputs to the
     forward's concrete strides, which specialises every kept-channel count and recompiles at
-    each new mask."""
+    each new mask.
+
+    Every call (Dynamo compiles, and recompiles, inside calls) runs under `ops_cache_tag`."""
     graph.recompile()
-    return torch.compile(
+    compiled = torch.compile(
         graph, backend="inductor", fullgraph=True, options={"layout_optimization": False}
     )
+    tag = ops_cache_tag()
+
+    def run(*args: Any) -> Any:
+        user_tag = torch.compiler.config.cache_key_tag
+        with torch.compiler.config.patch(cache_key_tag=f"{user_tag}{tag}"):
+            return compiled(*args)
+
+    return run
+
+
+@functools.cache
+def ops_cache_tag() -> str:
+    """A cache-key tag that changes with the source of sparsefx's custom ops.
+
+    AOTAutograd's cache keys a compiled forward and backward by the forward graph, in which a
+    sparsefx op is only a name: the backward its autograd formula traced (and the shapes its
+    fake kernel gave) are not in the key. Without this tag a cache written by an older
+    sparsefx replays that version's backward, which may call an op that no longer exists."""
+    sources = sorted((Path(__file__).parent / "kernels").glob("*.py"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources))
+    return f"sparsefx-ops-{digest.hexdigest()[:16]}"

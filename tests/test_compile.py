@@ -133,6 +133,31 @@ def test_compiled_step_matches_the_eager_transform_with_the_same_masks():
     assert torch.count_nonzero(compiled_model.fc2.weight.grad[~masks["fc2"]]) == 0
 
 
+def test_a_change_to_sparsefx_ops_misses_the_compile_caches(monkeypatch):
+    """A compiled backward is cached under a key that sees sparsefx's ops only by name: the key
+    must also change with their definitions, or an upgraded sparsefx replays an old backward
+    (which once called an op that no longer existed)."""
+    from torch._inductor.utils import fresh_cache
+
+    import sparsefx.compiled
+
+    x, y = data()
+
+    def compile_and_step() -> None:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled(Net())(x, y).backward()
+
+    with fresh_cache():
+        compile_and_step()
+        assert counters["aot_autograd"]["autograd_cache_miss"] > 0, dict(counters["aot_autograd"])
+        compile_and_step()
+        assert counters["aot_autograd"]["autograd_cache_hit"] > 0, dict(counters["aot_autograd"])
+        monkeypatch.setattr(sparsefx.compiled, "ops_cache_tag", lambda: "sparsefx-ops-edited")
+        compile_and_step()
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 0, dict(counters["aot_autograd"])
+
+
 def test_k_equal_masks_run_no_score_graph_and_give_an_exact_zero_gradient(monkeypatch):
     x, y = data()
     cmodel = compiled(Net(), samples=3)
