@@ -25,8 +25,9 @@ browser:
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "note: chromium is not installed; the HTML report's browser test needs it (apt-get install chromium)"
 
+# pytest-xdist: one worker per core, at most 4 (each worker starts its own Inductor compile pool)
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
+	$(PY) -m pytest -q -p no:cacheprovider --hypothesis-profile=ci -n auto --maxprocesses=4
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -112,26 +112,27 @@ def test_hf_resnet_report_names_streams_and_classifier():
     assert not sparse.analysis.scatters
 
 
-@pytest.mark.parametrize("mode", ["transform", "compile"])
-def test_hf_resnet_training_loss_falls(mode):
+RESNET_OPTIONS = {"density": 0.5, "prune_streams": True, "seed": 0}
+
+
+def _resnet_batch() -> tuple[Tensor, Tensor]:
+    return torch.randn(16, 3, 16, 16), torch.randint(0, 3, (16,))
+
+
+def test_hf_resnet_training_loss_falls():
     torch.manual_seed(0)
     model = _resnet()
-    x = torch.randn(16, 3, 16, 16)
-    labels = torch.randint(0, 3, (16,))
-    options = {"density": 0.5, "prune_streams": True, "seed": 0}
-    losses = _train(model, x, labels, mode, options, steps=40)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    x, labels = _resnet_batch()
+    config = sparsefx.SparseConfig(**RESNET_OPTIONS)
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
+    _assert_loss_falls(sparse, model, x, labels, steps=40)
 
 
-def _train(
-    model: nn.Module, x: Tensor, labels: Tensor, mode: str, options: dict, steps: int
-) -> list[float]:
-    """Losses of `steps` Adam steps on the model's own loss, through either entry point."""
-    if mode == "transform":
-        config = sparsefx.SparseConfig(**options)
-        sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
-    else:
-        sparse = torch.compile(model, backend="sparsefx", options=options)
+def _assert_loss_falls(
+    sparse: nn.Module, model: nn.Module, x: Tensor, labels: Tensor, steps: int
+) -> None:
+    """`steps` Adam steps on the model's own loss: the last five losses average under 0.8 of
+    the first five."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -140,7 +141,12 @@ def _train(
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def _transformed(model: nn.Module, x: Tensor, labels: Tensor, options: dict) -> nn.Module:
+    config = sparsefx.SparseConfig(**options)
+    return sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
 
 
 def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks():
@@ -302,15 +308,14 @@ def test_transformer_report_keeps_streams_and_tied_head_dense():
     ]
 
 
-@pytest.mark.parametrize("mode", ["transform", "compile"])
 @pytest.mark.parametrize("name", list(TRANSFORMERS))
-def test_transformer_training_loss_falls(name, mode):
+def test_transformer_training_loss_falls(name):
     build, _, inputs, _ = TRANSFORMERS[name]
     torch.manual_seed(0)
     model = build()
     x, labels = inputs()
-    losses = _train(model, x, labels, mode, {"density": 0.5, "seed": 0}, steps=30)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    sparse = _transformed(model, x, labels, {"density": 0.5, "seed": 0})
+    _assert_loss_falls(sparse, model, x, labels, steps=30)
 
 
 def test_gpt2_dropouts_on_the_stream_share_noise_and_attention_drops_in_math_form():
@@ -330,30 +335,34 @@ def test_gpt2_with_dropout_training_loss_falls(mode):
     torch.manual_seed(0)
     model = _gpt2(dropout=0.1)
     x, labels = TRANSFORMERS["gpt2"][2]()
-    losses = _train(model, x, labels, mode, {"density": 0.5, "seed": 0}, steps=30)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    options = {"density": 0.5, "seed": 0}
+    if mode == "transform":
+        sparse = _transformed(model, x, labels, options)
+    else:
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    _assert_loss_falls(sparse, model, x, labels, steps=30)
 
 
 def _hf_cases() -> dict[str, tuple]:
-    """Model factory and (inputs, labels) for each real model, ResNet included."""
-    resnet_inputs = lambda: (torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)))  # noqa: E731
-    cases = {"resnet": (_resnet, resnet_inputs)}
-    cases.update({name: (build, inputs) for name, (build, _, inputs, _) in TRANSFORMERS.items()})
+    """Model factory, (inputs, labels), options and training steps of each real model."""
+    cases = {"resnet": (_resnet, _resnet_batch, RESNET_OPTIONS, 40)}
+    for name, (build, _, inputs, _) in TRANSFORMERS.items():
+        cases[name] = (build, inputs, {"density": 0.5, "seed": 0}, 30)
     return cases
 
 
 @pytest.mark.parametrize("name", list(_hf_cases()))
-def test_compiled_step_equals_transform_step(name):
+def test_compiled_step_equals_transform_step_then_training_loss_falls(name):
     """torch.compile(backend="sparsefx") computes what `transform` does under the same masks
-    (transform equals the reference above), gradients of every parameter included."""
-    build, inputs = _hf_cases()[name]
+    (transform equals the reference above), gradients of every parameter included; then,
+    sampling again, its training loss falls as `transform`'s does. One test, so that Inductor
+    compiles each model's graphs once (a cold compile is most of the suite's time)."""
+    build, inputs, options, steps = _hf_cases()[name]
     torch.manual_seed(0)
     model = build()
     twin = copy.deepcopy(model)
     x, labels = inputs()
-    options = {"density": 0.5, "seed": 0, "prune_streams": name == "resnet"}
-    config = sparsefx.SparseConfig(**options)
-    eager = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, config=config)
+    eager = _transformed(model, x, labels, options)
     compiled = torch.compile(twin, backend="sparsefx", options=options)
     twin.eval()
     compiled(x, labels=labels)  # compiles, so the runtime exists for set_masks
@@ -367,3 +376,5 @@ def test_compiled_step_equals_transform_step(name):
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-4)
     for (pname, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=pname, atol=1e-5, rtol=1e-4)
+    sparsefx.unfreeze(compiled)
+    _assert_loss_falls(compiled, twin, x, labels, steps)
