@@ -3,8 +3,8 @@ the dense GEMM, forward and backward, and the end-to-end sparse training step ag
 torch.compile. Needs a CUDA GPU; ``--smoke`` runs the same code at toy sizes (on CPU under
 TRITON_INTERPRET=1) to check the plumbing, and its timings mean nothing.
 
-    .venv/bin/python benchmarks/kernels.py [--dtype bf16] [--json benchmarks/results/kernels.json]
-    TRITON_INTERPRET=1 .venv/bin/python benchmarks/kernels.py --smoke
+    .venv/bin/python benchmarks/triton_speed.py [--dtype bf16] [--json benchmarks/results/triton_speed.json]
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/triton_speed.py --smoke
 
 Kernel rows: x [M, n] @ W[n, n]^T with M tokens, `density` of W's rows and of its columns
 kept (random sorted indices). "cuBLAS" multiplies operands gathered beforehand (the gather
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not (args.smoke and interpreting()):
         raise SystemExit(
-            "benchmarks/kernels.py times CUDA kernels and needs a GPU; on a CPU run "
-            "`TRITON_INTERPRET=1 .venv/bin/python benchmarks/kernels.py --smoke` to check it"
+            "benchmarks/triton_speed.py times CUDA kernels and needs a GPU; on a CPU run "
+            "`TRITON_INTERPRET=1 .venv/bin/python benchmarks/triton_speed.py --smoke` to check it"
         )
     dtype = DTYPES[args.dtype]
     if args.smoke:

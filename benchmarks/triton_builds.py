@@ -10,7 +10,7 @@ own JIT binder (create_function_from_signature + JITFunction._pack_args) is run 
 tensors with the launchers' argument layout, so i32/i64 choice, ==1 specialisation of ints
 (becomes constexpr) and 16-divisibility attributes match what the GPU launch would see.
 
-Usage: .venv/bin/python benchmarks/kernels_compile.py [--jobs N] [--quick] [--only SUBSTRING]
+Usage: .venv/bin/python benchmarks/triton_builds.py [--jobs N] [--quick] [--only SUBSTRING]
 (about 13 minutes for all cases on 2 cores; --quick keeps the all-off/all-on flag sets).
 It uses triton internals (the launch binder), written against triton 3.9.
 """
