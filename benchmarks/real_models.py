@@ -11,16 +11,20 @@ parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
 (torch.compile). A `-same-masks` suffix is a diagnostic, not a training configuration: the
 step samples its masks once and reuses them (K forwards as usual), which shows what new
 kept-channel counts cost at every step (oneDNN creates a primitive per new conv shape).
+A `-via-ops` suffix, another diagnostic, runs the eager programs through sparsefx's custom
+ops as the graph records show them, where sparsefx runs their bodies directly: what the
+dispatcher and torch.library's autograd wrapper cost per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +56,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "resnet": resnet,
     "gpt2": gpt2,
 }
+DIAGNOSTICS = ("-same-masks", "-via-ops")
 METHODS = {
     "sparsefx": {},
     "sparsefx-sg": {"sparse_gradients": True},
@@ -77,6 +82,17 @@ def _reusing_masks(step: Callable[[], Tensor], structure: StructureState) -> Cal
     return reusing
 
 
+@contextlib.contextmanager
+def _through_ops() -> Iterator[None]:
+    """Programs compiled inside keep calling the custom ops (the `-via-ops` diagnostic)."""
+    direct = sparsefx.runtime._direct_calls
+    sparsefx.runtime._direct_calls = lambda gm, record_gradients=True: gm
+    try:
+        yield
+    finally:
+        sparsefx.runtime._direct_calls = direct
+
+
 def _step(model: nn.Module, run: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     run.train()
@@ -98,10 +114,11 @@ def steps_for(
     steps = {"dense": _step(model, model, x, y)}
     groups = {}
     for method in methods:
-        if method.endswith("-same-masks") and "-compiled" in method:
-            raise SystemExit(f"{method}: -same-masks is a diagnostic of eager methods only")
+        diagnostic = next((d for d in DIAGNOSTICS if method.endswith(d)), None)
+        if diagnostic and "-compiled" in method:
+            raise SystemExit(f"{method}: {diagnostic} is a diagnostic of eager methods only")
         twin = copy.deepcopy(model)
-        base = method.removesuffix("-same-masks").removesuffix("-compiled")
+        base = method.removesuffix(diagnostic or "").removesuffix("-compiled")
         options = {"density": density, "seed": 0, **METHODS[base]}
         if method.endswith("-compiled"):
             steps[method] = _step(
@@ -114,7 +131,8 @@ def steps_for(
             groups[method] = len(sparsefx.groups(twin))
         else:
             config = sparsefx.SparseConfig(**options)
-            sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
+            with _through_ops() if diagnostic == "-via-ops" else contextlib.nullcontext():
+                sparse = sparsefx.transform(twin, (x,), example_kwargs={"labels": y}, config=config)
             groups[method] = len(sparsefx.groups(sparse))
             steps[method] = _step(twin, sparse, x, y)
             if method.endswith("-same-masks"):

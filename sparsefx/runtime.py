@@ -28,7 +28,13 @@ from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_mo
 from sparsefx.capture import CapturedGraph, CaptureError, capture
 from sparsefx.config import SparseConfig
 from sparsefx.kernels import load_triton_kernels, triton_selected
-from sparsefx.passes import copy_graph_module, rewrite_compact, score_graph, shared_noise_count
+from sparsefx.passes import (
+    call_ops_directly,
+    copy_graph_module,
+    rewrite_compact,
+    score_graph,
+    shared_noise_count,
+)
 from sparsefx.policy import project_to_budget, sample_masks, top_budget_mask
 from sparsefx.policy.estimator import leave_one_out, score_function
 
@@ -542,6 +548,13 @@ class _Program:
         return args + indices
 
 
+def _direct_calls(gm: fx.GraphModule, record_gradients: bool = True) -> fx.GraphModule:
+    """A copy of `gm` that calls the compact ops' bodies directly (passes.call_ops_directly):
+    what the eager runtime runs (the score graph runs under no_grad only). The graph
+    records keep the ops, which the report and the diff tool read."""
+    return call_ops_directly(copy_graph_module(gm), record_gradients=record_gradients)
+
+
 def _owner(model: nn.Module, kind: InputKind, target: str) -> tuple[dict[str, Any], str] | None:
     """(the owning module's parameter or buffer table, the name in it) of a state input."""
     if kind not in (InputKind.PARAMETER, InputKind.BUFFER):
@@ -624,7 +637,11 @@ class SparseModule(nn.Module):
         mode = "training" if captured.training else "eval"
         record = GraphRecord(f"{mode} graph", captured, analysis, graph, score, config=self.config)
         self.runtime.graphs.append(record)
-        return _Program(captured, graph, fixed, score, shared_noise_count(graph))
+        noises = shared_noise_count(graph)
+        run = _direct_calls(graph)
+        run_fixed = run if fixed is graph else _direct_calls(fixed)
+        run_score = None if score is None else _direct_calls(score, record_gradients=False)
+        return _Program(captured, run, run_fixed, run_score, noises)
 
     def _rewrite(
         self, captured: CapturedGraph, analysis: Analysis, conv_channel_multiple: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from sparsefx.kernels import block_index, gather_weight, scatter_channels
 
@@ -96,8 +97,11 @@ def test_opaque_conv_equals_aten_conv_with_its_gradients(
     torch.library.opcheck(torch.ops.sparsefx.conv.default, args)
     torch.autograd.gradcheck(lambda *t: torch.ops.sparsefx.conv(*t, *args[3:]), args[:3])
     transposed = (False, [0] * len(stride), groups)
-    expected = torch.ops.aten.convolution(x, weight, b, stride, padding, dilation, *transposed)
-    torch.testing.assert_close(torch.ops.sparsefx.conv(*args), expected)
+    with FlopCounterMode(display=False) as aten_counter:
+        expected = torch.ops.aten.convolution(x, weight, b, stride, padding, dilation, *transposed)
+    with FlopCounterMode(display=False) as op_counter:
+        torch.testing.assert_close(torch.ops.sparsefx.conv(*args), expected)
+    assert op_counter.get_total_flops() == aten_counter.get_total_flops() > 0
     grad = torch.randn_like(expected)
     operands = (grad, x.detach(), weight.detach(), bias, stride, padding, dilation, groups)
     for mask in ([True, True, True], [False, True, False]):  # empties where not asked for
@@ -114,8 +118,6 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
 ):
     """Rounded-up zero channels leave the output and every gradient exactly as they are,
     and the convolution aten runs has the rounded counts (capped at the dense ones)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from sparsefx.kernels import bucketed_convolution
 
     g = torch.Generator().manual_seed(0)
@@ -150,3 +152,122 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
     run_out = k_out if full_out is None else min(-(-k_out // 8) * 8, full_out)
     positions = expected[0, 0].numel()
     assert counter.get_total_flops() == 2 * 2 * positions * run_in * run_out * 3**spatial
+    # its backward op counts the gradients of the rounded convolution it runs
+    padded_x = F.pad(x.detach(), (0, 0) * spatial + (0, run_in - k_in))
+    padded_w = F.pad(w.detach(), (0, 0) * spatial + (0, run_in - k_in, 0, run_out - k_out))
+    padded_grad = F.pad(grad, (0, 0) * spatial + (0, run_out - k_out))
+    for mask in ([True, True, False], [False, True, False]):
+        with FlopCounterMode(display=False) as op_counter:
+            torch.ops.sparsefx.conv_backward(
+                grad, x.detach(), w.detach(), True, stride, padding, [1] * spatial, 1, 8,
+                full_in, full_out, mask,
+            )  # fmt: skip
+        with FlopCounterMode(display=False) as aten_counter:
+            torch.ops.aten.convolution_backward(
+                padded_grad, padded_x, padded_w, None, stride, padding, [1] * spatial, False,
+                [0] * spatial, 1, mask,
+            )  # fmt: skip
+        assert op_counter.get_total_flops() == aten_counter.get_total_flops() > 0
+
+
+def _direct_call_cases():
+    """(op, its arguments) of each compact op an eager program calls directly."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g)
+    conv_weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=g)
+    bias = torch.randn(5, dtype=torch.float64, generator=g)
+    ops = torch.ops.sparsefx
+    return [
+        (ops.gather_weight.default, (weight, _idx(0, 2, 5), _idx(1, 3), False)),
+        (ops.gather_weight.default, (weight, _idx(1, 4), None, True)),
+        (ops.scatter_channels.default, (x, _idx(0, 2, 4), 1, 6)),
+        (ops.bucketed_convolution.default, (x, conv_weight, bias, [1, 1], [1, 1], [1, 1], 8, 8, 16)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_direct_calls_equal_their_ops_with_gradients(case):
+    """What eager programs call instead of the ops (kernels.compact.DIRECT_CALLS) computes
+    the same values and gradients, bitwise, with and without autograd."""
+    from sparsefx.kernels.compact import DIRECT_CALLS
+
+    op, args = _direct_call_cases()[case]
+    function, body = DIRECT_CALLS[op]
+    tensors = [
+        i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+    ]
+
+    def run(call):
+        leaves = [args[i].clone().requires_grad_() for i in tensors]
+        inputs = list(args)
+        for i, leaf in zip(tensors, leaves, strict=True):
+            inputs[i] = leaf
+        out = call(*inputs)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return out.detach(), [g.to_dense() for g in grads]
+
+    expected, expected_grads = run(op)
+    got, got_grads = run(function)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(body(*args), expected, rtol=0, atol=0)
+    leaves = tuple(args[i].clone().requires_grad_() for i in tensors)
+
+    def with_leaves(*leaf_values):
+        inputs = list(args)
+        for i, leaf in zip(tensors, leaf_values, strict=True):
+            inputs[i] = leaf
+        return function(*inputs)
+
+    if args[-1] is not True:  # gradcheck cannot compare a sparse gradient
+        assert torch.autograd.gradcheck(with_leaves, leaves)
+
+
+def test_eager_steps_call_no_custom_op_and_match_the_op_graphs():
+    """A transformed model's training step and score forward dispatch no sparsefx op (they
+    call the bodies directly), and its graph gives the loss and gradients of the graph
+    with the ops (the one `sparsefx.explain` and the diff tool show), bitwise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sparsefx
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    config = sparsefx.SparseConfig(density=0.5, seed=0, conv_channel_multiple=8)
+    sparse = sparsefx.transform(model, (x,), config=config)
+    criterion = sparsefx.wrap_loss(sparse, lambda out: out.square().mean())
+    with Ops() as seen:
+        criterion(sparse(x)).backward()
+    assert "aten" in seen.names and "sparsefx" not in seen.names
+
+    program, (record,) = sparse._programs[True][0], sparse.runtime.graphs
+    assert any(
+        n.target is torch.ops.sparsefx.bucketed_convolution.default
+        for n in record.compact.graph.nodes
+    )
+    indices = sparse.structure.indices(sparse.structure.sample(1)[0])
+    results = []
+    for graph in (program.graph, record.compact):
+        model.zero_grad()
+        (out,) = graph(*program.arguments(model, [x], indices))
+        out.square().mean().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -21,11 +21,11 @@ means "every channel" on that side.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+from torch.utils.flop_counter import conv_backward_flop, conv_flop_count, register_flop_formula
 
 __all__ = [
     "block_index",
@@ -42,6 +42,12 @@ def gather_weight(
     weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, sparse_grad: bool = False
 ) -> Tensor:
     """weight[out_idx][:, in_idx] (either side skipped when its index is None)."""
+    return _gather_weight(weight, out_idx, in_idx, sparse_grad)
+
+
+def _gather_weight(
+    weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, sparse_grad: bool = False
+) -> Tensor:
     if out_idx is not None:
         weight = weight.index_select(0, out_idx)
     if in_idx is not None:
@@ -149,6 +155,22 @@ def bucketed_convolution(
     The padding costs at most `multiple - 1` zero channels per side; dropped channels are
     never computed. A custom op, so that symbolic shape propagation (the diff tool) sees
     the exact output shape and not the data-dependent padding."""
+    return _bucketed_convolution(
+        x, weight, bias, stride, padding, dilation, multiple, full_in, full_out
+    )
+
+
+def _bucketed_convolution(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    multiple: int,
+    full_in: int | None,
+    full_out: int | None,
+) -> Tensor:
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     x, weight = _pad_channels(x, 1, extra_in), _pad_channels(weight, 1, extra_in)
     weight = _pad_channels(weight, 0, extra_out)
@@ -255,14 +277,18 @@ def _save_conv(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, options: tup
     ctx.options = (bias is not None, *options)
 
 
-def _conv_backward(ctx, grad):
-    """The backward of `conv` and of `bucketed_convolution`: one `conv_backward` call for
-    the gradients autograd needs."""
-    x, weight = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:3])
-    grads = conv_backward(grad, x, weight, *ctx.options, needs)
-    rest = [None] * (len(ctx.needs_input_grad) - 3)  # the non-tensor arguments
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), *rest
+def _conv_backward_through(gradients: Callable[..., tuple[Tensor, ...]]) -> Callable:
+    """The backward of `conv` and of `bucketed_convolution`: one `gradients` call
+    (`conv_backward`, or its body in eager programs) for the gradients autograd needs."""
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:3])
+        grads = gradients(grad, x, weight, *ctx.options, needs)
+        rest = [None] * (len(ctx.needs_input_grad) - 3)  # the non-tensor arguments
+        return *(g if need else None for g, need in zip(grads, needs, strict=True)), *rest
+
+    return backward
 
 
 @torch.library.custom_op("sparsefx::conv_backward", mutates_args=())
@@ -285,6 +311,26 @@ def conv_backward(
     Gradients `output_mask` leaves out, and the bias's without a bias, are empty tensors. An
     opaque op, so a compiled graph's backward is one extern call with symbolic channel
     counts that never reasons about the padding's sizes."""
+    return _conv_gradients(
+        grad, x, weight, has_bias, stride, padding, dilation, groups, multiple, full_in,
+        full_out, output_mask,
+    )  # fmt: skip
+
+
+def _conv_gradients(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    multiple: int,
+    full_in: int | None,
+    full_out: int | None,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     k_out, k_in = weight.shape[0], weight.shape[1]
     grad_x, grad_w, grad_b = _convolution_backward(
@@ -314,8 +360,79 @@ def _(
     )
 
 
-conv.register_autograd(_conv_backward, setup_context=_conv_setup)
-bucketed_convolution.register_autograd(_conv_backward, setup_context=_bucketed_setup)
+@register_flop_formula(torch.ops.sparsefx.conv)
+def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.conv_backward)
+def _conv_backward_flops(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the gradients it computes, at the rounded counts it runs."""
+    _, stride, padding, dilation, groups, multiple, full_in, full_out, output_mask = args
+    extra_in, extra_out = _bucket_padding(w_shape, multiple, full_in, full_out)
+    grad_shape = [grad_shape[0], grad_shape[1] + extra_out, *grad_shape[2:]]
+    x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
+    w_shape = [w_shape[0] + extra_out, w_shape[1] + extra_in, *w_shape[2:]]
+    return conv_backward_flop(
+        grad_shape, x_shape, w_shape, None, stride, padding, dilation, False, None, groups,
+        output_mask, out_val=(x_shape, w_shape, w_shape[:1]),
+    )  # fmt: skip
+
+
+conv.register_autograd(_conv_backward_through(conv_backward), setup_context=_conv_setup)
+bucketed_convolution.register_autograd(
+    _conv_backward_through(conv_backward), setup_context=_bucketed_setup
+)
+
+
+class _GatherWeight(torch.autograd.Function):
+    forward = staticmethod(_gather_weight)
+    setup_context = staticmethod(_gather_setup)
+    backward = staticmethod(_gather_backward)
+
+
+class _ScatterChannels(torch.autograd.Function):
+    forward = staticmethod(scatter_channels_reference)
+    setup_context = staticmethod(_scatter_setup)
+    backward = staticmethod(_scatter_backward)
+
+
+class _BucketedConvolution(torch.autograd.Function):
+    forward = staticmethod(_bucketed_convolution)
+    setup_context = staticmethod(_bucketed_setup)
+    backward = staticmethod(_conv_backward_through(_conv_gradients))
+
+
+# what eager programs call (passes.call_ops_directly); fx's generated code names them
+def gather_weight_direct(*args) -> Tensor:
+    return _GatherWeight.apply(*args)
+
+
+def scatter_channels_direct(*args) -> Tensor:
+    return _ScatterChannels.apply(*args)
+
+
+def bucketed_convolution_direct(*args) -> Tensor:
+    return _BucketedConvolution.apply(*args)
+
+
+DIRECT_CALLS: dict[torch._ops.OpOverload, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    torch.ops.sparsefx.gather_weight.default: (gather_weight_direct, _gather_weight),
+    torch.ops.sparsefx.scatter_channels.default: (
+        scatter_channels_direct,
+        scatter_channels_reference,
+    ),
+    torch.ops.sparsefx.bucketed_convolution.default: (
+        bucketed_convolution_direct,
+        _bucketed_convolution,
+    ),
+}
+"""For each compact op an eager program calls: (the same computation and autograd as an
+autograd.Function, for graphs that may record gradients; the plain body, for the no-grad
+score graph). A custom op called eagerly passes the dispatcher and torch.library's Python
+autograd wrapper, 50-100 µs a call, and a sampled step of a ResNet-18 calls them about 140
+times (forward, backward and the score forward); torch.export and Inductor need the ops
+themselves, so only eager programs call these."""
 
 
 def block_index(idx: Tensor, block: int) -> Tensor:

@@ -18,9 +18,10 @@ from sparsefx.passes.compact import (
     rewrite_weight_ops,
 )
 from sparsefx.passes.dropout import reuse_dropout_noise, sample_dropout_noise, shared_noise_count
-from sparsefx.passes.kernels import use_triton_kernels
+from sparsefx.passes.kernels import call_ops_directly, use_triton_kernels
 
 __all__ = [
+    "call_ops_directly",
     "copy_graph_module",
     "keep_outputs",
     "opaque_compact_convolutions",

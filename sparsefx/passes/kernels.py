@@ -1,4 +1,5 @@
-"""Kernel selection: on CUDA the compact graph's weight gathers become Triton-backed ops."""
+"""Kernel selection: on CUDA the compact graph's weight gathers become Triton-backed ops;
+eager programs call the compact ops' bodies directly."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 from torch import fx
 
 from sparsefx.analysis import ops
+from sparsefx.kernels.compact import DIRECT_CALLS
 
-__all__ = ["use_triton_kernels"]
+__all__ = ["call_ops_directly", "use_triton_kernels"]
 
 aten = torch.ops.aten
 gather = torch.ops.sparsefx.gather_weight.default
@@ -70,3 +72,20 @@ def _compact_linear_args(node: fx.Node, sparse_gradients: bool) -> tuple | None:
     elif bias is not None and out_idx is not None:
         return None
     return x, weight.args[0], bias, out_idx, in_idx
+
+
+def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> fx.GraphModule:
+    """Calls of sparsefx's compact ops become direct Python calls of the same computation
+    (kernels.compact.DIRECT_CALLS): an autograd.Function where the graph may record
+    gradients, else the plain body. For graphs the eager runtime runs and nothing traces."""
+    for op, (function, body) in DIRECT_CALLS.items():
+        schema = op._schema.arguments
+        for node in gm.graph.find_nodes(op="call_function", target=op):
+            given = {a.name: arg for a, arg in zip(schema, node.args, strict=False)}
+            given.update(node.kwargs)
+            # autograd.Function.apply takes positional arguments only
+            node.args = tuple(given.get(a.name, a.default_value) for a in schema)
+            node.kwargs = {}
+            node.target = function if record_gradients else body
+    gm.recompile()
+    return gm
