@@ -226,13 +226,16 @@ def test_direct_calls_equal_their_ops_with_gradients(case):
         assert torch.autograd.gradcheck(with_leaves, leaves)
 
 
-def test_eager_steps_call_no_custom_op_and_match_the_op_graphs():
+@pytest.mark.parametrize("sparse_gradients", [False, True])
+def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients):
     """A transformed model's training step and score forward dispatch no sparsefx op (they
-    call the bodies directly), and its graph gives the loss and gradients of the graph
-    with the ops (the one `sparsefx.explain` and the diff tool show), bitwise."""
+    call the bodies directly, a gather and its bucketed convolution as one node), and its
+    graph gives the loss and gradients of the graph with the ops (the one
+    `sparsefx.explain` and the diff tool show), bitwise."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import sparsefx
+    from sparsefx.kernels import compact
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -250,7 +253,9 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs():
         torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4),
     )  # fmt: skip
     x = torch.randn(2, 3, 6, 6)
-    config = sparsefx.SparseConfig(density=0.5, seed=0, conv_channel_multiple=8)
+    config = sparsefx.SparseConfig(
+        density=0.5, seed=0, conv_channel_multiple=8, sparse_gradients=sparse_gradients
+    )
     sparse = sparsefx.transform(model, (x,), config=config)
     criterion = sparsefx.wrap_loss(sparse, lambda out: out.square().mean())
     with Ops() as seen:
@@ -258,6 +263,8 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs():
     assert "aten" in seen.names and "sparsefx" not in seen.names
 
     program, (record,) = sparse._programs[True][0], sparse.runtime.graphs
+    fused = torch.ops.sparsefx.gather_weight.default, compact.gathered_bucketed_convolution_direct
+    assert [sum(n.target is t for n in program.graph.graph.nodes) for t in fused] == [0, 2]
     assert any(
         n.target is torch.ops.sparsefx.bucketed_convolution.default
         for n in record.compact.graph.nodes
@@ -268,6 +275,6 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs():
         model.zero_grad()
         (out,) = graph(*program.arguments(model, [x], indices))
         out.square().mean().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+        results.append([out.detach(), *(p.grad.to_dense() for p in model.parameters())])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -73,25 +73,33 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad_c):
     out_idx, in_idx = ctx.saved_tensors
-    if ctx.sparse_grad and out_idx is not None:
+    return (
+        _full_weight_gradient(grad_c, out_idx, in_idx, ctx.shape, ctx.sparse_grad),
+        None,
+        None,
+        None,
+    )
+
+
+def _full_weight_gradient(
+    grad_c: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, shape, sparse_grad: bool
+) -> Tensor:
+    """The gradient of a full-size weight of `shape` from its kept block's `grad_c`: zeros
+    elsewhere, or with `sparse_grad` a row-sparse COO tensor of the kept rows."""
+    if sparse_grad and out_idx is not None:
         rows = grad_c
         if in_idx is not None:
-            rows = grad_c.new_zeros((grad_c.shape[0], *ctx.shape[1:])).index_copy_(
-                1, in_idx, grad_c
-            )
+            rows = grad_c.new_zeros((grad_c.shape[0], *shape[1:])).index_copy_(1, in_idx, grad_c)
         # kept indices are sorted and unique by construction: coalesced, nothing to check
-        grad = torch.sparse_coo_tensor(
-            out_idx[None], rows, ctx.shape, is_coalesced=True, check_invariants=False
+        return torch.sparse_coo_tensor(
+            out_idx[None], rows, shape, is_coalesced=True, check_invariants=False
         )
-        return grad, None, None, None
-    grad = grad_c.new_zeros(ctx.shape)
+    grad = grad_c.new_zeros(shape)
     if out_idx is None:
-        grad.index_copy_(1, in_idx, grad_c)
-    elif in_idx is None:
-        grad.index_copy_(0, out_idx, grad_c)
-    else:  # one scatter of the kept block, no intermediate [k_out, in] tensor
-        grad.index_put_((out_idx[:, None], in_idx), grad_c)
-    return grad, None, None, None
+        return grad.index_copy_(1, in_idx, grad_c)
+    if in_idx is None:
+        return grad.index_copy_(0, out_idx, grad_c)
+    return grad.index_put_((out_idx[:, None], in_idx), grad_c)  # no [k_out, in] intermediate
 
 
 gather_weight.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -172,10 +180,26 @@ def _bucketed_convolution(
     full_out: int | None,
 ) -> Tensor:
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
-    x, weight = _pad_channels(x, 1, extra_in), _pad_channels(weight, 1, extra_in)
-    weight = _pad_channels(weight, 0, extra_out)
+    weight = _pad_weight(weight, extra_in, extra_out)
+    return _rounded_convolution(x, weight, bias, stride, padding, dilation, extra_in, extra_out)
+
+
+def _rounded_convolution(
+    x: Tensor,
+    padded_weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    extra_in: int,
+    extra_out: int,
+) -> Tensor:
+    """The convolution of `x` and `bias` padded with zero channels to `padded_weight`'s
+    counts, cut back to the exact output channels."""
     bias = None if bias is None else _pad_channels(bias, 0, extra_out)
-    y = _convolution(x, weight, bias, stride, padding, dilation, 1)
+    y = _convolution(
+        _pad_channels(x, 1, extra_in), padded_weight, bias, stride, padding, dilation, 1
+    )
     return y[:, : y.shape[1] - extra_out].contiguous() if extra_out else y
 
 
@@ -203,6 +227,13 @@ def _bucket_padding(
     extra_in = 0 if full_in is None else min(-k_in % multiple, full_in - k_in)
     extra_out = 0 if full_out is None else min(-k_out % multiple, full_out - k_out)
     return extra_in, extra_out
+
+
+def _pad_weight(weight: Tensor, extra_in: int, extra_out: int) -> Tensor:
+    """`weight` with `extra_out` zero rows and `extra_in` zero columns, in one copy."""
+    if not (extra_in or extra_out):
+        return weight
+    return torch.constant_pad_nd(weight, [0, 0] * (weight.dim() - 2) + [0, extra_in, 0, extra_out])
 
 
 def _pad_channels(t: Tensor, dim: int, extra: int) -> Tensor:
@@ -336,7 +367,7 @@ def _conv_gradients(
     grad_x, grad_w, grad_b = _convolution_backward(
         _pad_channels(grad, 1, extra_out),
         _pad_channels(x, 1, extra_in),
-        _pad_channels(_pad_channels(weight, 1, extra_in), 0, extra_out),
+        _pad_weight(weight, extra_in, extra_out),
         (has_bias, stride, padding, dilation, groups),
         output_mask,
     )
@@ -403,7 +434,54 @@ class _BucketedConvolution(torch.autograd.Function):
     backward = staticmethod(_conv_backward_through(_conv_gradients))
 
 
+class _GatheredBucketedConvolution(torch.autograd.Function):
+    """gather_weight feeding bucketed_convolution as one autograd node: the kept weight is
+    padded once and saved padded, and the backward writes the rounded weight gradient's
+    kept block straight into the full-size gradient (no exact-size copy of it)."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, out_idx, in_idx, sparse_grad, bias, stride, padding, dilation,
+        multiple, full_in, full_out,
+    ):  # fmt: skip
+        kept = _gather_weight(weight, out_idx, in_idx)
+        extra_in, extra_out = _bucket_padding(kept.shape, multiple, full_in, full_out)
+        padded_weight = _pad_weight(kept, extra_in, extra_out)
+        ctx.save_for_backward(x, padded_weight, out_idx, in_idx)
+        ctx.kept, ctx.extra = kept.shape[:2], (extra_in, extra_out)
+        ctx.full_shape, ctx.sparse_grad = weight.shape, sparse_grad
+        ctx.conv = (bias is not None, stride, padding, dilation, 1)
+        return _rounded_convolution(
+            x, padded_weight, bias, stride, padding, dilation, extra_in, extra_out
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, padded_weight, out_idx, in_idx = ctx.saved_tensors
+        (extra_in, extra_out), (k_out, k_in) = ctx.extra, ctx.kept
+        needs = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = _convolution_backward(
+            _pad_channels(grad, 1, extra_out),
+            _pad_channels(x, 1, extra_in),
+            padded_weight,
+            ctx.conv,
+            [needs[0], needs[1], needs[5]],
+        )
+        if grad_x is not None and extra_in:
+            grad_x = grad_x[:, :k_in].contiguous()
+        if grad_w is not None:
+            kept = grad_w[:k_out, :k_in]
+            grad_w = _full_weight_gradient(kept, out_idx, in_idx, ctx.full_shape, ctx.sparse_grad)
+        if grad_b is not None:
+            grad_b = grad_b[:k_out]
+        return grad_x, grad_w, None, None, None, grad_b, *[None] * 6
+
+
 # what eager programs call (passes.call_ops_directly); fx's generated code names them
+def gathered_bucketed_convolution_direct(*args) -> Tensor:
+    return _GatheredBucketedConvolution.apply(*args)
+
+
 def gather_weight_direct(*args) -> Tensor:
     return _GatherWeight.apply(*args)
 

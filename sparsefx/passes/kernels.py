@@ -7,11 +7,12 @@ import torch
 from torch import fx
 
 from sparsefx.analysis import ops
-from sparsefx.kernels.compact import DIRECT_CALLS
+from sparsefx.kernels.compact import DIRECT_CALLS, gathered_bucketed_convolution_direct
 
 __all__ = ["call_ops_directly", "use_triton_kernels"]
 
 aten = torch.ops.aten
+bucketed = torch.ops.sparsefx.bucketed_convolution.default
 gather = torch.ops.sparsefx.gather_weight.default
 select = aten.index_select.default
 
@@ -77,15 +78,31 @@ def _compact_linear_args(node: fx.Node, sparse_gradients: bool) -> tuple | None:
 def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> fx.GraphModule:
     """Calls of sparsefx's compact ops become direct Python calls of the same computation
     (kernels.compact.DIRECT_CALLS): an autograd.Function where the graph may record
-    gradients, else the plain body. For graphs the eager runtime runs and nothing traces."""
+    gradients, else the plain body; where it may record gradients, a weight gathered for one
+    bucketed convolution alone is gathered inside it (one autograd node, the weight padded
+    once). For graphs the eager runtime runs and nothing traces."""
+    graph = gm.graph
+    for node in graph.find_nodes(op="call_function", target=bucketed):
+        weight = node.args[1]
+        if record_gradients and _gathered_once(weight):
+            x, _, *conv = _positional(node)
+            node.args = (x, *_positional(weight), *conv)
+            node.target = gathered_bucketed_convolution_direct
+            graph.erase_node(weight)
     for op, (function, body) in DIRECT_CALLS.items():
-        schema = op._schema.arguments
-        for node in gm.graph.find_nodes(op="call_function", target=op):
-            given = {a.name: arg for a, arg in zip(schema, node.args, strict=False)}
-            given.update(node.kwargs)
-            # autograd.Function.apply takes positional arguments only
-            node.args = tuple(given.get(a.name, a.default_value) for a in schema)
-            node.kwargs = {}
+        for node in graph.find_nodes(op="call_function", target=op):
+            node.args, node.kwargs = _positional(node), {}  # Function.apply takes no kwargs
             node.target = function if record_gradients else body
     gm.recompile()
     return gm
+
+
+def _gathered_once(weight: object) -> bool:
+    return isinstance(weight, fx.Node) and weight.target is gather and len(weight.users) == 1
+
+
+def _positional(node: fx.Node) -> tuple:
+    """The op call's arguments, every one positional (defaults filled in)."""
+    given = dict(zip((a.name for a in node.target._schema.arguments), node.args, strict=False))
+    given.update(node.kwargs)
+    return tuple(given.get(a.name, a.default_value) for a in node.target._schema.arguments)
