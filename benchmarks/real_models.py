@@ -2,6 +2,7 @@
 weights, configs of the coupling issue): dense eager against sparsefx, side by side.
 
     python benchmarks/real_models.py [--models resnet,gpt2] [--density 0.25] [--quick]
+        [--methods sparsefx-streams-sg,...] [--profile N]
 
 HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 images, batch
 32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`.
@@ -140,6 +141,14 @@ def steps_for(
     return steps, groups
 
 
+def _profile(step: Callable[[], Tensor], steps: int, rows: int) -> str:
+    """torch.profiler's table of the ops of `steps` calls of `step`, by self CPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def _gflop(flops: float | None) -> str:
     return "n/a" if flops is None else f"{flops / 1e9:.2f}"
 
@@ -168,6 +177,14 @@ def main() -> None:
         "has built a primitive for each (rounded) compact conv shape",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds × 2 steps")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, print torch.profiler's top N ops by self CPU time (per step) "
+        "of each method's steps",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -195,6 +212,12 @@ def main() -> None:
             if not m.endswith("-compiled")
         }
         times = time_interleaved(steps, args.rounds, args.steps)
+        if args.profile:
+            for method, step in steps.items():
+                print(
+                    f"{name}/{method}: ops by self CPU time over 5 steps (profiler overhead included)"
+                )
+                print(_profile(step, 5, args.profile))
         dense = summarize(times["dense"])
         for method, seconds in times.items():
             summary = summarize(seconds)
