@@ -37,22 +37,19 @@ __all__ = [
 ]
 
 
-@torch.library.custom_op("sparsefx::gather_weight", mutates_args=())
-def gather_weight(
-    weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, sparse_grad: bool = False
-) -> Tensor:
-    """weight[out_idx][:, in_idx] (either side skipped when its index is None)."""
-    return _gather_weight(weight, out_idx, in_idx, sparse_grad)
-
-
 def _gather_weight(
     weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, sparse_grad: bool = False
 ) -> Tensor:
+    """weight[out_idx][:, in_idx] (either side skipped when its index is None)."""
     if out_idx is not None:
         weight = weight.index_select(0, out_idx)
     if in_idx is not None:
         weight = weight.index_select(1, in_idx)
     return weight.clone() if out_idx is None and in_idx is None else weight
+
+
+# each op is registered from its plain body, which eager programs call directly (DIRECT_CALLS)
+gather_weight = torch.library.custom_op("sparsefx::gather_weight", mutates_args=())(_gather_weight)
 
 
 @gather_weight.register_fake
@@ -113,10 +110,9 @@ def scatter_channels_reference(x: Tensor, idx: Tensor, dim: int, size: int) -> T
     return x.new_zeros(shape).index_copy_(dim, idx, x)
 
 
-@torch.library.custom_op("sparsefx::scatter_channels", mutates_args=())
-def scatter_channels(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
-    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere."""
-    return scatter_channels_reference(x, idx, dim, size)
+scatter_channels = torch.library.custom_op("sparsefx::scatter_channels", mutates_args=())(
+    scatter_channels_reference
+)
 
 
 @scatter_channels.register_fake
@@ -140,8 +136,7 @@ def _scatter_backward(ctx, grad):
 scatter_channels.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
-@torch.library.custom_op("sparsefx::bucketed_convolution", mutates_args=())
-def bucketed_convolution(
+def _bucketed_convolution(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -163,25 +158,14 @@ def bucketed_convolution(
     The padding costs at most `multiple - 1` zero channels per side; dropped channels are
     never computed. A custom op, so that symbolic shape propagation (the diff tool) sees
     the exact output shape and not the data-dependent padding."""
-    return _bucketed_convolution(
-        x, weight, bias, stride, padding, dilation, multiple, full_in, full_out
-    )
-
-
-def _bucketed_convolution(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    multiple: int,
-    full_in: int | None,
-    full_out: int | None,
-) -> Tensor:
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     weight = _pad_weight(weight, extra_in, extra_out)
     return _rounded_convolution(x, weight, bias, stride, padding, dilation, extra_in, extra_out)
+
+
+bucketed_convolution = torch.library.custom_op("sparsefx::bucketed_convolution", mutates_args=())(
+    _bucketed_convolution
+)
 
 
 def _rounded_convolution(
@@ -322,8 +306,7 @@ def _conv_backward_through(gradients: Callable[..., tuple[Tensor, ...]]) -> Call
     return backward
 
 
-@torch.library.custom_op("sparsefx::conv_backward", mutates_args=())
-def conv_backward(
+def _conv_gradients(
     grad: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -342,26 +325,6 @@ def conv_backward(
     Gradients `output_mask` leaves out, and the bias's without a bias, are empty tensors. An
     opaque op, so a compiled graph's backward is one extern call with symbolic channel
     counts that never reasons about the padding's sizes."""
-    return _conv_gradients(
-        grad, x, weight, has_bias, stride, padding, dilation, groups, multiple, full_in,
-        full_out, output_mask,
-    )  # fmt: skip
-
-
-def _conv_gradients(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    has_bias: bool,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    multiple: int,
-    full_in: int | None,
-    full_out: int | None,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     k_out, k_in = weight.shape[0], weight.shape[1]
     grad_x, grad_w, grad_b = _convolution_backward(
@@ -376,6 +339,9 @@ def _conv_gradients(
         grad.new_empty(0) if grad_w is None else grad_w[:k_out, :k_in].contiguous(),
         grad.new_empty(0) if grad_b is None else grad_b[:k_out].contiguous(),
     )  # distinct empties: a custom op's outputs may not alias each other
+
+
+conv_backward = torch.library.custom_op("sparsefx::conv_backward", mutates_args=())(_conv_gradients)
 
 
 @conv_backward.register_fake
