@@ -183,14 +183,19 @@ def build_cases(quick=False):
     def cfgname(c):
         return "x".join(str(v) for v in c.kwargs.values()) + f"/w{c.num_warps}s{c.num_stages}"
 
-    for (dl, dt, hi), cfg, flags in itertools.product(
-        DTYPES, ext(gm_cfgs), itertools.product([0, 1], repeat=5)
-    ):
-        if quick and flags not in [(0,) * 5, (1,) * 5]:
-            continue
-        flags = tuple(map(bool, flags))
-        name = f"gather_matmul {dl} {cfgname(cfg)} J_IDX={flags[0]:d} R_IDX={flags[1]:d} GATE={flags[2]:d} BIAS={flags[3]:d} RELU={flags[4]:d}"
-        cases.append(("gather_matmul", name, ("gm", dt, hi, flags, cfg, {})))
+    def every_flag_set(kernel, kind, configs, flag_names):
+        """Every on/off combination of the kernel's flags at its largest and smallest tile
+        (`quick`: all off and all on)."""
+        for (dl, dt, hi), cfg, flags in itertools.product(
+            DTYPES, ext(configs), itertools.product([0, 1], repeat=len(flag_names))
+        ):
+            if quick and len(set(flags)) > 1:
+                continue
+            named = " ".join(f"{n}={f:d}" for n, f in zip(flag_names, flags, strict=True))
+            name = f"{kernel} {dl} {cfgname(cfg)} {named}"
+            cases.append((kernel, name, (kind, dt, hi, tuple(map(bool, flags)), cfg, {})))
+
+    every_flag_set("gather_matmul", "gm", gm_cfgs, ["J_IDX", "R_IDX", "GATE", "BIAS", "RELU"])
     # every tile config, realistic flag sets (forward: idx+bias+relu; backward dx: transposed+gate)
     for (dl, dt, hi), cfg in itertools.product(DTYPES, gm_cfgs[1:-1]):
         cases.append(
@@ -229,14 +234,7 @@ def build_cases(quick=False):
                 ("gm", dt, hi, (True, True, True, True, True), cfg, {"big": True}),
             )
         )
-    for (dl, dt, hi), cfg, flags in itertools.product(
-        DTYPES, ext(wg_cfgs), itertools.product([0, 1], repeat=4)
-    ):
-        if quick and flags not in [(0,) * 4, (1,) * 4]:
-            continue
-        flags = tuple(map(bool, flags))
-        name = f"weight_grad {dl} {cfgname(cfg)} ROW_IDX={flags[0]:d} COL_IDX={flags[1]:d} GATE={flags[2]:d} BIAS={flags[3]:d}"
-        cases.append(("weight_grad", name, ("wg", dt, hi, flags, cfg, {})))
+    every_flag_set("weight_grad", "wg", wg_cfgs, ["ROW_IDX", "COL_IDX", "GATE", "BIAS"])
     for (dl, dt, hi), cfg in itertools.product(DTYPES, wg_cfgs[1:-1]):
         cases.append(
             (
