@@ -79,7 +79,11 @@ def _gather_backward(ctx, grad_c):
 
 
 def _full_weight_gradient(
-    grad_c: Tensor, out_idx: Tensor | None, in_idx: Tensor | None, shape, sparse_grad: bool
+    grad_c: Tensor,
+    out_idx: Tensor | None,
+    in_idx: Tensor | None,
+    shape: Sequence[int],
+    sparse_grad: bool,
 ) -> Tensor:
     """The gradient of a full-size weight of `shape` from its kept block's `grad_c`: zeros
     elsewhere, or with `sparse_grad` a row-sparse COO tensor of the kept rows."""
@@ -96,7 +100,11 @@ def _full_weight_gradient(
         return grad.index_copy_(1, in_idx, grad_c)
     if in_idx is None:
         return grad.index_copy_(0, out_idx, grad_c)
-    return grad.index_put_((out_idx[:, None], in_idx), grad_c)  # no [k_out, in] intermediate
+    # one copy of whole kernels at flat (row, column) positions: no [k_out, in] intermediate,
+    # and faster than index_put_'s two-index kernel (512x512x3x3 at 0.25: 330 against 430 µs)
+    flat = (out_idx[:, None] * shape[1] + in_idx).reshape(-1)
+    grad.view(shape[0] * shape[1], -1).index_copy_(0, flat, grad_c.reshape(flat.numel(), -1))
+    return grad
 
 
 gather_weight.register_autograd(_gather_backward, setup_context=_gather_setup)
