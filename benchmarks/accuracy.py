@@ -17,7 +17,10 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
   fine-tuning with dense masked compute (`benchmarks/step_time.py` holds its step).
 * static: a random channel mask at the density (per group), fixed, trained through sparsefx;
   `--static-kept 12,20,24` keeps those counts per group instead (reported as
-  `static@12/20/24`: how much the allocation across layers alone is worth).
+  `static@12/20/24`: how much the allocation across layers alone is worth), and
+  `--static-masks runs.json` the very channels a sparsefx run of that JSON (same setting,
+  density and seed) ended with (reported as `static@sparsefx-paper`: the searched structure
+  trained from the start, without the search).
 * rigl: channel-level dynamic sparse training (RigL-style): every `RIGL_EVERY` steps until
   75% of training, each group drops the kept channels with the smallest weight-row norm and
   regrows as many dropped ones with the largest dense gradient (one dense step), the drop
@@ -140,6 +143,8 @@ class Run:
     step_flops: list[float] = field(default_factory=list, repr=False)
     kept: list[int] = field(default_factory=list)
     """Kept channels per group at the end (the sparse methods)."""
+    channels: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """The kept channels' indices per group at the end (the methods trained through sparsefx)."""
     trace: list[list[float]] = field(default_factory=list, repr=False)
     """sparsefx's search every TRACE_EVERY steps: [step, channels undecided, expected kept
     count per group...]."""
@@ -190,6 +195,10 @@ class Trainer:
         """Kept channels per group of the structure it ends with (none for dense)."""
         return []
 
+    def kept_channels(self) -> dict[str, list[int]]:
+        """{group: kept channel indices} of the structure it ends with (sparsefx's groups)."""
+        return {}
+
     def search_state(self) -> list[float] | None:
         """[channels undecided, expected kept count per group...] while masks are sampled."""
         return None
@@ -232,6 +241,9 @@ class Sparsefx(Trainer):
     def kept(self) -> list[int]:
         return [int(mask.sum()) for mask in sparsefx.masks(self.sparse).values()]
 
+    def kept_channels(self) -> dict[str, list[int]]:
+        return {g: m.nonzero().flatten().tolist() for g, m in sparsefx.masks(self.sparse).items()}
+
     def search_state(self) -> list[float] | None:
         if not self.searching:
             return None
@@ -266,11 +278,19 @@ class Static(Sparsefx):
                 f"need one kept count in 1..size per group (sizes {sizes}), got {counts}"
             )
         generator = torch.Generator().manual_seed(self.seed)
+        self.fix(
+            {
+                group.name: torch.randperm(group.size, generator=generator)[:count].tolist()
+                for group, count in zip(groups, counts, strict=True)
+            }
+        )
+
+    def fix(self, channels: dict[str, list[int]]) -> None:
+        """Fix the mask that keeps these channel indices of each group."""
         masks = {}
-        for group, count in zip(groups, counts, strict=True):
-            mask = torch.zeros(group.size, dtype=torch.bool)
-            mask[torch.randperm(group.size, generator=generator)[:count]] = True
-            masks[group.name] = mask
+        for group in sparsefx.groups(self.sparse):
+            masks[group.name] = torch.zeros(group.size, dtype=torch.bool)
+            masks[group.name][channels[group.name]] = True
         sparsefx.set_masks(self.sparse, masks)
 
     def fine_tune(self) -> None:
@@ -383,9 +403,11 @@ def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
     device: torch.device | str = "cpu", static_kept: list[int] | None = None,
+    static_masks: Run | None = None,
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order
-    (`static_kept`: the static method's kept counts per group instead of the density's)."""
+    (`static_kept`: the static method's kept counts per group instead of the density's;
+    `static_masks`: a run whose final channels the static method keeps instead)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
@@ -412,6 +434,9 @@ def train(
     if static_kept and isinstance(trainer, Static) and not isinstance(trainer, RigL):
         trainer.keep(static_kept)
         run.method = f"static@{'/'.join(map(str, static_kept))}"
+    if static_masks and isinstance(trainer, Static) and not isinstance(trainer, RigL):
+        trainer.fix(static_masks.channels)
+        run.method = f"static@{static_masks.method}"
     search_epochs = math.ceil(search * setting.epochs)
     step = 0
     for epoch, batches in enumerate(epochs):
@@ -444,6 +469,7 @@ def train(
     run.accuracy = float((logits.argmax(1) == y_test).float().mean())
     run.achieved_density = trainer.achieved_density() if method != "dense" else 1.0
     run.kept = trainer.kept()
+    run.channels = trainer.kept_channels()
     return run
 
 
@@ -571,6 +597,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of the density's fraction of each",
     )
     parser.add_argument(
+        "--static-masks",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="the static method keeps the channels that the sparsefx run of this JSON with "
+        "the same setting, density and seed ended with (the searched structure without the "
+        "search)",
+    )
+    parser.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -619,7 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(
         json.dumps(
             {
-                "args": vars(args) | {"json": str(args.json), "device": str(args.device)},
+                "args": vars(args)
+                | {
+                    "json": str(args.json),
+                    "device": str(args.device),
+                    "static_masks": args.static_masks and str(args.static_masks),
+                },
                 "rows": rows,
                 "runs": [asdict(r) for r in runs],
             },
@@ -634,6 +674,7 @@ def train_all(args: argparse.Namespace) -> list[Run]:
     """Every (setting, seed, method, density) run the arguments name, printed as it ends."""
     print(" | ".join(f"{k}: {v}" for k, v in environment().items()))
     densities = [float(d) for d in args.densities.split(",")]
+    searched = _searched_runs(args.static_masks) if args.static_masks else {}
     runs: list[Run] = []
     for name in args.settings.split(","):
         setting = SETTINGS[name]
@@ -648,16 +689,43 @@ def train_all(args: argparse.Namespace) -> list[Run]:
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
                 for density in [1.0] if method == "dense" else densities:
+                    source = None
+                    if searched and method == "static":
+                        source = searched.get((name, density, seed))
+                        if source is None:
+                            raise SystemExit(
+                                f"--static-masks {args.static_masks} holds no sparsefx run of "
+                                f"{name} at density {density} with seed {seed}"
+                            )
                     start = time.perf_counter()
                     run = train(
                         name, setting, data, method, density, seed, args.search, args.option,
-                        args.freeze_multiple, args.device, args.static_kept,
+                        args.freeze_multiple, args.device, args.static_kept, source,
                     )  # fmt: skip
                     runs.append(run)
                     print(
                         f"{name} {run.method} d={density} seed={seed}: {100 * run.accuracy:.2f}% "
                         f"({time.perf_counter() - start:.0f} s){_structure_line(run)}", flush=True,
                     )  # fmt: skip
+    return runs
+
+
+def _searched_runs(path: Path) -> dict[tuple[str, float, int], Run]:
+    """The sparsefx runs saved in a results JSON, by (setting, density, seed): one each."""
+    runs: dict[tuple[str, float, int], Run] = {}
+    for saved in json.loads(path.read_text())["runs"]:
+        run = Run(**saved)
+        if not run.method.startswith("sparsefx"):
+            continue
+        key = (run.setting, run.density, run.seed)
+        if key in runs:
+            raise SystemExit(
+                f"{path} holds two sparsefx runs of {key} ({runs[key].method}, {run.method}): "
+                "--static-masks needs one (train one method per file)"
+            )
+        if not run.channels:
+            raise SystemExit(f"{path}: its {run.method} run saved no channels (an older file)")
+        runs[key] = run
     return runs
 
 

@@ -73,6 +73,24 @@ def test_static_kept_counts_label_the_run_and_set_its_structure(tmp_path):
     assert run["trace"] == []  # no search
 
 
+def test_static_masks_train_the_channels_a_sparsefx_run_ended_with(tmp_path):
+    searched, fixed = tmp_path / "searched.json", tmp_path / "fixed.json"
+    common = ["--settings", "digits-mlp", "--epochs", "1", "--seeds", "0", "--densities", "0.25"]
+    accuracy.main([*common, "--methods", "sparsefx-paper", "--json", str(searched)])
+    accuracy.main([*common, "--methods", "static", "--static-masks", str(searched),
+                   "--json", str(fixed)])  # fmt: skip
+    (source,) = json.loads(searched.read_text())["runs"]
+    (run,) = json.loads(fixed.read_text())["runs"]
+    assert run["method"] == "static@sparsefx-paper"
+    assert run["channels"] == source["channels"] and run["kept"] == source["kept"]
+    # the same command without --static-masks draws other channels
+    accuracy.main([*common, "--methods", "static", "--json", str(fixed)])
+    (drawn,) = json.loads(fixed.read_text())["runs"]
+    assert drawn["method"] == "static" and drawn["channels"] != source["channels"]
+    with pytest.raises(SystemExit, match=r"no sparsefx run of digits-mlp at density 0\.5"):
+        accuracy.main([*common[:-1], "0.5", "--methods", "static", "--static-masks", str(searched)])
+
+
 def test_decided_step_is_where_no_channel_is_undecided_any_more():
     run = accuracy.Run("s", "sparsefx-paper", 0.25, 0)
     run.trace = [[0, 9, 4.0], [25, 0, 4.0], [50, 1, 4.0], [75, 0, 4.0], [100, 0, 4.0]]
