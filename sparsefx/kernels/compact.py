@@ -101,7 +101,7 @@ def _full_weight_gradient(
     if in_idx is None:
         return grad.index_copy_(0, out_idx, grad_c)
     # one copy of whole kernels at flat (row, column) positions: no [k_out, in] intermediate,
-    # and faster than index_put_'s two-index kernel (512x512x3x3 at 0.25: 330 against 430 µs)
+    # and one index per kernel where index_put_ broadcasts two index tensors over every element
     flat = (out_idx[:, None] * shape[1] + in_idx).reshape(-1)
     grad.view(shape[0] * shape[1], -1).index_copy_(0, flat, grad_c.reshape(flat.numel(), -1))
     return grad
