@@ -109,14 +109,18 @@ def probabilities(model: nn.Module) -> dict[str, Tensor]:
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
-    """{group name: bool mask used by the last training forward}."""
+    """{group name: bool mask}: the fixed one after :func:`freeze` or :func:`set_masks` (what
+    every forward now uses, even before the next one runs), else the mask the last training
+    forward sampled."""
     sparse = _runtime(model)
-    last = sparse.structure.last if sparse.structure.last is not None else sparse.structure.fixed
-    if last is None:
-        raise RuntimeError("no training forward has run yet, so there are no sampled masks")
-    return {
-        g.name: m.clone() for g, m in zip(sparse.groups, sparse.structure.split(last), strict=True)
-    }
+    structure = sparse.structure
+    mask = structure.fixed if structure.fixed is not None else structure.last
+    if mask is None:
+        raise RuntimeError(
+            "no training forward has run yet, so there are no sampled masks; "
+            "run one, or fix masks with sparsefx.freeze or sparsefx.set_masks"
+        )
+    return {g.name: m.clone() for g, m in zip(sparse.groups, structure.split(mask), strict=True)}
 
 
 def set_masks(model: nn.Module, group_masks: Mapping[str, Tensor]) -> None:

@@ -172,6 +172,25 @@ def test_freeze_topk_fixes_masks_and_unfreeze_resumes_sampling():
     assert sparse.structure.pending is not None
 
 
+def test_masks_after_freeze_are_the_frozen_ones_before_the_next_forward():
+    """masks() right after freeze() or set_masks() already reports the fixed masks (what the
+    next forward runs), not the last sampled ones."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    criterion(sparse(x), y).backward()
+    sampled = torch.cat(list(sparsefx.masks(sparse).values()))
+    sparsefx.freeze(sparse, "topk")
+    frozen = torch.cat(list(sparsefx.masks(sparse).values()))
+    assert not torch.equal(frozen, sampled)  # this seed samples a mask other than the top budget
+    criterion(sparse(x), y).backward()
+    assert torch.equal(torch.cat(list(sparsefx.masks(sparse).values())), frozen)
+    fixed = {g.name: torch.arange(g.size) < 2 for g in sparsefx.groups(sparse)}
+    sparsefx.set_masks(sparse, fixed)
+    assert all(torch.equal(sparsefx.masks(sparse)[n], m) for n, m in fixed.items())
+
+
 def test_freeze_rounds_group_counts_to_multiples_within_the_budget():
     """freeze(multiple=8): each group's top-budget count becomes a multiple of 8 within the
     budget (down, then up by largest remainder while it fits), keeping the channels of
