@@ -183,6 +183,12 @@ def freeze(
         )
     sparse = _runtime(model)
     structure = sparse.structure
+    if structure.warming_up():
+        raise RuntimeError(
+            f"freeze() during the budget warm-up (sampled step {int(structure.step)} of "
+            f"budget_warmup={sparse.config.budget_warmup}) would keep more than the density; "
+            "train until the warm-up ends, or use a shorter budget_warmup"
+        )
     structure.apply_pending()
     if strategy == "topk":
         structure.fixed = None

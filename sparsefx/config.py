@@ -38,6 +38,12 @@ class SparseConfig:
     score_lr: float = 0.3
     """Adam's lr on s. 0.3 from the accuracy benchmark (issue 7): it trains better than the
     VR-PGE code's ~1e-2 on every setting measured (docs/architecture.md, "Defaults")."""
+    budget_warmup: int = 0
+    """Training steps over which the budget shrinks from the whole model to the density
+    (cubic, as gradual pruning), s starting at 1: the weights first train on (nearly) the
+    whole model and the search decides on trained weights, at the cost of wider early steps.
+    0 (the default): s starts at the density, the budget tight from the first step (DESIGN
+    §3). freeze() needs the warm-up to be over."""
     score_eps: float = 1e-3
     """s is clamped to [eps, 1-eps] inside psi so the score function stays finite."""
     seed: int | None = None
@@ -87,6 +93,11 @@ class SparseConfig:
         multiple = self.conv_channel_multiple
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
             raise ValueError(f"conv_channel_multiple must be an int >= 1, got {multiple!r}")
+        warmup = self.budget_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(
+                f"budget_warmup must be an int >= 0 (training steps; 0: no warm-up), got {warmup!r}"
+            )
         if not 0.0 < self.score_eps < 0.5:
             raise ValueError(f"score_eps must be in (0, 0.5), got {self.score_eps}")
 

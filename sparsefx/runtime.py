@@ -90,7 +90,9 @@ class StructureState(nn.Module):
             ]
             or [torch.zeros(0, dtype=torch.float64)]
         )
-        self.register_buffer("probabilities", torch.full((self.offsets[-1],), config.density))
+        # with a warm-up the budget starts at the whole model, and so does s
+        start = 1.0 if config.budget_warmup else config.density
+        self.register_buffer("probabilities", torch.full((self.offsets[-1],), start))
         self.register_buffer("costs", channel_costs.float(), persistent=False)
         # ties in s are broken by relative position within the group, so that equal
         # probabilities (as at initialisation) spread the budget over groups proportionally
@@ -100,7 +102,9 @@ class StructureState(nn.Module):
         self.register_buffer("tie_order", relative.argsort(stable=True), persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
-        self.budget = config.density * float(channel_costs.sum())
+        self.total_cost = float(channel_costs.sum())
+        self.target_budget = config.density * self.total_cost
+        """The budget of the density; `budget` reaches it after the warm-up."""
         self.pending: Tensor | None = None
         """Structure gradient of the last backward, applied at the next training forward."""
         self.fixed: Tensor | None = None
@@ -109,7 +113,7 @@ class StructureState(nn.Module):
         """Mask used by the last training forward."""
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict | None = None
-        self._eval_cache: tuple[int, Tensor] | None = None
+        self._eval_cache: tuple[tuple[int, float], Tensor] | None = None
         self._sampled: tuple[Tensor, list[list[Tensor]], Tensor] | None = None
         """The Triton sampler's last masks, with their per-group indices and score terms."""
 
@@ -126,16 +130,31 @@ class StructureState(nn.Module):
             self._optimizer_state = None
         return self._optimizer
 
+    @property
+    def budget(self) -> float:
+        """The budget of the next sampled step: the density's, or during
+        `SparseConfig.budget_warmup` a cubic descent to it from the whole model's cost (the
+        gradual-pruning schedule of Zhu and Gupta, 2017), by the sampler's step count."""
+        warmup = self.config.budget_warmup
+        remaining = max(0.0, 1.0 - int(self.step) / warmup) ** 3 if warmup else 0.0
+        return self.target_budget + (self.total_cost - self.target_budget) * remaining
+
+    def warming_up(self) -> bool:
+        warmup = self.config.budget_warmup
+        return warmup > 0 and int(self.step) < warmup
+
     @torch.no_grad()
     def apply_pending(self) -> None:
-        """Score optimizer step on s, then exact projection onto the budget set."""
-        if self.pending is None or not self.probabilities.numel():
-            self.pending = None  # nothing to prune: no structure to update
+        """Score optimizer step on s, then exact projection onto the budget set (during the
+        warm-up also without a pending update: the budget shrinks every step)."""
+        if not self.probabilities.numel() or (self.pending is None and not self.warming_up()):
+            self.pending = None  # nothing to prune, or no structure update to apply
             return
         s = self.probabilities
-        s.grad = self.pending.to(s.dtype)
-        self.optimizer().step()
-        s.grad = None
+        if self.pending is not None:
+            s.grad = self.pending.to(s.dtype)
+            self.optimizer().step()
+            s.grad = None
         project = load_triton_kernels().project_budget if self.triton else project_to_budget
         s.copy_(project(s, self.costs, self.budget))
         self.pending = None
@@ -170,18 +189,19 @@ class StructureState(nn.Module):
         return masks
 
     def deterministic_mask(self) -> Tensor:
-        """The frozen mask, else the top-budget mask by s (cached while s is unchanged)."""
+        """The frozen mask, else the top-budget mask by s (cached while s and the budget are
+        unchanged)."""
         if self.fixed is not None:
             return self.fixed
-        version = self.probabilities._version
         if not self.probabilities.numel():
             return torch.zeros(0, dtype=torch.bool, device=self.probabilities.device)
-        if self._eval_cache is None or self._eval_cache[0] != version:
+        key = self.probabilities._version, self.budget
+        if self._eval_cache is None or self._eval_cache[0] != key:
             order = self.tie_order
-            ordered = top_budget_mask(self.probabilities[order], self.costs[order], self.budget)
+            ordered = top_budget_mask(self.probabilities[order], self.costs[order], key[1])
             mask = torch.empty_like(ordered).scatter_(0, order, ordered)
             mask = self.keep_minimum(mask)
-            self._eval_cache = (version, mask)
+            self._eval_cache = (key, mask)
         return self._eval_cache[1]
 
     def keep_minimum(self, masks: Tensor) -> Tensor:

@@ -125,11 +125,12 @@ def _train(sparse, model, opt, criterion, batches):
     return torch.stack(losses), torch.stack(masks)
 
 
-def test_state_dict_round_trip_resumes_with_the_same_next_steps():
+@pytest.mark.parametrize("budget_warmup", [0, 4], ids=["tight", "warmup-across-the-save"])
+def test_state_dict_round_trip_resumes_with_the_same_next_steps(budget_warmup):
     torch.manual_seed(0)
     batches = [data() for _ in range(6)]
     model = mlp()
-    config = sparsefx.SparseConfig(density=0.5, seed=7)
+    config = sparsefx.SparseConfig(density=0.5, seed=7, budget_warmup=budget_warmup)
     sparse = sparsefx.transform(model, batches[0][0], config=config)
     criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -151,6 +152,34 @@ def test_state_dict_round_trip_resumes_with_the_same_next_steps():
     )
     assert torch.equal(got[1], expected[1]), "same masks"
     assert torch.equal(got[0], expected[0]), "same losses, bitwise"
+
+
+def test_budget_warmup_shrinks_the_budget_from_the_whole_model_to_the_density():
+    """budget_warmup=4: s starts at 1 (the first step keeps every channel), each step's s is
+    projected onto 8 + 24 (1 - t/4)^3 channels (t: steps sampled so far), and from step 4 on
+    onto the density's 8; freeze() refuses to cut the budget short."""
+    torch.manual_seed(0)
+    config = sparsefx.SparseConfig(density=0.25, seed=0, budget_warmup=4)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), config=config)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    structure = sparse.structure
+    assert torch.equal(structure.probabilities, torch.ones(32))
+    for t in range(6):
+        x, y = data()
+        criterion(sparse(x), y).backward()  # applies the pending update at budget(t), samples
+        expected = 8 + 24 * max(0.0, 1 - t / 4) ** 3
+        assert float(structure.probabilities.sum()) <= expected + 1e-4
+        if t == 0:
+            assert all(bool(m.all()) for m in sparsefx.masks(sparse).values())
+        if t == 2:
+            assert float(structure.probabilities.sum()) == pytest.approx(expected, abs=1e-4)
+            with pytest.raises(RuntimeError, match="warm-up"):
+                sparsefx.freeze(sparse)
+    assert structure.budget == 8
+    sparsefx.freeze(sparse)
+    assert sum(int(m.sum()) for m in sparsefx.masks(sparse).values()) == 8
+    with pytest.raises(ValueError, match="budget_warmup"):
+        sparsefx.SparseConfig(density=0.5, budget_warmup=-1)
 
 
 def test_freeze_topk_fixes_masks_and_unfreeze_resumes_sampling():
