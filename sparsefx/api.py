@@ -219,8 +219,9 @@ def unfreeze(model: nn.Module) -> None:
 def stats(model: nn.Module) -> dict[str, float]:
     """Density and cost fractions: expected under s, and of the masks last used.
 
-    ``density`` is the budget; ``expected_density`` the budget used by s (in budget units);
-    ``sampled_density`` the kept fraction of the last masks in the same units;
+    ``density`` is the budget; ``budget_density`` what the budget allows the next training
+    step (the density, or more during ``budget_warmup``); ``expected_density`` the budget
+    used by s; ``sampled_density`` the kept fraction of the last masks in the same units;
     ``flops_fraction``/``params_fraction`` of the last masks, and ``expected_flops_fraction``
     under s, from the cost model (linear/conv FLOPs).
     """
@@ -234,6 +235,7 @@ def stats(model: nn.Module) -> dict[str, float]:
     cost = sparse.cost_model
     return {
         "density": sparse.config.density,
+        "budget_density": structure.budget / total,
         "expected_density": float(structure.costs @ s) / total,
         "sampled_density": float(structure.costs @ mask.float()) / total,
         "channel_density": sum(kept) / max(sum(g.size for g in sparse.groups), 1),

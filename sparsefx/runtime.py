@@ -140,6 +140,7 @@ class StructureState(nn.Module):
         return self.target_budget + (self.total_cost - self.target_budget) * remaining
 
     def warming_up(self) -> bool:
+        """Whether the budget is still above the density's (SparseConfig.budget_warmup)."""
         warmup = self.config.budget_warmup
         return warmup > 0 and int(self.step) < warmup
 

@@ -173,6 +173,8 @@ def test_budget_warmup_shrinks_the_budget_from_the_whole_model_to_the_density():
             assert all(bool(m.all()) for m in sparsefx.masks(sparse).values())
         if t == 2:
             assert float(structure.probabilities.sum()) == pytest.approx(expected, abs=1e-4)
+            following = 8 + 24 * (1 - 3 / 4) ** 3  # the budget the next step projects onto
+            assert sparsefx.stats(sparse)["budget_density"] == pytest.approx(following / 32)
             with pytest.raises(RuntimeError, match="warm-up"):
                 sparsefx.freeze(sparse)
     assert structure.budget == 8
