@@ -310,6 +310,32 @@ def test_loss_after_a_graph_break_gets_the_same_structure_gradient_as_eager():
     torch.testing.assert_close(compiled_structure.pending, eager.structure.pending)
 
 
+def test_budget_warmup_follows_the_same_schedule_compiled():
+    """The warm-up lives in the shared runtime: a compiled model projects s onto the same
+    shrinking budgets as its eager twin and refuses to freeze until the warm-up is over."""
+    x, y = data()
+    model = Net()
+    config = sparsefx.SparseConfig(**OPTIONS, budget_warmup=3)
+    eager = sparsefx.transform(copy.deepcopy(model), (x, y), config=config)
+    cmodel = compiled(model, budget_warmup=3)
+    for step in range(4):
+        for sparse in (eager, cmodel):
+            sparse(x, y).backward()
+        ours, theirs = sparsefx.stats(cmodel), sparsefx.stats(eager)
+        assert ours["budget_density"] == pytest.approx(theirs["budget_density"])
+        assert ours["expected_density"] == pytest.approx(theirs["expected_density"], abs=1e-5)
+        if step == 0:
+            assert ours["budget_density"] > 0.5
+            with pytest.raises(RuntimeError, match="warm-up"):
+                sparsefx.freeze(cmodel)
+    assert sparsefx.stats(cmodel)["budget_density"] == pytest.approx(0.5)
+    sparsefx.freeze(cmodel)
+    sparsefx.freeze(eager)
+    torch.testing.assert_close(
+        sparsefx.compiled.runtime_of(cmodel).structure.fixed, eager.structure.fixed
+    )
+
+
 def test_graph_break_between_prunable_layers_fails_at_compile_time_naming_it():
     cmodel = compiled(BreakInsideLayers())
     with (
