@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import sparsefx
+from tests.reference import masked
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,3 +86,38 @@ def test_non_finite_loss_leaves_the_structure_finite():
     sparse(x)  # the next training forward applies the pending structure update
     s = sparse.structure.probabilities
     assert torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_sampled_compact_convolutions_compute_in_the_autocast_dtype(mode):
+    """A sampled step's compact convolutions (on CPU rounded up to channel blocks, which calls
+    aten.convolution, not the conv2d that autocast's policy lists) compute in bfloat16 under
+    bfloat16 autocast, as the dense model's do, and match the reference semantics run under
+    the same autocast; weight gradients stay float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(12, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # keeps the conv's dtype
+    ).to(DEVICE)  # fmt: skip
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6, device=DEVICE)
+    options = {"density": 0.5, "seed": 3}  # about 6 of 12 kept: not a multiple of 8
+    if mode == "compile":
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    else:
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    criterion = sparsefx.wrap_loss(sparse, lambda out: out.float().square().mean())
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = sparse(x)
+        loss = criterion(out)
+    loss.backward()
+    masks = list(sparsefx.masks(sparse).values())
+    assert all(0 < int(m.sum()) < 12 and int(m.sum()) % 8 for m in masks), "not rounded up"
+    with masked(reference, [1, 3], masks), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected = reference(x)
+        expected.float().square().mean().backward()
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=3e-2, rtol=3e-2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, atol=3e-2, rtol=3e-2, msg=f"gradient of {name}")

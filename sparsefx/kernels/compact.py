@@ -166,6 +166,7 @@ def _bucketed_convolution(
     The padding costs at most `multiple - 1` zero channels per side; dropped channels are
     never computed. A custom op, so that symbolic shape propagation (the diff tool) sees
     the exact output shape and not the data-dependent padding."""
+    x, weight, bias = _autocast_operands(x, weight, bias)  # the no-grad score graph calls this
     extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
     weight = _pad_weight(weight, extra_in, extra_out)
     return _rounded_convolution(x, weight, bias, stride, padding, dilation, extra_in, extra_out)
@@ -262,6 +263,18 @@ def _convolution_backward(
         grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
         [*output_mask[:2], output_mask[2] and has_bias],  # no bias: no bias gradient
     )  # fmt: skip
+
+
+def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """(x, weight, bias) in the autocast dtype where autocast is on for x's device, as it
+    casts ``aten.conv2d``: the compact convolutions call ``aten.convolution``, which
+    autocast's CPU policy does not list, so without this they would run in float32 under
+    bfloat16 autocast where the dense model's convolutions run in bfloat16."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in (x, weight, bias))
 
 
 @torch.library.custom_op("sparsefx::conv", mutates_args=())
@@ -390,6 +403,30 @@ bucketed_convolution.register_autograd(
 )
 
 
+_AUTOCAST = torch.library.Library("sparsefx", "IMPL")
+
+
+def _register_autocast(op: torch._library.custom_ops.CustomOpDef, device_type: str) -> None:
+    """Autocast for a compact convolution op, where graphs call the op itself (torch.compile,
+    torch.export): operands cast by `_autocast_operands`, then the op below autocast.
+    ``torch.library.register_autocast`` fixes one dtype per device; this follows the
+    region's, so bfloat16 and float16 autocast both match the dense model's conv2d."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    below_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keys, x: Tensor, weight: Tensor, bias: Tensor | None, *options) -> Tensor:
+        operands = _autocast_operands(x, weight, bias)
+        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+            return op(*operands, *options)
+
+    _AUTOCAST.impl(op._name, kernel, key, with_keyset=True)
+
+
+for _op in (conv, bucketed_convolution):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
 class _GatherWeight(torch.autograd.Function):
     forward = staticmethod(_gather_weight)
     setup_context = staticmethod(_gather_setup)
@@ -420,10 +457,10 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
     ):  # fmt: skip
         kept = _gather_weight(weight, out_idx, in_idx)
         extra_in, extra_out = _bucket_padding(kept.shape, multiple, full_in, full_out)
-        padded_weight = _pad_weight(kept, extra_in, extra_out)
+        x, padded_weight, bias = _autocast_operands(x, _pad_weight(kept, extra_in, extra_out), bias)
         ctx.save_for_backward(x, padded_weight, out_idx, in_idx)
         ctx.kept, ctx.extra = kept.shape[:2], (extra_in, extra_out)
-        ctx.full_shape, ctx.sparse_grad = weight.shape, sparse_grad
+        ctx.full_shape, ctx.sparse_grad, ctx.dtype = weight.shape, sparse_grad, weight.dtype
         ctx.conv = (bias is not None, stride, padding, dilation, 1)
         return _rounded_convolution(
             x, padded_weight, bias, stride, padding, dilation, extra_in, extra_out
@@ -443,8 +480,8 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
         )
         if grad_x is not None and extra_in:
             grad_x = grad_x[:, :k_in].contiguous()
-        if grad_w is not None:
-            kept = grad_w[:k_out, :k_in]
+        if grad_w is not None:  # in the weight's dtype before the full-size write (autocast)
+            kept = grad_w[:k_out, :k_in].to(ctx.dtype)
             grad_w = _full_weight_gradient(kept, out_idx, in_idx, ctx.full_shape, ctx.sparse_grad)
         if grad_b is not None:
             grad_b = grad_b[:k_out]
@@ -464,8 +501,8 @@ def scatter_channels_direct(*args) -> Tensor:
     return _ScatterChannels.apply(*args)
 
 
-def bucketed_convolution_direct(*args) -> Tensor:
-    return _BucketedConvolution.apply(*args)
+def bucketed_convolution_direct(x, weight, bias, *options) -> Tensor:
+    return _BucketedConvolution.apply(*_autocast_operands(x, weight, bias), *options)
 
 
 DIRECT_CALLS: dict[torch._ops.OpOverload, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
