@@ -86,6 +86,39 @@ def test_triton_graph_matches_reference_under_fixed_masks(build, sparse_gradient
         torch.testing.assert_close(results["triton"][1][name], grad, msg=name)
 
 
+@pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_triton_linears_follow_autocast_like_the_reference(build):
+    """Under float16 autocast the Triton compact linear computes in float16, as aten.linear
+    (the torch kernels' path) does: a half-type input from an autocast conv meets the float32
+    weight (which tl.dot refused), and a float32 input is cast; weight gradients stay
+    float32 and match the torch kernels' within half precision."""
+    torch.manual_seed(0)
+    x = (
+        torch.randn(6, 20, device=DEVICE)
+        if build is _mlp
+        else torch.randn(2, 3, 6, 6, device=DEVICE)
+    )
+    models = _pair(build(), x)
+    masks = {g.name: torch.rand(g.size) < 0.5 for g in models["torch"].groups}
+    for mask in masks.values():
+        mask[:2] = True
+    results = {}
+    for kernels, sparse in models.items():
+        sparsefx.set_masks(sparse, masks)
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            out = sparse(x)
+        out.float().square().mean().backward()
+        grads = {n: p.grad for n, p in sparse.named_parameters() if p.grad is not None}
+        results[kernels] = (out, grads)
+    assert TRITON_OPS & _targets(models["triton"])
+    for kernels, (out, grads) in results.items():
+        assert out.dtype == torch.float16, kernels
+        assert all(g.dtype == torch.float32 for g in grads.values()), kernels
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-2, rtol=1e-2)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, atol=1e-2, rtol=1e-2, msg=name)
+
+
 def test_relu_after_a_compact_linear_is_fused():
     sparse = _pair(_mlp(), torch.randn(4, 20, device=DEVICE))["triton"]
     graph = sparse.runtime.graphs[0].compact.graph

@@ -33,6 +33,7 @@ __all__ = [
     "conv",
     "gather_weight",
     "layout_index",
+    "register_autocast_rule",
     "scatter_channels",
 ]
 
@@ -406,25 +407,31 @@ bucketed_convolution.register_autograd(
 _AUTOCAST = torch.library.Library("sparsefx", "IMPL")
 
 
-def _register_autocast(op: torch._library.custom_ops.CustomOpDef, device_type: str) -> None:
-    """Autocast for a compact convolution op, where graphs call the op itself (torch.compile,
-    torch.export): operands cast by `_autocast_operands`, then the op below autocast.
-    ``torch.library.register_autocast`` fixes one dtype per device; this follows the
-    region's, so bfloat16 and float16 autocast both match the dense model's conv2d."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    below_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+def register_autocast_rule(
+    op: torch._library.custom_ops.CustomOpDef, cast: Callable[..., tuple]
+) -> None:
+    """Autocast for a compact op whose first three arguments are (x, weight, bias), where
+    graphs call the op itself (torch.compile, torch.export), on CPU and CUDA: those operands
+    as `cast` returns them, then the op below autocast. ``torch.library.register_autocast``
+    fixes one dtype per device; `cast` follows the region's."""
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        _AUTOCAST.impl(op._name, _below_autocast(op, cast, key), key, with_keyset=True)
+
+
+def _below_autocast(op: Callable[..., Tensor], cast: Callable[..., tuple], key: str) -> Callable:
+    below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def kernel(_keys, x: Tensor, weight: Tensor, bias: Tensor | None, *options) -> Tensor:
-        operands = _autocast_operands(x, weight, bias)
-        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+        operands = cast(x, weight, bias)
+        with torch._C._ExcludeDispatchKeyGuard(below):
             return op(*operands, *options)
 
-    _AUTOCAST.impl(op._name, kernel, key, with_keyset=True)
+    return kernel
 
 
-for _op in (conv, bucketed_convolution):
-    for _device_type in ("cpu", "cuda"):
-        _register_autocast(_op, _device_type)
+register_autocast_rule(conv, _autocast_operands)
+register_autocast_rule(bucketed_convolution, _autocast_operands)
 
 
 class _GatherWeight(torch.autograd.Function):

@@ -158,6 +158,8 @@ def _gather_matmul_kernel(
         b = tl.load(b_ptr + b_off, mask=mask_r[:, None] & mask_j[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
+        else:  # a float32 weight under autocast is read in A's half type, not cast whole
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_b, mask=mask_j, other=0.0).to(tl.float32)[None, :]

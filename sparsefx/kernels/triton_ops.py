@@ -72,10 +72,14 @@ def compact_linear(
     sparse_grad: bool = False,
 ) -> Tensor:
     """act(x @ weight[out_idx][:, in_idx]^T + bias[out_idx]) with weight [out, in] (any
-    strides), x [..., len(in_idx)]; act is ReLU when `relu`."""
+    strides), x [..., len(in_idx)]; act is ReLU when `relu`. Computed in x's dtype: under
+    autocast x arrives in the half type and the weight is read in it (`_autocast_input`)."""
     if not _triton_runs_on(x):
         kept_bias = bias if bias is None or out_idx is None else bias.index_select(0, out_idx)
-        y = torch.nn.functional.linear(x, compact.gather_weight(weight, out_idx, in_idx), kept_bias)
+        kept = compact.gather_weight(weight, out_idx, in_idx).to(x.dtype)
+        y = torch.nn.functional.linear(
+            x, kept, None if kept_bias is None else kept_bias.to(x.dtype)
+        )
         return y.relu() if relu else y
     _check_index(out_idx, weight.shape[0], "out_idx")
     _check_index(in_idx, weight.shape[1], "in_idx")
@@ -104,7 +108,7 @@ def compact_linear_backward(
     b_grad = weight.new_zeros(weight.shape[0]) if has_bias else weight.new_empty(0)
     if not _triton_runs_on(x):
         g = grad if relu_output is None else grad * (relu_output > 0)
-        w_c = compact.gather_weight(weight, out_idx, in_idx)
+        w_c = compact.gather_weight(weight, out_idx, in_idx).to(g.dtype)
         dx = g @ w_c if input_grad else x.new_empty(0)
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         dw_c = g2.t() @ x2
@@ -172,6 +176,20 @@ def _row_sparse(rows: Tensor, out_idx: Tensor, shape: torch.Size) -> Tensor:
 
 
 compact_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _autocast_input(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """Autocast for `compact_linear`, as it casts ``aten.linear``, except that only x is cast:
+    the kernels read the kept weight and bias in x's dtype, so no full-size copy of the
+    weight is made per call (dense autocast caches one per region; a compact op reads a few
+    rows). Without it a float32 weight met a half-type x from an autocast conv and
+    ``tl.dot`` refused the mixed operands."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return x, weight, bias
+
+
+compact.register_autocast_rule(compact_linear, _autocast_input)
 
 
 # -- weight blocks (the conv path) --------------------------------------------------------
