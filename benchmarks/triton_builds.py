@@ -83,20 +83,24 @@ def cfg_dict(c):
 
 
 # ------------------------------------------------------------------ case builders
-def gm_case(dtype, highest, flags, cfg, sizes=(4096, 768, 1024), b_transposed=False, big=False):
-    """Mirror of K.gather_matmul's launch."""
+def gm_case(
+    dtype, highest, flags, cfg, sizes=(4096, 768, 1024), b_transposed=False, big=False, wdtype=None
+):
+    """Mirror of K.gather_matmul's launch (`wdtype`: the weight's and bias's dtype, float32
+    under autocast while A is a half type)."""
     has_j, has_r, gate, bias, relu = flags
     m, j, r = sizes
     a = t((m, r), dtype)
     full_out, full_in = j + 64, r + 64  # weight [out, in]
-    b = t((full_in, full_out) if b_transposed else (full_out, full_in), dtype)
+    b = t((full_in, full_out) if b_transposed else (full_out, full_in), wdtype or dtype)
     j_idx = t((j,), torch.int64) if has_j else None
     r_idx = t((r,), torch.int64) if has_r else None
     out = t((m, j), dtype)
     stride_j, stride_r = b.stride() if not b_transposed else b.stride()[::-1]
     M = m if not big else 2**31 + 16  # forces i64 scalar
     args = (
-        a, a if not gate else t((m, r), dtype), b, t((full_out,), dtype) if bias else a, out,
+        a, a if not gate else t((m, r), dtype), b, t((full_out,), wdtype or dtype) if bias else a,
+        out,
         j_idx if has_j else a, r_idx if has_r else a,
         M, j, r, K._bucket(m), K._bucket(j), K._bucket(r),
         a.stride(0), a.stride(1), stride_j, stride_r, out.stride(0), out.stride(1),
@@ -234,6 +238,19 @@ def build_cases(quick=False):
                 ("gm", dt, hi, (True, True, True, True, True), cfg, {"big": True}),
             )
         )
+    # autocast: a half-type A with the float32 weight (and bias), at every tile
+    for (dl, dt, hi), cfg in itertools.product(DTYPES[2:], gm_cfgs):
+        for kind, flags, extra in (
+            ("fwd J/R_IDX BIAS RELU", (True, True, False, True, True), {}),
+            ("bwd-dx transposed J/R_IDX GATE", (True, True, True, False, False), {"b_transposed": True}),
+        ):  # fmt: skip
+            cases.append(
+                (
+                    "gather_matmul",
+                    f"gather_matmul autocast {dl} x fp32 weight {cfgname(cfg)} {kind}",
+                    ("gm", dt, hi, flags, cfg, {"wdtype": torch.float32, **extra}),
+                )
+            )
     every_flag_set("weight_grad", "wg", wg_cfgs, ["ROW_IDX", "COL_IDX", "GATE", "BIAS"])
     for (dl, dt, hi), cfg in itertools.product(DTYPES, wg_cfgs[1:-1]):
         cases.append(

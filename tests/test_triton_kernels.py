@@ -203,11 +203,16 @@ def test_autotuning_keeps_only_tiles_that_fit_hopper_shared_memory():
         for a, b, r, s, w in tk.TILES
     ]
 
-    def kept(dtype: torch.dtype, **flags) -> list[tuple[int, int, int, int]]:
-        named = {"a_ptr": torch.empty(1, dtype=dtype)}
+    def kept(dtype: torch.dtype, weight=None, **flags) -> list[tuple[int, int, int, int]]:
+        operands = (dtype, dtype, weight or dtype)  # A, gate, B
+        named = {
+            n: torch.empty(1, dtype=d) for n, d in zip(("a", "gate", "b"), operands, strict=True)
+        }
         return [(*c.kwargs.values(), c.num_stages) for c in tk.prune_tiles(configs, named, **flags)]
 
     assert (128, 256, 64, 3) in kept(torch.bfloat16, GATE=True, PRECISION=None)
+    # under autocast a float32 weight's tiles count twice a bfloat16 input's
+    assert (128, 256, 64, 3) not in kept(torch.bfloat16, torch.float32, GATE=True, PRECISION=None)
     assert (128, 256, 64, 3) not in kept(torch.float32, GATE=False, PRECISION="tf32")
     assert (128, 128, 64, 3) not in kept(torch.float32, GATE=True, PRECISION="tf32")
     assert all(a * b <= 128 * 128 for a, b, _, _ in kept(torch.float32, PRECISION="ieee"))

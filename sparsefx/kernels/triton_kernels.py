@@ -60,16 +60,21 @@ def _matmul_configs(names: tuple[str, str, str]) -> list[triton.Config]:
 def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Autotuning candidates whose pipelined operand tiles fit in shared memory (every stage
     holds an [outer, reduction] tile of the first operand, twice with a ReLU gate, and a
-    [reduction, outer] tile of the second), without the 128x256 tile for IEEE float32,
+    [reduction, outer] tile of the second, each counted in its own dtype: under autocast a
+    float32 weight meets a half-type input), without the 128x256 tile for IEEE float32,
     which spills registers. Ahead-of-time builds for sm_90 without a GPU (triton.compile to
     cubin) showed the float32 configs this drops exceed the limit; they would fail to launch
-    and cost compile time on every new autotuning key. The smallest tile always stays."""
-    element = next(iter(named_args.values())).element_size()
+    and cost compile time on every new autotuning key. The count is an upper bound: the
+    mixed-dtype 128x256x64 tile it drops with a gate built at 131584 bytes, but spilled
+    registers there (`benchmarks/triton_builds.py --only autocast`). The smallest tile always
+    stays."""
+    first, _, second = list(named_args.values())[:3]  # (A, gate, B) / (G, gate, X)
     operands = 2 if kwargs.get("GATE") else 1
     kept = []
     for config in configs:
         outer_a, outer_b, reduction = config.kwargs.values()
-        tiles = (operands * outer_a + outer_b) * reduction * element * config.num_stages
+        row = operands * outer_a * first.element_size() + outer_b * second.element_size()
+        tiles = row * reduction * config.num_stages
         spills = kwargs.get("PRECISION") == "ieee" and outer_a * outer_b > 128 * 128
         if tiles <= SHARED_MEMORY and not spills:
             kept.append(config)
