@@ -112,7 +112,8 @@ def test_sampled_compact_convolutions_compute_in_the_autocast_dtype(mode):
         loss = criterion(out)
     loss.backward()
     masks = list(sparsefx.masks(sparse).values())
-    assert all(0 < int(m.sum()) < 12 and int(m.sum()) % 8 for m in masks), "not rounded up"
+    if DEVICE == "cpu":  # CPU rounds kept counts up to 8 (CUDA keeps exact counts)
+        assert all(0 < int(m.sum()) < 12 and int(m.sum()) % 8 for m in masks), "not rounded"
     with masked(reference, [1, 3], masks), torch.autocast(DEVICE, dtype=torch.bfloat16):
         expected = reference(x)
         expected.float().square().mean().backward()
