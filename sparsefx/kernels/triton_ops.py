@@ -179,11 +179,11 @@ compact_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def _autocast_input(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
-    """Autocast for `compact_linear`, as it casts ``aten.linear``, except that only x is cast:
-    the kernels read the kept weight and bias in x's dtype, so no full-size copy of the
-    weight is made per call (dense autocast caches one per region; a compact op reads a few
-    rows). Without it a float32 weight met a half-type x from an autocast conv and
-    ``tl.dot`` refused the mixed operands."""
+    """Autocast for `compact_linear` as it casts ``aten.linear``, but x only: the op computes
+    in x's dtype and its kernels read the kept weight and bias in it (a half-type x from an
+    autocast conv once met the float32 weight in ``tl.dot``, which refuses mixed operands),
+    so no full-size copy of the weight is made per call (dense autocast caches one per
+    region; a compact op reads a few of its rows)."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     return x, weight, bias
