@@ -414,6 +414,18 @@ def test_grouped_convolution_prunes_whole_conv_groups():
     assert "grouped" not in [d.node for d in sparse.analysis.dense]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA mask needs a CUDA GPU")
+def test_expand_keeps_a_cuda_mask_on_its_device():
+    sparse = sparsefx.transform(ResNeXtStyle(), torch.randn(2, 3, 4, 4), density=0.5)
+    (group,) = sparsefx.groups(sparse)
+    mask = torch.tensor([True, False, False, True])
+    on_cpu = group.expand(mask)
+    on_gpu = group.expand(mask.cuda())
+    assert [(n, d) for n, d, _ in on_gpu] == [(n, d) for n, d, _ in on_cpu]
+    for (_, _, gpu), (_, _, cpu) in zip(on_gpu, on_cpu, strict=True):
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
 def test_depthwise_convolution_follows_its_input_channels():
     sparse = sparsefx.transform(MobileNetV2Style(), torch.randn(2, 3, 4, 4), density=0.5)
     (group,) = [g for g in sparsefx.groups(sparse) if g.name == "block1.expand"]

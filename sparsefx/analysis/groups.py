@@ -56,7 +56,8 @@ class Group:
 
     def expand(self, mask: Tensor) -> list[tuple[str, int, Tensor]]:
         """For a bool mask over this group's channels, each member parameter's kept slices:
-        ``(parameter name, dim, bool mask over that dim)``."""
+        ``(parameter name, dim, bool mask over that dim)``, on the mask's device (a CUDA
+        model's `sparsefx.masks` are CUDA tensors)."""
         mask = torch.as_tensor(mask)
         if mask.shape != (self.size,) or mask.dtype != torch.bool:
             raise ValueError(
@@ -68,8 +69,9 @@ class Group:
         for member in self.slices:
             key = (member.fqn, member.dim)
             if key not in found:
-                found[key] = torch.zeros(member.extent, dtype=torch.bool)
-            features = kept[:, None] * member.block + torch.arange(member.block)
+                found[key] = torch.zeros(member.extent, dtype=torch.bool, device=mask.device)
+            blocks = torch.arange(member.block, device=mask.device)
+            features = kept[:, None] * member.block + blocks
             found[key][member.offset + features.reshape(-1)] = True
         return [(fqn, dim, dims) for (fqn, dim), dims in found.items()]
 
