@@ -130,6 +130,16 @@ def test_empty_groups_give_empty_outputs_and_zero_gradients():
     assert compact_linear(x, weight, bias, none, None).shape == (4, 0)
 
 
+def test_no_kept_inputs_with_relu_gate_the_bias_gradient():
+    """With no kept input columns y = relu(bias[out_idx]): a negative bias gets no gradient."""
+    weight = _randn(7, 5).requires_grad_()
+    bias = torch.tensor([1.0, -1, 2, -2, 3, -3, 4], device=DEVICE).requires_grad_()
+    y = compact_linear(_randn(4, 0), weight, bias, _idx([1, 2, 3, 4]), _idx([]), True)
+    torch.testing.assert_close(y, torch.tensor([0.0, 2, 0, 3], device=DEVICE).expand(4, 4))
+    y.sum().backward()
+    torch.testing.assert_close(bias.grad, torch.tensor([0, 0, 4, 0, 4, 0, 0.0], device=DEVICE))
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [([3, 1], "sorted"), ([1, 1], "sorted, unique"), ([0, 9], r"in \[0, 7\)")],
@@ -219,6 +229,15 @@ def test_autotuning_keeps_only_tiles_that_fit_hopper_shared_memory():
     assert (32, 32, 32, 2) in kept(torch.float32, GATE=True, PRECISION="ieee")
 
 
+def test_autotuning_caches_a_tile_per_launch_that_prune_tiles_tells_apart():
+    """Triton's autotuner benchmarks only on a cache miss, and its key is the named
+    arguments plus the tensors' dtypes. A ReLU-gated input gradient of a square layer has the
+    forward's sizes and dtypes (the gate's placeholder is A): without GATE and PRECISION in
+    the key it would reuse the forward's tile, which may not fit with a gate's second tile."""
+    for kernel in (tk._gather_matmul_kernel, tk._weight_grad_kernel):
+        assert {"GATE", "PRECISION"} <= set(kernel.keys), kernel.keys
+
+
 # -- fused sampling ------------------------------------------------------------------------
 
 
@@ -286,6 +305,17 @@ def test_projection_kernel_matches_the_exact_projection(n, seed, fraction, sprea
     actual = tk.project_budget(z, c, budget)
     torch.testing.assert_close(actual, expected, atol=1e-9, rtol=0)
     assert (c @ actual).item() <= budget * (1 + 1e-12)
+
+
+def test_projection_kernel_takes_its_budget_in_float64():
+    """A compiled launch passes an unannotated Python float as float32 (the interpreter above
+    keeps the double, so the test before this cannot see it): on a GPU the bisection would
+    meet a rounded budget, 1e-9..1e-7 off the exact projection and over the budget."""
+    import triton
+
+    assert triton.runtime.jit.mangle_type(0.1) == "fp32"  # what an unannotated float gets
+    kernel = triton.runtime.jit.JITFunction(getattr(tk._project_kernel, "fn", tk._project_kernel))
+    assert {p.name: p.annotation_type for p in kernel.params}["budget"] == "fp64"
 
 
 def test_projection_kernel_float32_and_inside_the_set():

@@ -83,10 +83,12 @@ def prune_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 def _autotuned(blocks: tuple[str, str, str], key: list[str]):
     """Autotuning over `TILES` for a GEMM kernel with these block names (outer, outer,
-    reduction), keyed by bucketed sizes, pruned by `prune_tiles`."""
+    reduction), keyed by bucketed sizes, pruned by `prune_tiles`. The key also holds what
+    `prune_tiles` reads besides the operands' dtypes (which Triton adds itself): a tile tuned
+    for an ungated launch may not fit a gated one of the same sizes."""
     return triton.autotune(
         configs=_matmul_configs(blocks),
-        key=key,
+        key=[*key, "GATE", "PRECISION"],
         prune_configs_by={"early_config_prune": prune_tiles},
     )
 
@@ -366,10 +368,14 @@ def _load_z_and_costs(z_ptr, c_ptr, offs, inside):
 
 
 @triton.jit
-def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+def _project_kernel(
+    z_ptr, c_ptr, s_ptr, N, budget: tl.float64, ITERS: tl.constexpr, BLOCK: tl.constexpr
+):
     """s = clamp(z - v c, 0, 1) with the smallest v >= 0 meeting c @ s <= budget (one
     program, float64): bisection on v, then the exact solve on the linear piece of
-    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on."""
+    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on. `budget` is annotated:
+    a compiled launch passes an unannotated Python float as float32 (the interpreter keeps
+    the double), which would move the answer by up to 1e-7 and break the budget."""
     f0 = tl.zeros((), dtype=tl.float64)
     hi = tl.zeros((), dtype=tl.float64)
     for b0 in range(0, N, BLOCK):
@@ -484,7 +490,8 @@ def weight_grad(
         return
     if k == 0:  # no kept input columns: only the bias gradient is nonzero
         if b_grad is not None:
-            sums = grad.sum(0, dtype=torch.float32).to(b_grad.dtype)
+            gated = grad if gate is None else grad * (gate > 0)
+            sums = gated.sum(0, dtype=torch.float32).to(b_grad.dtype)
             b_grad.copy_(sums) if row_idx is None else b_grad.index_copy_(0, row_idx, sums)
         return
 
