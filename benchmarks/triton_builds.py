@@ -172,7 +172,7 @@ def sample_case(exact, seed, sdtype=torch.float32, block=256):
 
 def project_case(dtype=torch.float32, cdtype=torch.float32, n=1000):
     z = t((n,), dtype)
-    args = (z, t((n,), cdtype), torch.empty_like(z), n, 123.5)
+    args = (z, t((n,), cdtype), torch.empty_like(z), n, t((1,), torch.float64))
     return args, dict(ITERS=64, BLOCK=1024), {}
 
 

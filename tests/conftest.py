@@ -12,6 +12,30 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 from torch._dynamo.utils import counters
 
+
+def _squeeze_triton_36_interpreter_scalars() -> None:
+    """Triton 3.6's interpreter (the one torch 2.11 pins) takes a scalar argument's index as
+    ``int()`` of a one-element array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays
+    can be converted to Python scalars") in every ``range(.., N, ..)`` over an argument;
+    triton 3.7 squeezes first, as this does. Test set-up only: a GPU never interprets."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:  # no triton on this platform: the Triton tests skip themselves
+        return
+    if not (os.environ.get("TRITON_INTERPRET") == "1" and triton.__version__.startswith("3.6.")):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_squeeze_triton_36_interpreter_scalars()
+
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("SPARSEFX_HYPOTHESIS_EXAMPLES", "25")),

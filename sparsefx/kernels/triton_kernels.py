@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+from torch.library import wrap_triton as _wrap_triton
 
 from sparsefx.kernels import interpreting
 
@@ -27,6 +27,12 @@ __all__ = [
     "sample_compact",
     "weight_grad",
 ]
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton``, except for an interpreted kernel, which launches as it
+    is: torch 2.11 rejects an InterpretedFunction, 2.13 returns it unwrapped itself."""
+    return kernel if interpreting() else _wrap_triton(kernel)
 
 
 TILES = [  # (outer, outer, reduction, stages, warps)
@@ -368,14 +374,13 @@ def _load_z_and_costs(z_ptr, c_ptr, offs, inside):
 
 
 @triton.jit
-def _project_kernel(
-    z_ptr, c_ptr, s_ptr, N, budget: tl.float64, ITERS: tl.constexpr, BLOCK: tl.constexpr
-):
+def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
     """s = clamp(z - v c, 0, 1) with the smallest v >= 0 meeting c @ s <= budget (one
     program, float64): bisection on v, then the exact solve on the linear piece of
-    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on. `budget` is annotated:
-    a compiled launch passes an unannotated Python float as float32 (the interpreter keeps
-    the double), which would move the answer by up to 1e-7 and break the budget."""
+    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on. The budget comes as a
+    float64 tensor: a Python float argument is float32 in a compiled launch (and in triton
+    3.6's interpreter), up to 1e-7 off, which the bisection would then meet exactly."""
+    budget = tl.load(budget_ptr)
     f0 = tl.zeros((), dtype=tl.float64)
     hi = tl.zeros((), dtype=tl.float64)
     for b0 in range(0, N, BLOCK):
@@ -554,5 +559,6 @@ def project_budget(z: Tensor, costs: Tensor, budget: float, *, iterations: int =
     an exact solve on the final linear piece."""
     s = torch.empty_like(z)
     if z.numel():
-        _project_kernel[(1,)](z, costs, s, z.shape[0], float(budget), ITERS=iterations, BLOCK=1024)
+        exact_budget = torch.full((1,), float(budget), dtype=torch.float64, device=z.device)
+        _project_kernel[(1,)](z, costs, s, z.shape[0], exact_budget, ITERS=iterations, BLOCK=1024)
     return s
