@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,6 +189,37 @@ def step_rows(models: dict[str, float], device: str, steps: int) -> list[dict]:
     return rows
 
 
+def print_kernel_table(kernels: list[dict]) -> None:
+    print(
+        format_table(
+            ["density", "kept", "pass", "dense ms", "cuBLAS ms", "triton ms", "zero fill ms",
+             "vs cuBLAS", "vs dense", "TFLOP/s"],
+            [
+                [f"{r['density']}", str(r["kept"]), r["pass"], f"{r['dense_ms']:.3f}",
+                 f"{r['cublas_ms']:.3f}", f"{r['triton_ms']:.3f}",
+                 "" if r["zero_fill_ms"] is None else f"{r['zero_fill_ms']:.3f}",
+                 f"{r['vs_cublas']:.2f}x", f"{r['vs_dense']:.2f}x", f"{r['tflops']:.1f}"]
+                for r in kernels
+            ],
+        ),
+        flush=True,
+    )  # fmt: skip
+
+
+def print_step_table(steps: list[dict]) -> None:
+    print(
+        format_table(
+            ["model", "density", "method", "ms/step", "vs dense compiled"],
+            [
+                [r["model"], str(r["density"]), r["method"], f"{r['ms']:.2f}",
+                 f"{r['vs_dense_compiled']:.2f}x"]
+                for r in steps
+            ],
+        ),
+        flush=True,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -202,42 +234,33 @@ def main(argv: list[str] | None = None) -> None:
             "`TRITON_INTERPRET=1 .venv/bin/python benchmarks/triton_speed.py --smoke` to check it"
         )
     dtype = DTYPES[args.dtype]
-    if args.smoke:
-        kernels = kernel_rows(64, 96, [0.5, 0.25, 0.1], dtype, device)
-        steps = step_rows({"mlp": 0.1}, device, 1)
-    else:
-        kernels = kernel_rows(8192, 4096, [0.5, 0.25, 0.1], dtype, device)
-        steps = step_rows({"mlp": 0.1, "hf-resnet": 0.25}, device, args.steps)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype}")
-    print(
-        format_table(
-            ["density", "kept", "pass", "dense ms", "cuBLAS ms", "triton ms", "zero fill ms",
-             "vs cuBLAS", "vs dense", "TFLOP/s"],
-            [
-                [f"{r['density']}", str(r["kept"]), r["pass"], f"{r['dense_ms']:.3f}",
-                 f"{r['cublas_ms']:.3f}", f"{r['triton_ms']:.3f}",
-                 "" if r["zero_fill_ms"] is None else f"{r['zero_fill_ms']:.3f}",
-                 f"{r['vs_cublas']:.2f}x", f"{r['vs_dense']:.2f}x", f"{r['tflops']:.1f}"]
-                for r in kernels
-            ],
-        )
-    )  # fmt: skip
-    if steps:
-        print(
-            format_table(
-                ["model", "density", "method", "ms/step", "vs dense compiled"],
-                [
-                    [r["model"], str(r["density"]), r["method"], f"{r['ms']:.2f}",
-                     f"{r['vs_dense_compiled']:.2f}x"]
-                    for r in steps
-                ],
-            )
-        )  # fmt: skip
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"device": name, "torch": torch.__version__, "kernels": kernels, "steps": steps}
-        args.json.write_text(json.dumps(payload, indent=2))
+    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype}", flush=True)
+    payload = {"device": name, "torch": torch.__version__, "kernels": [], "steps": []}
+
+    def save() -> None:  # after every table: a run cut short by a time limit keeps its rows
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(payload, indent=2))
+
+    tokens, width = (64, 96) if args.smoke else (8192, 4096)
+    payload["kernels"] = kernel_rows(tokens, width, [0.5, 0.25, 0.1], dtype, device)
+    print_kernel_table(payload["kernels"])
+    save()
+    models = {"mlp": 0.1} if args.smoke else {"mlp": 0.1, "hf-resnet": 0.25}
+    failed = []
+    for model, density in models.items():
+        try:  # one model's failure is reported, and the other models still run
+            rows = step_rows({model: density}, device, 1 if args.smoke else args.steps)
+        except Exception:
+            traceback.print_exc()
+            failed.append(model)
+            continue
+        payload["steps"] += rows
+        print_step_table(rows)
+        save()
+    if failed:
+        raise SystemExit(f"training steps failed for: {', '.join(failed)} (tracebacks above)")
 
 
 if __name__ == "__main__":
