@@ -206,8 +206,10 @@ def test_unmodified_loop_trains_structure_and_stays_within_three_compilations():
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     moved = [not torch.equal(s0[k], v) for k, v in sparsefx.probabilities(cmodel).items()]
     assert all(moved), "the structure gradient must reach every group"
-    # the budget set is sum(s) <= B (DESIGN §3): s may end inside it, never above
-    assert 0.09 <= sparsefx.stats(cmodel)["expected_density"] <= 0.1 + 1e-6
+    # the budget set is sum(s) <= B (DESIGN §3): s may end inside it, never above. Inside,
+    # it drifts with the run's rounding (0.091 and falling at step 500 on the dev machine):
+    # the lower bound only rules out collapse, with room for another CPU's rounding
+    assert 0.05 <= sparsefx.stats(cmodel)["expected_density"] <= 0.1 + 1e-6
 
 
 def test_logits_model_needs_the_documented_line():
