@@ -12,12 +12,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 
 from tests.conftest import triton_device
 
 DEVICE = triton_device()  # skips the module, naming the hardware, before the Triton imports
 
 from sparsefx.kernels import triton_kernels as tk  # noqa: E402
+from sparsefx.kernels import triton_ops  # noqa: E402
 from sparsefx.kernels.triton_ops import compact_linear, gather_block  # noqa: E402
 from sparsefx.policy import project_to_budget  # noqa: E402
 from sparsefx.policy.estimator import score_function  # noqa: E402
@@ -152,6 +154,21 @@ def test_bad_indices_are_rejected_with_a_clear_error(bad, message):
         compact_linear(x, weight, None, _idx(bad), None)
     with pytest.raises(RuntimeError, match=message):
         gather_block(_randn(7, 5, 3, 3), _idx(bad), None)
+
+
+def test_index_check_compiles_once_for_every_kept_count():
+    """The ops' index check traces without a guard on the kept count: a compiled graph with
+    symbolic kept counts must not recompile when a group keeps exactly two channels (the
+    keep-minimum rule makes that common), as comparing idx[1:] with idx[:-1] did."""
+
+    def checked(idx: torch.Tensor) -> torch.Tensor:
+        triton_ops._check_index(idx, 10, "idx")
+        return idx + 1
+
+    compiled = torch.compile(checked, backend="eager", dynamic=True)
+    for kept in (3, 2, 4, 5, 2):
+        compiled(torch.arange(kept, device=DEVICE))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_index_dtype_and_rank_are_checked_on_every_device():

@@ -48,7 +48,11 @@ def _check_index(idx: Tensor | None, size: int, what: str) -> None:
         return
     if idx.dtype != torch.int64 or idx.dim() != 1:
         raise ValueError(f"{what} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
-    valid = (idx[1:] > idx[:-1]).all() & ((idx >= 0) & (idx < size)).all()
+    # each entry against its predecessor, the first against -1: both operands have idx's own
+    # length, where idx[1:] > idx[:-1] would guard a symbolic length on len - 1 != 1 and
+    # recompile a compiled graph for every group that keeps exactly two channels
+    previous = torch.cat([idx[:1] - 1, idx[:-1]])
+    valid = (idx > previous).all() & (idx >= 0).all() & (idx < size).all()
     torch._assert_async(
         valid, f"{what} must be sorted, unique and in [0, {size}) (kept channel indices)"
     )
