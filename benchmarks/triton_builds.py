@@ -99,9 +99,8 @@ def gm_case(
     stride_j, stride_r = b.stride() if not b_transposed else b.stride()[::-1]
     M = m if not big else 2**31 + 16  # forces i64 scalar
     args = (
-        a, a if not gate else t((m, r), dtype), b, t((full_out,), wdtype or dtype) if bias else a,
-        out,
-        j_idx if has_j else a, r_idx if has_r else a,
+        a, t((m, r), dtype) if gate else None, b, t((full_out,), wdtype or dtype) if bias else None,
+        out, j_idx, r_idx,
         M, j, r, K._bucket(m), K._bucket(j), K._bucket(r),
         a.stride(0), a.stride(1), stride_j, stride_r, out.stride(0), out.stride(1),
     )  # fmt: skip
@@ -128,8 +127,8 @@ def wg_case(dtype, highest, flags, cfg, sizes=(4096, 768, 1024), wdtype=None, bi
     b_grad = t((n + 64,), wdtype or dtype)
     M = m if not big else 2**31 + 16
     args = (
-        g, t((m, n), dtype) if gate else g, x, w_grad, b_grad if bias else w_grad,
-        t((n,), torch.int64) if has_row else g, t((k,), torch.int64) if has_col else g,
+        g, t((m, n), dtype) if gate else None, x, w_grad, b_grad if bias else None,
+        t((n,), torch.int64) if has_row else None, t((k,), torch.int64) if has_col else None,
         M, n, k, K._bucket(m), K._bucket(n), K._bucket(k),
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), w_grad.stride(0), w_grad.stride(1),
     )  # fmt: skip
@@ -151,8 +150,8 @@ def bc_case(dtype, has_row, has_col, gather, spatial=9, big=False):
     full = t((rows + 8, cols + 8, spatial), dtype)
     numel = compact.numel() if not big else 2**31 + 16
     args = (
-        full, compact, t((rows,), torch.int64) if has_row else compact,
-        t((cols,), torch.int64) if has_col else compact,
+        full, compact, t((rows,), torch.int64) if has_row else None,
+        t((cols,), torch.int64) if has_col else None,
         numel, cols, spatial, full.stride(0), full.stride(1),
     )  # fmt: skip
     kw = dict(HAS_ROW_IDX=has_row, HAS_COL_IDX=has_col, GATHER=gather, BLOCK=K._COPY_BLOCK)

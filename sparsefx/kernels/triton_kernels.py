@@ -467,8 +467,7 @@ def gather_matmul(
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(j, meta["BLOCK_J"]))
 
     wrap_triton(_gather_matmul_kernel)[grid](
-        a, a if gate is None else gate, b, a if bias is None else bias, out,
-        a if j_idx is None else j_idx, a if r_idx is None else r_idx,
+        a, gate, b, bias, out, j_idx, r_idx,
         m, j, r, _bucket(m), _bucket(j), _bucket(r),
         a.stride(0), a.stride(1), stride_j, stride_r, out.stride(0), out.stride(1),
         HAS_J_IDX=j_idx is not None, HAS_R_IDX=r_idx is not None, GATE=gate is not None,
@@ -504,8 +503,7 @@ def weight_grad(
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
 
     wrap_triton(_weight_grad_kernel)[grid](
-        grad, grad if gate is None else gate, x, w_grad, w_grad if b_grad is None else b_grad,
-        grad if row_idx is None else row_idx, grad if col_idx is None else col_idx,
+        grad, gate, x, w_grad, b_grad, row_idx, col_idx,
         m, n, k, _bucket(m), _bucket(n), _bucket(k),
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), w_grad.stride(0), w_grad.stride(1),
         HAS_ROW_IDX=row_idx is not None, HAS_COL_IDX=col_idx is not None, GATE=gate is not None,
@@ -527,7 +525,7 @@ def block_copy(
     rows, cols = compact.shape[0], compact.shape[1]
     spatial = numel // (rows * cols)
     wrap_triton(_block_copy_kernel)[(triton.cdiv(numel, _COPY_BLOCK),)](
-        full, compact, compact if row_idx is None else row_idx, compact if col_idx is None else col_idx,
+        full, compact, row_idx, col_idx,
         numel, cols, spatial, full.stride(0), full.stride(1),
         HAS_ROW_IDX=row_idx is not None, HAS_COL_IDX=col_idx is not None, GATHER=gather,
         BLOCK=_COPY_BLOCK,
