@@ -37,7 +37,6 @@ from sparsefx.config import SparseConfig
 from sparsefx.passes import (
     copy_graph_module,
     keep_outputs,
-    opaque_compact_convolutions,
     rewrite_compact,
     score_graph,
     shared_noise_count,
@@ -357,8 +356,8 @@ class CompiledGraph:
             conv_channel_multiple=(
                 self.config.conv_channel_multiple if on_cpu and captured.training else 1
             ),
+            opaque_convolutions=True,
         )
-        graph = opaque_compact_convolutions(graph)  # those left: grouped or on CUDA
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
         record = GraphRecord(
             f"{self.frame.name} graph",

@@ -38,19 +38,24 @@ def rewrite_compact(
     sparse_gradients: bool = False,
     triton_kernels: bool = False,
     conv_channel_multiple: int = 1,
+    opaque_convolutions: bool = False,
 ) -> fx.GraphModule:
     """Run the compact-rewrite passes in order. The graph gains one index input per group,
     and a training graph one output per full-width dropout (its noise, for the score graph).
-    `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py);
-    `conv_channel_multiple` > 1 rounds compact convolutions' channel counts up to it."""
+    `conv_channel_multiple` > 1 rounds compact convolutions' channel counts up to it;
+    `opaque_convolutions` (for Inductor) makes the other compact ones sparsefx::conv;
+    `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py), last,
+    since the convolution passes find their convolutions by the gather_weight they read."""
     gm = add_index_inputs(gm, groups)
     for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)
-    if triton_kernels:
-        gm = use_triton_kernels(gm, sparse_gradients=sparse_gradients)
     if conv_channel_multiple > 1:
         gm = bucket_convolutions(gm, conv_channel_multiple)
+    if opaque_convolutions:  # those left: grouped, or not on CPU
+        gm = opaque_compact_convolutions(gm)
+    if triton_kernels:
+        gm = use_triton_kernels(gm, sparse_gradients=sparse_gradients)
     return _finalize(sample_dropout_noise(gm))
 
 

@@ -153,7 +153,7 @@ _SPATIAL_DIMS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.def
 def opaque_compact_convolutions(gm: fx.GraphModule) -> fx.GraphModule:
     """Convolutions on gathered weights become sparsefx::conv, for Inductor only: its conv
     lowering fixes channel counts at compile time, and compact channel counts change with
-    every mask (the torch.compile backend runs this after `rewrite_compact`)."""
+    every mask (`rewrite_compact(opaque_convolutions=True)`, for the torch.compile backend)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not ops.is_conv(node.target):
             continue
