@@ -206,3 +206,14 @@ def test_compiled_conv_net_with_triton_kernels_does_not_recompile_per_mask():
         counts.add(tuple(int(m.sum()) for m in sparsefx.masks(compiled).values()))
     assert len(counts) > 3, counts  # the masks' kept counts did change
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_diff_report_says_what_the_triton_ops_read():
+    """The graph-diff tool notes the Triton ops as it notes the aten path's gathers."""
+    x = torch.randn(4, 3, 8, 8, device=DEVICE)
+    config = sparsefx.SparseConfig(density=0.5, kernels="triton")
+    conv = sparsefx.diff(_cnn().to(DEVICE), (x,), config=config).text(context=1000)
+    assert "sparsefx.gather_block(p_0_weight" in conv
+    assert "# kept rows/columns of 0.weight" in conv
+    mlp = sparsefx.diff(_mlp().to(DEVICE), (x.new_zeros(4, 20),), config=config).text(context=1000)
+    assert "Triton gather-GEMM on kept rows/columns of 2.weight" in mlp

@@ -41,7 +41,9 @@ from sparsefx.runtime import GraphRecord, SparseRuntime
 __all__ = ["GraphReport", "GroupRow", "Line", "Listing", "Report", "build_report"]
 
 aten = torch.ops.aten
-_GATHER = torch.ops.sparsefx.gather_weight.default
+_WEIGHT_GATHERS = ("sparsefx::gather_weight", "sparsefx::gather_block")
+"""The ops that read a weight's kept rows and columns: the aten path's and the Triton one
+(registered only where triton imports, so matched by name)."""
 _DTYPES = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -568,8 +570,14 @@ class _Notes:
                 if meta["shared"]
                 else "dropout noise of a compact tensor, drawn in every forward"
             )
-        if node.target is _GATHER:
+        op = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else ""
+        if op in _WEIGHT_GATHERS:
             parts.append(f"kept rows/columns of {self._state(node.args[0])}")
+        elif op == "sparsefx::compact_linear":
+            weight = node.args[1]  # an addmm's weight arrives transposed
+            if isinstance(weight, fx.Node) and weight.target is aten.t.default:
+                weight = weight.args[0]
+            parts.append(f"Triton gather-GEMM on kept rows/columns of {self._state(weight)}")
         elif node.target is aten.index_select.default and self._state(node.args[0]):
             parts.append(f"kept entries of {self._state(node.args[0])}")
         elif node.target is aten.index_copy_.default:
