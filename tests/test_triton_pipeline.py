@@ -43,6 +43,22 @@ def _cnn() -> nn.Module:
     )
 
 
+class _Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2's linears): addmm(bias, x, W) with W [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def _addmm_mlp() -> nn.Module:
+    return nn.Sequential(_Conv1D(20, 48), nn.ReLU(), _Conv1D(48, 40), nn.GELU(), nn.Linear(40, 5))
+
+
 def _pair(model: nn.Module, x: torch.Tensor, **options):
     """The same model transformed with each kernel choice, sharing a seed."""
     models = {}
@@ -57,14 +73,14 @@ def _targets(sparse: nn.Module) -> set:
     return {n.target for n in graph.nodes if n.op == "call_function"}
 
 
-@pytest.mark.parametrize("build", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("build", [_mlp, _addmm_mlp, _cnn], ids=["mlp", "addmm-mlp", "cnn"])
 @pytest.mark.parametrize("sparse_gradients", [False, True])
 def test_triton_graph_matches_reference_under_fixed_masks(build, sparse_gradients):
     torch.manual_seed(0)
     x = (
-        torch.randn(6, 20, device=DEVICE)
-        if build is _mlp
-        else torch.randn(2, 3, 6, 6, device=DEVICE)
+        torch.randn(2, 3, 6, 6, device=DEVICE)
+        if build is _cnn
+        else torch.randn(6, 20, device=DEVICE)
     )
     target = torch.randint(0, 4, (x.shape[0],), device=DEVICE)
     models = _pair(build(), x, sparse_gradients=sparse_gradients)

@@ -200,7 +200,10 @@ def weight_args(node: fx.Node) -> tuple[object, object, object]:
 
 
 def is_plain_addmm(node: fx.Node) -> bool:
-    """addmm(b, x, W) that is a linear layer: unscaled, b a vector."""
+    """addmm(b, x, W) that is a linear layer: unscaled, b a vector. Also after the compact
+    rewrite, whose bias is a new index_select of the captured bias, without metadata."""
     bias = node.args[0]
     scaled = len(node.args) > 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
+    if isinstance(bias, fx.Node) and bias.target is torch.ops.aten.index_select.default:
+        bias = bias.args[0]
     return not scaled and isinstance(bias, fx.Node) and len(bias.meta["val"].shape) == 1
