@@ -233,3 +233,50 @@ def test_diff_report_says_what_the_triton_ops_read():
     assert "# kept rows/columns of 0.weight" in conv
     mlp = sparsefx.diff(_mlp().to(DEVICE), (x.new_zeros(4, 20),), config=config).text(context=1000)
     assert "Triton gather-GEMM on kept rows/columns of 2.weight" in mlp
+
+
+def _real_model_cases() -> dict[str, tuple]:
+    from tests import test_coupling, test_hf_models
+
+    ids = torch.randint(0, 64, (2, 8))
+    label = {"labels": torch.tensor([0, 2])}
+    cases = {
+        cls.__name__: (cls, (test_coupling._inputs(cls, 2),), {})
+        for cls in (test_coupling.ResNetStyle, test_coupling.DenseNetStyle)
+    }
+    cases["gpt2"] = (test_hf_models._gpt2, (), {"input_ids": ids, "labels": ids})
+    cases["bert"] = (test_hf_models._bert, (), {"input_ids": ids, **label})
+    cases["vit"] = (test_hf_models._vit, (torch.randn(2, 3, 8, 8),), label)
+    return cases
+
+
+@pytest.mark.parametrize("name", ["ResNetStyle", "DenseNetStyle", "gpt2", "bert", "vit"])
+def test_real_models_on_the_triton_ops_match_the_reference(name):
+    """The coupled models and Hugging Face transformers run their Triton ops (GPT-2's
+    Conv1D linears are addmms) and match kernels="torch" under the same fixed masks."""
+    torch.manual_seed(0)
+    build, args, kwargs = _real_model_cases()[name]
+    base = build().to(DEVICE)
+    args = tuple(a.to(DEVICE) for a in args)
+    kwargs = {k: v.to(DEVICE) for k, v in kwargs.items()}
+    results, masks = {}, None
+    for kernels in ("torch", "triton"):
+        model = copy.deepcopy(base)
+        config = sparsefx.SparseConfig(density=0.5, seed=0, kernels=kernels)
+        sparse = sparsefx.transform(model, args, example_kwargs=kwargs, config=config)
+        if masks is None:
+            generator = torch.Generator().manual_seed(1)
+            masks = {g.name: torch.rand(g.size, generator=generator) < 0.6 for g in sparse.groups}
+            for mask in masks.values():
+                mask[:2] = True
+        sparsefx.set_masks(sparse, masks)
+        out = sparse(*args, **kwargs)
+        loss = out.loss if kwargs else out.square().mean()
+        loss.backward()
+        grads = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
+        results[kernels] = (loss.detach(), grads, _targets(sparse))
+    assert TRITON_OPS & results["triton"][2]
+    torch.testing.assert_close(results["triton"][0], results["torch"][0])
+    assert results["triton"][1].keys() == results["torch"][1].keys()
+    for param, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][param], grad, msg=param)
