@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from common import build_mlp, format_table
 from torch import Tensor, nn
+from torch._library.triton import set_wrap_triton_enabled
 
 import sparsefx
 from sparsefx.kernels import interpreting
@@ -80,12 +81,17 @@ def _rows_at(density: float, x: Tensor, weight: Tensor, grad_y: Tensor, device: 
     dy_c = grad_y[:, out_idx].contiguous()
     w_grad = torch.zeros_like(weight)
 
+    # launched as the sparsefx::* ops launch them at run time (torch.library.triton_op turns
+    # wrap_triton's HOP dispatch off for real tensors): through the HOP, each call rebuilt the
+    # pruned autotuner and re-tuned 8 tiles, ~1 s a call on the first H200 run
     def triton_forward() -> Tensor:
-        return tk.gather_matmul(x_c, weight, out_idx, in_idx, b_transposed=False)
+        with set_wrap_triton_enabled(False):
+            return tk.gather_matmul(x_c, weight, out_idx, in_idx, b_transposed=False)
 
     def triton_backward() -> tuple[Tensor, None]:
-        dx = tk.gather_matmul(dy_c, weight, in_idx, out_idx, b_transposed=True)
-        return dx, tk.weight_grad(dy_c, x_c, w_grad, out_idx, in_idx)
+        with set_wrap_triton_enabled(False):
+            dx = tk.gather_matmul(dy_c, weight, in_idx, out_idx, b_transposed=True)
+            return dx, tk.weight_grad(dy_c, x_c, w_grad, out_idx, in_idx)
 
     # correctness before timing anything: the Triton results and cuBLAS's, each against a
     # float64 product of the same pre-gathered operands
