@@ -162,10 +162,12 @@ class _DynamoFrame:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         matches = [_STATE_SOURCE.match(_source_name(node)) for node in placeholders]
         roots: dict[tuple[str, str], nn.Module] = {}
-        for match in matches:
+        for node, match in zip(placeholders, matches, strict=True):
             if match is not None:
                 key = (match["root"], match["name"])
-                roots.setdefault(key, scopes[key[0]][key[1]])
+                if key not in roots:
+                    roots[key] = scopes[key[0]][key[1]]
+                    _guard_identity(node.meta["grapharg"].source)
         prefix = len(roots) > 1  # several models in one graph: qualify names by variable
         inputs, dropped = [], []
         for position, (node, match, value) in enumerate(
@@ -190,6 +192,22 @@ class _DynamoFrame:
         module_roots = [r for r in roots.values() if isinstance(r, nn.Module)]
         name = type(module_roots[0]).__name__ if module_roots else tx.f_code.co_name
         return cls(inputs, dropped, module_roots, name, graph_break)
+
+
+def _guard_identity(state_source: Any) -> None:
+    """Make Dynamo's cache entry for this graph hold only for this very root module.
+
+    With `inline_inbuilt_nn_modules` Dynamo guards a module's structure, not its identity,
+    and `torch.compile` backends with equal options compare equal: a second instance of the
+    same model class would reuse the first one's compiled graph, and with it the first
+    one's structure state (its probabilities and masks). An ID_MATCH guard on the root
+    (``L['self']``) makes each instance compile its own graphs and runtime."""
+    from torch._dynamo.guards import GuardBuilder, install_guard
+
+    root = state_source
+    while getattr(root, "base", None) is not None:
+        root = root.base
+    install_guard(root.make_guard(GuardBuilder.ID_MATCH))
 
 
 def _source_name(node: fx.Node) -> str:

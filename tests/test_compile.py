@@ -349,6 +349,28 @@ def test_graph_break_between_prunable_layers_fails_at_compile_time_naming_it():
         cmodel(*data())
 
 
+def test_two_instances_of_one_class_get_their_own_structures():
+    """Dynamo guards an inlined module's structure, not its identity, and equal options make
+    equal backends: without a guard on the root a second instance reused the first one's
+    graph and trained with the first one's probabilities and masks."""
+    x, y = data()
+    first, second = Net(), Net()
+    eager = sparsefx.transform(
+        copy.deepcopy(second), (x, y), config=sparsefx.SparseConfig(**OPTIONS)
+    )
+    cfirst, csecond = compiled(first), compiled(second)
+    cfirst(x, y).backward()
+    before = sparsefx.compiled.runtime_of(first).structure.step.clone()
+    for _ in range(2):
+        torch.testing.assert_close(csecond(x, y), eager(x, y))
+    assert sparsefx.compiled.runtime_of(second) is not sparsefx.compiled.runtime_of(first)
+    assert sparsefx.compiled.runtime_of(first).structure.step == before
+    assert sparsefx.compiled.runtime_of(second).structure.step == 2
+    sparsefx.freeze(csecond)
+    assert sparsefx.stats(csecond)["frozen"] == 1.0
+    assert sparsefx.stats(cfirst)["frozen"] == 0.0
+
+
 def test_inspection_and_freezing_work_as_on_a_transformed_model():
     x, y = data()
     model = Net()
