@@ -10,7 +10,10 @@ On the Fashion-MNIST wide CNN of `benchmarks/accuracy.py` (conv 64/128/256, batc
    past a multiple costs a block;
 2. the first steps of the VR-PGE search, with sampled counts that recur run on exact shapes
    (the default, `runtime.RECURRING`) against always rounded up to `conv_channel_multiple`
-   (the behaviour before), and a static mask for scale.
+   (the behaviour before), and a static mask for scale;
+3. `torch.compile(backend="sparsefx")` under fixed masks: the exact-count twin a compiled CPU
+   training graph runs once masks are fixed (the default) against its rounded sampling graph
+   (the behaviour before), at counts off and on the 16-channel blocks.
 
 All methods are timed side by side in one process (`common.time_interleaved`).
 """
@@ -28,12 +31,14 @@ from common import environment, format_table, summarize, time_interleaved
 from torch import Tensor
 
 import sparsefx
-from sparsefx import runtime
+from sparsefx import compiled, runtime
 from sparsefx.tools.datasets import load_fashion_mnist
 
 WIDTHS = (64, 128, 256)
 BATCH = 128
 COUNTS = [(16, 32, 64), (17, 32, 64), (16, 33, 64), (16, 32, 65), (18, 31, 63), (20, 27, 65)]
+# compiled, fixed masks: rounding up to 8 adds 0, 15, 20 and 21 channels
+COMPILED_COUNTS = [(16, 32, 64), (18, 31, 63), (20, 27, 65), (9, 17, 29)]
 
 
 def batches(x: Tensor, y: Tensor, seed: int = 0) -> Callable[[], tuple[Tensor, Tensor]]:
@@ -48,11 +53,18 @@ def batches(x: Tensor, y: Tensor, seed: int = 0) -> Callable[[], tuple[Tensor, T
     return batch
 
 
-def trainer(x: Tensor, density: float = 0.25) -> tuple[torch.nn.Module, Callable]:
-    """A sparsefx model of the wide CNN with SGD, and its training step on a batch."""
+def trainer(
+    x: Tensor, density: float = 0.25, *, compile: bool = False
+) -> tuple[torch.nn.Module, Callable]:
+    """A sparsefx model of the wide CNN with SGD (`transform`, or `torch.compile` with the
+    sparsefx backend), and its training step on a batch."""
     torch.manual_seed(0)
     model = cnn(1, 10, WIDTHS)
-    sparse = sparsefx.transform(model, (x[:BATCH],), density=density)
+    if compile:
+        sparse = torch.compile(model, backend="sparsefx", options={"density": density})
+        sparse(x[:BATCH])  # compiles, so that the structure (and its groups) exists
+    else:
+        sparse = sparsefx.transform(model, (x[:BATCH],), density=density)
     criterion = sparsefx.wrap_loss(sparse, F.cross_entropy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
 
@@ -127,6 +139,40 @@ def search_steps(x: Tensor, y: Tensor, rounds: int) -> str:
     return format_table(headers, rows)
 
 
+def compiled_fixed_counts(x: Tensor, y: Tensor, rounds: int) -> str:
+    """Compiled training steps under fixed masks: exact-count twin against rounded counts,
+    both on one model per kept counts (each new model instance is a Dynamo recompile)."""
+    exact_twin = compiled._Program.train
+
+    def rounded(program: compiled._Program, fixed: bool = False) -> Callable:
+        return exact_twin(program, False)
+
+    steps = {}
+    for counts in COMPILED_COUNTS:
+        sparse, step = trainer(x, compile=True)
+        sparsefx.set_masks(sparse, random_masks(sparse, list(counts)))
+        stream = batches(x, y)
+        for name, train in (("exact", exact_twin), ("rounded", rounded)):
+
+            def run(step=step, stream=stream, train=train) -> None:
+                compiled._Program.train = train  # read at every compiled call
+                try:
+                    step(stream())
+                finally:
+                    compiled._Program.train = exact_twin
+
+            steps[f"{counts} {name}"] = run
+    time_interleaved(steps, rounds=1, steps_per_round=3)  # warm-up: Inductor, oneDNN
+    times = time_interleaved(steps, rounds=rounds, steps_per_round=10)
+    rows = []
+    for counts in COMPILED_COUNTS:
+        exact, rounded_ = (summarize(times[f"{counts} {n}"]) for n in ("exact", "rounded"))
+        rows.append([str(counts), f"{exact.median_ms:.1f}", f"{rounded_.median_ms:.1f}",
+                     f"{rounded_.median_ms / exact.median_ms:.2f}"])  # fmt: skip
+    headers = ["kept counts", "exact ms/step", "rounded ms/step", "rounded / exact"]
+    return format_table(headers, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -140,6 +186,8 @@ def main() -> None:
     print(fixed_counts(x, y, args.rounds))
     print("\nVR-PGE search at density 0.25 from the first step, score lr 0.3:")
     print(search_steps(x, y, args.rounds))
+    print("\ntorch.compile(backend='sparsefx'), fixed masks, wide CNN at batch 128:")
+    print(compiled_fixed_counts(x, y, args.rounds))
 
 
 if __name__ == "__main__":

@@ -288,9 +288,13 @@ class _Program:
     """Position of the loss among the graph outputs (first floating-point scalar)."""
     noises: int
     """Trailing outputs of `graph` that are dropout noise for the score graph to reuse."""
+    exact: fx.GraphModule | None = None
+    """The exact-count twin of a graph that rounds CPU conv counts (else None): fixed masks
+    are one shape, so there the zero channels would be pure cost."""
     pure: fx.GraphModule | None = None
     """The score graph: the pure forward of masks 2..K (built when first needed)."""
     _train: Callable[..., Any] | None = field(default=None, repr=False)
+    _train_exact: Callable[..., Any] | None = field(default=None, repr=False)
     _score: Callable[..., Any] | None = field(default=None, repr=False)
 
     def arguments(self, flat: Sequence[Any], indices: Sequence[Tensor]) -> list[Any]:
@@ -301,8 +305,13 @@ class _Program:
         ]
         return args + list(indices)
 
-    def train(self) -> Callable[..., Any]:
-        """The compact training graph (also the eval graph: mask from the runtime)."""
+    def train(self, fixed: bool = False) -> Callable[..., Any]:
+        """The compact training graph (also the eval graph: mask from the runtime); with
+        `fixed` masks its exact-count twin where there is one, compiled on first use."""
+        if fixed and self.exact is not None:
+            if self._train_exact is None:
+                self._train_exact = _inductor(self.exact)
+            return self._train_exact
         if self._train is None:
             self._train = _inductor(self.graph)
         return self._train
@@ -366,17 +375,21 @@ class CompiledGraph:
     def _build(self, captured: CapturedGraph, analysis: Analysis) -> _Program:
         groups = self.runtime.groups if self.runtime is not None else []
         on_cpu = self.runtime is not None and self.runtime.structure.probabilities.is_cpu
-        graph = rewrite_compact(
-            copy_graph_module(captured.gm),
-            groups,
-            sparse_gradients=self.config.sparse_gradients,
-            triton_kernels=self.runtime is not None and self.runtime.triton,
-            conv_channel_multiple=(
-                self.config.conv_channel_multiple if on_cpu and captured.training else 1
-            ),
-            opaque_convolutions=True,
-        )
-        program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph))
+        multiple = self.config.conv_channel_multiple if on_cpu and captured.training else 1
+
+        def rewrite(conv_channel_multiple: int) -> fx.GraphModule:
+            return rewrite_compact(
+                copy_graph_module(captured.gm),
+                groups,
+                sparse_gradients=self.config.sparse_gradients,
+                triton_kernels=self.runtime is not None and self.runtime.triton,
+                conv_channel_multiple=conv_channel_multiple,
+                opaque_convolutions=True,
+            )
+
+        graph = rewrite(multiple)
+        exact = rewrite(1) if multiple > 1 else None
+        program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph), exact)
         record = GraphRecord(
             f"{self.frame.name} graph",
             captured,
@@ -424,7 +437,7 @@ class CompiledGraph:
             return outputs
         masks, step = runtime.masks_for_forward(self.training)
         indices = runtime.structure.indices
-        train = program.train()
+        train = program.train(fixed=runtime.structure.fixed is not None)
         outputs, noises = split_noises(
             train(*program.arguments(flat, _mark_dynamic(indices(masks[0])))), program.noises
         )

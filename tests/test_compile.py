@@ -450,3 +450,39 @@ def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(sparse_
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     # on CPU the training graph's convolutions run on counts rounded up, as eager's do
     assert "sparsefx.bucketed_convolution(" in sparsefx.explain(cmodel)
+
+
+def _sparsefx_ops_of_a_step(step) -> set[str]:
+    """The sparsefx custom ops one call of `step` runs (Inductor calls them as externs)."""
+    with torch.profiler.profile() as profiler:
+        step()
+    return {e.name for e in profiler.events() if e.name.startswith("sparsefx::")}
+
+
+def test_compiled_conv_net_runs_exact_counts_once_frozen():
+    """A compiled CPU training graph rounds conv counts while masks are sampled; after
+    `freeze` (one shape) it runs an exact-count twin, as eager does, and matches eager.
+    (Eager programs call the ops' bodies, which the profiler does not name.)"""
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = ConvNet().double()
+    eager_model = copy.deepcopy(model)
+    eager = sparsefx.transform(eager_model, (x, y), config=sparsefx.SparseConfig(**OPTIONS))
+    cmodel = torch.compile(model, backend="sparsefx", options=OPTIONS)
+
+    def step(module, sparse):
+        module.zero_grad()
+        loss = sparse(x, y)
+        loss.backward()
+        return loss
+
+    step(eager_model, eager)
+    assert "sparsefx::bucketed_convolution" in _sparsefx_ops_of_a_step(lambda: step(model, cmodel))
+    sparsefx.freeze(cmodel)
+    sparsefx.freeze(eager)
+    ops = _sparsefx_ops_of_a_step(lambda: step(model, cmodel))
+    assert "sparsefx::bucketed_convolution" not in ops and "sparsefx::conv" in ops, ops
+    torch.testing.assert_close(step(model, cmodel), step(eager_model, eager))
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    sparsefx.unfreeze(cmodel)
+    assert "sparsefx::bucketed_convolution" in _sparsefx_ops_of_a_step(lambda: step(model, cmodel))
