@@ -10,7 +10,7 @@ On the Fashion-MNIST wide CNN of `benchmarks/accuracy.py` (conv 64/128/256, batc
    past a multiple costs a block;
 2. the first steps of the VR-PGE search, with sampled counts that recur run on exact shapes
    (the default, `runtime.RECURRING`) against always rounded up to `conv_channel_multiple`
-   (the behaviour before), and a static mask for scale;
+   (the behaviour before), and a static mask for scale; eager (`transform`) and compiled;
 3. `torch.compile(backend="sparsefx")` under fixed masks: the exact-count twin a compiled CPU
    training graph runs once masks are fixed (the default) against its rounded sampling graph
    (the behaviour before), at counts off and on the 16-channel blocks.
@@ -113,12 +113,13 @@ def fixed_counts(x: Tensor, y: Tensor, rounds: int) -> str:
 def search_steps(x: Tensor, y: Tensor, rounds: int) -> str:
     """The first `rounds` x 20 steps of the search, exact-on-recurrence against rounded."""
     methods: dict[str, Callable[[], None]] = {}
-    for name in ("recurring exact", "always rounded", "static mask"):
-        sparse, step = trainer(x)
+    names = ("recurring exact", "always rounded", "static mask")
+    for name in (*names, *(f"compiled, {n}" for n in names[:2])):
+        sparse, step = trainer(x, compile=name.startswith("compiled"))
         if name == "static mask":
             sparsefx.set_masks(sparse, random_masks(sparse, [w // 4 for w in WIDTHS]))
         stream = batches(x, y)
-        recurring = runtime.RECURRING if name != "always rounded" else 10**9
+        recurring = runtime.RECURRING if not name.endswith("always rounded") else 10**9
 
         def run(step=step, stream=stream, recurring=recurring) -> None:
             # the threshold is read at each sampled step: "always rounded" never reaches it
@@ -144,7 +145,7 @@ def compiled_fixed_counts(x: Tensor, y: Tensor, rounds: int) -> str:
     both on one model per kept counts (each new model instance is a Dynamo recompile)."""
     exact_twin = compiled._Program.train
 
-    def rounded(program: compiled._Program, fixed: bool = False) -> Callable:
+    def rounded(program: compiled._Program, exact: bool = False) -> Callable:
         return exact_twin(program, False)
 
     steps = {}

@@ -38,12 +38,14 @@ from sparsefx.passes import (
     copy_graph_module,
     keep_outputs,
     rewrite_compact,
+    rounds_convolutions,
     score_graph,
     shared_noise_count,
 )
 from sparsefx.runtime import (
     GraphRecord,
     MissingLossError,
+    RecurringCounts,
     SampledStep,
     SparseRuntime,
     check_same_groups,
@@ -289,13 +291,15 @@ class _Program:
     noises: int
     """Trailing outputs of `graph` that are dropout noise for the score graph to reuse."""
     exact: fx.GraphModule | None = None
-    """The exact-count twin of a graph that rounds CPU conv counts (else None): fixed masks
-    are one shape, so there the zero channels would be pure cost."""
+    """The exact-count twin of a graph that rounds CPU conv counts (else None): for one
+    fixed or eval mask (one shape: the zero channels would be pure cost), and for sampled
+    masks whose kept counts recur (`exact_counts_pay`)."""
     pure: fx.GraphModule | None = None
     """The score graph: the pure forward of masks 2..K (built when first needed)."""
     _train: Callable[..., Any] | None = field(default=None, repr=False)
     _train_exact: Callable[..., Any] | None = field(default=None, repr=False)
     _score: Callable[..., Any] | None = field(default=None, repr=False)
+    _recurring: RecurringCounts = field(default_factory=RecurringCounts)
 
     def arguments(self, flat: Sequence[Any], indices: Sequence[Tensor]) -> list[Any]:
         values = iter(flat)
@@ -305,10 +309,14 @@ class _Program:
         ]
         return args + list(indices)
 
-    def train(self, fixed: bool = False) -> Callable[..., Any]:
-        """The compact training graph (also the eval graph: mask from the runtime); with
-        `fixed` masks its exact-count twin where there is one, compiled on first use."""
-        if fixed and self.exact is not None:
+    def exact_counts_pay(self, indices: Sequence[Tensor]) -> bool:
+        """Whether a sampled mask with these kept indices runs `exact` (`RecurringCounts`)."""
+        return self.exact is not None and self._recurring.recur(indices)
+
+    def train(self, exact: bool = False) -> Callable[..., Any]:
+        """The compact training graph (also the eval graph: mask from the runtime), or with
+        `exact` its exact-count twin where there is one; each compiled on first use."""
+        if exact and self.exact is not None:
             if self._train_exact is None:
                 self._train_exact = _inductor(self.exact)
             return self._train_exact
@@ -388,7 +396,7 @@ class CompiledGraph:
             )
 
         graph = rewrite(multiple)
-        exact = rewrite(1) if multiple > 1 else None
+        exact = rewrite(1) if rounds_convolutions(graph) else None
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph), exact)
         record = GraphRecord(
             f"{self.frame.name} graph",
@@ -437,9 +445,10 @@ class CompiledGraph:
             return outputs
         masks, step = runtime.masks_for_forward(self.training)
         indices = runtime.structure.indices
-        train = program.train(fixed=runtime.structure.fixed is not None)
+        kept = indices(masks[0])
+        train = program.train(exact=step is None or program.exact_counts_pay(kept))
         outputs, noises = split_noises(
-            train(*program.arguments(flat, _mark_dynamic(indices(masks[0])))), program.noises
+            train(*program.arguments(flat, _mark_dynamic(kept))), program.noises
         )
         if step is not None:
             with torch.no_grad():

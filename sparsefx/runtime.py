@@ -32,6 +32,7 @@ from sparsefx.passes import (
     call_ops_directly,
     copy_graph_module,
     rewrite_compact,
+    rounds_convolutions,
     score_graph,
     shared_noise_count,
 )
@@ -513,6 +514,30 @@ ONEDNN_CACHE_CAPACITY = 1024
 
 
 @dataclass
+class RecurringCounts:
+    """Which sampled masks run a program's exact-count graph: those whose kept counts were
+    sampled `RECURRING` times before. oneDNN caches one primitive per convolution shape, so
+    counts that recur compile once and then run without the rounding's zero channels and
+    padding copies; counts seen once or never run the rounded graph, whose shapes are cached
+    already. Once the search polarises s, the sampled counts hardly change and nearly every
+    step runs exact (13% less time a step on the Fashion-MNIST wide CNN,
+    benchmarks/cpu_channels.py). At most oneDNN's cache capacity of count vectors are
+    remembered, least recently seen dropped first. Eager and compiled programs share it."""
+
+    seen: OrderedDict[tuple[int, ...], int] = field(default_factory=OrderedDict)
+    """How often each vector of kept counts was sampled (least recently seen first)."""
+
+    def recur(self, indices: Sequence[Tensor]) -> bool:
+        """Count this mask's kept counts; whether they were sampled `RECURRING` times before."""
+        counts = tuple(int(i.numel()) for i in indices)
+        seen = self.seen.pop(counts, 0)
+        self.seen[counts] = seen + 1
+        if len(self.seen) > ONEDNN_CACHE_CAPACITY:
+            self.seen.popitem(last=False)
+        return seen >= RECURRING
+
+
+@dataclass
 class _Program:
     """One captured mode and input signature, rewritten to compact form."""
 
@@ -525,26 +550,12 @@ class _Program:
     noises: int
     """Trailing outputs of `graph` that are dropout noise for `score` to reuse."""
     _owners: list[tuple[dict[str, Any], str] | None] | None = None
-    _seen_counts: OrderedDict[tuple[int, ...], int] = field(default_factory=OrderedDict)
-    """How often each vector of kept counts was sampled (least recently seen first)."""
+    _recurring: RecurringCounts = field(default_factory=RecurringCounts)
 
     def exact_counts_pay(self, indices: Sequence[Tensor]) -> bool:
-        """Whether a sampled mask with these kept indices runs `fixed_graph`: its kept counts
-        were sampled `RECURRING` times before. oneDNN caches one primitive per convolution
-        shape, so counts that recur compile once and then run without the rounding's zero
-        channels and padding copies; counts seen once or never run `graph`, whose rounded
-        shapes are cached already. Once the search polarises s, the sampled counts hardly
-        change and nearly every step runs exact (13% less time a step on the Fashion-MNIST
-        wide CNN, benchmarks/cpu_channels.py). At most oneDNN's cache capacity of count
-        vectors are remembered, least recently seen dropped first."""
-        if self.fixed_graph is self.graph:
-            return False
-        counts = tuple(int(i.numel()) for i in indices)
-        seen = self._seen_counts.pop(counts, 0)
-        self._seen_counts[counts] = seen + 1
-        if len(self._seen_counts) > ONEDNN_CACHE_CAPACITY:
-            self._seen_counts.popitem(last=False)
-        return seen >= RECURRING
+        """Whether a sampled mask with these kept indices runs `fixed_graph`
+        (`RecurringCounts`)."""
+        return self.fixed_graph is not self.graph and self._recurring.recur(indices)
 
     def arguments(self, model: nn.Module, flat: Sequence[Any], indices: list[Tensor]) -> list:
         """Graph inputs in placeholder order: state, user inputs, group indices.
@@ -653,7 +664,7 @@ class SparseModule(nn.Module):
         masks: one mask is one shape, so rounding would only add zero channels."""
         multiple = self.config.conv_channel_multiple if self._on_cpu and captured.training else 1
         graph = self._rewrite(captured, analysis, multiple)
-        fixed = self._rewrite(captured, analysis, 1) if multiple > 1 else graph
+        fixed = self._rewrite(captured, analysis, 1) if rounds_convolutions(graph) else graph
         score = score_graph(graph, captured.inputs) if captured.training else None
         mode = "training" if captured.training else "eval"
         record = GraphRecord(f"{mode} graph", captured, analysis, graph, score, config=self.config)

@@ -19,6 +19,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import sparsefx
+from sparsefx import runtime
 
 OPTIONS = {"density": 0.5, "seed": 3}
 
@@ -347,6 +348,23 @@ def test_graph_break_between_prunable_layers_fails_at_compile_time_naming_it():
         ),
     ):
         cmodel(*data())
+
+
+def test_compiled_conv_net_runs_exact_counts_when_sampled_counts_recur(monkeypatch):
+    """As eager programs do (`runtime.RecurringCounts`): a sampled mask whose kept counts were
+    sampled RECURRING = 2 times before runs the exact-count graph, others the rounded one."""
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = ConvNet().double()
+    cmodel = torch.compile(model, backend="sparsefx", options=OPTIONS)
+    cmodel(x, y).backward()  # compiles; the structure exists from here
+    structure = sparsefx.compiled.runtime_of(model).structure
+    keep_all = torch.ones(1, structure.probabilities.numel(), dtype=torch.bool)
+    monkeypatch.setattr(structure, "sample", lambda k: keep_all.expand(k, -1))
+    ran = [_sparsefx_ops_of_a_step(lambda: cmodel(x, y).backward()) for _ in range(4)]
+    exact = ["sparsefx::conv" in ops for ops in ran]
+    assert runtime.RECURRING == 2
+    # the compiling call sampled fewer channels; these counts recur from their third step
+    assert exact == [False, False, True, True], ran
 
 
 def test_two_instances_of_one_class_get_their_own_structures():

@@ -163,7 +163,8 @@ def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks()
         counts.append(counters["stats"]["unique_graphs"])
     groups = sparsefx.groups(model)
     assert any("layer.0.convolution" in g.name for g in groups), [g.name for g in groups]
-    assert counts[-1] == counts[0], f"recompiled as the masks changed: {counts}"
+    # one more graph at most: the exact-count twin, compiled once when kept counts recur
+    assert counts[-1] - counts[0] <= 1, f"recompiled as the masks changed: {counts}"
 
 
 # -- transformers: attention heads and MLP neurons ------------------------------------------

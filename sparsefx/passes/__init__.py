@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
@@ -26,6 +27,7 @@ __all__ = [
     "keep_outputs",
     "opaque_compact_convolutions",
     "rewrite_compact",
+    "rounds_convolutions",
     "score_graph",
     "shared_noise_count",
 ]
@@ -57,6 +59,13 @@ def rewrite_compact(
     if triton_kernels:
         gm = use_triton_kernels(gm, sparse_gradients=sparse_gradients)
     return _finalize(sample_dropout_noise(gm))
+
+
+def rounds_convolutions(gm: fx.GraphModule) -> bool:
+    """Whether `gm` runs a convolution on rounded channel counts (`bucket_convolutions`):
+    only then does an exact-count twin of it differ from it."""
+    bucketed = torch.ops.sparsefx.bucketed_convolution.default
+    return any(node.target is bucketed for node in gm.graph.nodes)
 
 
 def score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
