@@ -389,6 +389,23 @@ def test_two_instances_of_one_class_get_their_own_structures():
     assert sparsefx.stats(cfirst)["frozen"] == 0.0
 
 
+def test_compiled_closures_over_two_models_get_their_own_structures():
+    """The same guard for a model a compiled function reads from its closure: one factory
+    (one code object) compiled twice over two models."""
+
+    def make_step():
+        net = Net()
+        return net, compiled(lambda x, y: net(x, y))
+
+    x, y = data()
+    (first, first_step), (second, second_step) = make_step(), make_step()
+    first_step(x, y).backward()
+    second_step(x, y).backward()
+    runtimes = [sparsefx.compiled.runtime_of(net) for net in (first, second)]
+    assert None not in runtimes and runtimes[0] is not runtimes[1]
+    assert [int(r.structure.step) for r in runtimes] == [1, 1]
+
+
 def test_inspection_and_freezing_work_as_on_a_transformed_model():
     x, y = data()
     model = Net()
