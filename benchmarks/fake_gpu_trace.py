@@ -101,6 +101,7 @@ sys.path.insert(0, str(ROOT))
 
 import sparsefx  # noqa: E402
 import sparsefx.runtime  # noqa: E402
+from examples import models as examples  # noqa: E402
 from sparsefx.kernels import interpreting  # noqa: E402
 
 assert not interpreting(), "TRITON_INTERPRET must be unset"
@@ -318,15 +319,6 @@ class Case:
     options: dict
 
 
-def _examples():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sparsefx_examples", ROOT / "examples/models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _mlp() -> Case:
     model = nn.Sequential(
         nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)
@@ -344,69 +336,38 @@ def _cnn() -> Case:
 
 
 def _gpt2() -> Case:
-    model, kwargs = _examples().gpt2()  # vocab 512, 4 layers, n_embd 256; 2 x 64 tokens
+    model, kwargs = examples.gpt2()  # vocab 512, 4 layers, n_embd 256; 2 x 64 tokens
     return Case(model, (), kwargs, None, {})
 
 
 def _bert() -> Case:
-    import transformers
+    from tests.test_hf_models import _bert  # the HF tests' small config (hidden 16, 2 layers)
 
-    config = transformers.BertConfig(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    model = transformers.BertForSequenceClassification(config)
-    ids = torch.randint(0, 512, (2, 16))
-    return Case(model, (), {"input_ids": ids, "labels": torch.tensor([0, 2])}, None, {})
+    ids = torch.randint(0, 64, (2, 8))
+    return Case(_bert(), (), {"input_ids": ids, "labels": torch.tensor([0, 2])}, None, {})
 
 
 def _vit() -> Case:
-    import transformers
+    from tests.test_hf_models import _vit  # 8 x 8 images, 4 x 4 patches, hidden 16
 
-    config = transformers.ViTConfig(
-        image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=128, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    model = transformers.ViTForImageClassification(config)
-    x = torch.randn(2, 3, 16, 16)
-    return Case(model, (x,), {"labels": torch.tensor([0, 2])}, None, {})
+    x = torch.randn(2, 3, 8, 8)
+    return Case(_vit(), (x,), {"labels": torch.tensor([0, 2])}, None, {})
 
 
 def _hf_resnet() -> Case:
-    model, x = _examples().hf_resnet()  # ResNet-18 layout, 10 labels; 2 x 3 x 32 x 32
+    model, x = examples.hf_resnet()  # ResNet-18 layout, 10 labels; 2 x 3 x 32 x 32
     labels = torch.randint(0, 10, (x.shape[0],))
     return Case(model, (x,), {"labels": labels}, None, {"prune_streams": True})
 
 
 def _mobilenet_v2() -> Case:
-    model, x = _examples().mobilenet_v2()
+    model, x = examples.mobilenet_v2()
     return Case(model, (x,), {}, torch.randint(0, 10, (x.shape[0],)), {})
 
 
-class DenseNetStyle(nn.Module):
-    """Each layer reads the concat of every earlier output (tests/test_coupling.py's model)."""
-
-    def __init__(self, growth: int = 8):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.layers = nn.ModuleList(
-            nn.Conv2d(16 + i * growth, growth, 3, padding=1) for i in range(3)
-        )
-        self.norms = nn.ModuleList(nn.BatchNorm2d(growth) for _ in range(3))
-        self.transition = nn.Conv2d(16 + 3 * growth, 16, 1)
-        self.fc = nn.Linear(16 * 2 * 2, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        features = [F.relu(self.stem(x))]
-        for conv, norm in zip(self.layers, self.norms, strict=True):
-            features.append(F.relu(norm(conv(torch.cat(features, 1)))))
-        h = F.relu(self.transition(torch.cat(features, 1)))
-        return self.fc(F.avg_pool2d(h, 2).flatten(1))
-
-
 def _densenet() -> Case:
+    from tests.test_coupling import DenseNetStyle  # the coupling tests' concat model
+
     return Case(DenseNetStyle(), (torch.randn(4, 3, 4, 4),), {}, torch.randint(0, 3, (4,)), {})
 
 
