@@ -290,7 +290,8 @@ def _block_copy_kernel(
         tl.store(full_ptr + full_off, tl.load(compact_ptr + offs, mask=mask), mask=mask)
 
 
-@triton.jit
+# a new seed every step: specialising it (divisible by 16 or not) would compile two variants
+@triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(
     s_ptr,
     offsets_ptr,
