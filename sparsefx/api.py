@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from sparsefx import compiled
 from sparsefx.analysis import Group, analyze
-from sparsefx.capture import capture
+from sparsefx.capture import capture, eval_mode
 from sparsefx.config import SparseConfig, resolve_config
 from sparsefx.kernels import compact
 from sparsefx.passes import copy_graph_module, rewrite_compact
@@ -290,12 +290,8 @@ def export(
     structure = runtime.structure
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         captured = capture(module, args, kwargs, training=False)
-    finally:
-        module.train(training)
     analysis = analyze(captured.gm, captured.inputs, prune_streams=runtime.config.prune_streams)
     check_same_groups(analysis.groups, runtime.groups)
     graph = rewrite_compact(copy_graph_module(captured.gm), analysis.groups)

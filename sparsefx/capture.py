@@ -108,9 +108,10 @@ def _leaf_matches(expected: Any, value: Any) -> bool:
 def capture(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, training: bool
 ) -> CapturedGraph:
-    """Export `model` in train or eval mode on example inputs, batch dimension dynamic."""
-    with _mode(model, training):
-        ep = _export(model, args, kwargs)
+    """Export `model` on example inputs, batch dimension dynamic, with each submodule in the
+    train/eval mode it is in (a frozen BatchNorm or a disabled Dropout inside a training
+    model stays so). `training` marks a training graph, one that samples masks."""
+    ep = _export(model, args, kwargs)
     return _captured(ep, training=training)
 
 
@@ -269,7 +270,7 @@ def _eager_error(
 ) -> Exception | None:
     """What the model raises on these inputs when run eagerly (eval mode, without autograd:
     BatchNorm statistics do not move), which puts the blame on the inputs, not on tracing."""
-    with _mode(model, False), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             model(*args, **kwargs)
         except Exception as error:  # any failure here is the inputs' fault
@@ -358,10 +359,10 @@ def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 @contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Put every submodule in train/eval mode, then restore each one's own flag."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own flag."""
     flags = {m: m.training for m in model.modules()}
-    model.train(training)
+    model.eval()
     try:
         yield
     finally:

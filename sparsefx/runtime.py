@@ -616,7 +616,8 @@ class SparseModule(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self._programs: dict[bool, list[_Program]] = {True: [], False: []}
+        self._programs: dict[tuple[bool, ...], list[_Program]] = {}
+        self.training = model.training  # the model's modes as they are, submodules' included
         captured = capture(model, example_args, example_kwargs, training=model.training)
         analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
         warn_if_nothing_to_prune(type(model).__name__, analysis)
@@ -626,7 +627,7 @@ class SparseModule(nn.Module):
             analysis, build_cost_model(captured.gm, analysis.groups), config, device
         )
         self.structure = self.runtime.structure
-        self._programs[model.training].append(self._compile(captured, analysis))
+        self._programs[self._modes()] = [self._compile(captured, analysis)]
 
     @property
     def groups(self) -> list[Group]:
@@ -644,7 +645,7 @@ class SparseModule(nn.Module):
         first forward after loading captures again, as for any new input signature."""
         runtime = copy.copy(self.runtime)  # the same structure state, no graph records
         runtime.graphs = []
-        return {**self.__dict__, "_programs": {True: [], False: []}, "runtime": runtime}
+        return {**self.__dict__, "_programs": {}, "runtime": runtime}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseModule:
         """A copy with its programs (no capture on the copy's first forward)."""
@@ -686,10 +687,17 @@ class SparseModule(nn.Module):
             conv_channel_multiple=conv_channel_multiple,
         )
 
+    def _modes(self) -> tuple[bool, ...]:
+        """What programs are kept by besides their inputs: this module's train/eval flag and
+        each of the model's submodules' (a BatchNorm frozen in eval, or a Dropout disabled,
+        inside a training model is captured as such: a graph of its own)."""
+        return (self.training, *(m.training for m in self.model.modules()))
+
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
-        """The compiled program for this mode and input signature, capturing a new one if
+        """The compiled program for these modes and input signature, capturing a new one if
         none matches (a new mode, structure, dtype or static shape)."""
-        for program in self._programs[self.training]:
+        programs = self._programs.setdefault(self._modes(), [])
+        for program in programs:
             if program.captured.matches(flat, spec):
                 return program
         args, kwargs = pytree.tree_unflatten(flat, spec)
@@ -706,7 +714,7 @@ class SparseModule(nn.Module):
         analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
         check_same_groups(analysis.groups, self.groups)
         program = self._compile(captured, analysis)
-        self._programs[self.training].append(program)
+        programs.append(program)
         return program
 
     # -- the step ------------------------------------------------------------------------

@@ -479,7 +479,7 @@ def test_more_samples_run_more_pure_forwards():
     model = LossModel()
     config = sparsefx.SparseConfig(density=0.5, samples=4, seed=1)
     sparse = sparsefx.transform(model, data(), config=config)
-    program = sparse._programs[True][0]
+    program = sparse._programs[sparse._modes()][0]
     calls = []
     program.score.register_forward_hook(lambda *_: calls.append(1))
     x, y = data()
@@ -498,7 +498,9 @@ def _draw(sparse, rows: list[int], samples: int) -> None:
 def _step(sparse, x, y) -> tuple[Tensor, int]:
     """One backward: the structure gradient it commits, and the pure forwards it ran."""
     calls = []
-    hook = sparse._programs[True][0].score.register_forward_hook(lambda *_: calls.append(1))
+    hook = sparse._programs[sparse._modes()][0].score.register_forward_hook(
+        lambda *_: calls.append(1)
+    )
     sparse(x, y).backward()
     hook.remove()
     return sparse.structure.pending, len(calls)

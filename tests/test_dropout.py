@@ -98,7 +98,7 @@ def _data():
 def _program(hidden_p: float):
     x, y = _data()
     sparse = sparsefx.transform(DropoutNet(hidden_p), (x, y), density=0.5)
-    program = sparse._programs[True][0]
+    program = sparse._programs[sparse._modes()][0]
     mask = sparse.structure.sample(1)[0]
     args = program.arguments(sparse.model, [x, y], sparse.structure.indices(mask))
     return program, args

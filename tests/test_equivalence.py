@@ -151,4 +151,46 @@ def test_batch_size_can_change_between_calls(batch):
     with masked(reference, ends, masks):
         expected = reference(x)
     torch.testing.assert_close(sparse(x), expected)
-    assert len(sparse._programs[True]) == 1, "a new batch size must not need a new capture"
+    assert len(sparse._programs[sparse._modes()]) == 1, "a new batch size needs no new capture"
+
+
+def test_submodules_in_eval_inside_a_training_model_match_reference():
+    """A BatchNorm frozen in eval (running statistics used, not updated) inside a training
+    model is captured as such, and so is the model once it is unfrozen again."""
+    spec = Spec(3, (6,), (10,), 4, "relu", batch_norm=True, pool=True)
+    model, reference, ends, sparse, x = _pair(spec, torch.float64, 4, 0)
+    masks = [torch.rand(6) < 0.6, torch.rand(10) < 0.6]
+    for mask in masks:
+        mask[0] = True
+    sparsefx.set_masks(
+        sparse, {g.name: m for g, m in zip(sparsefx.groups(sparse), masks, strict=True)}
+    )
+    norms = [i for i, m in enumerate(model) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for i in norms:  # statistics that differ from a fresh batch's
+        model[i].running_mean.uniform_(-1, 1)
+        model[i].running_var.uniform_(0.5, 2)
+        reference[i].load_state_dict(model[i].state_dict())
+    for frozen in (True, False):
+        sparse.train()
+        reference.train()
+        for i in norms:
+            model[i].train(not frozen)
+            reference[i].train(not frozen)
+        before = [model[i].running_mean.clone() for i in norms]
+        out = sparse(x)
+        out.square().mean().backward()
+        with masked(reference, ends, masks):
+            expected = reference(x)
+            expected.square().mean().backward()
+        torch.testing.assert_close(out, expected)
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+        for b, c in zip(model.buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(b, c)
+        unchanged = all(
+            torch.equal(b, model[i].running_mean) for b, i in zip(before, norms, strict=True)
+        )
+        assert unchanged == frozen
+        assert all(model[i].training is not frozen for i in norms), "flags are the user's"
+        model.zero_grad()
+        reference.zero_grad()

@@ -260,7 +260,7 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients)
         criterion(sparse(x)).backward()
     assert "aten" in seen.names and "sparsefx" not in seen.names
 
-    program, (record,) = sparse._programs[True][0], sparse.runtime.graphs
+    program, (record,) = sparse._programs[sparse._modes()][0], sparse.runtime.graphs
     fused = torch.ops.sparsefx.gather_weight.default, compact.gathered_bucketed_convolution_direct
     assert [sum(n.target is t for n in program.graph.graph.nodes) for t in fused] == [0, 2]
     assert any(
