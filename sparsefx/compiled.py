@@ -44,17 +44,18 @@ from sparsefx.passes import (
 )
 from sparsefx.runtime import (
     GraphRecord,
-    MissingLossError,
     RecurringCounts,
     SampledStep,
     SparseRuntime,
     check_same_groups,
     counterparts,
     detached,
+    fail_unless_resolved,
     missing_loss_message,
     register_counterparts,
     samples_agree,
     split_noises,
+    unseen_loss_message,
     warn_if_nothing_to_prune,
 )
 
@@ -287,7 +288,8 @@ class _Program:
     captured: CapturedGraph
     graph: fx.GraphModule
     loss_index: int | None
-    """Position of the loss among the graph outputs (first floating-point scalar)."""
+    """Position of the loss among the graph outputs (first floating-point scalar), None where
+    the graph returns no loss or wrap_loss's criterion computes it."""
     noises: int
     """Trailing outputs of `graph` that are dropout noise for the score graph to reuse."""
     exact: fx.GraphModule | None = None
@@ -329,6 +331,16 @@ class _Program:
         if self._score is None:
             self._score = _inductor(self.pure_forward())
         return self._score
+
+    def take_loss_from_criterion(self) -> bool:
+        """wrap_loss's criterion computes this graph's loss, not a scalar among its outputs
+        (a logits model may return an auxiliary scalar as well), unless that scalar is the
+        only output: the score graph then returns every output. Whether this changed it."""
+        (output,) = self.graph.graph.find_nodes(op="output")
+        if self.loss_index is None or len(output.args[0]) - self.noises == 1:
+            return False
+        self.loss_index, self.pure, self._score = None, None, None
+        return True
 
     def reused(self, outputs: Sequence[Any]) -> list[Any]:
         """What the score graph returns, from the training graph's `outputs`: the score of
@@ -398,6 +410,8 @@ class CompiledGraph:
         graph = rewrite(multiple)
         exact = rewrite(1) if rounds_convolutions(graph) else None
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph), exact)
+        if self.runtime is not None and self.runtime.criterion is not None:
+            program.take_loss_from_criterion()
         record = GraphRecord(
             f"{self.frame.name} graph",
             captured,
@@ -451,6 +465,9 @@ class CompiledGraph:
             train(*program.arguments(flat, _mark_dynamic(kept))), program.noises
         )
         if step is not None:
+            if runtime.criterion is not None and program.take_loss_from_criterion():
+                # wrap_loss came after this graph compiled: the record shows the new score graph
+                self.records[self._programs.index(program)].score = program.pure_forward()
             with torch.no_grad():
                 if samples_agree(masks):
                     others = [program.reused(outputs)] * (len(masks) - 1)
@@ -473,10 +490,11 @@ class CompiledGraph:
             step.runtime.attach_structure_gradient(step, loss, [o[0] for o in others])
             return
         register_counterparts(step, outputs, others)
-        message = missing_loss_message(self.frame.name, self._where())
-        for value in outputs:
-            if isinstance(value, Tensor) and value.requires_grad:
-                value.register_hook(_check_resolved(step, message))
+        if step.runtime.criterion is not None:
+            message = unseen_loss_message(self.frame.name)
+        else:
+            message = missing_loss_message(self.frame.name, self._where())
+        fail_unless_resolved(step, outputs, message)
 
     def _follow_counterparts(
         self, program: _Program, flat: list[Any], outputs: Sequence[Any], noises: list[Tensor]
@@ -506,14 +524,6 @@ class CompiledGraph:
                 "derived from that graph's outputs"
             )
         return detail
-
-
-def _check_resolved(step: SampledStep, message: str) -> Callable[[Tensor], None]:
-    def check(grad: Tensor) -> None:
-        if not step.resolved:
-            raise MissingLossError(message)
-
-    return check
 
 
 def _loss_index(graph: fx.GraphModule) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -318,6 +319,12 @@ A criterion wrapped by `wrap_loss`, or the next compiled graph after a graph bre
 inputs up here to compute the loss under the other masks. Entries die with their tensors."""
 
 
+_VIEWED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Base tensor -> weak references to the registered outputs that are views of it. A graph
+output often is one (a linear on [B, T, C] returns a view of its matmul), and a view the
+user takes of it (``out.view(-1, V)``) has that same ``_base``, not the output."""
+
+
 def register_counterparts(
     step: SampledStep, outputs: Sequence[Any], others: list[Sequence[Any]]
 ) -> None:
@@ -325,13 +332,59 @@ def register_counterparts(
     for i, value in enumerate(outputs):
         if isinstance(value, Tensor):
             _COUNTERPARTS[value] = Counterparts(step, [other[i] for other in others])
+            if value._is_view():
+                _VIEWED.setdefault(value._base, []).append(weakref.ref(value))
+
+
+def _counterparts_of(value: Any) -> Counterparts | None:
+    """The counterparts of a sampled forward's output, or of a view of one (``out.view(-1,
+    V)``, ``out.permute(0, 2, 1)``, ``out[:, -1]``): the same view of each counterpart."""
+    if not isinstance(value, Tensor):
+        return None
+    entry = _COUNTERPARTS.get(value)
+    if entry is not None or not value._is_view():
+        return entry
+    base = value._base
+    outputs = [base, *(o for ref in _VIEWED.get(base, ()) if (o := ref()) is not None)]
+    for output in outputs:
+        entry = _COUNTERPARTS.get(output)
+        if entry is not None and _inside(value, output):
+            views = [_same_view(value, output, other) for other in entry.values]
+            if all(view is not None for view in views):
+                return Counterparts(entry.step, views)
+    return None
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """First and last storage element that `t` addresses."""
+    first = t.storage_offset()
+    return first, first + sum(
+        (n - 1) * stride for n, stride in zip(t.shape, t.stride(), strict=True)
+    )
+
+
+def _inside(view: Tensor, output: Tensor) -> bool:
+    (first, last), (start, end) = _span(view), _span(output)
+    return view.numel() > 0 and start <= first and last <= end
+
+
+def _same_view(view: Tensor, output: Tensor, other: Any) -> Tensor | None:
+    """`view` (a view of `output`'s elements) taken of `other`, a counterpart of `output`
+    with its sizes and strides; None where the layouts differ."""
+    if not isinstance(other, Tensor) or (other.shape, other.stride()) != (
+        output.shape,
+        output.stride(),
+    ):
+        return None
+    offset = other.storage_offset() + view.storage_offset() - output.storage_offset()
+    return other.as_strided(view.shape, view.stride(), offset)
 
 
 def counterparts(tree: Any) -> tuple[SampledStep, list[Any]] | None:
     """`tree` rebuilt under masks 2..K (tensors without counterparts kept as they are), or None
     if no tensor in it came from a sampled forward."""
     leaves, spec = pytree.tree_flatten(tree)
-    found = [_COUNTERPARTS.get(leaf) if isinstance(leaf, Tensor) else None for leaf in leaves]
+    found = [_counterparts_of(leaf) for leaf in leaves]
     step = next((entry.step for entry in found if entry is not None), None)
     if step is None:
         return None
@@ -495,6 +548,37 @@ def check_ranks_agree(structure: StructureState) -> None:
             "different masks: pass the same SparseConfig(seed=...) on every rank (or seed "
             "torch identically before transform), and load the same checkpoint on every rank"
         )
+
+
+def fail_unless_resolved(step: SampledStep, outputs: Sequence[Any], message: str) -> None:
+    """Make a backward through `outputs` raise MissingLossError(message) if no loss of this
+    step was found by then: the structure would otherwise silently not train."""
+
+    def check(grad: Tensor) -> None:
+        if not step.resolved:
+            raise MissingLossError(message)
+
+    for value in outputs:
+        if isinstance(value, Tensor) and value.requires_grad:
+            value.register_hook(check)
+
+
+def criterion_loss_expected(output: Any, criterion: Callable[..., Tensor] | None) -> bool:
+    """Whether wrap_loss's criterion, not a scalar in the output, gives this step's loss: a
+    registered criterion does unless the output is the loss itself (a logits model may also
+    return an auxiliary scalar, which is not the loss)."""
+    return criterion is not None and not _is_scalar_loss(output)
+
+
+def unseen_loss_message(model_name: str) -> str:
+    """What to do when wrap_loss's criterion never saw a sampled forward's output."""
+    return (
+        f"backward ran through an output of {model_name} that the criterion returned by "
+        "sparsefx.wrap_loss was not called on, so sparsefx cannot compute the structure "
+        "gradient. Call that criterion on the output itself or on a view of it (out.view(-1, "
+        "V), out.permute(...), out[:, -1]); a copy (out.float(), out.contiguous(), torch.cat) "
+        "hides the output from it. A model that returns its own loss needs no wrap_loss."
+    )
 
 
 def missing_loss_message(model_name: str, detail: str = "") -> str:
@@ -751,15 +835,17 @@ class SparseModule(nn.Module):
         if step is None:
             return output
         others = self._pure_forwards(program, flat, masks, noises, outputs)
-        loss = find_loss(output)
+        name = type(self.model).__name__
+        loss = None if criterion_loss_expected(output, runtime.criterion) else find_loss(output)
         if loss is not None:
             spec_ = program.captured.out_spec
             losses = [find_loss(pytree.tree_unflatten(o, spec_)) for o in others]
             runtime.attach_structure_gradient(step, loss, losses)
         elif runtime.criterion is not None:
             register_counterparts(step, outputs, others)
+            fail_unless_resolved(step, outputs, unseen_loss_message(name))
         else:
-            raise MissingLossError(missing_loss_message(type(self.model).__name__))
+            raise MissingLossError(missing_loss_message(name))
         return output
 
     @torch.no_grad()

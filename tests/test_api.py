@@ -607,3 +607,98 @@ def test_forward_hooks_on_the_model_run_around_the_sparse_forward():
     criterion(sparse(x), y).backward()
     assert seen == ["pre", torch.Size([12, 3])]
     assert "forward" not in model.__dict__
+
+
+class SequenceModel(nn.Module):
+    """Logits [B, T, V], and optionally an auxiliary scalar beside them (a mixture of
+    experts' balance loss), as language models return them."""
+
+    def __init__(self, aux: bool = False):
+        super().__init__()
+        self.aux = aux
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)
+        )
+
+    def forward(self, x):
+        logits = self.net(x)
+        return (logits, 1e-3 * self.net[4].weight.square().sum()) if self.aux else logits
+
+
+def _structure_gradient(entry: str, model: nn.Module, criterion, loss_of) -> Tensor:
+    """The structure gradient that one training step of `model` commits: the loss is
+    `loss_of(output, wrapped criterion, targets)`."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
+    options = {"density": 0.5, "seed": 0}
+    if entry == "transform":
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    else:
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    wrapped = sparsefx.wrap_loss(sparse, criterion)
+    loss_of(sparse(x), wrapped, y).backward()
+    pending = sparsefx.api._runtime(sparse).structure.pending
+    assert pending is not None, "the step committed no structure gradient"
+    return pending
+
+
+ENTRIES = ["transform", "compile"]
+VIEWS = {
+    "view": lambda out, y: (out.view(-1, 5), y.view(-1)),
+    "permute": lambda out, y: (out.permute(0, 2, 1), y),
+    "slice": lambda out, y: (out[:, -1], y[:, -1]),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("view", VIEWS)
+def test_wrapped_criterion_follows_views_of_the_output(entry, view):
+    """The usual language-model loss, criterion(logits.view(-1, V), y.view(-1)), trains the
+    structure as the same loss does when the criterion takes the view itself."""
+    take = VIEWS[view]
+    torch.manual_seed(0)
+    model = SequenceModel()
+    twin = copy.deepcopy(model)
+    got = _structure_gradient(
+        entry, model, F.cross_entropy, lambda out, crit, y: crit(*take(out, y))
+    )
+    expected = _structure_gradient(
+        entry,
+        twin,
+        lambda out, y: F.cross_entropy(*take(out, y)),
+        lambda out, crit, y: crit(out, y),
+    )
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_backward_past_the_wrapped_criterion_is_a_clear_error(entry):
+    """A copy of the output hides it from the criterion: the step's backward says so rather
+    than leave the structure silently untrained."""
+    with pytest.raises(sparsefx.MissingLossError, match="was not called on"):
+        _structure_gradient(
+            entry,
+            SequenceModel(),
+            F.cross_entropy,
+            lambda out, crit, y: crit(out.permute(0, 2, 1).contiguous(), y),
+        )
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_wrapped_criterion_takes_precedence_over_an_auxiliary_scalar(entry):
+    """With wrap_loss the criterion's loss trains the structure, not a scalar that the model
+    returns beside its logits (here one that no mask changes: its gradient would be 0)."""
+    torch.manual_seed(0)
+    plain, with_aux = SequenceModel(), SequenceModel(aux=True)
+    with_aux.load_state_dict(plain.state_dict())
+    expected = _structure_gradient(
+        entry, plain, F.cross_entropy, lambda out, crit, y: crit(out.permute(0, 2, 1), y)
+    )
+    got = _structure_gradient(
+        entry,
+        with_aux,
+        F.cross_entropy,
+        lambda out, crit, y: crit(out[0].permute(0, 2, 1), y) + out[1],
+    )
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected)
