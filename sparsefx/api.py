@@ -306,7 +306,7 @@ def export(
     graph = fold_constants(inline_state(graph, captured.inputs, state, kept))
     program = torch.export.export(_CompactInference(graph, captured.out_spec), args, kwargs)
     return program.run_decompositions(
-        {torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_reference}
+        {torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_functional}
     )
 
 

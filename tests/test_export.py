@@ -25,6 +25,15 @@ def _cnn() -> nn.Module:
     )  # fmt: skip
 
 
+def _cnn_adaptive_max_pool() -> nn.Module:
+    """Adaptive max pooling reads its input at full width, so the exported program scatters
+    the compact channels back (the scatter decomposed into aten ops)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )  # fmt: skip
+
+
 def _hf_resnet() -> nn.Module:
     config = transformers.ResNetConfig(
         layer_type="basic", embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1], num_labels=3
@@ -34,6 +43,7 @@ def _hf_resnet() -> nn.Module:
 
 MODELS = {  # builder, options, input size
     "cnn": (_cnn, {}, 16),
+    "cnn-scatter": (_cnn_adaptive_max_pool, {}, 8),
     "resnet-style": (ResNetStyle, {}, 16),
     "resnet-style-streams": (ResNetStyle, {"prune_streams": True}, 16),
     "mobilenet-v2-style": (MobileNetV2Style, {}, 16),

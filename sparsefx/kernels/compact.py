@@ -112,11 +112,18 @@ gather_weight.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 def scatter_channels_reference(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
-    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere
-    (aten ops only: also the decomposition an exported compact model runs)."""
+    """Full-width copy of compact `x` along `dim`: x's slices at `idx`, zeros elsewhere."""
     shape = list(x.shape)
     shape[dim] = size
     return x.new_zeros(shape).index_copy_(dim, idx, x)
+
+
+def scatter_channels_functional(x: Tensor, idx: Tensor, dim: int, size: int) -> Tensor:
+    """scatter_channels in functional aten ops: the decomposition an exported compact model
+    runs (`run_decompositions` needs a graph without in-place ops)."""
+    shape = list(x.shape)
+    shape[dim] = size
+    return x.new_zeros(shape).index_copy(dim, idx, x)
 
 
 scatter_channels = torch.library.custom_op("sparsefx::scatter_channels", mutates_args=())(
