@@ -119,6 +119,16 @@ class StructureState(nn.Module):
         self._sampled: tuple[Tensor, list[list[Tensor]], Tensor] | None = None
         """The Triton sampler's last masks, with their per-group indices and score terms."""
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StructureState:
+        """`.to(device)`, `.cuda()` move the state with the model; `.half()`, `.double()`,
+        `.to(dtype)` do not cast it: s and its score optimizer stay in float32 (in float16
+        Adam's step overflows and s turns NaN; `stats` would mix dtypes)."""
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                device = fn(buffer.new_empty(0)).device
+                self._buffers[name] = buffer.to(device)
+        return self
+
     # -- the score optimizer is bound to the buffer lazily: .to() replaces buffers ----------
 
     def optimizer(self) -> torch.optim.Optimizer:

@@ -702,3 +702,25 @@ def test_wrapped_criterion_takes_precedence_over_an_auxiliary_scalar(entry):
     )
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_casting_the_sparse_model_keeps_the_structure_state_in_float32(dtype):
+    """`smodel.half()` and the like cast the model's weights, not s: in float16 the score
+    optimizer's step overflowed and s turned NaN for good."""
+    torch.manual_seed(0)
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    criterion(sparse(x), y).backward()  # a structure gradient pending across the cast
+    before = sparse.structure.probabilities.clone()
+    sparse.to(dtype)
+    assert model[0].weight.dtype == dtype
+    for _ in range(3):
+        criterion(sparse(x.to(dtype)), y).backward()
+    structure = sparse.structure
+    assert structure.probabilities.dtype == structure.costs.dtype == torch.float32
+    assert torch.isfinite(structure.probabilities).all()
+    assert not torch.equal(before, structure.probabilities)
+    assert 0 < sparsefx.stats(sparse)["flops_fraction"] < 1
