@@ -23,6 +23,7 @@ from sparsefx.passes.export import (
 )
 from sparsefx.policy import round_group_counts
 from sparsefx.runtime import (
+    TRANSFORMED,
     SparseModule,
     SparseRuntime,
     check_same_groups,
@@ -86,6 +87,12 @@ def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..
     model = _without_ddp(model)
     if isinstance(model, SparseModule):
         model.runtime.criterion = criterion
+    elif model in TRANSFORMED:
+        raise TypeError(
+            f"wrap_loss got the {type(model).__name__} that sparsefx.transform wrapped; pass "
+            "the sparse model transform returned (`smodel = sparsefx.transform(model, ...)`, "
+            "then `sparsefx.wrap_loss(smodel, criterion)` and train with `smodel(x)`)"
+        )
     elif isinstance(model, nn.Module):
         compiled.set_criterion(model, criterion)
     else:
@@ -416,8 +423,12 @@ def _mean_eval_loss(
 
 
 def _without_ddp(model: Any) -> Any:
-    """The module a DistributedDataParallel wrapper trains (any other model as is)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The module a DistributedDataParallel wrapper trains, and the transformed model inside
+    `torch.compile(smodel)` (any other model as is)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, SparseModule) else model
 
 
 def _runtime(model: Any) -> SparseRuntime:

@@ -693,6 +693,10 @@ def _owner(model: nn.Module, kind: InputKind, target: str) -> tuple[dict[str, An
     return table, name
 
 
+TRANSFORMED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""The models that `transform` wrapped in a SparseModule (for errors that name the mix-up)."""
+
+
 class SparseModule(nn.Module):
     """An nn.Module that trains `model` with VR-PGE through compact graphs.
 
@@ -722,6 +726,7 @@ class SparseModule(nn.Module):
         )
         self.structure = self.runtime.structure
         self._programs[self._modes()] = [self._compile(captured, analysis)]
+        TRANSFORMED.add(model)
 
     @property
     def groups(self) -> list[Group]:

@@ -421,6 +421,27 @@ def test_api_functions_reject_plain_modules():
         sparsefx.transform(lambda x: x, torch.randn(2), density=0.5)
 
 
+def test_wrap_loss_on_the_original_model_names_the_mix_up():
+    model = mlp()
+    sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    with pytest.raises(TypeError, match=r"sparsefx\.wrap_loss\(smodel, criterion\)"):
+        sparsefx.wrap_loss(model, nn.CrossEntropyLoss())
+
+
+def test_a_compiled_transformed_model_is_the_transformed_model_to_the_api():
+    """torch.compile(smodel) (any backend) trains smodel: wrap_loss and the inspection
+    functions reach it through the compile wrapper."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    compiled = torch.compile(sparse, backend="eager")
+    criterion = sparsefx.wrap_loss(compiled, nn.CrossEntropyLoss())
+    x, y = data()
+    criterion(compiled(x), y).backward()
+    assert sparse.structure.pending is not None
+    assert sparsefx.groups(compiled) == sparsefx.groups(sparse)
+    assert sparsefx.stats(compiled) == sparsefx.stats(sparse)
+
+
 def test_transform_shares_parameters_with_the_original_model():
     model = mlp()
     sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
