@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,34 +73,32 @@ class SparseConfig:
     (Triton's interpreter, for testing)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.density, bool) or not isinstance(self.density, int | float):
-            raise TypeError(f"density must be a float in (0, 1], got {self.density!r}")
+        _check_real("density", self.density, "a float in (0, 1]")
         if not 0.0 < float(self.density) <= 1.0:
             raise ValueError(
                 f"density must be in (0, 1] (the kept fraction of the budget), got {self.density}"
             )
-        if not isinstance(self.samples, int) or self.samples < 2:
-            raise ValueError(
-                f"samples must be an int >= 2 (VR-PGE needs a second sample), got {self.samples!r}"
-            )
+        _check_int("samples", self.samples, 2, "VR-PGE needs a second sample")
         _check_choice("budget", self.budget, _BUDGETS)
         _check_choice("score_form", self.score_form, _SCORE_FORMS)
         _check_choice("score_optimizer", self.score_optimizer, _SCORE_OPTIMIZERS)
         _check_choice("kernels", self.kernels, _KERNELS)
-        if not self.score_lr > 0:
-            raise ValueError(f"score_lr must be > 0, got {self.score_lr}")
-        if not isinstance(self.sparse_gradients, bool):
-            raise TypeError(f"sparse_gradients must be a bool, got {self.sparse_gradients!r}")
-        multiple = self.conv_channel_multiple
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise ValueError(f"conv_channel_multiple must be an int >= 1, got {multiple!r}")
-        warmup = self.budget_warmup
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(
-                f"budget_warmup must be an int >= 0 (training steps; 0: no warm-up), got {warmup!r}"
-            )
+        _check_real("score_lr", self.score_lr, "a finite float > 0")
+        if not 0 < self.score_lr < math.inf:
+            raise ValueError(f"score_lr must be a finite float > 0, got {self.score_lr}")
+        _check_real("score_eps", self.score_eps, "a float in (0, 0.5)")
         if not 0.0 < self.score_eps < 0.5:
             raise ValueError(f"score_eps must be in (0, 0.5), got {self.score_eps}")
+        for name in ("sparse_gradients", "prune_streams"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_int("conv_channel_multiple", self.conv_channel_multiple, 1, "1: exact counts")
+        _check_int("budget_warmup", self.budget_warmup, 0, "training steps; 0: no warm-up")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise TypeError(f"seed must be an int (or None to draw one), got {self.seed!r}")
+            if not -(2**63) <= self.seed < 2**63:
+                raise ValueError(f"seed must fit in an int64, got {self.seed}")
 
     @classmethod
     def from_options(cls, options: dict) -> SparseConfig:
@@ -115,6 +114,18 @@ class SparseConfig:
                 f"valid options: {sorted(valid)}"
             )
         return cls(**options)
+
+
+def _check_real(name: str, value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum} ({hint}), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} ({hint}), got {value!r}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

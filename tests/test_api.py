@@ -396,6 +396,35 @@ def test_config_rejects_bad_options_naming_the_valid_ones():
         sparsefx.SparseConfig.from_options({"density": 0.5, "sample": 2})
 
 
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        ({"score_lr": float("inf")}, ValueError),
+        ({"score_lr": float("nan")}, ValueError),
+        ({"score_lr": "0.1"}, TypeError),
+        ({"score_lr": True}, TypeError),
+        ({"score_eps": None}, TypeError),
+        ({"samples": 2.0}, TypeError),
+        ({"seed": "abc"}, TypeError),
+        ({"seed": 1.5}, TypeError),
+        ({"seed": -(2**64)}, ValueError),
+        ({"seed": 2**64}, ValueError),
+        ({"prune_streams": "no"}, TypeError),
+        ({"sparse_gradients": 1}, TypeError),
+        ({"conv_channel_multiple": 8.0}, TypeError),
+        ({"budget_warmup": -1}, ValueError),
+    ],
+    ids=repr,
+)
+def test_config_rejects_bad_values_naming_the_option(option, error):
+    """Every option is checked when the config is built, and the error names it; bad values
+    used to pass and fail steps later (an infinite score lr turned s NaN) or fail in torch
+    without naming the option (a string seed)."""
+    (name,) = option
+    with pytest.raises(error, match=name):
+        sparsefx.SparseConfig(density=0.5, **option)
+
+
 def test_mismatched_example_inputs_are_a_clear_error():
     with pytest.raises(sparsefx.CaptureError, match="example inputs"):
         sparsefx.transform(mlp(), torch.randn(4, 9), density=0.5)
