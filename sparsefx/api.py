@@ -188,6 +188,10 @@ def freeze(
         raise ValueError(
             f"multiple must be an int >= 1 (1 keeps the exact counts), got {multiple!r}"
         )
+    if strategy not in ("topk", "best"):
+        raise ValueError(f'freeze strategy must be "topk" or "best", got {strategy!r}')
+    if strategy == "best":
+        batches = _held_out_batches(batches, num_samples)
     sparse = _runtime(model)
     structure = sparse.structure
     if structure.warming_up():
@@ -200,22 +204,36 @@ def freeze(
     if strategy == "topk":
         structure.fixed = None
         mask = structure.deterministic_mask().clone()
-    elif strategy == "best":
-        if batches is None:
-            raise ValueError('freeze(strategy="best") needs held-out `batches` to score masks on')
-        batches = list(batches)
+    else:
         candidates = structure.sample(num_samples)
         module = _callable_module(model)
         scores = [_mean_eval_loss(sparse, module, mask, batches) for mask in candidates]
         mask = candidates[int(torch.tensor(scores).argmin())].clone()
-    else:
-        raise ValueError(f'freeze strategy must be "topk" or "best", got {strategy!r}')
     if multiple > 1:
         mask = round_group_counts(
             mask, structure.probabilities, structure.offsets, multiple, structure.costs,
             structure.budget,
         )  # fmt: skip
     structure.fixed = mask
+
+
+def _held_out_batches(batches: Iterable[tuple[Any, ...]] | None, num_samples: int) -> list:
+    """freeze("best")'s arguments, checked before anything changes."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if batches is None:
+        raise ValueError('freeze(strategy="best") needs held-out `batches` to score masks on')
+    batches = list(batches)
+    if not batches:
+        raise ValueError('freeze(strategy="best") got no batches: every mask would score 0')
+    for batch in batches:
+        if not isinstance(batch, tuple | list):
+            raise TypeError(
+                "each of freeze's `batches` is a tuple of forward arguments (with a wrapped "
+                "criterion, its last element the target), e.g. batches=[(x_val, y_val)]; got "
+                f"a {type(batch).__name__}"
+            )
+    return batches
 
 
 def unfreeze(model: nn.Module) -> None:

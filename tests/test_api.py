@@ -271,6 +271,31 @@ def test_freeze_best_picks_the_lowest_loss_sample():
     assert any(torch.equal(mask, chosen) for mask in draws)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batches": []}, ValueError, "no batches"),
+        ({"batches": None}, ValueError, "held-out `batches`"),
+        ({"batches": "pairs"}, TypeError, r"batches=\[\(x_val, y_val\)\]"),
+        ({"num_samples": 2.5}, ValueError, "num_samples"),
+        ({"num_samples": 0}, ValueError, "num_samples"),
+    ],
+    ids=repr,
+)
+def test_freeze_best_checks_its_arguments_before_changing_anything(kwargs, error, match):
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(LossModel(), data(), density=0.5)
+    x, y = data()
+    sparse(x, y).backward()  # a pending structure gradient, which a refused call keeps
+    pending, step = sparse.structure.pending.clone(), int(sparse.structure.step)
+    if kwargs.get("batches") == "pairs":
+        kwargs = {"batches": (x, y)}  # the tensors themselves, not a list of (x, y) tuples
+    with pytest.raises(error, match=match):
+        sparsefx.freeze(sparse, "best", **{"batches": [(x, y)], **kwargs})
+    assert torch.equal(sparse.structure.pending, pending)
+    assert int(sparse.structure.step) == step and sparse.structure.fixed is None
+
+
 def test_freeze_best_rounds_the_chosen_sample_to_multiples():
     """freeze("best", multiple=4) picks the same sample as without `multiple` (same sampler
     state), then rounds its counts exactly as `round_group_counts` does."""
