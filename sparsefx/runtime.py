@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
@@ -809,10 +810,15 @@ class SparseModule(nn.Module):
                 "and eval) with inputs of the final shapes before calling fully_shard"
             )
         log.info("sparsefx: capturing %s graph", mode)
-        captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
-        analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
-        check_same_groups(analysis.groups, self.groups)
-        program = self._compile(captured, analysis)
+        # outside the caller's dispatch modes: a FlopCounterMode around the first call in a
+        # new mode would otherwise count export's tracing (symbolic FLOPs) as the model's
+        with _disable_current_modes():
+            captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
+            analysis = analyze(
+                captured.gm, captured.inputs, prune_streams=self.config.prune_streams
+            )
+            check_same_groups(analysis.groups, self.groups)
+            program = self._compile(captured, analysis)
         programs.append(program)
         return program
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import sparsefx
 from sparsefx.policy import round_group_counts
@@ -799,3 +800,26 @@ def test_casting_the_sparse_model_keeps_the_structure_state_in_float32(dtype):
     assert torch.isfinite(structure.probabilities).all()
     assert not torch.equal(before, structure.probabilities)
     assert 0 < sparsefx.stats(sparse)["flops_fraction"] < 1
+
+
+def test_a_capture_inside_flop_counter_mode_is_not_counted():
+    """The README counts FLOPs on the transformed model: the first call in a new mode
+    captures a graph, and that capture's tracing must not add to the caller's count."""
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(8, 8)
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    sparsefx.freeze(sparse)
+    sparse.eval()  # a mode the model was not captured in
+    counts = []
+    for _ in range(2):
+        with FlopCounterMode(display=False) as flops:
+            sparse(x)
+        counts.append(flops.get_total_flops())
+    with FlopCounterMode(display=False) as flops:
+        model(x)
+    assert (
+        counts[0]
+        == counts[1]
+        == round(sparsefx.stats(sparse)["flops_fraction"] * flops.get_total_flops())
+    )
