@@ -168,3 +168,17 @@ def test_flop_counter_sees_full_masks_as_dense_and_shrinks_with_kept_channels():
         "flops", sparse.cost_model.sizes
     )
     assert counter.get_total_flops() == round(expected * x.shape[0])
+
+
+def test_unsupported_layers_with_weights_are_listed_dense_with_the_reason():
+    """A transposed convolution is a layer sparsefx does not prune: the dense report names
+    it (its compact input is scattered back to full width, which the scatter report says)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2),
+        nn.ReLU(), nn.Conv2d(6, 2, 1),
+    )  # fmt: skip
+    sparse = sparsefx.transform(model, torch.randn(2, 3, 6, 6), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["0"]
+    reasons = {d.op: d.reason for d in sparse.analysis.dense}
+    assert reasons["conv_transpose2d.input"].startswith("unsupported op")
+    assert [d.op for d in sparse.analysis.scatters] == ["conv_transpose2d.input"]

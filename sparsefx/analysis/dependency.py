@@ -196,6 +196,9 @@ class _Walk:
                 if node.target in ops.NORMS:
                     reason = "normalises across features, so the features it reads stay dense"
                     self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
+                elif node.target in ops.UNSUPPORTED_WEIGHT_OPS:
+                    reason = "unsupported op: sparsefx does not prune its channels"
+                    self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         return self.result
 
     def _meta(self, node: fx.Node) -> dict:

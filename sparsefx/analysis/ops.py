@@ -123,6 +123,17 @@ channel-wise with a scalar or a tensor broadcast over the channel dim."""
 MUL: frozenset[OpOverload] = frozenset({aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar})
 DIV: frozenset[OpOverload] = frozenset({aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar})
 CAT: frozenset[OpOverload] = frozenset({aten.cat.default})
+UNSUPPORTED_WEIGHT_OPS: frozenset[OpOverload] = frozenset(
+    {
+        aten.conv_transpose1d.default,
+        aten.conv_transpose2d.input,
+        aten.conv_transpose3d.input,
+        aten.bilinear.default,
+    }
+)
+"""Layers with a weight that sparsefx does not prune: listed in the dense report as such
+(their inputs, if compact, are scattered to full width like any unsupported op's)."""
+
 NORMS: frozenset[OpOverload] = frozenset(
     {
         aten.layer_norm.default,
