@@ -71,7 +71,9 @@ def transform(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError("example_kwargs must be a dict of keyword arguments for forward")
-    return SparseModule(model, args, dict(example_kwargs or {}), config)
+    sparse = SparseModule(model, args, dict(example_kwargs or {}), config)
+    TRANSFORMED.add(model)
+    return sparse
 
 
 def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -695,7 +695,8 @@ def _owner(model: nn.Module, kind: InputKind, target: str) -> tuple[dict[str, An
 
 
 TRANSFORMED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-"""The models that `transform` wrapped in a SparseModule (for errors that name the mix-up)."""
+"""The models `sparsefx.transform` wrapped in a SparseModule (for errors that name the mix-up;
+the diff tool's SparseModules are not the user's)."""
 
 
 class SparseModule(nn.Module):
@@ -727,7 +728,6 @@ class SparseModule(nn.Module):
         )
         self.structure = self.runtime.structure
         self._programs[self._modes()] = [self._compile(captured, analysis)]
-        TRANSFORMED.add(model)
 
     @property
     def groups(self) -> list[Group]:

@@ -483,6 +483,18 @@ def test_wrap_loss_on_the_original_model_names_the_mix_up():
         sparsefx.wrap_loss(model, nn.CrossEntropyLoss())
 
 
+def test_a_diff_of_a_model_then_compiling_it_trains_with_wrap_loss():
+    """The diff tool transforms a model for the report only: the model stays the user's,
+    so wrap_loss for a compiled closure over it is not the transform mix-up."""
+    model = mlp()
+    x, y = data()
+    sparsefx.diff(model, (x,), density=0.5)
+    step = torch.compile(lambda x: model(x), backend="sparsefx", options={"density": 0.5})
+    criterion = sparsefx.wrap_loss(model, nn.CrossEntropyLoss())
+    criterion(step(x), y).backward()
+    assert sparsefx.api._runtime(model).structure.pending is not None
+
+
 def test_a_compiled_transformed_model_is_the_transformed_model_to_the_api():
     """torch.compile(smodel) (any backend) trains smodel: wrap_loss and the inspection
     functions reach it through the compile wrapper."""
