@@ -379,3 +379,26 @@ def test_compiled_step_equals_transform_step_then_training_loss_falls(name):
         torch.testing.assert_close(q.grad, p.grad, msg=pname, atol=1e-5, rtol=1e-4)
     sparsefx.unfreeze(compiled)
     _assert_loss_falls(compiled, twin, x, labels, steps)
+
+
+def test_compiled_gpt2_follows_batch_and_sequence_length_changes():
+    """After a new batch size or sequence length Dynamo recompiles with symbolic sizes, and
+    GPT-2's Conv1D (``view(-1, C)``, addmm, ``view(B, T, out)``) merges and splits them:
+    the heads and MLP neurons stay prunable groups, and every shape computes what
+    `transform` computes under the same masks."""
+    torch.manual_seed(0)
+    model = _gpt2()
+    twin = copy.deepcopy(model)
+    x, labels = _text_inputs()[:2]
+    options = {"density": 0.5, "seed": 0}
+    eager = _transformed(model, x, labels, options)
+    compiled = torch.compile(twin, backend="sparsefx", options=options)
+    compiled(x, labels=labels)
+    masks = _random_masks(sparsefx.groups(eager), seed=5)
+    sparsefx.set_masks(eager, masks)
+    sparsefx.set_masks(compiled, masks)
+    for batch, length in ((3, 6), (4, 8)):
+        ids = torch.randint(0, 64, (batch, length))
+        expected, out = eager(ids, labels=ids), compiled(ids, labels=ids)
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-4)
+        assert sparsefx.groups(compiled) == sparsefx.groups(eager)

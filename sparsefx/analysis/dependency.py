@@ -26,6 +26,7 @@ import networkx as nx
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.layout import Layout, Piece
@@ -713,7 +714,7 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
             moved = layout
         elif d > end:
             moved = layout.at(d - (end - start))
-        elif d == start:
+        elif d == start and _static(in_shape[start + 1 : end + 1]):
             moved = layout.scaled(_static_prod(in_shape[start + 1 : end + 1]))  # type: ignore[arg-type]
         else:
             return f"{_op_name(node)} merges the channel dim into an outer dim"
@@ -725,11 +726,15 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
         return f"{_op_name(node)} reshapes channels in a way other than flattening"
     start, end = span
     d = layout.dim
-    inner = [int(s) for s in out_shape[start + 1 : end + 1]]
+    inner = _unflattened_sizes(node, out_shape, start, end)
+    if inner is None:
+        return f"{_op_name(node)} reshapes channels in a way other than flattening"
     if d < start:
         moved = layout
     elif d > start:
         moved = layout.at(d + (end - start))
+    elif not _static(inner):
+        return f"{_op_name(node)} splits the channel dim by a dynamic size"
     else:
         divided = layout.divided(_static_prod(inner))
         if divided is None:
@@ -811,7 +816,10 @@ def _is_grouped(node: fx.Node) -> bool:
 
 
 def _merged_span(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:
-    """(start, end) if out_shape is in_shape with dims start..end merged into one."""
+    """(start, end) if out_shape is in_shape with dims start..end merged into one. Sizes may
+    be symbolic (a compiled graph after a batch or sequence length change: GPT-2's
+    ``view(-1, C)`` merges [s0, s1] into s0*s1); their product must equal the merged size
+    for every value of the symbols."""
     merged = len(in_shape) - len(out_shape)
     if merged < 0:
         return None
@@ -821,11 +829,56 @@ def _merged_span(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:
         same_suffix = [str(d) for d in in_shape[end + 1 :]] == [
             str(d) for d in out_shape[start + 1 :]
         ]
-        dims = in_shape[start : end + 1]
-        static = all(isinstance(d, int) for d in dims)
-        if same_prefix and same_suffix and static and _static_prod(dims) == out_shape[start]:
+        if (
+            same_prefix
+            and same_suffix
+            and _same_size(_prod(in_shape[start : end + 1]), out_shape[start])
+        ):
             return start, end
     return None
+
+
+def _prod(sizes: tuple | list) -> object:
+    product: object = 1
+    for size in sizes:
+        product = product * size
+    return product
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Whether two sizes (ints or SymInts) are equal for every value of their symbols,
+    without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)  # type: ignore[arg-type]
+
+
+def _static(sizes: tuple | list) -> bool:
+    return all(isinstance(size, int) for size in sizes)
+
+
+def _unflattened_sizes(node: fx.Node, out_shape: tuple, start: int, end: int) -> list | None:
+    """The sizes of an unflatten's inner dims (start+1..end of its output) for the rewrite:
+    ints where static, else the graph's own size arguments (symbolic-size nodes); None where
+    a dynamic size has no such argument (a -1)."""
+    sizes = out_shape[start + 1 : end + 1]
+    if _static(sizes):
+        return [int(size) for size in sizes]
+    if node.target is aten.unflatten.int:
+        args = list(node.args[2])[1:]
+    else:
+        args = list(node.args[1])[start + 1 : end + 1]
+    if len(args) != len(sizes):
+        return None
+    inner = []
+    for size, arg in zip(sizes, args, strict=True):
+        if isinstance(size, int):
+            inner.append(size)
+        elif isinstance(arg, fx.Node):
+            inner.append(arg)
+        else:
+            return None
+    return inner
 
 
 def _static_prod(sizes: tuple | list) -> int:

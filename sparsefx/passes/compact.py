@@ -209,7 +209,10 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
     """A view/reshape of a compact tensor was captured with dense sizes: it becomes the
-    flatten or unflatten it is, which take their sizes from the tensor."""
+    flatten or unflatten it is, which take their sizes from the tensor. A dynamic size of
+    an unflatten is the captured graph's own size node, found here by name (this graph is
+    a copy of the analysed one)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
         if "layout" not in meta or "view" not in meta:
@@ -218,7 +221,8 @@ def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
         if kind == "flatten":
             _replace(node, aten.flatten.using_ints, (node.args[0], dim, extra))
         else:
-            _replace(node, aten.unflatten.int, (node.args[0], dim, extra))
+            sizes = [by_name[s.name] if isinstance(s, fx.Node) else s for s in extra]
+            _replace(node, aten.unflatten.int, (node.args[0], dim, sizes))
     return gm
 
 
