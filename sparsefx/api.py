@@ -278,12 +278,16 @@ def structure_state(model: nn.Module) -> dict[str, Any]:
     sampler's seed and step, the score optimizer, the pending structure gradient, frozen and
     last masks. A checkpoint saves it with the model's and the optimizer's state dicts; for a
     transformed model it is also inside ``model.state_dict()`` (under ``structure.``), while a
-    compiled model keeps it beside the model. Example::
+    compiled model keeps it beside the model. A snapshot: later steps do not change it.
+    Example::
 
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "structure": sparsefx.structure_state(cmodel)}, path)
     """
-    return _runtime(model).structure.state_dict()
+    state = _runtime(model).structure.state_dict()
+    return {
+        key: value.clone() if isinstance(value, Tensor) else value for key, value in state.items()
+    }
 
 
 def load_structure_state(model: nn.Module, state: dict[str, Any]) -> None:

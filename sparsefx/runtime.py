@@ -85,6 +85,8 @@ class StructureState(nn.Module):
         self.offsets = [0]
         for group in groups:
             self.offsets.append(self.offsets[-1] + group.size)
+        self.group_sizes = [(group.name, group.size) for group in groups]
+        """(name, size) of each group: a checkpoint of another model's state is refused."""
         self.register_buffer("group_offsets", torch.tensor(self.offsets), persistent=False)
         channel_costs = torch.cat(
             [
@@ -261,11 +263,23 @@ class StructureState(nn.Module):
     def get_extra_state(self) -> dict:
         optimizer = self.optimizer().state_dict() if self._optimizer else self._optimizer_state
         return {
+            "groups": list(self.group_sizes),
             "optimizer": _clone(optimizer),
             "pending": _clone(self.pending),
             "fixed": _clone(self.fixed),
             "last": _clone(self.last),
         }
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Refuse another model's structure state before any of it is loaded."""
+        extra = state_dict.get(prefix + "_extra_state", {})
+        groups = [tuple(g) for g in extra.get("groups", self.group_sizes)]  # older: no groups
+        if groups != self.group_sizes:
+            raise ValueError(
+                "this structure state is another model's: its groups (name, size) are "
+                f"{groups}, this model's {self.group_sizes}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def set_extra_state(self, state: dict) -> None:
         device = self.probabilities.device

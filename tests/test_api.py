@@ -835,3 +835,37 @@ def test_a_capture_inside_flop_counter_mode_is_not_counted():
         == counts[1]
         == round(sparsefx.stats(sparse)["flops_fraction"] * flops.get_total_flops())
     )
+
+
+def _two_layer(hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, out), nn.ReLU(),
+                         nn.Linear(out, 3))  # fmt: skip
+
+
+def test_another_models_structure_state_is_refused_before_anything_loads():
+    """Groups of 32 and 16 channels against 16 and 32: the same number of probabilities,
+    so only the groups tell the checkpoints apart."""
+    x = torch.randn(4, 8)
+    a = sparsefx.transform(_two_layer(32, 16), x, density=0.5)
+    b = sparsefx.transform(_two_layer(16, 32), x, density=0.5)
+    a.structure.probabilities.uniform_()
+    before = b.structure.probabilities.clone()
+    with pytest.raises(ValueError, match="another model's"):
+        sparsefx.load_structure_state(b, sparsefx.structure_state(a))
+    assert torch.equal(b.structure.probabilities, before)
+    sparsefx.load_structure_state(b, sparsefx.structure_state(b))  # its own still loads
+
+
+def test_structure_state_is_a_snapshot():
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(mlp(), torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    criterion(sparse(x), y).backward()
+    state = sparsefx.structure_state(sparse)
+    saved = copy.deepcopy(state)
+    for _ in range(3):
+        criterion(sparse(x), y).backward()
+    for key, value in saved.items():
+        if isinstance(value, Tensor):
+            assert torch.equal(state[key], value), key
