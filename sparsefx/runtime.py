@@ -838,11 +838,17 @@ class SparseModule(nn.Module):
 
     # -- the step ------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The compact programs, run as the model's own forward (`model(...)` with its
         forward swapped for this call), so hooks registered on the model run around them:
         FSDP2's `fully_shard` gathers the parameters before and reduce-scatters their
-        gradients after, and a user's forward hooks see the sparse forward."""
+        gradients after, and a user's forward hooks see the sparse forward.
+
+        Never traced by Dynamo: `torch.compile(smodel)` or a compiled function calling
+        smodel runs it as here. Sampling, host reads of kept counts and the counterpart
+        registry are not graph material, and torch 2.11's Dynamo failed on the forward swap
+        (`torch.compile(model, backend="sparsefx")` is the compiled entry point)."""
         flat, spec = pytree.tree_flatten((args, kwargs))
         program = self._program(flat, spec)  # a new capture traces the model's own forward
         model = self.model
