@@ -334,6 +334,15 @@ def test_cli_usage_errors_say_what_to_change(capsys, spec, extra, message):
     assert err.startswith("sparsefx: error: ") and message in err
 
 
+def test_cli_kernels_option_that_cannot_run_here_is_a_usage_error(capsys, monkeypatch):
+    """kernels=triton on a CPU model outside Triton's interpreter (which the test session
+    turns on) is the user's option to change: one line, exit status 2."""
+    monkeypatch.setattr(sparsefx.kernels, "interpreting", lambda: False)
+    assert main(["diff", TINY, "--option", "kernels=triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsefx: error: invalid --option: kernels='triton' runs on CUDA")
+
+
 def test_cli_factories_import_from_the_current_directory_and_beside_their_file(
     capsys, tmp_path, monkeypatch
 ):

@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import torch
+
 from sparsefx.capture import CaptureError
 from sparsefx.config import SparseConfig
+from sparsefx.kernels import triton_selected
 from sparsefx.tools import demo, diff, factories
 
 
@@ -125,6 +128,8 @@ def _diff(args: argparse.Namespace) -> int:
     inputs = factories.example_inputs(example, args.input_shape, args.inputs)
     try:
         config = SparseConfig.from_options({"density": args.density, **_options(args.option)})
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        triton_selected(config.kernels, device)  # e.g. kernels=triton on a CPU model
     except (TypeError, ValueError) as err:
         raise factories.UsageError(f"invalid --option: {err}") from err
     report = diff.diff(
