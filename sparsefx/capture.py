@@ -168,9 +168,21 @@ def capture_graph(
         with torch._guards.tracing(None):  # export must not add guards to Dynamo's frame
             ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
+        checkpointed = any(
+            "checkpoint" in str(node.target)
+            for node in gm.graph.nodes
+            if node.op == "call_function"
+        )
+        hint = (
+            "\nThe graph holds activation checkpointing (torch.utils.checkpoint, Hugging "
+            "Face's gradient_checkpointing_enable()), which sparsefx's compiled path does not "
+            "support: turn it off, or use sparsefx.transform (which keeps every activation)."
+            if checkpointed
+            else ""
+        )
         raise CaptureError(
             f"sparsefx could not normalise a torch.compile graph: {type(error).__name__}: "
-            f"{first_line(error)}"
+            f"{first_line(error)}{hint}"
         ) from error
     captured = _captured(ep, training=True)
     given = iter(inputs)
@@ -255,13 +267,23 @@ def capture_failure(
         )
         failure.__cause__ = rejected
         return failure
+    if "in output, which is not a known type" in str(error):
+        advice = (
+            "The model returns an object that torch.export cannot flatten (a Hugging Face "
+            "model's DynamicCache when use_cache is on): train with use_cache=False "
+            "(model.config.use_cache = False, or pass use_cache=False), or register the type "
+            "with torch.utils._pytree.register_pytree_node."
+        )
+    else:
+        advice = (
+            "The model runs on these inputs, but cannot be traced: make its forward traceable "
+            "(no Python control flow on tensor values; a custom op needs a fake "
+            'implementation, torch.library.register_fake). torch.compile(model, backend="sparsefx") '
+            "graph-breaks around Python control flow."
+        )
     return CaptureError(
         f"sparsefx could not capture {name}: {type(error).__name__}: "
-        f"{first_line(error)}{where(error)}\n"
-        "The model runs on these inputs, but cannot be traced: make its forward traceable "
-        "(no Python control flow on tensor values; a custom op needs a fake implementation, "
-        'torch.library.register_fake). torch.compile(model, backend="sparsefx") '
-        "graph-breaks around Python control flow."
+        f"{first_line(error)}{where(error)}\n{advice}"
     )
 
 

@@ -17,6 +17,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
 
 import sparsefx
 from sparsefx import runtime
@@ -521,3 +522,25 @@ def test_compiled_conv_net_runs_exact_counts_once_frozen():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     sparsefx.unfreeze(cmodel)
     assert "sparsefx::bucketed_convolution" in _sparsefx_ops_of_a_step(lambda: step(model, cmodel))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def block(self, x):
+        return F.relu(self.b(F.relu(self.a(x))))
+
+    def forward(self, x, y):
+        hidden = checkpoint(self.block, x, use_reentrant=False)
+        return F.cross_entropy(self.head(hidden), y)
+
+
+def test_activation_checkpointing_is_refused_saying_so():
+    """The compiled path cannot normalise Dynamo's checkpoint region: the error names it and
+    what to do, rather than an internal failure."""
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    cmodel = torch.compile(Checkpointed(), backend="sparsefx", options=OPTIONS)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="activation checkpointing"):
+        cmodel(x, y)

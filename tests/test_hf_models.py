@@ -402,3 +402,17 @@ def test_compiled_gpt2_follows_batch_and_sequence_length_changes():
         expected, out = eager(ids, labels=ids), compiled(ids, labels=ids)
         torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-4)
         assert sparsefx.groups(compiled) == sparsefx.groups(eager)
+
+
+def test_gpt2_with_its_cache_on_says_to_turn_it_off():
+    """GPT2Config's default use_cache=True returns a DynamicCache, which torch.export cannot
+    flatten: the capture error names the option rather than blaming tracing."""
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(sparsefx.CaptureError, match=r"use_cache=False"):
+        sparsefx.transform(
+            transformers.GPT2LMHeadModel(config),
+            (ids,),
+            example_kwargs={"labels": ids},
+            density=0.5,
+        )
