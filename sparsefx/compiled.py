@@ -243,7 +243,7 @@ def _runtime_for(
     existing = next((_RUNTIMES[r] for r in frame.roots if r in _RUNTIMES), None)
     if not analysis.groups:
         if existing is None and analysis.dense:
-            warn_if_nothing_to_prune(frame.name, analysis)
+            warn_if_nothing_to_prune(frame.name, analysis, graph=True)
         return existing
     if existing is not None:
         if existing.config != config:

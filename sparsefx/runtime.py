@@ -936,12 +936,16 @@ def split_noises(outputs: Sequence[Any], count: int) -> tuple[list[Any], list[Te
     return outputs[:-count], outputs[-count:]
 
 
-def warn_if_nothing_to_prune(model_name: str, analysis: Analysis) -> None:
+def warn_if_nothing_to_prune(model_name: str, analysis: Analysis, *, graph: bool = False) -> None:
+    """Warn that a model (or, with `graph`, one of its compiled graphs: a graph break may
+    leave the prunable layers to a later graph) trains dense, and why."""
     if not analysis.groups:
         reasons = "; ".join(f"{d.node}: {d.reason}" for d in analysis.dense)
+        where = f"a compiled graph of {model_name}" if graph else model_name
+        what = "its layers train" if graph else "it will train"
         warnings.warn(
-            f"sparsefx found nothing to prune in {model_name} ({reasons or 'no linear/conv'}); "
-            "it will train dense",
+            f"sparsefx found nothing to prune in {where} ({reasons or 'no linear/conv'}); "
+            f"{what} dense",
             stacklevel=4,
         )
 

@@ -544,3 +544,21 @@ def test_activation_checkpointing_is_refused_saying_so():
     cmodel = torch.compile(Checkpointed(), backend="sparsefx", options=OPTIONS)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="activation checkpointing"):
         cmodel(x, y)
+
+
+class BreakAfterTheFirstLayer(Net):
+    """A graph with nothing to prune (fc1 is its output layer), then one with groups."""
+
+    def forward(self, x, y):
+        h = F.relu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return F.cross_entropy(self.head(F.relu(self.fc2(F.relu(self.bn(h))))), y)
+
+
+def test_a_graph_with_nothing_to_prune_warns_for_that_graph_only():
+    """The first graph's warning must not say the model trains dense: the next graph prunes."""
+    cmodel = compiled(BreakAfterTheFirstLayer())
+    with pytest.warns(UserWarning, match="nothing to prune in a compiled graph of") as caught:
+        cmodel(*data()).backward()
+    assert not any("it will train dense" in str(w.message) for w in caught)
+    assert sparsefx.groups(cmodel)
