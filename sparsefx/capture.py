@@ -168,11 +168,8 @@ def capture_graph(
         with torch._guards.tracing(None):  # export must not add guards to Dynamo's frame
             ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
-        checkpointed = any(
-            "checkpoint" in str(node.target)
-            for node in gm.graph.nodes
-            if node.op == "call_function"
-        )
+        checkpoint = torch.ops.higher_order.tag_activation_checkpoint
+        checkpointed = any(node.target is checkpoint for node in gm.graph.nodes)
         hint = (
             "\nThe graph holds activation checkpointing (torch.utils.checkpoint, Hugging "
             "Face's gradient_checkpointing_enable()), which sparsefx's compiled path does not "

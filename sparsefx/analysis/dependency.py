@@ -19,6 +19,7 @@ only; past the mask point it reads a full-width scatter instead.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -832,17 +833,10 @@ def _merged_span(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:
         if (
             same_prefix
             and same_suffix
-            and _same_size(_prod(in_shape[start : end + 1]), out_shape[start])
+            and _same_size(math.prod(in_shape[start : end + 1]), out_shape[start])
         ):
             return start, end
     return None
-
-
-def _prod(sizes: tuple | list) -> object:
-    product: object = 1
-    for size in sizes:
-        product = product * size
-    return product
 
 
 def _same_size(a: object, b: object) -> bool:
