@@ -27,6 +27,7 @@ from sparsefx.runtime import (
     SparseModule,
     SparseRuntime,
     check_same_groups,
+    clone_tensors,
     find_loss,
     wrap_criterion,
 )
@@ -284,10 +285,7 @@ def structure_state(model: nn.Module) -> dict[str, Any]:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "structure": sparsefx.structure_state(cmodel)}, path)
     """
-    state = _runtime(model).structure.state_dict()
-    return {
-        key: value.clone() if isinstance(value, Tensor) else value for key, value in state.items()
-    }
+    return clone_tensors(_runtime(model).structure.state_dict())
 
 
 def load_structure_state(model: nn.Module, state: dict[str, Any]) -> None:

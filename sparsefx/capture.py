@@ -26,6 +26,7 @@ from torch._ops import OpOverload
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = [
     "CaptureError",
@@ -110,8 +111,11 @@ def capture(
 ) -> CapturedGraph:
     """Export `model` on example inputs, batch dimension dynamic, with each submodule in the
     train/eval mode it is in (a frozen BatchNorm or a disabled Dropout inside a training
-    model stays so). `training` marks a training graph, one that samples masks."""
-    ep = _export(model, args, kwargs)
+    model stays so). `training` marks a training graph, one that samples masks. Runs outside
+    the caller's dispatch modes: a FlopCounterMode around a model's first call in a new mode
+    would otherwise count export's tracing (symbolic FLOPs) as the model's."""
+    with _disable_current_modes():
+        ep = _export(model, args, kwargs)
     return _captured(ep, training=training)
 
 

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
@@ -264,10 +263,10 @@ class StructureState(nn.Module):
         optimizer = self.optimizer().state_dict() if self._optimizer else self._optimizer_state
         return {
             "groups": list(self.group_sizes),
-            "optimizer": _clone(optimizer),
-            "pending": _clone(self.pending),
-            "fixed": _clone(self.fixed),
-            "last": _clone(self.last),
+            "optimizer": clone_tensors(optimizer),
+            "pending": clone_tensors(self.pending),
+            "fixed": clone_tensors(self.fixed),
+            "last": clone_tensors(self.last),
         }
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -298,7 +297,7 @@ def _mix(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def _clone(value: Any) -> Any:
+def clone_tensors(value: Any) -> Any:
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, value)
 
 
@@ -824,15 +823,10 @@ class SparseModule(nn.Module):
                 "and eval) with inputs of the final shapes before calling fully_shard"
             )
         log.info("sparsefx: capturing %s graph", mode)
-        # outside the caller's dispatch modes: a FlopCounterMode around the first call in a
-        # new mode would otherwise count export's tracing (symbolic FLOPs) as the model's
-        with _disable_current_modes():
-            captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
-            analysis = analyze(
-                captured.gm, captured.inputs, prune_streams=self.config.prune_streams
-            )
-            check_same_groups(analysis.groups, self.groups)
-            program = self._compile(captured, analysis)
+        captured = capture(self.model, tuple(args), dict(kwargs), training=self.training)
+        analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
+        check_same_groups(analysis.groups, self.groups)
+        program = self._compile(captured, analysis)
         programs.append(program)
         return program
 
