@@ -410,8 +410,6 @@ class CompiledGraph:
         graph = rewrite(multiple)
         exact = rewrite(1) if rounds_convolutions(graph) else None
         program = _Program(captured, graph, _loss_index(graph), shared_noise_count(graph), exact)
-        if self.runtime is not None and self.runtime.criterion is not None:
-            program.take_loss_from_criterion()
         record = GraphRecord(
             f"{self.frame.name} graph",
             captured,
@@ -466,7 +464,7 @@ class CompiledGraph:
         )
         if step is not None:
             if runtime.criterion is not None and program.take_loss_from_criterion():
-                # wrap_loss came after this graph compiled: the record shows the new score graph
+                # the record shows the score graph the steps run
                 self.records[self._programs.index(program)].score = program.pure_forward()
             with torch.no_grad():
                 if samples_agree(masks):
