@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from sparsefx import compiled
 from sparsefx.analysis import Group, analyze
 from sparsefx.capture import capture, eval_mode
-from sparsefx.config import SparseConfig, resolve_config
+from sparsefx.config import SparseConfig, check_int, resolve_config
 from sparsefx.kernels import compact
 from sparsefx.passes import copy_graph_module, rewrite_compact
 from sparsefx.passes.export import (
@@ -187,10 +187,7 @@ def freeze(
         sparsefx.freeze(smodel, "best", batches=[(x_val, y_val)], num_samples=8)
         sparsefx.freeze(smodel, multiple=16)  # top-budget, counts in 16-channel blocks
     """
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(
-            f"multiple must be an int >= 1 (1 keeps the exact counts), got {multiple!r}"
-        )
+    check_int("multiple", multiple, 1, "1 keeps the exact counts")
     if strategy not in ("topk", "best"):
         raise ValueError(f'freeze strategy must be "topk" or "best", got {strategy!r}')
     if strategy == "best":
@@ -222,8 +219,7 @@ def freeze(
 
 def _held_out_batches(batches: Iterable[tuple[Any, ...]] | None, num_samples: int) -> list:
     """freeze("best")'s arguments, checked before anything changes."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    check_int("num_samples", num_samples, 1, "masks to score")
     if batches is None:
         raise ValueError('freeze(strategy="best") needs held-out `batches` to score masks on')
     batches = list(batches)

@@ -78,7 +78,7 @@ class SparseConfig:
             raise ValueError(
                 f"density must be in (0, 1] (the kept fraction of the budget), got {self.density}"
             )
-        _check_int("samples", self.samples, 2, "VR-PGE needs a second sample")
+        check_int("samples", self.samples, 2, "VR-PGE needs a second sample")
         _check_choice("budget", self.budget, _BUDGETS)
         _check_choice("score_form", self.score_form, _SCORE_FORMS)
         _check_choice("score_optimizer", self.score_optimizer, _SCORE_OPTIMIZERS)
@@ -92,8 +92,8 @@ class SparseConfig:
         for name in ("sparse_gradients", "prune_streams"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        _check_int("conv_channel_multiple", self.conv_channel_multiple, 1, "1: exact counts")
-        _check_int("budget_warmup", self.budget_warmup, 0, "training steps; 0: no warm-up")
+        check_int("conv_channel_multiple", self.conv_channel_multiple, 1, "1: exact counts")
+        check_int("budget_warmup", self.budget_warmup, 0, "training steps; 0: no warm-up")
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int):
                 raise TypeError(f"seed must be an int (or None to draw one), got {self.seed!r}")
@@ -121,7 +121,8 @@ def _check_real(name: str, value: object, what: str) -> None:
         raise TypeError(f"{name} must be {what}, got {value!r}")
 
 
-def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
+def check_int(name: str, value: object, minimum: int, hint: str) -> None:
+    """TypeError for a non-int (bools too), ValueError below `minimum`; both name `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum} ({hint}), got {value!r}")
     if value < minimum:

@@ -278,7 +278,7 @@ def test_freeze_best_picks_the_lowest_loss_sample():
         ({"batches": []}, ValueError, "no batches"),
         ({"batches": None}, ValueError, "held-out `batches`"),
         ({"batches": "pairs"}, TypeError, r"batches=\[\(x_val, y_val\)\]"),
-        ({"num_samples": 2.5}, ValueError, "num_samples"),
+        ({"num_samples": 2.5}, TypeError, "num_samples"),
         ({"num_samples": 0}, ValueError, "num_samples"),
     ],
     ids=repr,
