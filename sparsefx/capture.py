@@ -25,6 +25,7 @@ from torch import fx, nn
 from torch._ops import OpOverload
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -114,9 +115,28 @@ def capture(
     model stays so). `training` marks a training graph, one that samples masks. Runs outside
     the caller's dispatch modes: a FlopCounterMode around a model's first call in a new mode
     would otherwise count export's tracing (symbolic FLOPs) as the model's."""
+    _check_initialized(model)
     with _disable_current_modes():
         ep = _export(model, args, kwargs)
     return _captured(ep, training=training)
+
+
+def _check_initialized(model: nn.Module) -> None:
+    """Refuse lazy modules whose parameters are not materialised yet: export cannot trace
+    them, and running a forward here to materialise them would be a hidden step (and
+    `capture_failure`'s eager check would materialise them as a side effect of failing)."""
+    lazy = [
+        f"{name or '(the model itself)'} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+    ]
+    if lazy:
+        raise CaptureError(
+            f"{type(model).__name__} has lazy modules whose parameters are not initialised yet: "
+            f"{', '.join(lazy)}. Run the model once on a batch first (for example "
+            "`with torch.no_grad(): model(*example_inputs)`) so that they take their shapes, "
+            "then transform it."
+        )
 
 
 def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:

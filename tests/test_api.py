@@ -469,6 +469,19 @@ def test_uncapturable_model_is_a_clear_error():
         sparsefx.transform(DataDependent(), torch.randn(2, 4), density=0.5)
 
 
+def test_uninitialised_lazy_modules_are_a_clear_error_that_changes_nothing():
+    """A LazyLinear used to fail with "cannot be traced", and the failure's eager check
+    initialised it as a side effect; now transform names the lazy module and what to do."""
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(sparsefx.CaptureError, match=r"0 \(LazyLinear\).*Run the model once"):
+        sparsefx.transform(model, torch.randn(2, 8), density=0.5)
+    assert model[0].has_uninitialized_params()
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+    smodel = sparsefx.transform(model, torch.randn(2, 8), density=0.5)
+    assert [g.size for g in sparsefx.groups(smodel)] == [16]
+
+
 def test_api_functions_reject_plain_modules():
     with pytest.raises(TypeError, match=r"sparsefx\.transform"):
         sparsefx.stats(mlp())
