@@ -730,7 +730,6 @@ class SparseModule(nn.Module):
         self.model = model
         self.config = config
         self._programs: dict[tuple[bool, ...], list[_Program]] = {}
-        self.training = model.training  # the model's modes as they are, submodules' included
         captured = capture(model, example_args, example_kwargs, training=model.training)
         analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
         warn_if_nothing_to_prune(type(model).__name__, analysis)
@@ -741,6 +740,19 @@ class SparseModule(nn.Module):
         )
         self.structure = self.runtime.structure
         self._programs[self._modes()] = [self._compile(captured, analysis)]
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        """The model's own flag: ``model.eval()`` and ``smodel.eval()`` are one switch (the
+        optimizer and the user's loop hold `model`, and its flag is what capture records)."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return True if model is None else model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")  # none in nn.Module.__init__
+        if model is not None:
+            model.training = mode
 
     @property
     def groups(self) -> list[Group]:
@@ -801,10 +813,11 @@ class SparseModule(nn.Module):
         )
 
     def _modes(self) -> tuple[bool, ...]:
-        """What programs are kept by besides their inputs: this module's train/eval flag and
-        each of the model's submodules' (a BatchNorm frozen in eval, or a Dropout disabled,
-        inside a training model is captured as such: a graph of its own)."""
-        return (self.training, *(m.training for m in self.model.modules()))
+        """What programs are kept by besides their inputs: the train/eval flag of the model
+        (which decides whether masks are sampled) and of each of its submodules (a BatchNorm
+        frozen in eval, or a Dropout disabled, inside a training model is captured as such:
+        a graph of its own)."""
+        return tuple(m.training for m in self.model.modules())
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for these modes and input signature, capturing a new one if

@@ -114,6 +114,25 @@ def test_eval_uses_deterministic_top_budget_mask():
     assert int(mask.sum()) == 8  # 25% of the 32 prunable channels
 
 
+def test_the_original_models_eval_switch_is_the_sparse_models():
+    """The loop holds `model` (its optimizer does): `model.eval()` used to leave the sparse
+    model sampling random masks, applying pending updates, in what the user meant as eval."""
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)
+    x = torch.randn(5, 8)
+    model.eval()
+    assert not sparse.training
+    step = int(sparse.structure.step)
+    torch.testing.assert_close(sparse(x), sparse(x), rtol=0, atol=0)
+    assert int(sparse.structure.step) == step, "an eval forward samples no mask"
+    model.train()
+    assert sparse.training
+    sparse(x)
+    assert int(sparse.structure.step) == step + 1
+    sparse.eval()
+    assert not model.training
+
+
 def _train(sparse, model, opt, criterion, batches):
     losses, masks = [], []
     for x, y in batches:
