@@ -119,6 +119,7 @@ def test_the_original_models_eval_switch_is_the_sparse_models():
     model sampling random masks, applying pending updates, in what the user meant as eval."""
     model = mlp()
     sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)
+    sparsefx.wrap_loss(sparse, F.cross_entropy)
     x = torch.randn(5, 8)
     model.eval()
     assert not sparse.training
