@@ -479,13 +479,15 @@ class CompiledGraph:
         return outputs
 
     def _finish(
-        self, program: _Program, step: SampledStep, outputs: Sequence[Any], others: list[Any]
+        self, program: _Program, step: SampledStep, outputs: list[Any], others: list[Any]
     ) -> None:
         """Attach the structure gradient to the loss output, else hand the outputs'
         counterparts on, and make a backward that never met the loss fail loudly."""
         if program.loss_index is not None:
-            loss = outputs[program.loss_index]
-            step.runtime.attach_structure_gradient(step, loss, [o[0] for o in others])
+            i = program.loss_index
+            outputs[i] = step.runtime.attach_structure_gradient(
+                step, outputs[i], [o[0] for o in others]
+            )
             return
         register_counterparts(step, outputs, others)
         if step.runtime.criterion is not None:
@@ -495,7 +497,7 @@ class CompiledGraph:
         fail_unless_resolved(step, outputs, message)
 
     def _follow_counterparts(
-        self, program: _Program, flat: list[Any], outputs: Sequence[Any], noises: list[Tensor]
+        self, program: _Program, flat: list[Any], outputs: list[Any], noises: list[Tensor]
     ) -> None:
         found = counterparts(list(flat))
         if found is None:
@@ -507,8 +509,9 @@ class CompiledGraph:
         if program.loss_index is None:
             register_counterparts(step, outputs, others)
         else:
-            step.runtime.attach_structure_gradient(
-                step, outputs[program.loss_index], [o[0] for o in others]
+            i = program.loss_index
+            outputs[i] = step.runtime.attach_structure_gradient(
+                step, outputs[i], [o[0] for o in others]
             )
 
     def _where(self) -> str:

@@ -16,7 +16,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -344,9 +344,28 @@ inputs up here to compute the loss under the other masks. Entries die with their
 
 
 _VIEWED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""Base tensor -> weak references to the registered outputs that are views of it. A graph
-output often is one (a linear on [B, T, C] returns a view of its matmul), and a view the
-user takes of it (``out.view(-1, V)``) has that same ``_base``, not the output."""
+"""Base tensor -> (layout, Counterparts) of each registered output that is a view of it. A
+graph output often is one (a linear on [B, T, C] returns a view of its matmul), and a view
+the user takes of it (``out.view(-1, V)``) has that same ``_base``, not the output, which
+may be gone by the criterion's call: ``criterion(model(x).view(-1, V), y)`` keeps only the
+base alive, so entries are kept by the base and remember the output by its layout."""
+
+
+class _Layout(NamedTuple):
+    """Where a tensor lies in its storage."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    @classmethod
+    def of(cls, t: Tensor) -> _Layout:
+        return cls(tuple(t.shape), t.stride(), t.storage_offset())
+
+    def span(self) -> tuple[int, int]:
+        """First and last storage element addressed."""
+        last = sum((n - 1) * stride for n, stride in zip(self.shape, self.stride, strict=True))
+        return self.offset, self.offset + last
 
 
 def register_counterparts(
@@ -355,9 +374,10 @@ def register_counterparts(
     """Remember, for each tensor in `outputs`, its values under masks 2..K."""
     for i, value in enumerate(outputs):
         if isinstance(value, Tensor):
-            _COUNTERPARTS[value] = Counterparts(step, [other[i] for other in others])
+            entry = Counterparts(step, [other[i] for other in others])
+            _COUNTERPARTS[value] = entry
             if value._is_view():
-                _VIEWED.setdefault(value._base, []).append(weakref.ref(value))
+                _VIEWED.setdefault(value._base, []).append((_Layout.of(value), entry))
 
 
 def _counterparts_of(value: Any) -> Counterparts | None:
@@ -369,38 +389,29 @@ def _counterparts_of(value: Any) -> Counterparts | None:
     if entry is not None or not value._is_view():
         return entry
     base = value._base
-    outputs = [base, *(o for ref in _VIEWED.get(base, ()) if (o := ref()) is not None)]
-    for output in outputs:
-        entry = _COUNTERPARTS.get(output)
-        if entry is not None and _inside(value, output):
-            views = [_same_view(value, output, other) for other in entry.values]
+    candidates = [(_Layout.of(base), _COUNTERPARTS.get(base)), *_VIEWED.get(base, ())]
+    for layout, entry in candidates:
+        if entry is not None and _inside(value, layout):
+            views = [_same_view(value, layout, other) for other in entry.values]
             if all(view is not None for view in views):
                 return Counterparts(entry.step, views)
     return None
 
 
-def _span(t: Tensor) -> tuple[int, int]:
-    """First and last storage element that `t` addresses."""
-    first = t.storage_offset()
-    return first, first + sum(
-        (n - 1) * stride for n, stride in zip(t.shape, t.stride(), strict=True)
-    )
-
-
-def _inside(view: Tensor, output: Tensor) -> bool:
-    (first, last), (start, end) = _span(view), _span(output)
+def _inside(view: Tensor, output: _Layout) -> bool:
+    (first, last), (start, end) = _Layout.of(view).span(), output.span()
     return view.numel() > 0 and start <= first and last <= end
 
 
-def _same_view(view: Tensor, output: Tensor, other: Any) -> Tensor | None:
-    """`view` (a view of `output`'s elements) taken of `other`, a counterpart of `output`
-    with its sizes and strides; None where the layouts differ."""
-    if not isinstance(other, Tensor) or (other.shape, other.stride()) != (
+def _same_view(view: Tensor, output: _Layout, other: Any) -> Tensor | None:
+    """`view` (a view of the output's elements) taken of `other`, a counterpart of the
+    output with its sizes and strides; None where the layouts differ."""
+    if not isinstance(other, Tensor) or (tuple(other.shape), other.stride()) != (
         output.shape,
-        output.stride(),
+        output.stride,
     ):
         return None
-    offset = other.storage_offset() + view.storage_offset() - output.storage_offset()
+    offset = other.storage_offset() + view.storage_offset() - output.offset
     return other.as_strided(view.shape, view.stride(), offset)
 
 
@@ -502,8 +513,10 @@ class SparseRuntime:
 
     def attach_structure_gradient(
         self, step: SampledStep, loss: Tensor, others: Sequence[Tensor | None]
-    ) -> None:
-        """VR-PGE gradient from the K losses, committed when `loss`'s backward runs."""
+    ) -> Tensor:
+        """`loss` (the tensor to hand to the user in its place) carrying the VR-PGE gradient
+        of the K losses, committed when a backward accumulates through it
+        (`_StructureGradient`)."""
         if not _is_scalar_loss(loss) or any(not _is_scalar_loss(o) for o in others):
             raise ValueError(
                 "the loss must be a floating-point scalar to train the structure, got "
@@ -511,7 +524,7 @@ class SparseRuntime:
             )
         step.resolved = True
         if not loss.requires_grad:
-            return
+            return loss
         losses = torch.stack([loss.detach(), *(o.detach() for o in others)]).float()  # type: ignore[union-attr]
         losses = average_over_ranks(losses)
         structure = self.structure
@@ -522,12 +535,36 @@ class SparseRuntime:
         finite = torch.isfinite(losses).all()
         gradient = torch.where(finite, gradient, torch.zeros_like(gradient))
         gradient = gradient.to(structure.probabilities.dtype)
+        receiver = torch.zeros_like(gradient, requires_grad=True)
 
-        def commit(grad: Tensor) -> Tensor:
-            structure.commit(gradient)
-            return grad
+        def commit(leaf: Tensor) -> None:
+            structure.commit(leaf.grad)
+            leaf.grad = None
 
-        loss.register_hook(commit)
+        receiver.register_post_accumulate_grad_hook(commit)
+        return _StructureGradient.apply(loss, receiver, gradient)
+
+
+class _StructureGradient(torch.autograd.Function):
+    """The loss, unchanged, with an edge to a leaf that receives the step's structure
+    gradient, signed like the loss in what is backpropagated.
+
+    A leaf, not a hook on the loss: autograd accumulates into it only in a backward that
+    accumulates (``loss.backward()``), as into the parameters, not in
+    ``torch.autograd.grad(loss, x)`` (an adversarial input step, a gradient-norm probe).
+    The sign, not the size, of the loss's weight: ``(-loss).backward()`` ascends and
+    ``(0 * loss)`` contributes nothing, but GradScaler's scale and 1/n accumulation
+    factors leave the score optimizer's step as it is (s is not in the user's optimizer,
+    so nothing would unscale it)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, receiver: Tensor, gradient: Tensor) -> Tensor:
+        ctx.gradient = gradient
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        return grad, grad.sign().to(ctx.gradient.dtype) * ctx.gradient, None
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -888,7 +925,8 @@ class SparseModule(nn.Module):
         if loss is not None:
             spec_ = program.captured.out_spec
             losses = [find_loss(pytree.tree_unflatten(o, spec_)) for o in others]
-            runtime.attach_structure_gradient(step, loss, losses)
+            attached = runtime.attach_structure_gradient(step, loss, losses)
+            output = pytree.tree_unflatten([attached if o is loss else o for o in outputs], spec_)
         elif runtime.criterion is not None:
             register_counterparts(step, outputs, others)
             fail_unless_resolved(step, outputs, unseen_loss_message(name))
@@ -979,7 +1017,7 @@ def wrap_criterion(criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
             step, others = found
             with torch.no_grad():
                 other_losses = [criterion(o, *args, **kwargs) for o in others]
-            step.runtime.attach_structure_gradient(step, loss, other_losses)
+            return step.runtime.attach_structure_gradient(step, loss, other_losses)
         return loss
 
     return sparse_criterion

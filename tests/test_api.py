@@ -792,6 +792,99 @@ def test_wrapped_criterion_follows_views_of_the_output(entry, view):
     torch.testing.assert_close(got, expected)
 
 
+def _pending_after(entry: str, model: nn.Module, backward) -> Tensor | None:
+    """The structure gradient pending after `backward(sparse, wrapped criterion, x, y)` ran
+    on one sampled step's loss (None: nothing committed)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
+    options = {"density": 0.5, "seed": 0}
+    if entry == "transform":
+        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    else:
+        sparse = torch.compile(model, backend="sparsefx", options=options)
+    backward(sparse, sparsefx.wrap_loss(sparse, F.cross_entropy), x, y)
+    return sparsefx.api._runtime(sparse).structure.pending
+
+
+def _sequence_loss(sparse, crit, x, y) -> Tensor:
+    return crit(sparse(x).permute(0, 2, 1), y)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_the_structure_gradient_takes_the_sign_of_the_losss_weight(entry):
+    """The hook that committed the structure gradient ignored the loss's gradient:
+    ``(-loss).backward()`` trained s to raise the loss and ``(0 * loss)`` trained it fully.
+    A positive factor (GradScaler's scale, 1/n accumulation) leaves it as it is."""
+    torch.manual_seed(0)
+    model = SequenceModel()
+
+    def weighted(w: float) -> Tensor | None:
+        run = lambda sparse, crit, x, y: (w * _sequence_loss(sparse, crit, x, y)).backward()  # noqa: E731
+        return _pending_after(entry, copy.deepcopy(model), run)
+
+    plain = weighted(1.0)
+    assert plain is not None and plain.abs().sum() > 0
+    torch.testing.assert_close(weighted(1024.0), plain)
+    torch.testing.assert_close(weighted(-0.5), -plain)
+    torch.testing.assert_close(weighted(0.0), torch.zeros_like(plain))
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_only_a_backward_that_accumulates_commits_the_structure_gradient(entry):
+    """torch.autograd.grad(loss, x) (an adversarial input step) accumulates into no
+    parameter and committed a structure gradient; a gradient probe before the backward
+    committed it twice."""
+    torch.manual_seed(0)
+    model = SequenceModel()
+
+    def input_gradient(sparse, crit, x, y):
+        x = x.requires_grad_()
+        torch.autograd.grad(_sequence_loss(sparse, crit, x, y), x)
+
+    def probe_then_backward(sparse, crit, x, y):
+        loss = _sequence_loss(sparse, crit, x, y)
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        loss.backward()
+
+    single = _pending_after(entry, copy.deepcopy(model), lambda *a: _sequence_loss(*a).backward())
+    assert _pending_after(entry, copy.deepcopy(model), input_gradient) is None
+    # AOTAutograd's donated buffers refuse retain_graph, with or without sparsefx
+    with torch._functorch.config.patch(donated_buffer=False):
+        torch.testing.assert_close(_pending_after(entry, model, probe_then_backward), single)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_the_criterion_follows_a_view_of_an_output_it_never_held(entry):
+    """``criterion(model(x).view(-1, V), y.view(-1))`` in one line: the output (itself a view
+    of its matmul) is gone by the criterion's call, only its base lives; this raised
+    MissingLossError while the two-line form trained."""
+    torch.manual_seed(0)
+    model = SequenceModel()
+
+    def one_line(sparse, crit, x, y):
+        crit(sparse(x).view(-1, 5), y.view(-1)).backward()
+
+    def two_lines(sparse, crit, x, y):
+        out = sparse(x)
+        crit(out.view(-1, 5), y.view(-1)).backward()
+
+    expected = _pending_after(entry, copy.deepcopy(model), two_lines)
+    torch.testing.assert_close(_pending_after(entry, model, one_line), expected)
+
+
+def test_a_negated_model_loss_ascends_the_structure_gradient():
+    """The model-returned loss takes the same path as wrap_loss's."""
+
+    def pending(sign: float) -> Tensor:
+        torch.manual_seed(0)
+        model = LossModel()
+        sparse = sparsefx.transform(model, data(), config=sparsefx.SparseConfig(density=0.5))
+        (sign * sparse(*data())).backward()
+        return sparse.structure.pending
+
+    torch.testing.assert_close(pending(-1.0), -pending(1.0))
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_backward_past_the_wrapped_criterion_is_a_clear_error(entry):
     """A copy of the output hides it from the criterion: the step's backward says so rather
