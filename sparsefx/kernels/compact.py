@@ -472,7 +472,7 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
         kept = _gather_weight(weight, out_idx, in_idx)
         extra_in, extra_out = _bucket_padding(kept.shape, multiple, full_in, full_out)
         x, padded_weight, bias = _autocast_operands(x, _pad_weight(kept, extra_in, extra_out), bias)
-        ctx.save_for_backward(x, padded_weight, out_idx, in_idx)
+        ctx.save_for_backward(x, weight, padded_weight, out_idx, in_idx)
         ctx.kept, ctx.extra = kept.shape[:2], (extra_in, extra_out)
         ctx.full_shape, ctx.sparse_grad, ctx.dtype = weight.shape, sparse_grad, weight.dtype
         ctx.conv = (bias is not None, stride, padding, dilation, 1)
@@ -482,9 +482,12 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, padded_weight, out_idx, in_idx = ctx.saved_tensors
+        x, weight, padded_weight, out_idx, in_idx = ctx.saved_tensors
         (extra_in, extra_out), (k_out, k_in) = ctx.extra, ctx.kept
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: the saved copy has no path to `weight`
+            kept = _pad_weight(_gather_weight(weight, out_idx, in_idx), extra_in, extra_out)
+            padded_weight = kept.to(padded_weight.dtype)
         grad_x, grad_w, grad_b = _convolution_backward(
             _pad_channels(grad, 1, extra_out),
             _pad_channels(x, 1, extra_in),
