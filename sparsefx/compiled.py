@@ -130,9 +130,14 @@ def _unwrap(model: Any) -> Any:
 # -- what Dynamo tells us about the graph --------------------------------------------------------
 
 _STATE_SOURCE = re.compile(
-    r"^(?P<root>[LG])\['(?P<name>[^']+)'\](?P<path>(?:\._modules\['[^']+'\])*)"
+    r"^(?P<root>[LG])\['(?P<name>[^']+)'\](?P<index>(?:\[\d+\])*)"
+    r"(?P<path>(?:\._modules\['[^']+'\])*)"
     r"\._(?P<kind>parameters|buffers)\['(?P<leaf>[^']+)'\]$"
 )
+"""A parameter or buffer reached from a frame's local or global: ``L['self']`` or, in a
+forward wrapped by a ``*args`` decorator (transformers' ``deprecate_kwarg`` on Llama's),
+``L['args'][0]``; then submodules, then the tensor."""
+_INDEX = re.compile(r"\[(\d+)\]")
 _MODULE_STEP = re.compile(r"\._modules\['([^']+)'\]")
 
 
@@ -164,12 +169,15 @@ class _DynamoFrame:
         scopes = {"L": tx.f_locals, "G": tx.f_globals}
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         matches = [_STATE_SOURCE.match(_source_name(node)) for node in placeholders]
-        roots: dict[tuple[str, str], nn.Module] = {}
+        roots: dict[tuple[str, str, str], nn.Module] = {}
         for node, match in zip(placeholders, matches, strict=True):
             if match is not None:
-                key = (match["root"], match["name"])
+                key = (match["root"], match["name"], match["index"])
                 if key not in roots:
-                    roots[key] = scopes[key[0]][key[1]]
+                    root = scopes[key[0]][key[1]]
+                    for i in _INDEX.findall(key[2]):
+                        root = root[int(i)]
+                    roots[key] = root
                     _guard_identity(node.meta["grapharg"].source)
         prefix = len(roots) > 1  # several models in one graph: qualify names by variable
         inputs, dropped = [], []
@@ -183,7 +191,7 @@ class _DynamoFrame:
             else:
                 parts = [*_MODULE_STEP.findall(match["path"]), match["leaf"]]
                 if prefix:
-                    parts.insert(0, match["name"])
+                    parts.insert(0, match["name"] + "".join(_INDEX.findall(match["index"])))
                 kind = InputKind.PARAMETER if match["kind"] == "parameters" else InputKind.BUFFER
                 inputs.append((kind, ".".join(parts)))
         reason = getattr(tx.output, "compile_subgraph_reason", None)
@@ -272,9 +280,20 @@ def _runtime_for(
         _RUNTIMES[root] = runtime
         if root in _CRITERIA:
             runtime.criterion = _CRITERIA[root]
+        carried = root.__dict__.get(_CARRIED)
         if root in _PENDING_STATE:
             runtime.structure.load_state_dict(_PENDING_STATE.pop(root))
+        elif carried is not None:  # a copy's: copy.deepcopy, AveragedModel, torch.load
+            runtime.structure.load_state_dict(carried.state_dict())
+        root.__dict__[_CARRIED] = runtime.structure
     return runtime
+
+
+_CARRIED = "_sparsefx_structure"
+"""The model attribute (a plain one: not a submodule, so not in its state_dict) holding its
+live structure state, so that ``copy.deepcopy(model)``, ``AveragedModel`` and a pickled
+``torch.save(model)`` carry a snapshot of it; the registry above holds no copies, and the
+copy's first compile loads the snapshot into its new runtime."""
 
 
 # -- the compiled graph ------------------------------------------------------------------------
@@ -557,10 +576,14 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
     forward's concrete strides, which specialises every kept-channel count and recompiles at
     each new mask.
 
-    Every call (Dynamo compiles, and recompiles, inside calls) runs under `ops_cache_tag`."""
+    Every call (Dynamo compiles, and recompiles, inside calls) runs under `ops_cache_tag`.
+
+    The graph's `forward` is compiled, not the module: GraphModule.__call__'s error handler
+    walks the traceback with a generator, which under this fullgraph compile's frame hook
+    raised "Attempt to trace generator" in place of any error the compiled code raised."""
     graph.recompile()
     compiled = torch.compile(
-        graph, backend="inductor", fullgraph=True, options={"layout_optimization": False}
+        graph.forward, backend="inductor", fullgraph=True, options={"layout_optimization": False}
     )
     tag = ops_cache_tag()
 

@@ -8,6 +8,7 @@ test allows it.
 from __future__ import annotations
 
 import copy
+import functools
 import subprocess
 import sys
 
@@ -405,6 +406,70 @@ def test_compiled_closures_over_two_models_get_their_own_structures():
     runtimes = [sparsefx.compiled.runtime_of(net) for net in (first, second)]
     assert None not in runtimes and runtimes[0] is not runtimes[1]
     assert [int(r.structure.step) for r in runtimes] == [1, 1]
+
+
+def _passing_args(forward):
+    """A ``*args`` decorator, as transformers' ``deprecate_kwarg`` on Llama's forward."""
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapped
+
+
+class WrappedForward(Net):
+    forward = _passing_args(Net.forward)
+
+
+def test_a_forward_behind_an_args_decorator_is_pruned():
+    """Dynamo names such a model's parameters ``L['args'][0]...``, which sparsefx did not
+    read as the model's: Llama, Mistral, Qwen2 and Bloom compiled trained dense."""
+    x, y = data()
+    model = WrappedForward()
+    eager = sparsefx.transform(
+        copy.deepcopy(model), (x, y), config=sparsefx.SparseConfig(**OPTIONS)
+    )
+    cmodel = compiled(model)
+    for _ in range(2):
+        torch.testing.assert_close(cmodel(x, y), eager(x, y))
+    assert [g.name for g in sparsefx.groups(cmodel)] == [g.name for g in sparsefx.groups(eager)]
+
+
+def test_an_error_in_the_compiled_graph_reaches_the_caller():
+    """It was replaced by Dynamo's "Attempt to trace generator" (the inner compile's frame
+    hook met GraphModule.__call__'s error handler)."""
+    x, y = data()
+    cmodel = compiled(Net())
+    cmodel(x, y).backward()
+    with pytest.raises(RuntimeError, match="same dtype"):
+        cmodel(x.double(), y)
+
+
+def test_copies_of_a_compiled_model_carry_its_structure():
+    """deepcopy (and AveragedModel, which deep-copies) of a compiled model used to start the
+    copy's structure from scratch at its first call: an EMA model evaluated with another
+    structure than the one trained."""
+    from torch.optim.swa_utils import AveragedModel
+
+    x, y = data()
+    model = Net()
+    cmodel = compiled(model)
+    for _ in range(3):
+        cmodel(x, y).backward()
+    cmodel.eval()
+    with torch.no_grad():
+        expected = cmodel(x)
+    cmodel.train()
+    twin, ema = copy.deepcopy(cmodel), AveragedModel(cmodel)
+    cmodel(x, y).backward()  # the original moves on; the copies keep their snapshot
+    ema.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ema(x), expected, rtol=0, atol=0)
+    twin(x, y)  # applies the snapshot's pending update, as the original's 4th step did
+    copied, original = sparsefx.compiled.runtime_of(twin), sparsefx.compiled.runtime_of(model)
+    assert copied is not original and int(copied.structure.step) == 4
+    torch.testing.assert_close(copied.structure.probabilities, original.structure.probabilities)
 
 
 def test_inspection_and_freezing_work_as_on_a_transformed_model():
