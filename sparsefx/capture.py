@@ -150,7 +150,7 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         ):
             raise CaptureError(f"unsupported graph input {target!r} of kind {kind.name}")
     return CapturedGraph(
-        gm=ep.graph_module,
+        gm=explicit_conv_padding(ep.graph_module),
         inputs=inputs,
         in_spec=ep.call_spec.in_spec,
         out_spec=ep.call_spec.out_spec,
@@ -164,6 +164,34 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
             if kind == InputKind.USER_INPUT
         ],
     )
+
+
+_EXPLICIT_PADDING: dict[OpOverload, OpOverload] = {
+    torch.ops.aten.conv1d.padding: torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.padding: torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.padding: torch.ops.aten.conv3d.default,
+}
+
+
+def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with ``padding="valid"`` and symmetric ``padding="same"`` convolutions as the
+    integer-padding overloads, the only convolutions the analysis reads (EfficientNet's
+    convolutions were otherwise left dense without a reason). "same" with an even kernel
+    pads one side more and stays as it is (an unsupported weight op)."""
+    for node in [n for n in gm.graph.nodes if n.target in _EXPLICIT_PADDING]:
+        args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+        kernel = args["weight"].meta["val"].shape[2:]
+        dilation = list(args["dilation"]) * (len(kernel) // len(args["dilation"]))
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        if args["padding"] == "same" and any(total % 2 for total in totals):
+            continue
+        padding = [total // 2 if args["padding"] == "same" else 0 for total in totals]
+        node.target = _EXPLICIT_PADDING[node.target]
+        node.args = (args["input"], args["weight"], args["bias"], args["stride"], padding,
+                     dilation, args["groups"])  # fmt: skip
+        node.kwargs = {}
+    gm.recompile()
+    return gm
 
 
 def _signature(example: Any) -> Any:

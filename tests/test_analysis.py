@@ -182,3 +182,40 @@ def test_unsupported_layers_with_weights_are_listed_dense_with_the_reason():
     reasons = {d.op: d.reason for d in sparse.analysis.dense}
     assert reasons["conv_transpose2d.input"].startswith("unsupported op")
     assert [d.op for d in sparse.analysis.scatters] == ["conv_transpose2d.input"]
+
+
+def _padded_convs(first, second) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=first), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=second, dilation=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+def test_string_padding_convolutions_are_pruned_as_their_integer_twins():
+    """padding="same"/"valid" is its own aten overload, which the analysis did not read:
+    such convolutions (EfficientNet's) stayed dense with no reason in the report. Symmetric
+    ones now prune exactly as the integer padding they stand for."""
+    torch.manual_seed(0)
+    strings, integers = _padded_convs("same", "valid"), _padded_convs(1, 0)
+    integers.load_state_dict(strings.state_dict())
+    x = torch.randn(2, 3, 9, 9)
+    config = sparsefx.SparseConfig(density=0.5, seed=0)
+    sparse, twin = (sparsefx.transform(m, x, config=config) for m in (strings, integers))
+    assert [g.name for g in sparsefx.groups(sparse)] == ["0", "2"]
+    assert sparse.analysis.dense == twin.analysis.dense
+    for model in (sparse, twin):
+        sparsefx.wrap_loss(model, F.cross_entropy)
+    for _ in range(2):  # sampled masks: the same groups and seed draw the same ones
+        torch.testing.assert_close(sparse(x), twin(x), rtol=0, atol=0)
+
+
+def test_same_padding_with_an_even_kernel_is_reported_unsupported():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 2, padding="same"), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
+    )  # fmt: skip
+    sparse = sparsefx.transform(model, torch.randn(2, 3, 5, 5), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["0"]
+    reasons = {d.op: d.reason for d in sparse.analysis.dense}
+    assert reasons["conv2d.padding"].startswith("unsupported op")

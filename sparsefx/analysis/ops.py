@@ -129,6 +129,9 @@ UNSUPPORTED_WEIGHT_OPS: frozenset[OpOverload] = frozenset(
         aten.conv_transpose2d.input,
         aten.conv_transpose3d.input,
         aten.bilinear.default,
+        aten.conv1d.padding,  # padding="same" with an even kernel (capture.explicit_conv_padding)
+        aten.conv2d.padding,
+        aten.conv3d.padding,
     }
 )
 """Layers with a weight that sparsefx does not prune: listed in the dense report as such
