@@ -116,6 +116,7 @@ def capture(
     the caller's dispatch modes: a FlopCounterMode around a model's first call in a new mode
     would otherwise count export's tracing (symbolic FLOPs) as the model's."""
     _check_initialized(model)
+    _check_no_cumulative_batch_norm(model)
     with _disable_current_modes():
         ep = _export(model, args, kwargs)
     return _captured(ep, training=training)
@@ -136,6 +137,26 @@ def _check_initialized(model: nn.Module) -> None:
             f"{', '.join(lazy)}. Run the model once on a batch first (for example "
             "`with torch.no_grad(): model(*example_inputs)`) so that they take their shapes, "
             "then transform it."
+        )
+
+
+def _check_no_cumulative_batch_norm(model: nn.Module) -> None:
+    """Refuse a training BatchNorm with ``momentum=None``: its averaging factor,
+    1 / batches seen, would be captured as the capture step's constant."""
+    cumulative = [
+        name or "(the model itself)"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.training
+        and module.track_running_stats
+        and module.momentum is None
+    ]
+    if cumulative:
+        raise CaptureError(
+            f"BatchNorm {', '.join(cumulative)} of {type(model).__name__} has momentum=None "
+            "(a cumulative average, which torch.optim.swa_utils.update_bn sets), whose factor "
+            "1 / batches seen a captured graph would hold fixed: give it a float momentum "
+            "(each new value captures a graph of its own)"
         )
 
 

@@ -766,7 +766,7 @@ class SparseModule(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self._programs: dict[tuple[bool, ...], list[_Program]] = {}
+        self._programs: dict[tuple[Any, ...], list[_Program]] = {}
         captured = capture(model, example_args, example_kwargs, training=model.training)
         analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
         warn_if_nothing_to_prune(type(model).__name__, analysis)
@@ -849,12 +849,14 @@ class SparseModule(nn.Module):
             conv_channel_multiple=conv_channel_multiple,
         )
 
-    def _modes(self) -> tuple[bool, ...]:
-        """What programs are kept by besides their inputs: the train/eval flag of the model
-        (which decides whether masks are sampled) and of each of its submodules (a BatchNorm
-        frozen in eval, or a Dropout disabled, inside a training model is captured as such:
-        a graph of its own)."""
-        return tuple(m.training for m in self.model.modules())
+    def _modes(self) -> tuple[Any, ...]:
+        """What programs are kept by besides their inputs: each of the model's modules, with
+        its train/eval flag and the settings a capture bakes into the graph
+        (`_captured_settings`). The model's own flag decides whether masks are sampled; a
+        BatchNorm frozen in eval or a Dropout disabled inside a training model is captured
+        as such; a replaced submodule (a new head) or a changed Dropout p or BatchNorm
+        momentum is a new graph, where the old one would read the old module or value."""
+        return tuple((m, m.training, *_captured_settings(m)) for m in self.model.modules())
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for these modes and input signature, capturing a new one if
@@ -955,6 +957,16 @@ class SparseModule(nn.Module):
             )
             for mask in masks[1:]
         ]
+
+
+def _captured_settings(module: nn.Module) -> tuple[Any, ...]:
+    """The attributes of `module` that a capture reads as constants and a training loop may
+    change (a Dropout schedule, a BatchNorm momentum)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return (module.p,)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (module.momentum, module.eps, module.track_running_stats)
+    return ()
 
 
 def samples_agree(masks: Tensor) -> bool:

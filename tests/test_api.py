@@ -134,6 +134,59 @@ def test_the_original_models_eval_switch_is_the_sparse_models():
     assert not model.training
 
 
+def _bn_dropout_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16),
+        nn.ReLU(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def test_changed_dropout_p_and_batch_norm_momentum_are_captured_anew():
+    """A capture holds them as constants: a Dropout switched off (p = 0) kept dropping and a
+    new BatchNorm momentum was ignored, silently."""
+    torch.manual_seed(0)
+    model = _bn_dropout_net()
+    x = torch.randn(6, 8)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    sparsefx.set_masks(
+        sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparse.groups}
+    )
+    model[3].p = 0.0
+    torch.testing.assert_close(sparse(x), sparse(x), rtol=0, atol=0)
+    model[1].momentum = 1.0
+    with torch.no_grad():
+        sparse(x)
+    torch.testing.assert_close(model[1].running_mean, model[0](x).mean(0))
+
+
+def test_a_replaced_submodule_is_the_one_that_trains():
+    """The training graph read the parameters of the module it was captured with: a new head
+    (fine-tuning) was ignored in training while eval, captured later, used it."""
+    torch.manual_seed(0)
+    model = _bn_dropout_net()
+    x = torch.randn(6, 8)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    sparsefx.set_masks(
+        sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparse.groups}
+    )
+    sparse(x)
+    model[6] = nn.Linear(16, 5)
+    out = sparse(x)
+    assert out.shape == (6, 5)
+    out.sum().backward()
+    assert model[6].weight.grad is not None
+
+
+def test_a_cumulative_batch_norm_in_training_is_refused():
+    """momentum=None (torch.optim.swa_utils.update_bn sets it) averages with 1 / batches
+    seen, which a captured graph would hold at the capture step's value."""
+    model = _bn_dropout_net()
+    model[1].momentum = None
+    with pytest.raises(sparsefx.CaptureError, match=r"BatchNorm 1 .*momentum=None"):
+        sparsefx.transform(model, torch.randn(6, 8), density=0.5)
+    sparsefx.transform(model.eval(), torch.randn(6, 8), density=0.5)  # eval: no average
+
+
 def _train(sparse, model, opt, criterion, batches):
     losses, masks = [], []
     for x, y in batches:
