@@ -224,14 +224,20 @@ def capture_graph(
     example_inputs: Sequence[Any],
     inputs: list[tuple[InputKind, str]],
     size_inputs: Sequence[int],
+    scalar_inputs: Sequence[int] = (),
 ) -> CapturedGraph:
     """Normalise a torch.compile (Dynamo) graph into the same IR as `capture`.
 
     Dynamo passes parameters and buffers as ordinary graph inputs; `inputs` says what each
-    one is (kind and FQN), in placeholder order without the `size_inputs`: SymInt inputs
-    that are sizes of tensor inputs, which the graph recomputes from those tensors. Dims that
+    one is (kind and FQN), in placeholder order without the `size_inputs` (SymInt inputs
+    that are sizes of tensor inputs, which the graph recomputes from those tensors) and the
+    `scalar_inputs` (Python floats passed as 0-d tensors, inlined as constants). Dims that
     Dynamo made dynamic are exported as dynamic.
     """
+    gm = _inline_scalar_inputs(gm, scalar_inputs, example_inputs)
+    kept = [i for i in range(len(example_inputs)) if i not in set(scalar_inputs)]
+    example_inputs = [example_inputs[i] for i in kept]
+    size_inputs = [kept.index(i) for i in size_inputs]
     gm = _inline_size_inputs(gm, size_inputs)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     drop = set(size_inputs)
@@ -263,8 +269,44 @@ def capture_graph(
     return captured
 
 
+def _inline_scalar_inputs(
+    gm: fx.GraphModule, positions: Sequence[int], values: Sequence[Any]
+) -> fx.GraphModule:
+    """A copy of `gm` with the Python floats at `positions` (which Dynamo passes as 0-d
+    tensors and reads back with ``.item()`` once a float attribute such as a Dropout's p or a
+    BatchNorm's momentum has changed between calls) inlined as the constants they are now;
+    export would otherwise meet a data-dependent float. The frame guards each value
+    (compiled._guard_value), so another value compiles a graph of its own."""
+    if not positions:
+        return gm
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    for position in positions:
+        node, value = placeholders[position], float(values[position])
+        for read in [u for u in node.users if u.op == "call_method" and u.target == "item"]:
+            _replace_with_constant(read, value)
+            graph.erase_node(read)
+        if node.users:
+            raise CaptureError(
+                f"torch.compile passes the number {node.name} as a tensor, and the graph "
+                "computes with it as one; sparsefx inlines such numbers: compile with "
+                "dynamic=False"
+            )
+        graph.erase_node(node)
+    return fx.GraphModule(gm, graph)
+
+
+def _replace_with_constant(node: fx.Node, value: float) -> None:
+    """Every use of `node` becomes the literal `value`."""
+    for user in list(node.users):
+        user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+
+
 def _inline_size_inputs(gm: fx.GraphModule, size_inputs: Sequence[int]) -> fx.GraphModule:
-    """A copy of `gm` whose SymInt inputs are replaced by the tensor sizes they stand for."""
+    """A copy of `gm` whose SymInt inputs are replaced by the tensor sizes (or strides: a
+    channels-last input after a contiguous one) they stand for."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     placeholders = list(graph.find_nodes(op="placeholder"))

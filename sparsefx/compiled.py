@@ -86,7 +86,7 @@ def backend(
     """
     config = SparseConfig.from_options(options or {})
     frame = _DynamoFrame.current(gm, list(example_inputs))
-    captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped)
+    captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped, frame.scalars)
     analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
     if frame.graph_break is not None:
         _warn_dense_at_break(frame, analysis.dense)
@@ -149,6 +149,9 @@ class _DynamoFrame:
     """(kind, name) of each kept graph input: parameters and buffers by their FQN."""
     dropped: list[int]
     """Positions of SymInt inputs (sizes of tensor inputs, recomputed inside the graph)."""
+    scalars: list[int]
+    """Positions of Python floats passed as 0-d tensors (a Dropout's p that changed between
+    calls), inlined as constants under a guard on their value (`_guard_value`)."""
     roots: list[nn.Module]
     """The modules whose parameters the graph reads (the model; several for a closure)."""
     name: str
@@ -180,12 +183,15 @@ class _DynamoFrame:
                     roots[key] = root
                     _guard_identity(node.meta["grapharg"].source)
         prefix = len(roots) > 1  # several models in one graph: qualify names by variable
-        inputs, dropped = [], []
+        inputs, dropped, scalars = [], [], []
         for position, (node, match, value) in enumerate(
             zip(placeholders, matches, example_inputs, strict=True)
         ):
             if isinstance(value, torch.SymInt | int) and not isinstance(value, bool):
                 dropped.append(position)
+            elif getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False):
+                scalars.append(position)
+                _guard_value(node.meta["grapharg"].source)
             elif match is None:
                 inputs.append((InputKind.USER_INPUT, node.name))
             else:
@@ -202,7 +208,7 @@ class _DynamoFrame:
             graph_break = f"{location} ({str(reason.reason).strip().splitlines()[0]})"
         module_roots = [r for r in roots.values() if isinstance(r, nn.Module)]
         name = type(module_roots[0]).__name__ if module_roots else tx.f_code.co_name
-        return cls(inputs, dropped, module_roots, name, graph_break)
+        return cls(inputs, dropped, scalars, module_roots, name, graph_break)
 
 
 def _guard_identity(state_source: Any) -> None:
@@ -219,6 +225,14 @@ def _guard_identity(state_source: Any) -> None:
     while getattr(root, "base", None) is not None:
         root = root.base
     install_guard(root.make_guard(GuardBuilder.ID_MATCH))
+
+
+def _guard_value(source: Any) -> None:
+    """Recompile the frame when this Python float changes: its graph holds it as a
+    constant (capture._inline_scalar_inputs)."""
+    from torch._dynamo.guards import GuardBuilder, install_guard
+
+    install_guard(source.make_guard(GuardBuilder.EQUALS_MATCH))
 
 
 def _source_name(node: fx.Node) -> str:
@@ -404,9 +418,9 @@ class CompiledGraph:
         self.runtime = runtime
         self.config = config
         self._roots = [weakref.ref(r) for r in frame.roots]
-        self._keep = [
-            i for i in range(len(frame.inputs) + len(frame.dropped)) if i not in set(frame.dropped)
-        ]
+        skipped = {*frame.dropped, *frame.scalars}
+        count = len(frame.inputs) + len(skipped)
+        self._keep = [i for i in range(count) if i not in skipped]
         self.records: list[GraphRecord] = []
         """What each program rewrote (`sparsefx.explain`, the diff tool)."""
         self._programs: list[_Program] = [self._build(captured, analysis)]
@@ -452,7 +466,9 @@ class CompiledGraph:
             if program.captured.matches(flat, spec):
                 return program
         frame = self.frame
-        captured = capture_graph(self._dynamo_graph, list(args), frame.inputs, frame.dropped)
+        captured = capture_graph(
+            self._dynamo_graph, list(args), frame.inputs, frame.dropped, frame.scalars
+        )
         analysis = analyze(captured.gm, captured.inputs, prune_streams=self.config.prune_streams)
         if self.runtime is not None:
             check_same_groups(analysis.groups, self.runtime.groups)

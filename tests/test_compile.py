@@ -446,6 +446,31 @@ def test_an_error_in_the_compiled_graph_reaches_the_caller():
         cmodel(x.double(), y)
 
 
+def test_changed_dropout_p_and_batch_norm_momentum_compile_anew():
+    """Dynamo passes a float attribute that changed between calls as a tensor, which the
+    capture read as a data-dependent float and failed ("Could not guard on data-dependent
+    expression"); it is now inlined, and the frame recompiles when it changes again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+    )
+    cmodel = compiled(model)
+    x, _ = data()
+    sparsefx.wrap_loss(cmodel, F.cross_entropy)
+    cmodel(x)
+    sparsefx.set_masks(
+        cmodel, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(cmodel)}
+    )
+    for p in (0.0, 0.25, 0.0):
+        model[3].p = p
+        first, second = cmodel(x), cmodel(x)
+        assert torch.equal(first, second) == (p == 0.0)
+    model[1].momentum = 1.0
+    with torch.no_grad():
+        cmodel(x)
+    torch.testing.assert_close(model[1].running_mean, model[0](x).mean(0))
+
+
 def test_copies_of_a_compiled_model_carry_its_structure():
     """deepcopy (and AveragedModel, which deep-copies) of a compiled model used to start the
     copy's structure from scratch at its first call: an EMA model evaluated with another
