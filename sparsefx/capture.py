@@ -320,9 +320,13 @@ def _inline_size_inputs(gm: fx.GraphModule, size_inputs: Sequence[int]) -> fx.Gr
         expr = node.meta["example_value"].node.expr
         source = next(
             (
-                (tensor, dim)
+                (read, (tensor, dim))
+                for read, sizes in (
+                    (torch.ops.aten.sym_size.int, lambda t: t.shape),
+                    (torch.ops.aten.sym_stride.int, lambda t: t.stride()),
+                )
                 for tensor, value in tensors
-                for dim, size in enumerate(value.shape)
+                for dim, size in enumerate(sizes(value))
                 if isinstance(size, torch.SymInt) and size.node.expr == expr
             ),
             None,
@@ -333,7 +337,7 @@ def _inline_size_inputs(gm: fx.GraphModule, size_inputs: Sequence[int]) -> fx.Gr
                 "dynamic tensor sizes only: compile with dynamic=False or pass it as a tensor"
             )
         with graph.inserting_after(placeholders[-1]):
-            size = graph.call_function(torch.ops.aten.sym_size.int, source)
+            size = graph.call_function(*source)
         node.replace_all_uses_with(size)
         graph.erase_node(node)
     return fx.GraphModule(gm, graph)

@@ -578,6 +578,31 @@ def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(sparse_
     assert "sparsefx.bucketed_convolution(" in sparsefx.explain(cmodel)
 
 
+def test_compiled_conv_net_takes_channels_last_and_strided_inputs():
+    """A rounded convolution's copy returned a contiguous output where its fake kernel said
+    channels-last (Inductor's stride assertion failed), and a new input layout gave Dynamo's
+    symbolic strides, which the capture took for integer inputs."""
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = ConvNet().double()
+    eager_model = copy.deepcopy(model)
+    eager = sparsefx.transform(eager_model, (x, y), config=sparsefx.SparseConfig(**OPTIONS))
+    cmodel = compiled(model)
+    layouts = [
+        x,
+        x.contiguous(memory_format=torch.channels_last),
+        x.transpose(2, 3).contiguous().transpose(2, 3),
+    ]
+    for inputs in layouts:
+        for module in (model, eager_model):
+            module.zero_grad()
+        loss, expected = cmodel(inputs, y), eager(inputs, y)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
 def _sparsefx_ops_of_a_step(step) -> set[str]:
     """The sparsefx custom ops one call of `step` runs (Inductor calls them as externs)."""
     with torch.profiler.profile() as profiler:

@@ -196,12 +196,26 @@ def _rounded_convolution(
     extra_out: int,
 ) -> Tensor:
     """The convolution of `x` and `bias` padded with zero channels to `padded_weight`'s
-    counts, cut back to the exact output channels."""
+    counts, cut back to the exact output channels, in the memory format the unpadded
+    convolution would return (its fake kernel's: a channels-last input gives a
+    channels-last output, which the padding's copy would lose)."""
     bias = None if bias is None else _pad_channels(bias, 0, extra_out)
     y = _convolution(
         _pad_channels(x, 1, extra_in), padded_weight, bias, stride, padding, dilation, 1
     )
-    return y[:, : y.shape[1] - extra_out].contiguous() if extra_out else y
+    if not (extra_in or extra_out):
+        return y
+    return y[:, : y.shape[1] - extra_out].contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """Channels-last where `x` is (and is not also plainly contiguous), else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == dims and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 @bucketed_convolution.register_fake
