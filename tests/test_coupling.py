@@ -617,3 +617,91 @@ def test_sampled_counts_that_recur_run_exact_convolution_shapes(monkeypatch):
     rounded, exact = flops(16), flops(12)
     assert runtime.RECURRING == 2
     assert conv_flops == {12: [rounded, rounded, exact, exact, exact], 13: [flops(16)]}
+
+
+def _zeroed(model: nn.Module, groups, masks: dict[str, Tensor]) -> nn.Module:
+    """A copy of `model` with every slice that `Group.expand` says is dropped zeroed: the
+    reference semantics wherever a dropped channel's every weight and bias is in its group
+    (no normalisation or gate after it)."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in groups:
+            for name, dim, kept in group.expand(masks[group.name]):
+                reference.get_parameter(name).index_fill_(dim, (~kept).nonzero()[:, 0], 0.0)
+    return reference
+
+
+class BiasedAttention(nn.Module):
+    """Attention with a learned per-head additive bias (T5's relative position bias, Swin's
+    window bias): the bias keeps every head, so q, k and v cannot be compact in heads."""
+
+    heads, dim, tokens = 4, 8, 6
+
+    def __init__(self):
+        super().__init__()
+        width = self.heads * self.dim
+        self.q, self.k, self.v = (nn.Linear(32, width) for _ in range(3))
+        self.o = nn.Linear(width, 32)
+        self.bias = nn.Parameter(torch.randn(1, self.heads, self.tokens, self.tokens))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=self.bias
+        )
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_attention_with_a_per_head_bias_runs_at_full_width_and_exactly():
+    """Heads were compacted while the bias kept all of them: the step failed with a shape
+    mismatch whenever a head was dropped. Each projection's dropped features are now zeros
+    at full width, which is what zeroing those weights in the dense model gives."""
+    torch.manual_seed(0)
+    model = BiasedAttention()
+    x = torch.randn(2, BiasedAttention.tokens, 32)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    reasons = [d.reason for d in sparse.analysis.scatters]
+    assert any("per-head mask or bias" in r for r in reasons), reasons
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class RotaryAttention(BiasedAttention):
+    """Rotary position embedding on q and k, with Llama's rotate_half: cat(-x2, x1)."""
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        angle = torch.arange(t, dtype=x.dtype)[:, None] * torch.arange(self.dim, dtype=x.dtype)
+        cos, sin = angle.cos(), angle.sin()
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+
+        def rotate(h: Tensor) -> Tensor:
+            half = h.shape[-1] // 2
+            return h * cos + torch.cat([-h[..., half:], h[..., :half]], dim=-1) * sin
+
+        q, k = rotate(split(self.q(x))), rotate(split(self.k(x)))
+        a = F.scaled_dot_product_attention(q, k, split(self.v(x)))
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_rotary_embeddings_keep_heads_compact_and_exact():
+    """``neg`` was not known to preserve zeros: rotate_half's cat(-x2, x1) scattered q and
+    k to full width and left q_proj and k_proj dense with a wrong reason (a residual
+    stream); q, k, v and o now share one head group."""
+    torch.manual_seed(0)
+    model = RotaryAttention()
+    x = torch.randn(2, RotaryAttention.tokens, 32)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    (heads,) = [g for g in sparse.groups if g.size == RotaryAttention.heads]
+    assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

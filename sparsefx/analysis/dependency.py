@@ -562,6 +562,9 @@ class _Walk:
         q, k, v = node.args[:3]
         if compact != [q, k, v]:
             return "attention with q, k and v not all from pruned heads"
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and len(_shape(mask)) >= 3 and int(_shape(mask)[-3]) != 1:
+            return "attention with a per-head mask or bias (T5's, Swin's), kept at full width"
         layouts = [self.flows[t].layout for t in (q, k, v)]  # type: ignore[index]
         heads = len(_shape(q)) - 3
         if any(la.dim != heads or not la.same_shape(layouts[0]) for la in layouts):

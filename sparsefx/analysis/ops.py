@@ -62,6 +62,8 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.leaky_relu_.default,
         aten.tanh.default,
         aten.tanh_.default,
+        aten.neg.default,  # RoPE's rotate_half: cat(-x2, x1)
+        aten.neg_.default,
         aten.hardtanh.default,
         aten.hardtanh_.default,
         aten.relu6.default,
