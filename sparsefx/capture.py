@@ -234,6 +234,15 @@ def capture_graph(
     `scalar_inputs` (Python floats passed as 0-d tensors, inlined as constants). Dims that
     Dynamo made dynamic are exported as dynamic.
     """
+    if any(
+        node.target is torch.ops.higher_order.autograd_function_apply for node in gm.graph.nodes
+    ):
+        raise CaptureError(
+            "the compiled graph calls a custom torch.autograd.Function, which sparsefx's "
+            "compiled path cannot rewrite with its backward intact (re-exported, its gradient "
+            "would not reach the layers before it): use sparsefx.transform(model, "
+            "example_inputs), which runs it"
+        )
     gm = _inline_scalar_inputs(gm, scalar_inputs, example_inputs)
     kept = [i for i in range(len(example_inputs)) if i not in set(scalar_inputs)]
     example_inputs = [example_inputs[i] for i in kept]
