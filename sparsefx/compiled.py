@@ -181,7 +181,7 @@ class _DynamoFrame:
                     for i in _INDEX.findall(key[2]):
                         root = root[int(i)]
                     roots[key] = root
-                    _guard_identity(node.meta["grapharg"].source)
+                    _guard_identity(node.meta["grapharg"].source, _INDEX.findall(key[2]))
         prefix = len(roots) > 1  # several models in one graph: qualify names by variable
         inputs, dropped, scalars = [], [], []
         for position, (node, match, value) in enumerate(
@@ -211,20 +211,21 @@ class _DynamoFrame:
         return cls(inputs, dropped, scalars, module_roots, name, graph_break)
 
 
-def _guard_identity(state_source: Any) -> None:
+def _guard_identity(state_source: Any, indices: list[str]) -> None:
     """Make Dynamo's cache entry for this graph hold only for this very root module.
 
     With `inline_inbuilt_nn_modules` Dynamo guards a module's structure, not its identity,
     and `torch.compile` backends with equal options compare equal: a second instance of the
     same model class would reuse the first one's compiled graph, and with it the first
     one's structure state (its probabilities and masks). An ID_MATCH guard on the root
-    (``L['self']``) makes each instance compile its own graphs and runtime."""
+    (``L['self']``, or ``L['args'][0]`` behind a ``*args`` decorator: not on the ``args``
+    tuple, which is new at every call) makes each instance compile its own graphs."""
     from torch._dynamo.guards import GuardBuilder, install_guard
 
-    root = state_source
-    while getattr(root, "base", None) is not None:
-        root = root.base
-    install_guard(root.make_guard(GuardBuilder.ID_MATCH))
+    chain = [state_source]
+    while getattr(chain[-1], "base", None) is not None:
+        chain.append(chain[-1].base)
+    install_guard(chain[-1 - len(indices)].make_guard(GuardBuilder.ID_MATCH))
 
 
 def _guard_value(source: Any) -> None:
