@@ -83,6 +83,8 @@ class CapturedGraph:
 
     user_values: list[Any]
     """Each user input's signature (tensors) or value (constants)."""
+    scalars: tuple[float, ...] = ()
+    """The Python floats of a torch.compile graph inlined as constants (`capture_graph`)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CapturedGraph:
         """A copy that shares the tree specs: they are immutable, and deep-copying one trips
@@ -243,7 +245,8 @@ def capture_graph(
             "would not reach the layers before it): use sparsefx.transform(model, "
             "example_inputs), which runs it"
         )
-    gm = _inline_scalar_inputs(gm, scalar_inputs, example_inputs)
+    scalars = tuple(float(example_inputs[i]) for i in scalar_inputs)
+    gm = _inline_scalar_inputs(gm, scalar_inputs, scalars)
     kept = [i for i in range(len(example_inputs)) if i not in set(scalar_inputs)]
     example_inputs = [example_inputs[i] for i in kept]
     size_inputs = [kept.index(i) for i in size_inputs]
@@ -270,6 +273,7 @@ def capture_graph(
             f"{first_line(error)}{hint}"
         ) from error
     captured = _captured(ep, training=True)
+    captured.scalars = scalars
     given = iter(inputs)
     captured.inputs = [
         next(given) if kind == InputKind.USER_INPUT else (kind, target)
@@ -283,16 +287,16 @@ def _inline_scalar_inputs(
 ) -> fx.GraphModule:
     """A copy of `gm` with the Python floats at `positions` (which Dynamo passes as 0-d
     tensors and reads back with ``.item()`` once a float attribute such as a Dropout's p or a
-    BatchNorm's momentum has changed between calls) inlined as the constants they are now;
-    export would otherwise meet a data-dependent float. The frame guards each value
-    (compiled._guard_value), so another value compiles a graph of its own."""
+    BatchNorm's momentum has changed between calls) inlined as `values`; export would
+    otherwise meet a data-dependent float. The compiled graph keeps a program per value
+    (`CapturedGraph.scalars`)."""
     if not positions:
         return gm
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     placeholders = list(graph.find_nodes(op="placeholder"))
-    for position in positions:
-        node, value = placeholders[position], float(values[position])
+    for position, value in zip(positions, values, strict=True):
+        node = placeholders[position]
         for read in [u for u in node.users if u.op == "call_method" and u.target == "item"]:
             _replace_with_constant(read, value)
             graph.erase_node(read)

@@ -151,7 +151,7 @@ class _DynamoFrame:
     """Positions of SymInt inputs (sizes of tensor inputs, recomputed inside the graph)."""
     scalars: list[int]
     """Positions of Python floats passed as 0-d tensors (a Dropout's p that changed between
-    calls), inlined as constants under a guard on their value (`_guard_value`)."""
+    calls), inlined as constants: one program per value (`CompiledGraph._program`)."""
     roots: list[nn.Module]
     """The modules whose parameters the graph reads (the model; several for a closure)."""
     name: str
@@ -191,7 +191,6 @@ class _DynamoFrame:
                 dropped.append(position)
             elif getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False):
                 scalars.append(position)
-                _guard_value(node.meta["grapharg"].source)
             elif match is None:
                 inputs.append((InputKind.USER_INPUT, node.name))
             else:
@@ -226,14 +225,6 @@ def _guard_identity(state_source: Any, indices: list[str]) -> None:
     while getattr(chain[-1], "base", None) is not None:
         chain.append(chain[-1].base)
     install_guard(chain[-1 - len(indices)].make_guard(GuardBuilder.ID_MATCH))
-
-
-def _guard_value(source: Any) -> None:
-    """Recompile the frame when this Python float changes: its graph holds it as a
-    constant (capture._inline_scalar_inputs)."""
-    from torch._dynamo.guards import GuardBuilder, install_guard
-
-    install_guard(source.make_guard(GuardBuilder.EQUALS_MATCH))
 
 
 def _source_name(node: fx.Node) -> str:
@@ -303,6 +294,9 @@ def _runtime_for(
         root.__dict__[_CARRIED] = runtime.structure
     return runtime
 
+
+_MANY_PROGRAMS = 8
+"""Programs of one compiled graph after which a new float value warns (`_program`)."""
 
 _CARRIED = "_sparsefx_structure"
 """The model attribute (a plain one: not a submodule, so not in its state_dict) holding its
@@ -460,12 +454,22 @@ class CompiledGraph:
         return program
 
     def _program(self, args: Sequence[Any], flat: list[Any]) -> _Program:
-        """The program for these inputs' static shapes. Dynamo's guards already hold for
-        them; a dim that export specialised where Dynamo did not gets its own capture."""
+        """The program for these inputs' static shapes and float values. Dynamo's guards
+        already hold for them; a dim that export specialised where Dynamo did not, or a new
+        value of a float Dynamo passes as a tensor, gets its own capture."""
         spec = self._programs[0].captured.in_spec
+        scalars = tuple(float(args[i]) for i in self.frame.scalars)
         for program in self._programs:
-            if program.captured.matches(flat, spec):
+            if program.captured.scalars == scalars and program.captured.matches(flat, spec):
                 return program
+        if len(self._programs) == _MANY_PROGRAMS and scalars:
+            warnings.warn(
+                f"sparsefx has compiled {_MANY_PROGRAMS} programs of one graph of "
+                f"{self.frame.name}, one per value of a float attribute its forward reads (a "
+                "Dropout p or BatchNorm momentum that changes every step?): each new value "
+                "compiles again",
+                stacklevel=2,
+            )
         frame = self.frame
         captured = capture_graph(
             self._dynamo_graph, list(args), frame.inputs, frame.dropped, frame.scalars
