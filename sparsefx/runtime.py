@@ -10,6 +10,7 @@ applies it. Eval mode uses the deterministic top-budget (or frozen) mask.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 import weakref
@@ -111,6 +112,8 @@ class StructureState(nn.Module):
         """The budget of the density; `budget` reaches it after the warm-up."""
         self.pending: Tensor | None = None
         """Structure gradient of the last backward, applied at the next training forward."""
+        self.pending_steps: Tensor | None = None
+        """How many steps' losses in `pending` had a nonzero weight (0: nothing to apply)."""
         self.fixed: Tensor | None = None
         """Masks fixed by freeze/set_masks (bool [N]); None while sampling."""
         self.last: Tensor | None = None
@@ -162,6 +165,10 @@ class StructureState(nn.Module):
     def apply_pending(self) -> None:
         """Score optimizer step on s, then exact projection onto the budget set (during the
         warm-up also without a pending update: the budget shrinks every step)."""
+        steps = self.pending_steps
+        if self.pending is not None and steps is not None and not float(steps):
+            self.pending = None  # only losses weighted zero: not a step
+        self.pending_steps = None
         if not self.probabilities.numel() or (self.pending is None and not self.warming_up()):
             self.pending = None  # nothing to prune, or no structure update to apply
             return
@@ -237,8 +244,12 @@ class StructureState(nn.Module):
                 masks[..., top] |= short[..., None]
         return masks
 
-    def commit(self, gradient: Tensor) -> None:
+    def commit(self, gradient: Tensor, steps: Tensor | None = None) -> None:
+        """Add one step's structure gradient; `steps` (a 0-d tensor: 1, or 0 for a loss
+        weighted zero) is counted without a host read until the update is applied."""
         self.pending = gradient if self.pending is None else self.pending + gradient
+        if steps is not None:
+            self.pending_steps = steps if self.pending_steps is None else self.pending_steps + steps
 
     def split(self, mask: Tensor) -> list[Tensor]:
         """Per-group slices of a flat [N] vector."""
@@ -265,6 +276,7 @@ class StructureState(nn.Module):
             "groups": list(self.group_sizes),
             "optimizer": clone_tensors(optimizer),
             "pending": clone_tensors(self.pending),
+            "pending_steps": clone_tensors(self.pending_steps),
             "fixed": clone_tensors(self.fixed),
             "last": clone_tensors(self.last),
         }
@@ -283,8 +295,9 @@ class StructureState(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         device = self.probabilities.device
         self._optimizer, self._optimizer_state = None, state["optimizer"]
-        self.pending, self.fixed, self.last = (
-            None if state[k] is None else state[k].to(device) for k in ("pending", "fixed", "last")
+        self.pending, self.pending_steps, self.fixed, self.last = (
+            None if state.get(k) is None else state[k].to(device)
+            for k in ("pending", "pending_steps", "fixed", "last")
         )
         self._eval_cache = None
 
@@ -326,6 +339,8 @@ class SampledStep:
     masks: Tensor
     resolved: bool = False
     """Set once the structure gradient of this step is attached to a loss."""
+    receiver: Tensor | None = None
+    """The leaf its losses' structure gradients accumulate into (`_StructureGradient`)."""
 
 
 @dataclass
@@ -535,27 +550,34 @@ class SparseRuntime:
         finite = torch.isfinite(losses).all()
         gradient = torch.where(finite, gradient, torch.zeros_like(gradient))
         gradient = gradient.to(structure.probabilities.dtype)
-        receiver = torch.zeros_like(gradient, requires_grad=True)
+        if step.receiver is None:
+            step.receiver = gradient.new_zeros(gradient.numel() + 1, requires_grad=True)
+            step.receiver.register_post_accumulate_grad_hook(functools.partial(_commit, structure))
+        return _StructureGradient.apply(loss, step.receiver, gradient)
 
-        def commit(leaf: Tensor) -> None:
-            structure.commit(leaf.grad)
-            leaf.grad = None
 
-        receiver.register_post_accumulate_grad_hook(commit)
-        return _StructureGradient.apply(loss, receiver, gradient)
+def _commit(structure: StructureState, receiver: Tensor) -> None:
+    """Commit what one backward accumulated into a step's receiver: sum(w_i g_i) over its
+    losses, and sum(|w_i|) last; their ratio, without a host read."""
+    total, receiver.grad = receiver.grad, None
+    weighted, weight = total[:-1], total[-1]
+    active = weight > 0
+    gradient = torch.where(active, weighted / weight.clamp_min(torch.finfo(total.dtype).tiny), 0)
+    structure.commit(gradient, active.to(total.dtype))
 
 
 class _StructureGradient(torch.autograd.Function):
-    """The loss, unchanged, with an edge to a leaf that receives the step's structure
-    gradient, signed like the loss in what is backpropagated.
+    """The loss, unchanged, with an edge to its step's receiver: a leaf that accumulates
+    w * g (g the step's structure gradient, w the loss's gradient in what is
+    backpropagated) and |w|, committed as sum(w g) / sum(|w|).
 
     A leaf, not a hook on the loss: autograd accumulates into it only in a backward that
     accumulates (``loss.backward()``), as into the parameters, not in
     ``torch.autograd.grad(loss, x)`` (an adversarial input step, a gradient-norm probe).
-    The sign, not the size, of the loss's weight: ``(-loss).backward()`` ascends and
-    ``(0 * loss)`` contributes nothing, but GradScaler's scale and 1/n accumulation
-    factors leave the score optimizer's step as it is (s is not in the user's optimizer,
-    so nothing would unscale it)."""
+    Normalised by the weights: several losses of one step count as weighted (mixup's
+    ``lam * l_a + (1 - lam) * l_b``), ``(-loss).backward()`` ascends, a loss weighted 0
+    is no step, and an overall factor (GradScaler's scale, 1/n for accumulation) cancels:
+    s is not in the user's optimizer, so nothing else would unscale it."""
 
     @staticmethod
     def forward(ctx, loss: Tensor, receiver: Tensor, gradient: Tensor) -> Tensor:
@@ -564,7 +586,8 @@ class _StructureGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        return grad, grad.sign().to(ctx.gradient.dtype) * ctx.gradient, None
+        g = grad.to(ctx.gradient.dtype)
+        return grad, torch.cat([g * ctx.gradient, g.abs().reshape(1)]), None
 
 
 def _is_sharded(model: nn.Module) -> bool:

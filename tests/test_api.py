@@ -864,7 +864,7 @@ def _sequence_loss(sparse, crit, x, y) -> Tensor:
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_the_structure_gradient_takes_the_sign_of_the_losss_weight(entry):
+def test_the_structure_gradient_follows_the_losss_weight_up_to_a_positive_factor(entry):
     """The hook that committed the structure gradient ignored the loss's gradient:
     ``(-loss).backward()`` trained s to raise the loss and ``(0 * loss)`` trained it fully.
     A positive factor (GradScaler's scale, 1/n accumulation) leaves it as it is."""
@@ -880,6 +880,41 @@ def test_the_structure_gradient_takes_the_sign_of_the_losss_weight(entry):
     torch.testing.assert_close(weighted(1024.0), plain)
     torch.testing.assert_close(weighted(-0.5), -plain)
     torch.testing.assert_close(weighted(0.0), torch.zeros_like(plain))
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_weighted_losses_of_one_step_train_the_structure_as_weighted(entry):
+    """Mixup's ``lam * l(y_a) + (1 - lam) * l(y_b)``: lam g_a + (1 - lam) g_b, not g_a + g_b."""
+    torch.manual_seed(0)
+    model = SequenceModel()
+    other = lambda y: (y + 1) % 5  # noqa: E731
+
+    def mixed(lam: float):
+        def run(sparse, crit, x, y):
+            out = sparse(x).permute(0, 2, 1)
+            (lam * crit(out, y) + (1 - lam) * crit(out, other(y))).backward()
+
+        return run
+
+    only_a = _pending_after(entry, copy.deepcopy(model), mixed(1.0))
+    only_b = _pending_after(entry, copy.deepcopy(model), mixed(0.0))
+    torch.testing.assert_close(
+        _pending_after(entry, model, mixed(0.9)), 0.9 * only_a + 0.1 * only_b
+    )
+
+
+def test_a_loss_weighted_zero_is_no_structure_step():
+    """It committed a zero gradient, and the next forward's Adam step moved s by momentum."""
+    torch.manual_seed(0)
+    model = mlp()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    criterion(sparse(x), y).backward()
+    (0 * criterion(sparse(x), y)).backward()  # applies the first step's update
+    before = sparse.structure.probabilities.clone()
+    sparse(x)
+    torch.testing.assert_close(sparse.structure.probabilities, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
