@@ -303,3 +303,29 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients)
         results.append([out.detach(), *(p.grad.to_dense() for p in model.parameters())])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_gathered_bucketed_convolution_differentiates_its_autocast_twice():
+    """Under autocast the input was cast inside the autograd.Function, so a penalty on the
+    weight's gradient had no derivative path to the input through it (~half its size)."""
+    from sparsefx.kernels.compact import gathered_bucketed_convolution_direct
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    weight = torch.randn(5, 4, 3, 3, generator=g, requires_grad=True)
+    out_idx, in_idx = _idx(0, 2, 4), _idx(0, 1, 3)
+
+    def penalty_gradient(conv):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(leaf)
+        (grad,) = torch.autograd.grad(out.float().square().sum(), weight, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), leaf)[0]
+
+    got = penalty_gradient(
+        lambda t: gathered_bucketed_convolution_direct(
+            t, weight, out_idx, in_idx, False, None, [1, 1], [1, 1], [1, 1], 8, 4, 5
+        )
+    )
+    expected = penalty_gradient(lambda t: F.conv2d(t, weight[out_idx][:, in_idx], padding=1))
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-1)

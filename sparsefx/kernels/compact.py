@@ -520,8 +520,11 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
 
 
 # what eager programs call (passes.call_ops_directly); fx's generated code names them
-def gathered_bucketed_convolution_direct(*args) -> Tensor:
-    return _GatheredBucketedConvolution.apply(*args)
+def gathered_bucketed_convolution_direct(x: Tensor, weight: Tensor, *args) -> Tensor:
+    # x is cast for autocast out here, so that a backward with create_graph differentiates
+    # through the cast (the weight is re-gathered and cast inside for that, see backward)
+    x = _autocast_operands(x, weight, None)[0]
+    return _GatheredBucketedConvolution.apply(x, weight, *args)
 
 
 def gather_weight_direct(*args) -> Tensor:
