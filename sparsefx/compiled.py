@@ -47,6 +47,7 @@ from sparsefx.runtime import (
     RecurringCounts,
     SampledStep,
     SparseRuntime,
+    StructureState,
     check_same_groups,
     counterparts,
     detached,
@@ -290,9 +291,23 @@ def _runtime_for(
         if root in _PENDING_STATE:
             runtime.structure.load_state_dict(_PENDING_STATE.pop(root))
         elif carried is not None:  # a copy's: copy.deepcopy, AveragedModel, torch.load
-            runtime.structure.load_state_dict(carried.state_dict())
+            _load_carried(runtime.structure, carried, frame.name)
         root.__dict__[_CARRIED] = runtime.structure
     return runtime
+
+
+def _load_carried(structure: StructureState, carried: StructureState, name: str) -> None:
+    """Load a copied model's structure snapshot if it was trained under the same options and
+    groups; otherwise the copy starts afresh, and says so."""
+    if carried.config == structure.config and carried.group_sizes == structure.group_sizes:
+        structure.load_state_dict(carried.state_dict())
+        return
+    warnings.warn(
+        f"{name} carries the structure state of the model it was copied from, trained with "
+        f"other sparsefx options or groups ({carried.config}); its compile with "
+        f"{structure.config} starts a new structure",
+        stacklevel=2,
+    )
 
 
 _MANY_PROGRAMS = 8

@@ -531,6 +531,21 @@ def test_copies_of_a_compiled_model_carry_its_structure():
     torch.testing.assert_close(copied.structure.probabilities, original.structure.probabilities)
 
 
+def test_a_copy_compiled_with_other_options_starts_afresh_and_says_so():
+    """The snapshot was loaded whatever the copy's options: another seed and density
+    trained on from the original's state, and other groups failed at the first call."""
+    x, y = data()
+    model = Net()
+    cmodel = compiled(model)
+    cmodel(x, y).backward()
+    twin = torch.compile(
+        copy.deepcopy(model), backend="sparsefx", options={"density": 0.25, "seed": 11}
+    )
+    with pytest.warns(UserWarning, match="starts a new structure"):
+        twin(x, y)
+    assert int(sparsefx.compiled.runtime_of(twin).structure.step) == 1
+
+
 def test_inspection_and_freezing_work_as_on_a_transformed_model():
     x, y = data()
     model = Net()
