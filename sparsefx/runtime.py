@@ -366,6 +366,13 @@ may be gone by the criterion's call: ``criterion(model(x).view(-1, V), y)`` keep
 base alive, so entries are kept by the base and remember the output by its layout."""
 
 
+_KEPT_MODES = 16
+"""Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, newest last."""
+
+_VIEWS_PER_BASE = 8
+"""Registered views kept per base: the outputs of the last few steps."""
+
+
 class _Layout(NamedTuple):
     """Where a tensor lies in its storage."""
 
@@ -391,8 +398,10 @@ def register_counterparts(
         if isinstance(value, Tensor):
             entry = Counterparts(step, [other[i] for other in others])
             _COUNTERPARTS[value] = entry
-            if value._is_view():
-                _VIEWED.setdefault(value._base, []).append((_Layout.of(value), entry))
+            if value._is_view():  # newest first; a long-lived base (a buffer) keeps a few
+                entries = _VIEWED.setdefault(value._base, [])
+                entries.insert(0, (_Layout.of(value), entry))
+                del entries[_VIEWS_PER_BASE:]
 
 
 def _counterparts_of(value: Any) -> Counterparts | None:
@@ -903,6 +912,17 @@ class SparseModule(nn.Module):
         check_same_groups(analysis.groups, self.groups)
         program = self._compile(captured, analysis)
         programs.append(program)
+        if len(self._programs) > _KEPT_MODES:  # a setting that changes every step
+            del self._programs[next(iter(self._programs))]  # the oldest, and its modules
+            if not self.__dict__.get("_warned_recaptures"):
+                self._warned_recaptures = True
+                warnings.warn(
+                    f"sparsefx has captured {type(self.model).__name__} for more than "
+                    f"{_KEPT_MODES} combinations of module modes and settings (a Dropout p "
+                    "or BatchNorm momentum that changes every step?); each change captures "
+                    "again, which takes seconds",
+                    stacklevel=3,
+                )
         return program
 
     # -- the step ------------------------------------------------------------------------

@@ -159,6 +159,19 @@ def test_changed_dropout_p_and_batch_norm_momentum_are_captured_anew():
     torch.testing.assert_close(model[1].running_mean, model[0](x).mean(0))
 
 
+def test_a_setting_that_changes_every_step_keeps_a_bounded_number_of_graphs():
+    """Each value captures anew; the programs of the oldest are dropped past a bound (a
+    per-step Dropout schedule grew them without limit), with one warning."""
+    model = _bn_dropout_net().eval()
+    x = torch.randn(6, 8)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    with pytest.warns(UserWarning, match="changes every step"):
+        for step in range(18):
+            model[1].momentum = 0.1 + 0.01 * step
+            sparse(x)
+    assert len(sparse._programs) == 16
+
+
 def test_a_replaced_submodule_is_the_one_that_trains():
     """The training graph read the parameters of the module it was captured with: a new head
     (fine-tuning) was ignored in training while eval, captured later, used it."""
@@ -971,6 +984,30 @@ def test_a_negated_model_loss_ascends_the_structure_gradient():
         return sparse.structure.pending
 
     torch.testing.assert_close(pending(-1.0), -pending(1.0))
+
+
+class WithPrior(nn.Module):
+    """Logits, and a slice of a buffer: an output that is a view of a long-lived tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("table", torch.randn(64, 4))
+
+    def forward(self, x):
+        return self.net(x), self.table[: x.shape[0]]
+
+
+def test_outputs_viewing_a_long_lived_tensor_keep_a_bounded_registry():
+    """Each step registered another entry under the buffer, for the model's life."""
+    model = WithPrior()
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data()
+    for _ in range(12):
+        logits, _prior = sparse(x)
+        criterion(logits, y).backward()
+    assert len(sparsefx.runtime._VIEWED[model.table]) == sparsefx.runtime._VIEWS_PER_BASE
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
