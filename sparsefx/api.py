@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from sparsefx import compiled
 from sparsefx.analysis import Group, analyze
-from sparsefx.capture import capture, eval_mode
+from sparsefx.capture import capture, distinct_inputs, eval_mode
 from sparsefx.config import SparseConfig, check_int, resolve_config
 from sparsefx.kernels import compact
 from sparsefx.passes import copy_graph_module, rewrite_compact
@@ -314,7 +314,7 @@ def export(
     runtime, module = _frozen(model, "export")
     structure = runtime.structure
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
+    args, kwargs = distinct_inputs(args, dict(example_kwargs or {}))
     with eval_mode(module):
         captured = capture(module, args, kwargs, training=False)
     analysis = analyze(captured.gm, captured.inputs, prune_streams=runtime.config.prune_streams)

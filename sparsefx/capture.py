@@ -35,6 +35,7 @@ __all__ = [
     "capture",
     "capture_failure",
     "capture_graph",
+    "distinct_inputs",
     "first_line",
     "where",
 ]
@@ -119,9 +120,29 @@ def capture(
     would otherwise count export's tracing (symbolic FLOPs) as the model's."""
     _check_initialized(model)
     _check_no_cumulative_batch_norm(model)
+    args, kwargs = distinct_inputs(args, kwargs)
     with _disable_current_modes():
         ep = _export(model, args, kwargs)
     return _captured(ep, training=training)
+
+
+def distinct_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example inputs with a tensor passed twice (``labels=input_ids``) cloned at its
+    later places: torch.export makes one placeholder of one tensor, and the graph would
+    then read that input for both."""
+    seen: set[int] = set()
+
+    def distinct(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in seen:
+            return value.clone()
+        seen.add(id(value))
+        return value
+
+    return pytree.tree_map(distinct, (args, kwargs))
 
 
 def _check_initialized(model: nn.Module) -> None:

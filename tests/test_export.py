@@ -184,3 +184,25 @@ def test_compact_module_refuses_what_it_cannot_rebuild():
     sparse = sparsefx.transform(_cnn(), (x,), density=0.5)
     with pytest.raises(RuntimeError, match=r"sparsefx\.freeze"):
         sparsefx.compact_module(sparse)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, a, b):
+        return self.g(torch.relu(self.f(a))) + b.sum(-1, keepdim=True)
+
+
+def test_an_example_tensor_passed_for_two_inputs_stays_two_inputs():
+    """``labels=input_ids`` as the example: torch.export made one placeholder of the one
+    tensor, and the program read `b` for `a` too (a language model embedded its labels)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    sparse = sparsefx.transform(TwoInputs(), (x, x), density=0.5)
+    sparsefx.freeze(sparse)
+    program = sparsefx.export(sparse.eval(), (x, x))
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(a, b), sparse(a, b))
