@@ -705,3 +705,33 @@ def test_rotary_embeddings_keep_heads_compact_and_exact():
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class SpatialPadding(nn.Module):
+    """TF-style explicit spatial padding before a depthwise and a pointwise convolution
+    (Hugging Face MobileNetV2's default ``tf_padding``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+        self.pointwise = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.pad(F.relu(self.stem(x)), (1, 1, 1, 1))
+        h = F.relu(self.depthwise(nn.functional.pad(h, (0, 1, 0, 1), mode="replicate")))
+        return self.head(F.relu(self.pointwise(h)).mean((2, 3)))
+
+
+def test_spatial_padding_keeps_channels_compact_and_exact():
+    """A pad of the spatial dims was 'not supported on compact tensors': every padded
+    tensor was scattered to full width, and MobileNetV2's depthwise convolutions ran dense."""
+    torch.manual_seed(0)
+    model = SpatialPadding()
+    x = torch.randn(2, 3, 9, 9)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    assert not [d for d in sparse.analysis.scatters if "pad" in d.op], sparse.analysis.scatters
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

@@ -399,6 +399,8 @@ class _Walk:
             exponent = node.args[1]
             positive = isinstance(exponent, int | float) and exponent > 0
             return _Op(layout, zero_preserving=positive, chainable=True)
+        if target in ops.PADS:
+            return _pad(node, layout)
         if target in ops.SPLITS:
             return self._split(node, layout)
         if target in ops.SLICES:
@@ -761,6 +763,22 @@ def _permute(node: fx.Node, layout: Layout) -> _Op:
         a, b = (int(d) % ndim for d in node.args[1:3]) if len(node.args) > 2 else (0, 1)  # type: ignore[call-overload]
         new_dim = {a: b, b: a}.get(layout.dim, layout.dim)
     return _Op(layout.at(new_dim), zero_preserving=True, chainable=True)
+
+
+def _pad(node: fx.Node, layout: Layout) -> _Op | str:
+    """A pad of other dims is channel-wise (MobileNet's TF-style spatial padding); it keeps a
+    dropped channel zero unless it pads with a nonzero constant."""
+    ndim = len(_shape(node.args[0]))
+    widths = list(node.args[1])  # type: ignore[arg-type]
+    padded = {ndim - 1 - i // 2 for i, width in enumerate(widths) if width}
+    if layout.dim in padded:
+        return "pad of the channel dim"
+    if node.target is aten.constant_pad_nd.default:
+        value = _arg(node, 2, "value", 0)
+    else:
+        mode = _arg(node, 2, "mode", "constant")
+        value = _arg(node, 3, "value", None) if mode == "constant" else 0
+    return _Op(layout, zero_preserving=not value, chainable=True)
 
 
 def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
