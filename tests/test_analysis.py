@@ -219,3 +219,27 @@ def test_same_padding_with_an_even_kernel_is_reported_unsupported():
     assert [g.name for g in sparsefx.groups(sparse)] == ["0"]
     reasons = {d.op: d.reason for d in sparse.analysis.dense}
     assert reasons["conv2d.padding"].startswith("unsupported op")
+
+
+class TiedLanguageModel(nn.Module):
+    """An embedding whose table is also the output layer's weight (a tied LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 16)
+        self.proj = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.proj(F.relu(self.fc(self.embed(tokens)))))
+
+
+def test_a_tied_weight_counts_once_in_the_cost_model():
+    """Counted at every use, an LM head tied to its embedding doubled the table's share of
+    the dense parameters, and every params fraction with it."""
+    model = TiedLanguageModel()
+    sparse = sparsefx.transform(model, torch.randint(0, 20, (2, 5)), density=0.5)
+    dense = sparse.cost_model.evaluate("params", [g.size for g in sparse.groups])
+    assert dense == sum(p.numel() for p in model.parameters())

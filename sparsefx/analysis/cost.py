@@ -77,6 +77,7 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             sympy.Integer(0),
         )
 
+    counted: set[fx.Node] = set()  # a tied weight (an embedding and its LM head) counts once
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -91,7 +92,11 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             kernel = math.prod(weight_shape[2:])
             if node.target not in ops.EMBEDDING:  # a lookup: parameters, no FLOPs
                 flops += 2 * _spatial(node) * c_out * c_in * kernel
-            params += c_out * c_in * kernel + (c_out if bias is not None else 0)
+            if weight not in counted:
+                params += c_out * c_in * kernel
+            if bias is not None and bias not in counted:
+                params += c_out
+            counted.update(t for t in (weight, bias) if isinstance(t, fx.Node))
         elif node.target in ops.BATCH_NORM:
             affine = sum(arg is not None for arg in node.args[1:3])
             channels = node.meta["val"].shape[1]
