@@ -815,6 +815,20 @@ class SequenceModel(nn.Module):
 def _structure_gradient(entry: str, model: nn.Module, criterion, loss_of) -> Tensor:
     """The structure gradient that one training step of `model` commits: the loss is
     `loss_of(output, wrapped criterion, targets)`."""
+
+    def backward(sparse, wrapped, x, y):
+        loss_of(sparse(x), wrapped, y).backward()
+
+    pending = _pending_after(entry, model, backward, criterion)
+    assert pending is not None, "the step committed no structure gradient"
+    return pending
+
+
+def _pending_after(
+    entry: str, model: nn.Module, backward, criterion=F.cross_entropy
+) -> Tensor | None:
+    """The structure gradient pending after `backward(sparse, wrapped criterion, x, y)` ran
+    on one sampled step's loss (None: nothing committed)."""
     torch.manual_seed(1)
     x, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
     options = {"density": 0.5, "seed": 0}
@@ -822,11 +836,8 @@ def _structure_gradient(entry: str, model: nn.Module, criterion, loss_of) -> Ten
         sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
     else:
         sparse = torch.compile(model, backend="sparsefx", options=options)
-    wrapped = sparsefx.wrap_loss(sparse, criterion)
-    loss_of(sparse(x), wrapped, y).backward()
-    pending = sparsefx.api._runtime(sparse).structure.pending
-    assert pending is not None, "the step committed no structure gradient"
-    return pending
+    backward(sparse, sparsefx.wrap_loss(sparse, criterion), x, y)
+    return sparsefx.api._runtime(sparse).structure.pending
 
 
 ENTRIES = ["transform", "compile"]
@@ -856,20 +867,6 @@ def test_wrapped_criterion_follows_views_of_the_output(entry, view):
         lambda out, crit, y: crit(out, y),
     )
     torch.testing.assert_close(got, expected)
-
-
-def _pending_after(entry: str, model: nn.Module, backward) -> Tensor | None:
-    """The structure gradient pending after `backward(sparse, wrapped criterion, x, y)` ran
-    on one sampled step's loss (None: nothing committed)."""
-    torch.manual_seed(1)
-    x, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
-    options = {"density": 0.5, "seed": 0}
-    if entry == "transform":
-        sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
-    else:
-        sparse = torch.compile(model, backend="sparsefx", options=options)
-    backward(sparse, sparsefx.wrap_loss(sparse, F.cross_entropy), x, y)
-    return sparsefx.api._runtime(sparse).structure.pending
 
 
 def _sequence_loss(sparse, crit, x, y) -> Tensor:

@@ -601,6 +601,20 @@ class ConvNet(nn.Module):
         return F.cross_entropy(self.head(h.flatten(1)), y)
 
 
+def _assert_same_step(cmodel, model, eager, eager_model, *inputs) -> None:
+    """One training step of the compiled model and of its transformed twin: the same loss,
+    and the same weight gradients (layouts included: sparse_gradients)."""
+    for module in (model, eager_model):
+        module.zero_grad()
+    loss, expected = cmodel(*inputs), eager(*inputs)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
+        assert p.grad.layout == q.grad.layout, (name, p.grad.layout, q.grad.layout)
+        torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), msg=name)
+
+
 @pytest.mark.parametrize("sparse_gradients", [False, True])
 def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(sparse_gradients):
     """Convolutions with compact channels run as extern calls with symbolic channel counts
@@ -613,15 +627,7 @@ def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(sparse_
     eager = sparsefx.transform(eager_model, (x, y), config=sparsefx.SparseConfig(**options))
     cmodel = torch.compile(model, backend="sparsefx", options=options)
     for _ in range(4):
-        for module in (model, eager_model):
-            module.zero_grad()
-        loss, expected = cmodel(x, y), eager(x, y)
-        loss.backward()
-        expected.backward()
-        torch.testing.assert_close(loss, expected)
-        for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
-            assert p.grad.layout == q.grad.layout, (name, p.grad.layout, q.grad.layout)
-            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), msg=name)
+        _assert_same_step(cmodel, model, eager, eager_model, x, y)
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     # on CPU the training graph's convolutions run on counts rounded up, as eager's do
     assert "sparsefx.bucketed_convolution(" in sparsefx.explain(cmodel)
@@ -642,14 +648,7 @@ def test_compiled_conv_net_takes_channels_last_and_strided_inputs():
         x.transpose(2, 3).contiguous().transpose(2, 3),
     ]
     for inputs in layouts:
-        for module in (model, eager_model):
-            module.zero_grad()
-        loss, expected = cmodel(inputs, y), eager(inputs, y)
-        loss.backward()
-        expected.backward()
-        torch.testing.assert_close(loss, expected)
-        for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad)
+        _assert_same_step(cmodel, model, eager, eager_model, inputs, y)
 
 
 def _sparsefx_ops_of_a_step(step) -> set[str]:
