@@ -735,3 +735,67 @@ def test_spatial_padding_keeps_channels_compact_and_exact():
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention (Llama, Mistral, Qwen2 with fewer kv heads): each key/value
+    head serves `heads // kv` consecutive query heads, through ``repeat_kv`` (unsqueeze,
+    expand, reshape) into sdpa or an explicit matmul/softmax, or sdpa's ``enable_gqa``."""
+
+    heads, kv, dim, tokens = 8, 4, 4, 6
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.q = nn.Linear(32, self.heads * self.dim)
+        self.k, self.v = (nn.Linear(32, self.kv * self.dim) for _ in range(2))
+        self.o = nn.Linear(self.heads * self.dim, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q = self.q(x).view(b, t, self.heads, self.dim).transpose(1, 2)
+        k, v = (p(x).view(b, t, self.kv, self.dim).transpose(1, 2) for p in (self.k, self.v))
+        if self.form == "enable_gqa":
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            repeat = self.heads // self.kv
+            k, v = (
+                h[:, :, None].expand(b, self.kv, repeat, t, self.dim).reshape(b, -1, t, self.dim)
+                for h in (k, v)
+            )
+            if self.form == "repeat_kv":
+                a = F.scaled_dot_product_attention(q, k, v)
+            else:
+                a = (q @ k.transpose(2, 3) / self.dim**0.5).softmax(-1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("form", ["repeat_kv", "matmul", "enable_gqa"])
+def test_grouped_query_attention_prunes_a_kv_head_with_its_query_heads(form):
+    """q, k and v were separate groups and the attention read k and v at full width (the
+    unsqueeze of repeat_kv was not understood; enable_gqa's and the matmul's head counts
+    differ): a channel is now a kv head with its query heads, compact through attention.
+    The reference zeroes q's rows of the kv head's query heads and k's and v's rows of it."""
+    torch.manual_seed(0)
+    model = GroupedQueryAttention(form).double()
+    x = torch.randn(2, GroupedQueryAttention.tokens, 32, dtype=torch.float64, requires_grad=True)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    (heads,) = sparse.groups
+    assert heads.size == GroupedQueryAttention.kv
+    names = {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight"}
+    assert {name for name, _ in heads.members} == names
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    mask = torch.tensor([True, False, True, False])
+    sparsefx.set_masks(sparse, {heads.name: mask})
+    reference = copy.deepcopy(model)
+    dim, repeat = GroupedQueryAttention.dim, GroupedQueryAttention.heads // GroupedQueryAttention.kv
+    with torch.no_grad():
+        for proj, rows in ((reference.q, dim * repeat), (reference.k, dim), (reference.v, dim)):
+            dropped = (~mask).repeat_interleave(rows)
+            proj.weight[dropped] = 0.0
+            proj.bias[dropped] = 0.0
+    out, expected = sparse(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])

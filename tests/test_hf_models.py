@@ -344,11 +344,78 @@ def test_gpt2_with_dropout_training_loss_falls(mode):
     _assert_loss_falls(sparse, model, x, labels, steps=30)
 
 
+KV_HEADS, QUERY_HEADS_PER_KV, LLAMA_HEAD_DIM = 4, 2, 4
+
+
+def _llama(attention: str = "sdpa") -> nn.Module:
+    """Grouped-query attention: 8 query heads share 4 key/value heads."""
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=16, use_cache=False, attn_implementation=attention,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def _llama_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Output features zeroed by the reference: a dropped kv head's k and v rows and the q
+    rows of every query head it serves; the MLP's hidden neurons at gate and up."""
+    points = {}
+    for layer in range(2):
+        a = f"model.layers.{layer}"
+        heads = masks[f"{a}.self_attn.q_proj"]
+        points[f"{a}.self_attn.q_proj"] = heads.repeat_interleave(
+            QUERY_HEADS_PER_KV * LLAMA_HEAD_DIM
+        )
+        for proj in ("k_proj", "v_proj"):
+            points[f"{a}.self_attn.{proj}"] = heads.repeat_interleave(LLAMA_HEAD_DIM)
+        for proj in ("gate_proj", "up_proj"):
+            points[f"{a}.mlp.{proj}"] = masks[f"{a}.mlp.gate_proj"]
+    return points
+
+
+@pytest.mark.parametrize(
+    ("attention", "padded"),
+    [("sdpa", False), ("sdpa", True), ("eager", True)],
+    ids=["sdpa-enable_gqa", "sdpa-repeat_kv", "eager-repeat_kv-matmul"],
+)
+def test_llama_grouped_query_attention_prunes_kv_heads_with_their_query_heads(attention, padded):
+    """transformers runs grouped-query attention as sdpa with enable_gqa (no mask), as
+    repeat_kv then sdpa (a padding mask) or repeat_kv then matmul/softmax (eager). Each was
+    three groups (q, k, v) with k and v scattered to full width; each is now one group of kv
+    heads per layer, compact through attention, equal to the reference."""
+    torch.manual_seed(0)
+    model = _llama(attention).double()
+    reference = copy.deepcopy(model)
+    ids = _text_inputs()[0]
+    kwargs = {"labels": ids}
+    if padded:
+        kwargs["attention_mask"] = (torch.arange(8) < torch.tensor([[8], [6], [7]])).long()
+    sparse = sparsefx.transform(model, (ids,), example_kwargs=kwargs, density=0.5)
+    groups = sparsefx.groups(sparse)
+    heads = [g for g in groups if g.name.endswith("q_proj")]
+    assert len(groups) == 4 and len(heads) == 2, [g.name for g in groups]
+    assert all(g.size == KV_HEADS and len(g.producers) == 3 for g in heads)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+    masks = _random_masks(groups, seed=4)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(ids, **kwargs)
+    out.loss.backward()
+    with _masked_features(reference, _llama_points(masks)):
+        expected = reference(ids, **kwargs)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+
 def _hf_cases() -> dict[str, tuple]:
     """Model factory, (inputs, labels), options and training steps of each real model."""
     cases = {"resnet": (_resnet, _resnet_batch, RESNET_OPTIONS, 40)}
     for name, (build, _, inputs, _) in TRANSFORMERS.items():
         cases[name] = (build, inputs, {"density": 0.5, "seed": 0}, 30)
+    cases["llama-gqa"] = (_llama, TRANSFORMERS["gpt2"][2], {"density": 0.5, "seed": 0}, 30)
     return cases
 
 

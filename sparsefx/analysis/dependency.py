@@ -387,6 +387,10 @@ class _Walk:
             return _Op(layout, zero_preserving=False, chainable=True)
         if target in ops.VIEWS:
             return self._view(node, first, layout)
+        if target in ops.UNSQUEEZES:
+            return _unsqueeze(node, layout)
+        if target in ops.EXPANDS:
+            return _expand(node, first, layout)
         if target in ops.PERMUTES:
             return _permute(node, layout)
         if target in ops.REDUCTIONS:
@@ -569,8 +573,14 @@ class _Walk:
             return "attention with a per-head mask or bias (T5's, Swin's), kept at full width"
         layouts = [self.flows[t].layout for t in (q, k, v)]  # type: ignore[index]
         heads = len(_shape(q)) - 3
-        if any(la.dim != heads or not la.same_shape(layouts[0]) for la in layouts):
-            return "attention whose q, k, v are not compact along the heads dim alike"
+        if any(la.dim != heads for la in layouts):
+            return "attention whose q, k, v are not compact along the heads dim"
+        # enable_gqa: each k/v head serves `ratio` consecutive q heads
+        ratio = int(_shape(q)[heads]) // int(_shape(k)[heads])  # type: ignore[arg-type]
+        for la, lb, r in ((layouts[0], layouts[1], ratio), (layouts[1], layouts[2], 1)):
+            reason = self._heads_aligned(la, lb, r)
+            if reason is not None:
+                return f"attention: {reason}"
         first = layouts[0]
         couplings = [
             (p.group, r.group, "attention")
@@ -580,6 +590,27 @@ class _Walk:
         ]
         return _Op(first, zero_preserving=True, zero_when="last", couplings=couplings)  # type: ignore[arg-type]
 
+    def _heads_aligned(self, a: Layout, b: Layout, ratio: int) -> str | None:
+        """None if channel c of `a` is channel c of `b` piece by piece, where each feature
+        (head) of `b` serves `ratio` of `a`'s. Grouped-query attention breaks this until the
+        query heads are grouped by key/value head: `repeat_kv` makes a kv channel span
+        n_rep heads, which q's space then learns (as a grain, for the next walk)."""
+        if len(a.pieces) != len(b.pieces):
+            return "q, k and v are not compact along the heads dim alike"
+        aligned = True
+        for p, r in zip(a.pieces, b.pieces, strict=True):
+            if (p.group is None) != (r.group is None) or p.features != r.features * ratio:
+                return "q, k and v are not compact along the heads dim alike"
+            if p.group is None or (p.size, p.block) == (r.size, r.block * ratio):
+                continue
+            finer, coarser = (p, r) if p.size > r.size else (r, p)
+            if finer.size % coarser.size:
+                return "q, k and v are not compact along the heads dim alike"
+            aligned = False
+            factor = finer.size // coarser.size
+            self.refine.grain[finer.group] = self.result.spaces[finer.group].grain * factor  # type: ignore[index]
+        return None if aligned else "waits for the query heads to be grouped by key/value head"
+
     def _matmul(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """A batched matmul is channel-wise in a batch dim (attention's explicit form)."""
         a, b = node.args[:2]
@@ -588,8 +619,11 @@ class _Walk:
             return "matmul that broadcasts its operands"
         layouts = [self.flows[t].layout for t in compact]
         dim = layouts[0].dim
-        if dim >= ndim - 2 or any(la.dim != dim or not la.same_shape(layouts[0]) for la in layouts):
+        if dim >= ndim - 2 or any(la.dim != dim for la in layouts):
             return "matmul over the channel dim"
+        reason = self._heads_aligned(layouts[0], layouts[-1], 1)
+        if reason is not None:
+            return f"matmul: {reason}"
         if len(compact) == 1 and int(_shape(b if compact == [a] else a)[dim]) != 1:  # type: ignore[arg-type]
             return "matmul with a full-width batch of another tensor"
         couplings = [
@@ -751,6 +785,22 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
         zero_preserving=True,
         chainable=True,
         meta={"view": ("unflatten", start, [-1, *inner])},
+    )
+
+
+def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
+    dim = int(node.args[1]) % len(_shape(node))  # type: ignore[call-overload]
+    return _Op(layout.at(layout.dim + (dim <= layout.dim)), zero_preserving=True, chainable=True)
+
+
+def _expand(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
+    """Broadcasting other dims keeps the channels; the rewrite gives the channel dim the
+    compact tensor's own size (-1), as the captured sizes are dense."""
+    dim = layout.dim + len(_shape(node)) - len(_shape(x))
+    if not _same_size(_shape(node)[dim], _shape(x)[layout.dim]):
+        return "expand of the channel dim"
+    return _Op(
+        layout.at(dim), zero_preserving=True, chainable=True, meta={"view": ("expand", dim, None)}
     )
 
 

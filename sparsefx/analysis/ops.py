@@ -160,6 +160,10 @@ VIEWS: frozenset[OpOverload] = frozenset(
         aten.unflatten.int,
     }
 )
+UNSQUEEZES: frozenset[OpOverload] = frozenset({aten.unsqueeze.default})
+EXPANDS: frozenset[OpOverload] = frozenset({aten.expand.default})
+"""Broadcasts of other dims than the channel dim: channel-wise (grouped-query attention's
+``repeat_kv`` is unsqueeze, expand, reshape)."""
 PERMUTES: frozenset[OpOverload] = frozenset(
     {aten.permute.default, aten.transpose.int, aten.t.default}
 )

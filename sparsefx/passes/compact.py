@@ -209,7 +209,8 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
 
 def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
     """A view/reshape of a compact tensor was captured with dense sizes: it becomes the
-    flatten or unflatten it is, which take their sizes from the tensor. A dynamic size of
+    flatten or unflatten it is, which take their sizes from the tensor; an expand keeps the
+    channel dim's own size (-1). A dynamic size of
     an unflatten is the captured graph's own size node, found here by name (this graph is
     a copy of the analysed one)."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -218,7 +219,11 @@ def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
         if "layout" not in meta or "view" not in meta:
             continue
         kind, dim, extra = meta["view"]
-        if kind == "flatten":
+        if kind == "expand":
+            sizes = list(node.args[1])
+            sizes[dim] = -1
+            node.args = (node.args[0], sizes, *node.args[2:])
+        elif kind == "flatten":
             _replace(node, aten.flatten.using_ints, (node.args[0], dim, extra))
         else:
             sizes = [by_name[s.name] if isinstance(s, fx.Node) else s for s in extra]
