@@ -194,7 +194,7 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         ):
             raise CaptureError(f"unsupported graph input {target!r} of kind {kind.name}")
     return CapturedGraph(
-        gm=explicit_conv_padding(ep.graph_module),
+        gm=out_of_place_dropout(explicit_conv_padding(ep.graph_module)),
         inputs=inputs,
         in_spec=ep.call_spec.in_spec,
         out_spec=ep.call_spec.out_spec,
@@ -236,6 +236,42 @@ def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
         node.kwargs = {}
     gm.recompile()
     return gm
+
+
+_OUT_OF_PLACE: dict[OpOverload, OpOverload] = {
+    torch.ops.aten.dropout_.default: torch.ops.aten.dropout.default,
+    torch.ops.aten.feature_dropout_.default: torch.ops.aten.feature_dropout.default,
+    torch.ops.aten.alpha_dropout_.default: torch.ops.aten.alpha_dropout.default,
+}
+
+
+def out_of_place_dropout(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with in-place dropout (``nn.Dropout(inplace=True)``, Hugging Face MobileNetV2's
+    classifier) as the out-of-place op, which the analysis and the dropout passes know (the
+    in-place one scattered its input and drew its own noise in every forward). Export
+    already reads the dropped tensor's later uses from the op's output; where a tensor it
+    is a view of, or a graph input, is read after it, only the in-place op is right, and
+    the analysis keeps what it reads dense."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in [n for n in gm.graph.nodes if n.target in _OUT_OF_PLACE]:
+        if not _read_later(node.args[0], node, order):
+            node.target = _OUT_OF_PLACE[node.target]
+    gm.recompile()
+    return gm
+
+
+def _read_later(tensor: Any, node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether `tensor`, or what it is a view of, is read after `node` or is a graph input
+    (whose mutation the caller sees)."""
+    while True:
+        if not isinstance(tensor, fx.Node) or tensor.op != "call_function":
+            return True
+        if any(order[user] > order[node] for user in tensor.users):
+            return True
+        schema = getattr(tensor.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return False
+        tensor = tensor.args[0]
 
 
 def _signature(example: Any) -> Any:

@@ -79,11 +79,12 @@ class DropoutNet(nn.Module):
     """A residual block: a dropout inside it (compact: after the pruned hidden layer) and
     one on what it writes into the dense stream (full width)."""
 
-    def __init__(self, hidden_p: float):
+    def __init__(self, hidden_p: float, inplace: bool = False):
         super().__init__()
         self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
-        self.hidden_dropout, self.stream_dropout = nn.Dropout(hidden_p), nn.Dropout(0.5)
+        self.hidden_dropout = nn.Dropout(hidden_p, inplace=inplace)
+        self.stream_dropout = nn.Dropout(0.5, inplace=inplace)
 
     def forward(self, x, y):
         h = self.inp(x)
@@ -95,9 +96,10 @@ def _data():
     return torch.randn(16, 8), torch.randint(0, 3, (16,))
 
 
-def _program(hidden_p: float):
+def _program(hidden_p: float, inplace: bool = False):
     x, y = _data()
-    sparse = sparsefx.transform(DropoutNet(hidden_p), (x, y), density=0.5)
+    sparse = sparsefx.transform(DropoutNet(hidden_p, inplace), (x, y), density=0.5)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
     program = sparse._programs[sparse._modes()][0]
     mask = sparse.structure.sample(1)[0]
     args = program.arguments(sparse.model, [x, y], sparse.structure.indices(mask))
@@ -118,8 +120,11 @@ def test_full_width_noise_is_returned_and_reused_by_the_score_graph():
     assert not torch.equal(other, loss.detach())  # the noise does matter
 
 
-def test_compact_dropout_draws_its_own_noise_in_every_forward():
-    program, args = _program(hidden_p=0.5)
+@pytest.mark.parametrize("inplace", [False, True], ids=["dropout", "dropout_"])
+def test_compact_dropout_draws_its_own_noise_in_every_forward(inplace):
+    """``nn.Dropout(inplace=True)`` (Hugging Face MobileNetV2's classifier) was not known:
+    its compact input was scattered to full width and its noise never shared."""
+    program, args = _program(hidden_p=0.5, inplace=inplace)
     assert program.noises == 1  # only the stream's is shared
     noise_nodes = program.graph.graph.find_nodes(op="call_function", target=dropout_noise)
     shared = [n.meta["sparsefx"]["shared"] for n in noise_nodes]
@@ -128,6 +133,57 @@ def test_compact_dropout_draws_its_own_noise_in_every_forward():
     with torch.no_grad():
         (score,) = program.score(*args, noise)
     assert not torch.equal(score, loss.detach())
+
+
+class ReadAfterDropout(nn.Module):
+    """In-place dropout of a tensor, or of a view of it, that is read again afterwards: the
+    later read sees the dropped values."""
+
+    def __init__(self, read_later: str, p: float = 0.5):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.head, self.read_later, self.p = nn.Linear(8, 2), read_later, p
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        target = h.view(-1, 4, 4) if self.read_later == "base" else h
+        dropped = F.dropout(target, self.p, training=True, inplace=True).view(-1, 16)
+        out = self.fc2(dropped)
+        if self.read_later != "nothing":
+            out = out + self.fc3(h)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("read_later", ["nothing", "tensor"])
+def test_in_place_dropout_is_captured_out_of_place(read_later):
+    """Export reads the dropped tensor's later uses from the dropout's output already."""
+    from sparsefx.capture import capture
+
+    captured = capture(ReadAfterDropout(read_later), (torch.randn(2, 8),), {}, training=True)
+    targets = [n.target for n in captured.gm.graph.nodes]
+    assert torch.ops.aten.dropout_.default not in targets
+    assert targets.count(torch.ops.aten.dropout.default) == 1
+
+
+def test_in_place_dropout_of_a_view_whose_base_is_read_later_keeps_its_input_dense():
+    """The mutation must reach the base: a scatter would take it instead, and fc3 would
+    read h undropped. With p = 1 the model's output is its biases' only."""
+    torch.manual_seed(0)
+    model = ReadAfterDropout("base", p=1.0)
+    x = torch.randn(2, 8)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    reasons = [d.reason for d in sparse.analysis.dense if d.node == "linear"]
+    assert any("in-place dropout_" in r for r in reasons), sparse.analysis.dense
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    sparsefx.set_masks(
+        sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparse.groups}
+    )
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(sparse(x), expected)
+        torch.testing.assert_close(
+            expected, model.head(model.fc2.bias + model.fc3.bias).expand(2, -1)
+        )
 
 
 @pytest.mark.parametrize("mode", ["transform", "compile"])

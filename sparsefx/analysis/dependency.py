@@ -368,6 +368,11 @@ class _Walk:
             if flow.parts is None:
                 return "getitem of a compact tensor"
             return _Op(flow.parts[node.args[1]], zero_preserving=True)  # type: ignore[index]
+        if target in ops.IN_PLACE_DROPOUT:
+            reason = f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
+            for arg in compact:
+                self._block(arg, reason)
+            return reason
         if target in ops.NORMS:
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")

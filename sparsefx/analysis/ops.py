@@ -103,6 +103,12 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
 )
 """Channel-wise but f(0) != 0: allowed only before the mask point."""
 
+IN_PLACE_DROPOUT: frozenset[OpOverload] = frozenset(
+    {aten.dropout_.default, aten.feature_dropout_.default, aten.alpha_dropout_.default}
+)
+"""Left in place by capture only where a tensor that the dropped one is a view of is read
+after it: the mutation must reach that tensor, so it stays dense."""
+
 BINARY: frozenset[OpOverload] = frozenset(
     {
         aten.add.Tensor,
