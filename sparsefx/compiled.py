@@ -281,7 +281,7 @@ def _runtime_for(
         return existing
     device = next((p.device for r in frame.roots for p in r.parameters()), torch.device("cpu"))
     runtime = SparseRuntime(
-        analysis, build_cost_model(captured.gm, analysis.groups), config, device
+        analysis, build_cost_model(captured.gm, captured.inputs, analysis.groups), config, device
     )
     for root in frame.roots:
         _RUNTIMES[root] = runtime

@@ -805,7 +805,10 @@ class SparseModule(nn.Module):
         device = next(iter(model.parameters()), torch.empty(0)).device
         self._on_cpu = device.type == "cpu"
         self.runtime = SparseRuntime(
-            analysis, build_cost_model(captured.gm, analysis.groups), config, device
+            analysis,
+            build_cost_model(captured.gm, captured.inputs, analysis.groups),
+            config,
+            device,
         )
         self.structure = self.runtime.structure
         self._programs[self._modes()] = [self._compile(captured, analysis)]

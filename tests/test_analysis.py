@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,6 +169,44 @@ def test_flop_counter_sees_full_masks_as_dense_and_shrinks_with_kept_channels():
         "flops", sparse.cost_model.sizes
     )
     assert counter.get_total_flops() == round(expected * x.shape[0])
+
+
+class MergedBatch(nn.Module):
+    """An MLP run on rows whose batch is merged with the tokens (OPT's ``view(-1, C)``) or
+    with windows (Swin's partition), and a projection of a parameter that runs once per
+    batch."""
+
+    def __init__(self, merge: str):
+        super().__init__()
+        self.merge = merge
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 3)
+        self.table = nn.Parameter(torch.randn(6, 4))
+        self.bias_mlp = nn.Linear(4, 8)
+
+    def forward(self, x):  # x: [batch, tokens=6, 8]
+        b = x.shape[0]
+        rows = x.reshape(-1, 8) if self.merge == "tokens" else x.reshape(b * 2, 3, 8)
+        h = self.fc2(F.relu(self.fc1(rows))).reshape(b, 6, 8)
+        return self.head((x + h + self.bias_mlp(self.table)).mean(1))
+
+
+@pytest.mark.parametrize("merge", ["tokens", "windows"])
+def test_cost_model_counts_layers_on_batch_merged_rows_per_example(merge):
+    """FLOPs were per row of dim 0, which for merged rows is 1/6 (tokens) or 1/3 (windows)
+    of an example: such layers were undercounted by that much, and a "flops" budget
+    mispriced them. Forward FLOPs now equal the cost model times the batch."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8)
+    sparse = sparsefx.transform(MergedBatch(merge), x, density=0.5)
+    groups = sparsefx.groups(sparse)
+    for fraction in (1.0, 0.3):
+        kept = [max(2, int(g.size * fraction)) for g in groups]
+        masks = {g.name: torch.arange(g.size) < k for g, k in zip(groups, kept, strict=True)}
+        sparsefx.set_masks(sparse, masks)
+        with FlopCounterMode(display=False) as counter:
+            sparse(x)
+        expected = sparse.cost_model.evaluate("flops", kept) * x.shape[0]
+        assert counter.get_total_flops() == round(expected)
 
 
 def test_unsupported_layers_with_weights_are_listed_dense_with_the_reason():

@@ -1,6 +1,6 @@
 """Cost model: FLOPs and parameters as sympy expressions of the kept channel counts.
 
-Every linear/conv contributes 2 * spatial * c_out * c_in * kernel FLOPs per example and
+Every linear/conv contributes 2 * positions * c_out * c_in * kernel FLOPs per example and
 c_out * c_in * kernel (+ bias) parameters, where c_out is the symbol k_g of its group if it
 is a pruned producer and c_in is k_h * block if its input is compact; an embedding adds
 vocab * c_out parameters and no FLOPs; BatchNorm adds its affine parameters. A layer between
@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import sympy
+import torch
 from torch import fx
+from torch.export.graph_signature import InputKind
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.groups import META, Group
@@ -59,8 +61,12 @@ class CostModel:
         return [max(float(sympy.diff(expr, k).subs(point)), 1e-12) for k in self.symbols]
 
 
-def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
-    """Symbolic costs of an annotated graph (after analysis, before rewriting)."""
+def build_cost_model(
+    gm: fx.GraphModule, inputs: Sequence[tuple[InputKind, str]], groups: list[Group]
+) -> CostModel:
+    """Symbolic costs of an annotated graph (after analysis, before rewriting); `inputs`
+    says which placeholders are the user's (the first one's dim 0 is the batch)."""
+    batch = _batch(gm, inputs)
     index = {g.name: i for i, g in enumerate(groups)}
     symbols = [sympy.Symbol(f"k_{i}", positive=True) for i in range(len(groups))]
     flops: sympy.Expr = sympy.Integer(0)
@@ -91,7 +97,9 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
             c_in = width(meta.get("in_layout"), weight_shape[where.in_dim])
             kernel = math.prod(weight_shape[2:])
             if node.target not in ops.EMBEDDING:  # a lookup: parameters, no FLOPs
-                flops += 2 * _spatial(node) * c_out * c_in * kernel
+                flops += (
+                    2 * _positions(node, weight_shape[where.out_dim], batch) * c_out * c_in * kernel
+                )
             if weight not in counted:
                 params += c_out * c_in * kernel
             if bias is not None and bias not in counted:
@@ -104,16 +112,25 @@ def build_cost_model(gm: fx.GraphModule, groups: list[Group]) -> CostModel:
     return CostModel(symbols, sympy.expand(flops), sympy.expand(params), [g.size for g in groups])
 
 
-def _spatial(node: fx.Node) -> int:
-    """Output positions per example: every dim but batch and channels."""
-    shape = tuple(node.meta["val"].shape)
-    if node.target in ops.ADDMM:  # rows are flattened (batch, positions): see the view
-        x = node.args[1]
-        if x.op == "call_function" and x.target in ops.VIEWS:  # type: ignore[union-attr]
-            shape = (*tuple(x.args[0].meta["val"].shape)[:-1], shape[-1])  # type: ignore[union-attr]
-        else:
-            return 1
-    if ops.is_conv(node.target):
-        spatial_dims = len(node.args[1].meta["val"].shape) - 2
-        return math.prod(int(d) for d in shape[len(shape) - spatial_dims :])
-    return math.prod(int(d) for d in shape[1:-1]) if len(shape) > 2 else 1
+def _batch(gm: fx.GraphModule, inputs: Sequence[tuple[InputKind, str]]) -> int:
+    """Dim 0 of the first user input that is a tensor with dims (1 if there is none)."""
+    for node, (kind, _) in zip(gm.graph.find_nodes(op="placeholder"), inputs, strict=False):
+        value = node.meta.get("val")
+        if kind == InputKind.USER_INPUT and isinstance(value, torch.Tensor) and value.dim():
+            return _hint(value.shape[0])
+    return 1
+
+
+def _positions(node: fx.Node, channels: int, batch: int) -> sympy.Rational:
+    """Output positions per example: the output's elements per channel over the batch. So
+    a layer run on a tensor whose batch was merged with other dims (GPT-2's Conv1D, OPT's
+    ``view(-1, C)``, Swin's windows) counts every row, and one run once per batch (on a
+    parameter) is spread over the batch's examples."""
+    elements = math.prod(_hint(d) for d in node.meta["val"].shape)
+    return sympy.Rational(elements // channels, batch)
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    """A size's example value: a symbolic size's is read without adding a guard (which would
+    specialise the graph's dynamic dims for every later reader)."""
+    return size if isinstance(size, int) else int(size.node.hint)

@@ -33,7 +33,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from sparsefx.analysis import META, DenseOp, Group, Layout, build_cost_model, ops
-from sparsefx.capture import first_line
+from sparsefx.capture import CapturedGraph, first_line
 from sparsefx.config import SparseConfig
 from sparsefx.kernels import layout_index
 from sparsefx.runtime import GraphRecord, SparseRuntime
@@ -180,7 +180,7 @@ def build_report(
     graphs = [_graph_report(record, groups, symbols, config) for record in records]
     source = next((r for r in records if r.analysis.groups), records[0] if records else None)
     if runtime is None or source is None:
-        costs = _dense_costs(source.captured.gm) if source is not None else None
+        costs = _dense_costs(source.captured) if source is not None else None
         return Report(model, mode, config, [], costs, graphs, _couplings(source, {}))
     rows, costs = _groups_and_costs(runtime, symbols)
     if len(records) > 1:
@@ -248,9 +248,9 @@ def _members(group: Group) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _dense_costs(gm: fx.GraphModule) -> Costs:
+def _dense_costs(captured: CapturedGraph) -> Costs:
     """Costs of a graph with nothing to prune: every column is the dense model."""
-    cost = build_cost_model(gm, [])
+    cost = build_cost_model(captured.gm, captured.inputs, [])
     flops, params = cost.evaluate("flops", []), cost.evaluate("params", [])
     return Costs("nothing is pruned", (flops,) * 3, (params,) * 3, cost.flops, cost.params)
 
