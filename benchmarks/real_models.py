@@ -5,7 +5,8 @@ weights, configs of the coupling issue): dense eager against sparsefx, side by s
         [--methods sparsefx-streams-sg,...] [--profile N]
 
 HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 images, batch
-32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`.
+32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`;
+Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`) likewise.
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
 `sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `-compiled`
@@ -37,7 +38,7 @@ import sparsefx
 from sparsefx.runtime import StructureState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
-from examples.models import gpt2_model, hf_resnet_model
+from examples.models import gpt2_model, hf_resnet_model, llama_model
 
 LR = 0.01
 
@@ -53,9 +54,16 @@ def gpt2() -> tuple[nn.Module, Tensor, Tensor]:
     return model, ids, ids
 
 
+def llama() -> tuple[nn.Module, Tensor, Tensor]:
+    model = llama_model()
+    ids = torch.randint(0, 512, (8, 128))
+    return model, ids, ids
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "resnet": resnet,
     "gpt2": gpt2,
+    "llama": llama,
 }
 DIAGNOSTICS = ("-same-masks", "-via-ops")
 METHODS = {

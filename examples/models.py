@@ -103,6 +103,20 @@ def gpt2_model() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def llama_model() -> nn.Module:
+    """A small Hugging Face Llama with grouped-query attention (8 query heads share 4
+    key/value heads), sized like `gpt2_model`: vocab 512, hidden 256, MLP 704, 4 layers."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+        use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def hf_resnet() -> tuple[nn.Module, Tensor]:
     model = hf_resnet_model()
     return model, torch.randn(2, 3, 32, 32)
@@ -111,5 +125,12 @@ def hf_resnet() -> tuple[nn.Module, Tensor]:
 def gpt2() -> tuple[nn.Module, dict[str, Any]]:
     """GPT-2 with its LM loss (``labels=``) on 2 sequences of 64 tokens."""
     model = gpt2_model()
+    ids = torch.randint(0, 512, (2, 64))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def llama() -> tuple[nn.Module, dict[str, Any]]:
+    """Llama (grouped-query attention) with its LM loss on 2 sequences of 64 tokens."""
+    model = llama_model()
     ids = torch.randint(0, 512, (2, 64))
     return model, {"input_ids": ids, "labels": ids}
