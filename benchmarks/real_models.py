@@ -9,7 +9,8 @@ HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 im
 Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`) likewise.
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
-`sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `-compiled`
+`sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `sparsefx-flops`
+(budget="flops": channels weighted by their FLOPs in the budget), `-compiled`
 (torch.compile). A `-same-masks` suffix is a diagnostic, not a training configuration: the
 step samples its masks once and reuses them (K forwards as usual), which shows what new
 kept-channel counts cost at every step (oneDNN creates a primitive per new conv shape).
@@ -71,6 +72,7 @@ METHODS = {
     "sparsefx-sg": {"sparse_gradients": True},
     "sparsefx-streams": {"prune_streams": True},
     "sparsefx-streams-sg": {"prune_streams": True, "sparse_gradients": True},
+    "sparsefx-flops": {"budget": "flops"},
 }
 
 
