@@ -261,17 +261,27 @@ def out_of_place_dropout(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _read_later(tensor: Any, node: fx.Node, order: dict[fx.Node, int]) -> bool:
-    """Whether `tensor`, or what it is a view of, is read after `node` or is a graph input
-    (whose mutation the caller sees)."""
-    while True:
-        if not isinstance(tensor, fx.Node) or tensor.op != "call_function":
-            return True
-        if any(order[user] > order[node] for user in tensor.users):
-            return True
-        schema = getattr(tensor.target, "_schema", None)
-        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
-            return False
-        tensor = tensor.args[0]
+    """Whether a tensor sharing `tensor`'s storage (itself, what it is a view of, another
+    view of that) is read after `node`, or the storage is a graph input's (whose mutation
+    the caller sees)."""
+    root = tensor
+    while _aliases_input(root):
+        root = root.args[0]
+    if not isinstance(root, fx.Node) or root.op != "call_function":
+        return True
+    aliases, frontier = {root}, [root]
+    while frontier:
+        for user in frontier.pop().users:
+            if user is not node and user not in aliases and _aliases_input(user):
+                aliases.add(user)
+                frontier.append(user)
+    return any(order[user] > order[node] for alias in aliases for user in alias.users)
+
+
+def _aliases_input(node: Any) -> bool:
+    """A view, or an in-place op: its output shares its first input's storage."""
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
 def _signature(example: Any) -> Any:

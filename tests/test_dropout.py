@@ -146,11 +146,14 @@ class ReadAfterDropout(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.fc1(x))
-        target = h.view(-1, 4, 4) if self.read_later == "base" else h
+        view = h.view(-1, 4, 4)  # read after the dropout only in "view"
+        target = view if self.read_later == "base" else h
         dropped = F.dropout(target, self.p, training=True, inplace=True).view(-1, 16)
         out = self.fc2(dropped)
-        if self.read_later != "nothing":
+        if self.read_later in ("tensor", "base"):
             out = out + self.fc3(h)
+        elif self.read_later == "view":
+            out = out + self.fc3(view.view(-1, 16))
         return self.head(out)
 
 
@@ -165,11 +168,15 @@ def test_in_place_dropout_is_captured_out_of_place(read_later):
     assert targets.count(torch.ops.aten.dropout.default) == 1
 
 
-def test_in_place_dropout_of_a_view_whose_base_is_read_later_keeps_its_input_dense():
-    """The mutation must reach the base: a scatter would take it instead, and fc3 would
-    read h undropped. With p = 1 the model's output is its biases' only."""
+@pytest.mark.parametrize("read_later", ["base", "view"])
+def test_in_place_dropout_of_a_tensor_whose_alias_is_read_later_keeps_its_input_dense(
+    read_later,
+):
+    """The mutation must reach the base the dropped view was taken of, or a view taken of
+    the dropped tensor before: a scatter (or the out-of-place op) would take it instead, and
+    fc3 would read h undropped. With p = 1 the model's output is its biases' only."""
     torch.manual_seed(0)
-    model = ReadAfterDropout("base", p=1.0)
+    model = ReadAfterDropout(read_later, p=1.0)
     x = torch.randn(2, 8)
     sparse = sparsefx.transform(model, x, density=0.5)
     reasons = [d.reason for d in sparse.analysis.dense if d.node == "linear"]
