@@ -347,45 +347,72 @@ def test_gpt2_with_dropout_training_loss_falls(mode):
 KV_HEADS, QUERY_HEADS_PER_KV, LLAMA_HEAD_DIM = 4, 2, 4
 
 
-def _llama(attention: str = "sdpa") -> nn.Module:
-    """Grouped-query attention: 8 query heads share 4 key/value heads."""
-    config = transformers.LlamaConfig(
+def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
+    """Grouped-query attention: 8 query heads share 4 key/value heads. Qwen3 normalises q
+    and k per head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and
+    gate and up into another (split by slicing and by chunk)."""
+    sizes = dict(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
         max_position_embeddings=16, use_cache=False, attn_implementation=attention,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    if family == "qwen3":
+        config = transformers.Qwen3Config(head_dim=LLAMA_HEAD_DIM, **sizes)
+        return transformers.Qwen3ForCausalLM(config)
+    config = transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    return transformers.Phi3ForCausalLM(config)
 
 
-def _llama_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Output features zeroed by the reference: a dropped kv head's k and v rows and the q
     rows of every query head it serves; the MLP's hidden neurons at gate and up."""
     points = {}
     for layer in range(2):
         a = f"model.layers.{layer}"
-        heads = masks[f"{a}.self_attn.q_proj"]
-        points[f"{a}.self_attn.q_proj"] = heads.repeat_interleave(
-            QUERY_HEADS_PER_KV * LLAMA_HEAD_DIM
-        )
+        fused = family == "phi3"
+        heads = masks[f"{a}.self_attn.{'qkv_proj' if fused else 'q_proj'}"]
+        neurons = masks[f"{a}.mlp.{'gate_up_proj' if fused else 'gate_proj'}"]
+        q = heads.repeat_interleave(QUERY_HEADS_PER_KV * LLAMA_HEAD_DIM)
+        kv = heads.repeat_interleave(LLAMA_HEAD_DIM)
+        if fused:
+            points[f"{a}.self_attn.qkv_proj"] = torch.cat([q, kv, kv])
+            points[f"{a}.mlp.gate_up_proj"] = torch.cat([neurons, neurons])
+            continue
+        points[f"{a}.self_attn.q_proj"] = q
         for proj in ("k_proj", "v_proj"):
-            points[f"{a}.self_attn.{proj}"] = heads.repeat_interleave(LLAMA_HEAD_DIM)
+            points[f"{a}.self_attn.{proj}"] = kv
         for proj in ("gate_proj", "up_proj"):
-            points[f"{a}.mlp.{proj}"] = masks[f"{a}.mlp.gate_proj"]
+            points[f"{a}.mlp.{proj}"] = neurons
     return points
 
 
 @pytest.mark.parametrize(
-    ("attention", "padded"),
-    [("sdpa", False), ("sdpa", True), ("eager", True)],
-    ids=["sdpa-enable_gqa", "sdpa-repeat_kv", "eager-repeat_kv-matmul"],
+    ("family", "attention", "padded"),
+    [
+        ("llama", "sdpa", False),
+        ("llama", "sdpa", True),
+        ("llama", "eager", True),
+        ("qwen3", "sdpa", False),
+        ("phi3", "sdpa", False),
+    ],
+    ids=[
+        "llama-sdpa-enable_gqa",
+        "llama-sdpa-repeat_kv",
+        "llama-eager-repeat_kv-matmul",
+        "qwen3-head-norms",
+        "phi3-fused",
+    ],
 )
-def test_llama_grouped_query_attention_prunes_kv_heads_with_their_query_heads(attention, padded):
+def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, attention, padded):
     """transformers runs grouped-query attention as sdpa with enable_gqa (no mask), as
     repeat_kv then sdpa (a padding mask) or repeat_kv then matmul/softmax (eager). Each was
     three groups (q, k, v) with k and v scattered to full width; each is now one group of kv
-    heads per layer, compact through attention, equal to the reference."""
+    heads per layer, compact through attention, equal to the reference. Qwen3's per-head
+    norms (rsqrt) and Phi-3's chunked gate/up were scattered too."""
     torch.manual_seed(0)
-    model = _llama(attention).double()
+    model = _decoder(family, attention).double()
     reference = copy.deepcopy(model)
     ids = _text_inputs()[0]
     kwargs = {"labels": ids}
@@ -393,16 +420,16 @@ def test_llama_grouped_query_attention_prunes_kv_heads_with_their_query_heads(at
         kwargs["attention_mask"] = (torch.arange(8) < torch.tensor([[8], [6], [7]])).long()
     sparse = sparsefx.transform(model, (ids,), example_kwargs=kwargs, density=0.5)
     groups = sparsefx.groups(sparse)
-    heads = [g for g in groups if g.name.endswith("q_proj")]
+    heads = [g for g in groups if "self_attn" in g.name]
     assert len(groups) == 4 and len(heads) == 2, [g.name for g in groups]
-    assert all(g.size == KV_HEADS and len(g.producers) == 3 for g in heads)
+    assert all(g.size == KV_HEADS for g in heads)
     assert not sparse.analysis.scatters, sparse.analysis.scatters
 
     masks = _random_masks(groups, seed=4)
     sparsefx.set_masks(sparse, masks)
     out = sparse(ids, **kwargs)
     out.loss.backward()
-    with _masked_features(reference, _llama_points(masks)):
+    with _masked_features(reference, _decoder_points(family, masks)):
         expected = reference(ids, **kwargs)
     expected.loss.backward()
     torch.testing.assert_close(out.logits, expected.logits)
@@ -415,7 +442,7 @@ def _hf_cases() -> dict[str, tuple]:
     cases = {"resnet": (_resnet, _resnet_batch, RESNET_OPTIONS, 40)}
     for name, (build, _, inputs, _) in TRANSFORMERS.items():
         cases[name] = (build, inputs, {"density": 0.5, "seed": 0}, 30)
-    cases["llama-gqa"] = (_llama, TRANSFORMERS["gpt2"][2], {"density": 0.5, "seed": 0}, 30)
+    cases["llama-gqa"] = (_decoder, TRANSFORMERS["gpt2"][2], {"density": 0.5, "seed": 0}, 30)
     return cases
 
 

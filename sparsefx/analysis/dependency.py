@@ -645,6 +645,8 @@ class _Walk:
         dim = int(_arg(node, 2, "dim", 0)) % ndim  # type: ignore[call-overload]
         full = int(_shape(node.args[0])[dim])  # type: ignore[arg-type]
         sizes = node.args[1]
+        if node.target is aten.chunk.default:  # `sizes` chunks: split by their size
+            sizes = -(-full // sizes)  # type: ignore[operator]
         if isinstance(sizes, int):
             sizes = [min(sizes, full - start) for start in range(0, full, sizes)]
         if dim != layout.dim:

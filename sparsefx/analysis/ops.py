@@ -99,9 +99,11 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
         aten.softplus.default,
         aten.exp.default,
         aten.cos.default,
+        aten.rsqrt.default,  # RMSNorm's rsqrt(mean(x^2) + eps), per head in Qwen3's q/k norms
     }
 )
-"""Channel-wise but f(0) != 0: allowed only before the mask point."""
+"""Channel-wise but f(0) != 0: past a mask point, their output in dropped channels is
+tracked as non-zero (it must not reach an op that needs zeros there)."""
 
 IN_PLACE_DROPOUT: frozenset[OpOverload] = frozenset(
     {aten.dropout_.default, aten.feature_dropout_.default, aten.alpha_dropout_.default}
@@ -173,7 +175,9 @@ EXPANDS: frozenset[OpOverload] = frozenset({aten.expand.default})
 PERMUTES: frozenset[OpOverload] = frozenset(
     {aten.permute.default, aten.transpose.int, aten.t.default}
 )
-SPLITS: frozenset[OpOverload] = frozenset({aten.split.Tensor, aten.split_with_sizes.default})
+SPLITS: frozenset[OpOverload] = frozenset(
+    {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+)
 SLICES: frozenset[OpOverload] = frozenset({aten.slice.Tensor, aten.narrow.default})
 """A contiguous range of one dim (``x[:, a:b]``, ``narrow``): channel-wise along other dims."""
 SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
