@@ -348,19 +348,23 @@ KV_HEADS, QUERY_HEADS_PER_KV, LLAMA_HEAD_DIM = 4, 2, 4
 
 
 def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
-    """Grouped-query attention: 8 query heads share 4 key/value heads. Qwen3 normalises q
-    and k per head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and
-    gate and up into another (split by slicing and by chunk)."""
+    """Grouped-query attention: 8 query heads share 4 key/value heads. Qwen2 has q, k, v
+    biases; Gemma scales its embeddings and norms by (1 + w); Qwen3 normalises q and k per
+    head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and gate and up
+    into another (split by slicing and by chunk)."""
     sizes = dict(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
         max_position_embeddings=16, use_cache=False, attn_implementation=attention,
     )  # fmt: skip
-    if family == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
-    if family == "qwen3":
-        config = transformers.Qwen3Config(head_dim=LLAMA_HEAD_DIM, **sizes)
-        return transformers.Qwen3ForCausalLM(config)
+    if family in ("llama", "mistral", "qwen2"):
+        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+        config = getattr(transformers, f"{prefix}Config")(**sizes)
+        return getattr(transformers, f"{prefix}ForCausalLM")(config)
+    if family in ("qwen3", "gemma"):
+        prefix = {"qwen3": "Qwen3", "gemma": "Gemma"}[family]
+        config = getattr(transformers, f"{prefix}Config")(head_dim=LLAMA_HEAD_DIM, **sizes)
+        return getattr(transformers, f"{prefix}ForCausalLM")(config)
     config = transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
     return transformers.Phi3ForCausalLM(config)
 
@@ -394,6 +398,9 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         ("llama", "sdpa", False),
         ("llama", "sdpa", True),
         ("llama", "eager", True),
+        ("mistral", "sdpa", True),
+        ("qwen2", "sdpa", False),
+        ("gemma", "sdpa", False),
         ("qwen3", "sdpa", False),
         ("phi3", "sdpa", False),
     ],
@@ -401,6 +408,9 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         "llama-sdpa-enable_gqa",
         "llama-sdpa-repeat_kv",
         "llama-eager-repeat_kv-matmul",
+        "mistral-padded",
+        "qwen2-biases",
+        "gemma",
         "qwen3-head-norms",
         "phi3-fused",
     ],
