@@ -90,20 +90,20 @@ def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..
     model = _without_ddp(model)
     if isinstance(model, SparseModule):
         model.runtime.criterion = criterion
-    elif model in TRANSFORMED:
+        return wrap_criterion(criterion)
+    if model in TRANSFORMED:
         raise TypeError(
             f"wrap_loss got the {type(model).__name__} that sparsefx.transform wrapped; pass "
             "the sparse model transform returned (`smodel = sparsefx.transform(model, ...)`, "
             "then `sparsefx.wrap_loss(smodel, criterion)` and train with `smodel(x)`)"
         )
-    elif isinstance(model, nn.Module):
-        compiled.set_criterion(model, criterion)
-    else:
+    if not isinstance(model, nn.Module):
         raise TypeError(
             "wrap_loss expects the model returned by sparsefx.transform or "
             f'torch.compile(model, backend="sparsefx"), got {type(model).__name__}'
         )
-    return wrap_criterion(criterion)
+    compiled.set_criterion(model, criterion)
+    return compiled.checked_criterion(model, wrap_criterion(criterion))
 
 
 def groups(model: nn.Module) -> list[Group]:

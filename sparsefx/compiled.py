@@ -117,6 +117,28 @@ def set_criterion(model: Any, criterion: Callable[..., Tensor]) -> None:
         _RUNTIMES[model].criterion = criterion
 
 
+def checked_criterion(model: Any, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`criterion`, refusing a training loss of a model whose graphs the sparsefx backend
+    never received: Dynamo ran its forward eagerly (a graph break it could not split, such
+    as BatchNorm's ``.item()`` with ``momentum=None``), or it was never compiled, and it
+    would train dense without a word."""
+    target = weakref.ref(_unwrap(model))
+
+    def sparse_criterion(output: Any, *args: Any, **kwargs: Any) -> Tensor:
+        model = target()
+        if model is not None and model.training and not _RECORDS.get(model):
+            raise RuntimeError(
+                f"{type(model).__name__} ran without sparsefx: the sparsefx backend never "
+                "received a graph of it (Dynamo ran its forward eagerly, or it is not "
+                'compiled with backend="sparsefx"), so it would train dense. '
+                "torch._dynamo.explain(model)(*inputs) says why Dynamo skipped it; "
+                "sparsefx.transform(model, example_inputs) does not depend on Dynamo"
+            )
+        return criterion(output, *args, **kwargs)
+
+    return sparse_criterion
+
+
 def load_structure_state_later(model: Any, state: dict) -> None:
     """Keep a structure state for a compiled model whose runtime does not exist yet (no call
     so far): its first compile with groups loads it, so a resumed run's first step already

@@ -200,6 +200,24 @@ def test_a_cumulative_batch_norm_in_training_is_refused():
     sparsefx.transform(model.eval(), torch.randn(6, 8), density=0.5)  # eval: no average
 
 
+@pytest.mark.parametrize("case", ["cumulative-batch-norm", "not-compiled"])
+def test_wrap_loss_refuses_a_training_loss_of_a_model_sparsefx_never_received(case):
+    """Compiled with momentum=None, Dynamo runs the forward eagerly (BatchNorm reads its
+    batch count with .item()) and never calls the backend; a model never compiled never
+    reaches it either. Both trained dense without a word."""
+    model = _bn_dropout_net()
+    run = model
+    if case == "cumulative-batch-norm":
+        model[1].momentum = None
+        run = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    criterion = sparsefx.wrap_loss(run, nn.functional.cross_entropy)
+    x, y = torch.randn(6, 8), torch.randint(0, 4, (6,))
+    with pytest.raises(RuntimeError, match=r"ran without sparsefx.*explain"):
+        criterion(run(x), y)
+    model.eval()  # an evaluation loss trains nothing
+    criterion(run(x), y)
+
+
 def _train(sparse, model, opt, criterion, batches):
     losses, masks = [], []
     for x, y in batches:
