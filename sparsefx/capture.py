@@ -29,6 +29,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
+from sparsefx.analysis.ops import aliases_input
+
 __all__ = [
     "CaptureError",
     "CapturedGraph",
@@ -265,23 +267,17 @@ def _read_later(tensor: Any, node: fx.Node, order: dict[fx.Node, int]) -> bool:
     view of that) is read after `node`, or the storage is a graph input's (whose mutation
     the caller sees)."""
     root = tensor
-    while _aliases_input(root):
+    while aliases_input(root):
         root = root.args[0]
     if not isinstance(root, fx.Node) or root.op != "call_function":
         return True
     aliases, frontier = {root}, [root]
     while frontier:
         for user in frontier.pop().users:
-            if user is not node and user not in aliases and _aliases_input(user):
+            if user is not node and user not in aliases and aliases_input(user):
                 aliases.add(user)
                 frontier.append(user)
     return any(order[user] > order[node] for alias in aliases for user in alias.users)
-
-
-def _aliases_input(node: Any) -> bool:
-    """A view, or an in-place op: its output shares its first input's storage."""
-    schema = getattr(getattr(node, "target", None), "_schema", None)
-    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
 def _signature(example: Any) -> Any:

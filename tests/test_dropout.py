@@ -4,6 +4,7 @@ weights as the math backend does, and the K forwards of a step share full-width 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -145,7 +146,14 @@ class ReadAfterDropout(nn.Module):
         self.head, self.read_later, self.p = nn.Linear(8, 2), read_later, p
 
     def forward(self, x):
+        if self.read_later == "chunk":  # a piece of a tensor that needs no grad
+            features = x * 2
+            F.dropout(features.chunk(2, dim=-1)[0], self.p, training=True, inplace=True)
+            return self.head(self.fc3(F.relu(self.fc1(features))))
         h = F.relu(self.fc1(x))
+        if self.read_later == "flat":  # a view the analysis does not follow (a scatter)
+            F.dropout(h.view(-1), self.p, training=True, inplace=True)
+            return self.head(self.fc3(h))
         view = h.view(-1, 4, 4)  # read after the dropout only in "view"
         target = view if self.read_later == "base" else h
         dropped = F.dropout(target, self.p, training=True, inplace=True).view(-1, 16)
@@ -168,29 +176,30 @@ def test_in_place_dropout_is_captured_out_of_place(read_later):
     assert targets.count(torch.ops.aten.dropout.default) == 1
 
 
-@pytest.mark.parametrize("read_later", ["base", "view"])
+@pytest.mark.parametrize("read_later", ["base", "view", "chunk", "flat"])
 def test_in_place_dropout_of_a_tensor_whose_alias_is_read_later_keeps_its_input_dense(
     read_later,
 ):
-    """The mutation must reach the base the dropped view was taken of, or a view taken of
-    the dropped tensor before: a scatter (or the out-of-place op) would take it instead, and
-    fc3 would read h undropped. With p = 1 the model's output is its biases' only."""
+    """The mutation must reach the base the dropped view (or chunk) was taken of, or a view
+    taken of the dropped tensor before: a scatter (or the out-of-place op) would take it
+    instead, and fc3 would read h undropped. p = 1 makes the dropout deterministic."""
     torch.manual_seed(0)
     model = ReadAfterDropout(read_later, p=1.0)
     x = torch.randn(2, 8)
     sparse = sparsefx.transform(model, x, density=0.5)
-    reasons = [d.reason for d in sparse.analysis.dense if d.node == "linear"]
-    assert any("in-place dropout_" in r for r in reasons), sparse.analysis.dense
-    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    if read_later != "chunk":  # h is compact: it is read in place, at full width
+        reasons = [d.reason for d in sparse.analysis.dense if d.node == "linear"]
+        assert any("in-place dropout_" in r for r in reasons), sparse.analysis.dense
+        assert not sparse.analysis.scatters, sparse.analysis.scatters
     sparsefx.set_masks(
         sparse, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparse.groups}
     )
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(sparse(x), expected)
-        torch.testing.assert_close(
-            expected, model.head(model.fc2.bias + model.fc3.bias).expand(2, -1)
-        )
+        if read_later in ("base", "view"):  # h is all dropped: only the biases are left
+            biases = model.head(model.fc2.bias + model.fc3.bias).expand(2, -1)
+            torch.testing.assert_close(expected, biases)
 
 
 @pytest.mark.parametrize("mode", ["transform", "compile"])
@@ -238,3 +247,36 @@ def test_frozen_training_forward_returns_only_the_model_outputs(mode):
     losses = [run(x, y) for _ in range(2)]
     assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)
     assert not torch.equal(losses[0], losses[1])  # same mask, fresh dropout noise
+
+
+class AlphaDropoutNet(nn.Module):
+    """Alpha dropout past a mask point (h has two readers): it maps a dropped channel's
+    zeros to non-zero values, which fc2 reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.selu(self.fc1(x))
+        return self.fc2(F.alpha_dropout(h, 0.5, training=True)) + self.fc3(h)
+
+
+def test_alpha_dropout_is_not_taken_for_zero_preserving():
+    """It was listed with dropout as zero-preserving, so it ran compactly and fc2 missed
+    the values it gives dropped channels. It now reads a full-width scatter, drawing what
+    the dense model draws from aten's generator."""
+    torch.manual_seed(0)
+    model = AlphaDropoutNet()
+    x = torch.randn(4, 8)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    (group,) = sparse.groups
+    mask = torch.arange(16) % 3 != 0
+    sparsefx.set_masks(sparse, {group.name: mask})
+    with torch.no_grad():
+        model.fc1.weight[~mask] = 0.0
+        model.fc1.bias[~mask] = 0.0
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(sparse(x), expected)

@@ -207,6 +207,8 @@ class _Walk:
         return self.result.meta.setdefault(node, {})
 
     def _visit(self, node: fx.Node, compact: list[fx.Node]) -> None:
+        if node.target in ops.IN_PLACE_DROPOUT:
+            self._block_aliases(node)
         op = self._decide(node, compact) if compact else None
         if isinstance(op, str):
             for arg in compact:
@@ -236,6 +238,20 @@ class _Walk:
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         if node in self.flows and len(node.users) != 1:
             self._end_chain(node)
+
+    def _block_aliases(self, node: fx.Node) -> None:
+        """An in-place dropout that capture left in place: a tensor sharing its input's
+        storage is read after it, so that storage must be the dense tensor itself. Every
+        compact tensor its input is a view of stays dense (even where the input itself reads
+        a full-width scatter, which would take the mutation instead)."""
+        reason = f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
+        tensor = node.args[0]
+        while isinstance(tensor, fx.Node):
+            if tensor in self.flows:
+                self._block(tensor, reason)
+            if not ops.aliases_input(tensor):
+                break
+            tensor = tensor.args[0]
 
     def _zero(self, compact: list[fx.Node]) -> bool:
         """Whether dropped channels are zero in every input; if not, ask for scatters where
@@ -368,11 +384,8 @@ class _Walk:
             if flow.parts is None:
                 return "getitem of a compact tensor"
             return _Op(flow.parts[node.args[1]], zero_preserving=True)  # type: ignore[index]
-        if target in ops.IN_PLACE_DROPOUT:
-            reason = f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
-            for arg in compact:
-                self._block(arg, reason)
-            return reason
+        if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
+            return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")

@@ -18,6 +18,7 @@ too; analysis/dependency.py says what each does to a layout.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,6 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.selu.default,
         aten.dropout.default,
         aten.feature_dropout.default,
-        aten.alpha_dropout.default,
         aten.clone.default,
         aten.contiguous.default,
         aten.alias.default,
@@ -100,6 +100,7 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
         aten.exp.default,
         aten.cos.default,
         aten.rsqrt.default,  # RMSNorm's rsqrt(mean(x^2) + eps), per head in Qwen3's q/k norms
+        aten.alpha_dropout.default,  # a dropped element becomes a negative saturation value
     }
 )
 """Channel-wise but f(0) != 0: past a mask point, their output in dropped channels is
@@ -190,6 +191,15 @@ REDUCTIONS: frozenset[OpOverload] = frozenset(
 )
 """Reductions over given dims: channel-wise (and zero-preserving) unless they reduce the
 channel dim."""
+
+
+def aliases_input(node: object) -> bool:
+    """A view or an in-place op, or one output of a split/chunk/unbind: it shares its first
+    input's storage."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem:
+        node = node.args[0]
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
 def is_conv(target: object) -> bool:
