@@ -121,22 +121,38 @@ def checked_criterion(model: Any, criterion: Callable[..., Tensor]) -> Callable[
     """`criterion`, refusing a training loss of a model whose graphs the sparsefx backend
     never received: Dynamo ran its forward eagerly (a graph break it could not split, such
     as BatchNorm's ``.item()`` with ``momentum=None``), or it was never compiled, and it
-    would train dense without a word."""
+    would train dense without a word. Once a graph of it (or of a module it contains or is
+    part of: a compiled backbone, a compiled wrapper or DDP) was received, it checks no
+    more."""
     target = weakref.ref(_unwrap(model))
+    received = False
 
     def sparse_criterion(output: Any, *args: Any, **kwargs: Any) -> Tensor:
+        nonlocal received
         model = target()
-        if model is not None and model.training and not _RECORDS.get(model):
-            raise RuntimeError(
-                f"{type(model).__name__} ran without sparsefx: the sparsefx backend never "
-                "received a graph of it (Dynamo ran its forward eagerly, or it is not "
-                'compiled with backend="sparsefx"), so it would train dense. '
-                "torch._dynamo.explain(model)(*inputs) says why Dynamo skipped it; "
-                "sparsefx.transform(model, example_inputs) does not depend on Dynamo"
-            )
+        if not received and model is not None and model.training:
+            received = _received_graph_of(model)
+            if not received:
+                raise RuntimeError(
+                    f"{type(model).__name__} ran without sparsefx: the sparsefx backend never "
+                    "received a graph of it (Dynamo ran its forward eagerly, or it is not "
+                    'compiled with backend="sparsefx"), so it would train dense. '
+                    "torch._dynamo.explain(model)(*inputs) says why Dynamo skipped it; "
+                    "sparsefx.transform(model, example_inputs) does not depend on Dynamo"
+                )
         return criterion(output, *args, **kwargs)
 
     return sparse_criterion
+
+
+def _received_graph_of(model: nn.Module) -> bool:
+    """Whether the backend rewrote a graph rooted at `model`, at a module inside it, or at
+    one that holds it."""
+    inside = set(map(id, model.modules()))
+    return any(
+        records and (id(root) in inside or any(m is model for m in root.modules()))
+        for root, records in list(_RECORDS.items())
+    )
 
 
 def load_structure_state_later(model: Any, state: dict) -> None:

@@ -218,6 +218,38 @@ def test_wrap_loss_refuses_a_training_loss_of_a_model_sparsefx_never_received(ca
     criterion(run(x), y)
 
 
+class _Holder(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("compiled", ["backbone", "wrapper"])
+def test_wrap_loss_accepts_a_model_compiled_as_part_of_another(compiled):
+    """The check above looked for graphs rooted at the model itself: a compiled backbone
+    inside the model given to wrap_loss, or a compiled wrapper around it (a Lightning-style
+    module), raised although they train sparse."""
+    net = _bn_dropout_net()
+    options = {"density": 0.5, "seed": 0}
+    if compiled == "backbone":
+        model = _Holder(net)
+        model.inner = torch.compile(net, backend="sparsefx", options=options)
+        run = model
+    else:
+        model = net
+        run = torch.compile(_Holder(net), backend="sparsefx", options=options)
+    criterion = sparsefx.wrap_loss(model, nn.functional.cross_entropy)
+    x, y = torch.randn(6, 8), torch.randint(0, 4, (6,))
+    loss = criterion(run(x), y)
+    loss.backward()
+    assert sparsefx.compiled.runtime_of(
+        net if compiled == "backbone" else run
+    ).structure.pending_steps
+
+
 def _train(sparse, model, opt, criterion, batches):
     losses, masks = [], []
     for x, y in batches:
