@@ -519,10 +519,10 @@ class SparseRuntime:
     def masks_for_forward(self, training: bool) -> tuple[Tensor, SampledStep | None]:
         """Masks [K, N] for one forward, and the sampled step when the structure trains.
 
-        Training samples K masks (after applying the pending structure update); eval mode
-        and frozen masks use the deterministic mask, K = 1."""
+        Training samples K masks (after applying the pending structure update); eval mode,
+        frozen masks and a model with nothing to prune use the deterministic mask, K = 1."""
         structure = self.structure
-        if training and structure.fixed is None:
+        if training and structure.fixed is None and self.groups:
             if not self._ranks_checked:
                 check_ranks_agree(structure)
                 self._ranks_checked = True
