@@ -196,7 +196,7 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         ):
             raise CaptureError(f"unsupported graph input {target!r} of kind {kind.name}")
     return CapturedGraph(
-        gm=out_of_place_dropout(explicit_conv_padding(ep.graph_module)),
+        gm=without_metadata_asserts(out_of_place_dropout(explicit_conv_padding(ep.graph_module))),
         inputs=inputs,
         in_spec=ep.call_spec.in_spec,
         out_spec=ep.call_spec.out_spec,
@@ -236,6 +236,19 @@ def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
         node.args = (args["input"], args["weight"], args["bias"], args["stride"], padding,
                      dilation, args["groups"])  # fmt: skip
         node.kwargs = {}
+    gm.recompile()
+    return gm
+
+
+def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` without export's ``_assert_tensor_metadata`` (written before each ``.to``): it
+    holds the capture's dtype, so a graph captured in float32 and run under autocast (a
+    Hugging Face loss's ``logits.float()`` reading bfloat16) failed on it, where eager
+    code casts whatever it gets."""
+    for node in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten._assert_tensor_metadata.default
+    ):
+        gm.graph.erase_node(node)
     gm.recompile()
     return gm
 

@@ -122,3 +122,31 @@ def test_sampled_compact_convolutions_compute_in_the_autocast_dtype(mode):
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert p.grad.dtype == torch.float32, name
         torch.testing.assert_close(p.grad, q.grad, atol=3e-2, rtol=3e-2, msg=f"gradient of {name}")
+
+
+class FloatLogits(nn.Module):
+    """Casts its logits to float32, as Hugging Face losses do (``logits.float()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).float()
+
+
+def test_a_transformed_model_that_casts_its_outputs_runs_under_autocast_and_without():
+    """Export writes a dtype assert before each ``.to``: captured in float32, the graph
+    failed under autocast ("Tensor dtype mismatch") where eager casts bfloat16 logits."""
+    torch.manual_seed(0)
+    model = FloatLogits().to(DEVICE)
+    x, y = torch.randn(8, 8, device=DEVICE), torch.randint(0, 4, (8,), device=DEVICE)
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    criterion = sparsefx.wrap_loss(sparse, nn.functional.cross_entropy)
+    for enabled in (True, False):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            logits = sparse(x)
+            loss = criterion(logits, y)
+        assert logits.dtype == torch.float32
+        loss.backward()
+        assert torch.isfinite(loss)

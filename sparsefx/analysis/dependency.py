@@ -365,11 +365,6 @@ class _Walk:
             return self._binary(node, compact)
         if target in ops.CAT:
             return self._cat(node, compact)
-        if target in ops.METADATA_ASSERTS:
-            checks_shape = any(_arg(node, i, k, None) is not None for i, k in _SHAPE_CHECKS)
-            if compact != [first] or checks_shape:
-                return f"{_op_name(node)} checks the sizes of the compact tensor"
-            return _Op(None, zero_preserving=True)
         if ops.is_weight_op(target):
             x = ops.weight_args(node)[0]
             if compact != [x]:
@@ -719,7 +714,6 @@ class _Walk:
 
 
 _SLICE_ARGS = ((2, "start", None), (3, "end", None), (4, "step", 1))
-_SHAPE_CHECKS = ((1, "size"), (2, "stride"))
 
 _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "

@@ -87,10 +87,6 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
 )
 """Channel-wise and f(0) = 0, with the tensor as the first argument (a cast included)."""
 
-METADATA_ASSERTS: frozenset[OpOverload] = frozenset({aten._assert_tensor_metadata.default})
-"""Check a tensor's dtype, device or layout (export writes one before each ``.to``): they
-read a compact tensor as it is unless they also check its sizes or strides."""
-
 OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
     {
         aten.sigmoid.default,
