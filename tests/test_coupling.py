@@ -799,3 +799,28 @@ def test_grouped_query_attention_prunes_a_kv_head_with_its_query_heads(form):
     torch.testing.assert_close(out, expected)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+
+
+class EmptySlice(nn.Module):
+    """Phi-3's partial rotary split ``x[..., :rotary_dim]``, ``x[..., rotary_dim:]`` where the
+    rotary part is all of x: the second slice is empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        rotated, passed = h[..., :16], h[..., 16:]
+        return self.head(F.relu(self.fc2(torch.cat([rotated.neg(), passed], dim=-1))))
+
+
+def test_an_empty_slice_of_a_compact_tensor_is_read_at_full_width():
+    """It crashed the analysis with an IndexError (Phi-3 with one key/value head)."""
+    torch.manual_seed(0)
+    model = EmptySlice()
+    x = torch.randn(4, 8)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

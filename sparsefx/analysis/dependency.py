@@ -686,6 +686,8 @@ class _Walk:
             start, end = slice(start, end).indices(full)[:2]  # type: ignore[arg-type]
         if step != 1:
             return "a strided slice of the channel dim"
+        if start >= end:  # Phi-3's x[..., rotary_dim:] where the rotary part is all of x
+            return "an empty slice of the channel dim"
         bounds = [b for b in (start, end) if 0 < b < full]
         pieces = _cut(layout, bounds)
         if isinstance(pieces, dict):
