@@ -626,8 +626,13 @@ def _zeroed(model: nn.Module, groups, masks: dict[str, Tensor]) -> nn.Module:
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for group in groups:
-            for name, dim, kept in group.expand(masks[group.name]):
-                reference.get_parameter(name).index_fill_(dim, (~kept).nonzero()[:, 0], 0.0)
+            # a group may own part of a dim only (q of a fused qkv): its features are the
+            # ones an all-true mask keeps
+            owned = group.expand(torch.ones(group.size, dtype=torch.bool))
+            kept = group.expand(masks[group.name])
+            for (name, dim, mine), (_, _, keep) in zip(owned, kept, strict=True):
+                dropped = (mine & ~keep).nonzero()[:, 0]
+                reference.get_parameter(name).index_fill_(dim, dropped, 0.0)
     return reference
 
 

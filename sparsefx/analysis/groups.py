@@ -57,7 +57,9 @@ class Group:
     def expand(self, mask: Tensor) -> list[tuple[str, int, Tensor]]:
         """For a bool mask over this group's channels, each member parameter's kept slices:
         ``(parameter name, dim, bool mask over that dim)``, on the mask's device (a CUDA
-        model's `sparsefx.masks` are CUDA tensors)."""
+        model's `sparsefx.masks` are CUDA tensors). Features of the dim that this group does
+        not own (k and v rows of a fused qkv weight, for q's group) are False too: what the
+        group owns is what an all-true mask keeps."""
         mask = torch.as_tensor(mask)
         if mask.shape != (self.size,) or mask.dtype != torch.bool:
             raise ValueError(
