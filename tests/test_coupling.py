@@ -829,3 +829,42 @@ def test_an_empty_slice_of_a_compact_tensor_is_read_at_full_width():
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class HeadNormTypeAs(BiasedAttention):
+    """A per-head RMSNorm of q and k computed in float32 and cast back with ``type_as``
+    (Gemma 3's q/k norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(self.dim) + 0.5)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+
+        def heads(h: Tensor) -> Tensor:
+            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+
+        def norm(h: Tensor) -> Tensor:
+            wide = h.float()
+            wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return wide.type_as(h) * self.scale
+
+        q, k = norm(heads(self.q(x))), norm(heads(self.k(x)))
+        a = F.scaled_dot_product_attention(q, k, heads(self.v(x)))
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_a_type_as_cast_keeps_heads_compact():
+    """``type_as`` was read as taking its second argument as a weight: q and k were
+    scattered, and q, k, v were separate groups with attention at full width."""
+    torch.manual_seed(0)
+    model = HeadNormTypeAs()
+    x = torch.randn(2, HeadNormTypeAs.tokens, 32)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    (heads,) = [g for g in sparse.groups if g.size == HeadNormTypeAs.heads]
+    assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

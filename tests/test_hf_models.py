@@ -351,7 +351,7 @@ def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
     """Grouped-query attention: 8 query heads share 4 key/value heads. Qwen2 has q, k, v
     biases; Gemma scales its embeddings and norms by (1 + w); Qwen3 normalises q and k per
     head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and gate and up
-    into another (split by slicing and by chunk)."""
+    into another (split by slicing and by chunk); Nemotron's MLP is relu(up)² (no gate)."""
     sizes = dict(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
@@ -361,8 +361,8 @@ def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
         prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
         config = getattr(transformers, f"{prefix}Config")(**sizes)
         return getattr(transformers, f"{prefix}ForCausalLM")(config)
-    if family in ("qwen3", "gemma"):
-        prefix = {"qwen3": "Qwen3", "gemma": "Gemma"}[family]
+    if family in ("qwen3", "gemma", "nemotron"):
+        prefix = {"qwen3": "Qwen3", "gemma": "Gemma", "nemotron": "Nemotron"}[family]
         config = getattr(transformers, f"{prefix}Config")(head_dim=LLAMA_HEAD_DIM, **sizes)
         return getattr(transformers, f"{prefix}ForCausalLM")(config)
     config = transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
@@ -377,7 +377,8 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         a = f"model.layers.{layer}"
         fused = family == "phi3"
         heads = masks[f"{a}.self_attn.{'qkv_proj' if fused else 'q_proj'}"]
-        neurons = masks[f"{a}.mlp.{'gate_up_proj' if fused else 'gate_proj'}"]
+        mlp = {"phi3": ("gate_up_proj",), "nemotron": ("up_proj",)}.get(family)
+        neurons = masks[f"{a}.mlp.{mlp[0] if mlp else 'gate_proj'}"]
         q = heads.repeat_interleave(QUERY_HEADS_PER_KV * LLAMA_HEAD_DIM)
         kv = heads.repeat_interleave(LLAMA_HEAD_DIM)
         if fused:
@@ -387,7 +388,7 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         points[f"{a}.self_attn.q_proj"] = q
         for proj in ("k_proj", "v_proj"):
             points[f"{a}.self_attn.{proj}"] = kv
-        for proj in ("gate_proj", "up_proj"):
+        for proj in mlp or ("gate_proj", "up_proj"):
             points[f"{a}.mlp.{proj}"] = neurons
     return points
 
@@ -403,6 +404,7 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         ("gemma", "sdpa", False),
         ("qwen3", "sdpa", False),
         ("phi3", "sdpa", False),
+        ("nemotron", "sdpa", False),
     ],
     ids=[
         "llama-sdpa-enable_gqa",
@@ -413,6 +415,7 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         "gemma",
         "qwen3-head-norms",
         "phi3-fused",
+        "nemotron-relu-squared",
     ],
 )
 def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, attention, padded):
@@ -420,7 +423,7 @@ def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, 
     repeat_kv then sdpa (a padding mask) or repeat_kv then matmul/softmax (eager). Each was
     three groups (q, k, v) with k and v scattered to full width; each is now one group of kv
     heads per layer, compact through attention, equal to the reference. Qwen3's per-head
-    norms (rsqrt) and Phi-3's chunked gate/up were scattered too."""
+    norms (rsqrt), Phi-3's chunked gate/up and Nemotron's square were scattered too."""
     torch.manual_seed(0)
     model = _decoder(family, attention).double()
     reference = copy.deepcopy(model)

@@ -385,6 +385,10 @@ class _Walk:
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")
             return f"{_op_name(node)} normalises across all features and reads them at full width"
+        if target in ops.TYPE_AS:
+            if first not in compact:  # only the other tensor's dtype is read
+                return _Op(None, zero_preserving=True)
+            return _Op(self.flows[first].layout, zero_preserving=True, chainable=True)  # type: ignore[index]
         if compact != [first] or not isinstance(first, fx.Node):
             return f"{_op_name(node)} reads the compact tensor as a weight or extra argument"
         layout = self.flows[first].layout

@@ -65,6 +65,7 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.tanh_.default,
         aten.neg.default,  # RoPE's rotate_half: cat(-x2, x1)
         aten.neg_.default,
+        aten.square.default,  # relu² MLPs (Nemotron, Arcee)
         aten.hardtanh.default,
         aten.hardtanh_.default,
         aten.relu6.default,
@@ -101,6 +102,10 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
 )
 """Channel-wise but f(0) != 0: past a mask point, their output in dropped channels is
 tracked as non-zero (it must not reach an op that needs zeros there)."""
+
+TYPE_AS: frozenset[OpOverload] = frozenset({aten.type_as.default})
+"""A cast to another tensor's dtype (Gemma's norms): channel-wise in its first argument; the
+second one is read for its dtype only."""
 
 IN_PLACE_DROPOUT: frozenset[OpOverload] = frozenset(
     {aten.dropout_.default, aten.feature_dropout_.default, aten.alpha_dropout_.default}
