@@ -168,7 +168,7 @@ def freeze(
     model: nn.Module,
     strategy: str = "topk",
     *,
-    batches: Iterable[tuple[Any, ...]] | None = None,
+    batches: Iterable[tuple[Any, ...] | Mapping[str, Any]] | None = None,
     num_samples: int = 8,
     multiple: int = 1,
 ) -> None:
@@ -176,7 +176,8 @@ def freeze(
     sampled masks, the one with the lowest mean eval loss on `batches`).
 
     Each batch is a tuple of forward arguments; with a wrapped criterion its last element is
-    the target. `multiple` > 1 then makes each group's kept count a multiple of it within
+    the target. A dict is keyword arguments of a forward that returns its loss (a Hugging
+    Face model's ``{"input_ids": ids, "labels": ids}``). `multiple` > 1 then makes each group's kept count a multiple of it within
     the budget (down to a multiple, then up by largest remainder while the budget allows,
     groups of fewer than `multiple` channels giving up a few for a block where that keeps
     more of the searched channels; channels by s; `policy.round_group_counts`): CPU
@@ -217,7 +218,9 @@ def freeze(
     structure.fixed = mask
 
 
-def _held_out_batches(batches: Iterable[tuple[Any, ...]] | None, num_samples: int) -> list:
+def _held_out_batches(
+    batches: Iterable[tuple[Any, ...] | Mapping[str, Any]] | None, num_samples: int
+) -> list:
     """freeze("best")'s arguments, checked before anything changes."""
     check_int("num_samples", num_samples, 1, "masks to score")
     if batches is None:
@@ -226,11 +229,12 @@ def _held_out_batches(batches: Iterable[tuple[Any, ...]] | None, num_samples: in
     if not batches:
         raise ValueError('freeze(strategy="best") got no batches: every mask would score 0')
     for batch in batches:
-        if not isinstance(batch, tuple | list):
+        if not isinstance(batch, tuple | list | Mapping):
             raise TypeError(
                 "each of freeze's `batches` is a tuple of forward arguments (with a wrapped "
-                "criterion, its last element the target), e.g. batches=[(x_val, y_val)]; got "
-                f"a {type(batch).__name__}"
+                "criterion, its last element the target), e.g. batches=[(x_val, y_val)], or "
+                "a dict of keyword arguments of a forward that returns its loss, e.g. "
+                f'[{{"input_ids": ids, "labels": ids}}]; got a {type(batch).__name__}'
             )
     return batches
 
@@ -419,7 +423,10 @@ def explain(model: nn.Module) -> str:
 
 @torch.no_grad()
 def _mean_eval_loss(
-    sparse: SparseRuntime, module: nn.Module, mask: Tensor, batches: list[tuple[Any, ...]]
+    sparse: SparseRuntime,
+    module: nn.Module,
+    mask: Tensor,
+    batches: list[tuple[Any, ...] | Mapping[str, Any]],
 ) -> float:
     structure, was_training = sparse.structure, module.training
     structure.fixed = mask
@@ -427,13 +434,19 @@ def _mean_eval_loss(
     try:
         losses = []
         for batch in batches:
-            if sparse.criterion is not None:
-                losses.append(float(sparse.criterion(module(*batch[:-1]), batch[-1])))
+            if isinstance(batch, Mapping):
+                loss = find_loss(module(**batch))
+            elif sparse.criterion is not None:
+                loss = sparse.criterion(module(*batch[:-1]), batch[-1])
             else:
                 loss = find_loss(module(*batch))
-                if loss is None:
-                    raise ValueError("the model returned no loss; wrap a criterion with wrap_loss")
-                losses.append(float(loss))
+            if loss is None:
+                raise ValueError(
+                    "the model returned no loss for a batch of freeze's `batches`: pass its "
+                    "target too (a dict with labels=, or a tuple whose last element a "
+                    "criterion wrapped with wrap_loss takes)"
+                )
+            losses.append(float(loss))
         return sum(losses) / max(len(losses), 1)
     finally:
         module.train(was_training)

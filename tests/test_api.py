@@ -433,6 +433,22 @@ def test_freeze_best_checks_its_arguments_before_changing_anything(kwargs, error
     assert int(sparse.structure.step) == step and sparse.structure.fixed is None
 
 
+def test_freeze_best_takes_keyword_batches_of_a_model_that_returns_its_loss():
+    """A Hugging Face model trained with ``labels=`` is scored on keyword batches; only
+    positional tuples were accepted, so its labels could not be passed by name. Dict and
+    tuple batches of the same data pick the same sample."""
+
+    def build():
+        torch.manual_seed(0)
+        return sparsefx.transform(LossModel(), data(), config=sparsefx.SparseConfig(0.5, seed=0))
+
+    by_position, by_name = build(), build()
+    x, y = data(32)
+    sparsefx.freeze(by_position, "best", batches=[(x, y)], num_samples=6)
+    sparsefx.freeze(by_name, "best", batches=[{"x": x, "y": y}], num_samples=6)
+    assert torch.equal(by_name.structure.fixed, by_position.structure.fixed)
+
+
 def test_freeze_best_rounds_the_chosen_sample_to_multiples():
     """freeze("best", multiple=4) picks the same sample as without `multiple` (same sampler
     state), then rounds its counts exactly as `round_group_counts` does."""
