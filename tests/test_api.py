@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -35,6 +36,12 @@ class LossModel(nn.Module):
 
 def data(n: int = 12):
     return torch.randn(n, 8), torch.randint(0, 3, (n,))
+
+
+def _wrapped(model: nn.Module) -> tuple[nn.Module, Callable[..., Tensor], Tensor, Tensor]:
+    """`model` transformed at density 0.5, its wrapped cross-entropy, and a batch."""
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
+    return sparse, sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss()), *data()
 
 
 def test_groups_members_and_dense_report():
@@ -90,10 +97,8 @@ def test_logits_model_needs_wrap_loss_and_says_so():
 def test_wrap_loss_trains_structure_and_weights():
     torch.manual_seed(0)
     model = mlp()
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    sparse, criterion, x, y = _wrapped(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = data()
     weight = model[0].weight.detach().clone()
     loss = criterion(sparse(x), y)
     opt.zero_grad()
@@ -324,9 +329,7 @@ def test_budget_warmup_shrinks_the_budget_from_the_whole_model_to_the_density():
 def test_freeze_topk_fixes_masks_and_unfreeze_resumes_sampling():
     torch.manual_seed(0)
     model = mlp()
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
-    x, y = data()
+    sparse, criterion, x, y = _wrapped(model)
     sparsefx.freeze(sparse, "topk")
     s = sparse.structure.probabilities.clone()
     for _ in range(3):
@@ -837,9 +840,7 @@ def test_sparse_gradients_of_rounded_cpu_convolutions_equal_the_dense_ones():
 def test_model_with_nothing_to_prune_warns_and_trains_dense():
     model = nn.Linear(8, 3)  # the classifier alone: never pruned
     with pytest.warns(UserWarning, match="nothing to prune"):
-        sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
-    x, y = data()
+        sparse, criterion, x, y = _wrapped(model)
     for _ in range(2):
         criterion(sparse(x), y).backward()
     sparse(x).sum().backward()  # no structure to train: a training forward needs no loss
@@ -984,9 +985,7 @@ def test_a_loss_weighted_zero_is_no_structure_step():
     """It committed a zero gradient, and the next forward's Adam step moved s by momentum."""
     torch.manual_seed(0)
     model = mlp()
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
-    x, y = data()
+    sparse, criterion, x, y = _wrapped(model)
     criterion(sparse(x), y).backward()
     (0 * criterion(sparse(x), y)).backward()  # applies the first step's update
     before = sparse.structure.probabilities.clone()
@@ -1065,9 +1064,7 @@ class WithPrior(nn.Module):
 def test_outputs_viewing_a_long_lived_tensor_keep_a_bounded_registry():
     """Each step registered another entry under the buffer, for the model's life."""
     model = WithPrior()
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
-    x, y = data()
+    sparse, criterion, x, y = _wrapped(model)
     for _ in range(12):
         logits, _prior = sparse(x)
         criterion(logits, y).backward()
@@ -1113,9 +1110,7 @@ def test_casting_the_sparse_model_keeps_the_structure_state_in_float32(dtype):
     optimizer's step overflowed and s turned NaN for good."""
     torch.manual_seed(0)
     model = mlp()
-    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.5)
-    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
-    x, y = data()
+    sparse, criterion, x, y = _wrapped(model)
     criterion(sparse(x), y).backward()  # a structure gradient pending across the cast
     before = sparse.structure.probabilities.clone()
     sparse.to(dtype)

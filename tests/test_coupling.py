@@ -636,6 +636,15 @@ def _zeroed(model: nn.Module, groups, masks: dict[str, Tensor]) -> nn.Module:
     return reference
 
 
+def _transformed_as_zeroed(model: nn.Module, x: Tensor) -> nn.Module:
+    """`model` transformed (a copy), checked under random masks against `_zeroed`."""
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+    return sparse
+
+
 class BiasedAttention(nn.Module):
     """Attention with a learned per-head additive bias (T5's relative position bias, Swin's
     window bias): the bias keeps every head, so q, k and v cannot be compact in heads."""
@@ -669,12 +678,9 @@ def test_attention_with_a_per_head_bias_runs_at_full_width_and_exactly():
     torch.manual_seed(0)
     model = BiasedAttention()
     x = torch.randn(2, BiasedAttention.tokens, 32)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    sparse = _transformed_as_zeroed(model, x)
     reasons = [d.reason for d in sparse.analysis.scatters]
     assert any("per-head mask or bias" in r for r in reasons), reasons
-    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
 
 
 class RotaryAttention(BiasedAttention):
@@ -695,21 +701,6 @@ class RotaryAttention(BiasedAttention):
         q, k = rotate(split(self.q(x))), rotate(split(self.k(x)))
         a = F.scaled_dot_product_attention(q, k, split(self.v(x)))
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
-
-
-def test_rotary_embeddings_keep_heads_compact_and_exact():
-    """``neg`` was not known to preserve zeros: rotate_half's cat(-x2, x1) scattered q and
-    k to full width and left q_proj and k_proj dense with a wrong reason (a residual
-    stream); q, k, v and o now share one head group."""
-    torch.manual_seed(0)
-    model = RotaryAttention()
-    x = torch.randn(2, RotaryAttention.tokens, 32)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
-    (heads,) = [g for g in sparse.groups if g.size == RotaryAttention.heads]
-    assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
-    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
 
 
 class SpatialPadding(nn.Module):
@@ -735,11 +726,8 @@ def test_spatial_padding_keeps_channels_compact_and_exact():
     torch.manual_seed(0)
     model = SpatialPadding()
     x = torch.randn(2, 3, 9, 9)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    sparse = _transformed_as_zeroed(model, x)
     assert not [d for d in sparse.analysis.scatters if "pad" in d.op], sparse.analysis.scatters
-    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
 
 
 class GroupedQueryAttention(nn.Module):
@@ -823,12 +811,7 @@ class EmptySlice(nn.Module):
 def test_an_empty_slice_of_a_compact_tensor_is_read_at_full_width():
     """It crashed the analysis with an IndexError (Phi-3 with one key/value head)."""
     torch.manual_seed(0)
-    model = EmptySlice()
-    x = torch.randn(4, 8)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
-    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+    _transformed_as_zeroed(EmptySlice(), torch.randn(4, 8))
 
 
 class HeadNormTypeAs(BiasedAttention):
@@ -855,16 +838,14 @@ class HeadNormTypeAs(BiasedAttention):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-def test_a_type_as_cast_keeps_heads_compact():
-    """``type_as`` was read as taking its second argument as a weight: q and k were
-    scattered, and q, k, v were separate groups with attention at full width."""
+@pytest.mark.parametrize("model_cls", [RotaryAttention, HeadNormTypeAs], ids=lambda c: c.__name__)
+def test_heads_stay_compact_through_rotary_embeddings_and_head_norms(model_cls):
+    """``neg`` was not known to preserve zeros: rotate_half's cat(-x2, x1) scattered q and
+    k to full width and left q_proj and k_proj dense with a wrong reason (a residual
+    stream). ``type_as`` (a per-head norm's cast back) was read as taking its second
+    argument as a weight. In both, q, k, v and o now share one head group."""
     torch.manual_seed(0)
-    model = HeadNormTypeAs()
-    x = torch.randn(2, HeadNormTypeAs.tokens, 32)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
-    (heads,) = [g for g in sparse.groups if g.size == HeadNormTypeAs.heads]
+    sparse = _transformed_as_zeroed(model_cls(), torch.randn(2, model_cls.tokens, 32))
+    (heads,) = [g for g in sparse.groups if g.size == model_cls.heads]
     assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
-    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
