@@ -29,7 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from sparsefx.analysis.ops import aliases_input
+from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
 
 __all__ = [
     "CaptureError",
@@ -253,24 +253,17 @@ def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-_OUT_OF_PLACE: dict[OpOverload, OpOverload] = {
-    torch.ops.aten.dropout_.default: torch.ops.aten.dropout.default,
-    torch.ops.aten.feature_dropout_.default: torch.ops.aten.feature_dropout.default,
-    torch.ops.aten.alpha_dropout_.default: torch.ops.aten.alpha_dropout.default,
-}
-
-
 def out_of_place_dropout(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` with in-place dropout (``nn.Dropout(inplace=True)``, Hugging Face MobileNetV2's
     classifier) as the out-of-place op, which the analysis and the dropout passes know (the
     in-place one scattered its input and drew its own noise in every forward). Export
-    already reads the dropped tensor's later uses from the op's output; where a tensor it
-    is a view of, or a graph input, is read after it, only the in-place op is right, and
-    the analysis keeps what it reads dense."""
+    already reads the dropped tensor's later uses from the op's output; where another
+    tensor sharing its storage is read after it (`_read_later`), or the storage is a graph
+    input's, only the in-place op is right, and the analysis keeps what it aliases dense."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in [n for n in gm.graph.nodes if n.target in _OUT_OF_PLACE]:
+    for node in [n for n in gm.graph.nodes if n.target in IN_PLACE_DROPOUT]:
         if not _read_later(node.args[0], node, order):
-            node.target = _OUT_OF_PLACE[node.target]
+            node.target = IN_PLACE_DROPOUT[node.target]
     gm.recompile()
     return gm
 

@@ -107,11 +107,14 @@ TYPE_AS: frozenset[OpOverload] = frozenset({aten.type_as.default})
 """A cast to another tensor's dtype (Gemma's norms): channel-wise in its first argument; the
 second one is read for its dtype only."""
 
-IN_PLACE_DROPOUT: frozenset[OpOverload] = frozenset(
-    {aten.dropout_.default, aten.feature_dropout_.default, aten.alpha_dropout_.default}
-)
-"""Left in place by capture only where a tensor that the dropped one is a view of is read
-after it: the mutation must reach that tensor, so it stays dense."""
+IN_PLACE_DROPOUT: dict[OpOverload, OpOverload] = {
+    aten.dropout_.default: aten.dropout.default,
+    aten.feature_dropout_.default: aten.feature_dropout.default,
+    aten.alpha_dropout_.default: aten.alpha_dropout.default,
+}
+"""In-place dropout and its out-of-place op, which capture puts in its place unless a tensor
+sharing its storage is read after it: then the mutation must reach that tensor, so what it
+aliases stays dense."""
 
 BINARY: frozenset[OpOverload] = frozenset(
     {
