@@ -19,12 +19,13 @@ from sparsefx.api import (
 from sparsefx.capture import CaptureError
 from sparsefx.compiled import backend
 from sparsefx.config import SparseConfig
-from sparsefx.runtime import MissingLossError, SparseModule
+from sparsefx.runtime import DensityError, MissingLossError, SparseModule
 from sparsefx.tools.diff import diff
 from sparsefx.tools.report import Report
 
 __all__ = [
     "CaptureError",
+    "DensityError",
     "MissingLossError",
     "Report",
     "SparseConfig",

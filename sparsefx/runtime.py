@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import warnings
 import weakref
 from collections import OrderedDict
@@ -38,7 +39,13 @@ from sparsefx.passes import (
     score_graph,
     shared_noise_count,
 )
-from sparsefx.policy import project_to_budget, sample_masks, top_budget_mask
+from sparsefx.policy import (
+    group_minimum,
+    keep_minimum,
+    project_to_budget,
+    sample_masks,
+    top_budget_mask,
+)
 from sparsefx.policy.estimator import leave_one_out, score_function
 
 __all__ = [
@@ -59,6 +66,10 @@ log = logging.getLogger("sparsefx")
 
 class MissingLossError(RuntimeError):
     """A training forward returned no loss and no criterion was wrapped."""
+
+
+class DensityError(ValueError):
+    """The density's budget cannot hold the two channels every group keeps."""
 
 
 class StructureState(nn.Module):
@@ -110,6 +121,15 @@ class StructureState(nn.Module):
         self.total_cost = float(channel_costs.sum())
         self.target_budget = config.density * self.total_cost
         """The budget of the density; `budget` reaches it after the warm-up."""
+        minimum = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
+        if self.target_budget < minimum * (1 - 1e-9):
+            least = math.ceil(minimum / self.total_cost * 1e4) / 1e4
+            plural = "s" if len(groups) > 1 else ""
+            raise DensityError(
+                f"density={config.density} cannot hold the two channels every group keeps "
+                f"(`policy.keep_minimum`): this model's {len(groups)} group{plural} need a "
+                f"density of at least {least:.4g} (budget={config.budget!r})"
+            )
         self.pending: Tensor | None = None
         """Structure gradient of the last backward, applied at the next training forward."""
         self.pending_steps: Tensor | None = None
@@ -178,7 +198,7 @@ class StructureState(nn.Module):
             self.optimizer().step()
             s.grad = None
         project = load_triton_kernels().project_budget if self.triton else project_to_budget
-        s.copy_(project(s, self.costs, self.budget))
+        s.copy_(project(s, self.costs, self.budget, group_minimum(s, self.group_offsets)))
         self.pending = None
 
     def sample(self, num_samples: int) -> Tensor:
@@ -189,7 +209,8 @@ class StructureState(nn.Module):
             return self._sample_fused(num_samples, seed)
         generator = torch.Generator(device=self.probabilities.device)
         generator.manual_seed(seed)
-        return self.keep_minimum(sample_masks(self.probabilities, num_samples, generator))
+        masks = sample_masks(self.probabilities, num_samples, generator)
+        return keep_minimum(masks, self.probabilities, self.offsets)
 
     def _sample_fused(self, num_samples: int, seed: int) -> Tensor:
         """One Triton launch: masks (keep-minimum rule included), every group's sorted kept
@@ -220,29 +241,11 @@ class StructureState(nn.Module):
         key = self.probabilities._version, self.budget
         if self._eval_cache is None or self._eval_cache[0] != key:
             order = self.tie_order
-            ordered = top_budget_mask(self.probabilities[order], self.costs[order], key[1])
+            pinned = group_minimum(self.probabilities, self.group_offsets)[order]
+            ordered = top_budget_mask(self.probabilities[order], self.costs[order], key[1], pinned)
             mask = torch.empty_like(ordered).scatter_(0, order, ordered)
-            mask = self.keep_minimum(mask)
             self._eval_cache = (key, mask)
         return self._eval_cache[1]
-
-    def keep_minimum(self, masks: Tensor) -> Tensor:
-        """Keep a group's two most probable channels (its only one, in a 1-channel group)
-        where a mask would keep fewer ([..., N] masks).
-
-        An empty group disconnects the network (layer collapse) and several aten ops reject
-        zero-channel tensors; a single kept channel is a shape that torch.compile specialises
-        (sizes 0 and 1 always are), so allowing it would recompile the compiled graphs for
-        every group that reaches it. The change has probability P(at most one kept) per group
-        and step, negligible at practical widths and densities.
-        """
-        for a, b in zip(self.offsets, self.offsets[1:], strict=False):
-            need = min(2, b - a)
-            short = masks[..., a:b].sum(-1) < need
-            if short.any():
-                top = a + self.probabilities[a:b].topk(need).indices
-                masks[..., top] |= short[..., None]
-        return masks
 
     def commit(self, gradient: Tensor, steps: Tensor | None = None) -> None:
         """Add one step's structure gradient; `steps` (a 0-d tensor: 1, or 0 for a loss

@@ -727,7 +727,35 @@ def test_cost_weighted_budget_trains_within_budget(budget):
     sparse(x)  # applies the pending update: s moves, then is projected onto the budget
     used = float(structure.costs.double() @ structure.probabilities.double())
     assert used <= structure.budget * (1 + 1e-6)
-    assert sparsefx.stats(sparse)["expected_density"] == pytest.approx(0.3, rel=1e-4)
+    expected = sparsefx.stats(sparse)["expected_density"]
+    assert expected == pytest.approx(used / structure.total_cost, rel=1e-6)
+    assert 0.2 < expected <= 0.3 * (1 + 1e-6)
+
+
+def test_each_groups_two_channel_minimum_is_paid_from_the_budget():
+    """A 4-channel group at density 0.25 keeps two channels, and the 64-channel group pays for
+    the second: the eval mask and the sampled masks' mean cost stay within the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 3))
+    sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)
+    structure = sparse.structure
+    assert structure.budget == 17.0
+    mask = structure.deterministic_mask()
+    assert [int(m.sum()) for m in structure.split(mask)] == [2, 15]
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+    x, y = data(16)
+    criterion(sparse(x), y).backward()
+    sparse(x)  # applies the update: the projection pins each group's two most probable channels
+    assert [int(p.eq(1.0).sum()) for p in structure.split(structure.probabilities)] == [2, 2]
+    assert float(structure.costs @ structure.probabilities) <= 17.0 * (1 + 1e-6)
+    cost = structure.sample(4000).float() @ structure.costs  # channels kept per sample
+    assert cost.mean() <= 17.0 + 4 * cost.std() / 4000**0.5
+
+
+def test_a_density_below_the_groups_minimum_raises():
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(sparsefx.DensityError, match=r"2 groups need a density of at least 0\.5 "):
+        sparsefx.transform(model, torch.randn(2, 8), density=0.25)
 
 
 def test_more_samples_run_more_pure_forwards():

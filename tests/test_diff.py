@@ -299,7 +299,8 @@ def test_cli_prints_the_diff_and_writes_html(capsys, tmp_path):
 
 
 def test_cli_input_shape_and_options(capsys):
-    argv = ["diff", TINY, "--input-shape", "4,3,8,8", "--option", "prune_streams=True"]
+    argv = ["diff", TINY, "--input-shape", "4,3,8,8", "--density", "0.5"]
+    argv += ["--option", "prune_streams=True"]
     assert main([*argv, "--option", "budget=flops", "--sympy"]) == 0
     out = capsys.readouterr().out
     assert "prune_streams True" in out and "budget flops" in out and "FLOPs  = " in out
@@ -308,8 +309,17 @@ def test_cli_input_shape_and_options(capsys):
 def test_cli_inputs_file(capsys, tmp_path):
     path = tmp_path / "inputs.pt"
     torch.save((torch.randn(2, 3, 8, 8),), path)
-    assert main(["diff", TINY, "--inputs", str(path), "--mode", "compile"]) == 0
+    assert main(["diff", TINY, "--inputs", str(path), "--mode", "compile", "--density", "0.5"]) == 0
     assert "(compile mode)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_cli_a_density_below_the_groups_minimum_is_a_usage_error(capsys, mode):
+    argv = ["diff", TINY, "--input-shape", "2,3,8,8", "--mode", mode, "--density", "0.1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "sparsefx: error: density=0.1 cannot hold" in error
+    assert "density of at least 0.2728" in error and error.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -356,9 +366,9 @@ def test_cli_factories_import_from_the_current_directory_and_beside_their_file(
         "    return net, torch.randn(2, 4)\n"
     )
     (tmp_path / "broken_import.py").write_text("raise RuntimeError('no GPU here')\n")
-    assert main(["diff", f"{tmp_path / 'nets.py'}:build"]) == 0
+    assert main(["diff", f"{tmp_path / 'nets.py'}:build", "--density", "0.5"]) == 0
     monkeypatch.chdir(tmp_path)
-    assert main(["diff", "nets:build"]) == 0
+    assert main(["diff", "nets:build", "--density", "0.5"]) == 0
     assert capsys.readouterr().out.count("groups (1)") == 2
     assert main(["diff", "broken_import:build"]) == 2
     assert "importing broken_import failed: RuntimeError: no GPU here" in capsys.readouterr().err

@@ -56,7 +56,11 @@ def _pair(spec: Spec, dtype: torch.dtype, batch: int, seed: int):
     model = model.to(dtype)
     reference = copy.deepcopy(model)
     x = example_input(spec, batch, dtype)
-    sparse = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(density=0.5, seed=seed))
+    # 0.5, or more where the groups' two-channel minimum (policy.keep_minimum) costs more
+    widths = [*spec.conv_widths, *spec.linear_widths]
+    density = max(0.5, sum(min(2, w) for w in widths) / sum(widths))
+    config = sparsefx.SparseConfig(density=density, seed=seed)
+    sparse = sparsefx.transform(model, (x,), config=config)
     return model, reference, ends, sparse, x
 
 

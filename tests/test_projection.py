@@ -11,7 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsefx.policy import project_to_budget, round_group_counts, top_budget_mask
+from sparsefx.policy import (
+    group_minimum,
+    keep_minimum,
+    project_to_budget,
+    round_group_counts,
+    top_budget_mask,
+)
 from sparsefx.policy import projection as projection_module
 
 F64 = torch.float64
@@ -209,6 +215,83 @@ def test_empty_input():
 def test_bad_inputs_raise(z, costs, budget, message):
     with pytest.raises(ValueError, match=message):
         project_to_budget(z, costs, budget)
+
+
+# --------------------------------------------------------------------------------------------
+# pinned channels: each group's minimum kept at s = 1 inside the budget
+
+
+@settings(max_examples=40)
+@given(
+    st.integers(2, 6).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.floats(-0.5, 1.5), min_size=n, max_size=n),
+            st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=n, max_size=n),
+            st.lists(st.booleans(), min_size=n, max_size=n),
+        )
+    ),
+    st.floats(0.05, 1.0),
+)
+def test_pinned_projection_is_the_projection_of_the_free_channels_on_the_rest(values, fraction):
+    z, c, pinned = values
+    pinned_cost = sum(ci for ci, p in zip(c, pinned, strict=True) if p)
+    budget = pinned_cost + fraction * sum(c)
+    s = project_to_budget(
+        torch.tensor(z, dtype=F64), torch.tensor(c, dtype=F64), budget, torch.tensor(pinned)
+    )
+    free = [i for i, p in enumerate(pinned) if not p]
+    expected = brute_force_projection(
+        [z[i] for i in free], [c[i] for i in free], budget - pinned_cost
+    )
+    assert s[torch.tensor(pinned)].eq(1.0).all()
+    torch.testing.assert_close(s[free], torch.tensor(expected, dtype=F64), atol=1e-9, rtol=0)
+
+
+def test_pinned_projection_at_and_past_the_budget():
+    z, c = torch.tensor([0.3, 0.8, 0.6, 0.9]), torch.ones(4)
+    pinned = torch.tensor([True, False, True, False])
+    assert project_to_budget(z, c, 2.0, pinned).tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"pinned channels cost 2, more than the budget 1\.5"):
+        project_to_budget(z, c, 1.5, pinned)
+    with pytest.raises(ValueError, match="pinned must be a bool tensor"):
+        project_to_budget(z, c, 2.0, pinned.float())
+
+
+def test_group_minimum_marks_each_groups_two_largest_values():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 3, 7, 40]
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)])
+    values = torch.randint(0, 4, (sum(sizes),), generator=generator).float()  # many ties
+    pinned = group_minimum(values, offsets)
+    for a, b in itertools.pairwise(offsets.tolist()):
+        top = sorted(range(a, b), key=lambda i: (-float(values[i]), i))[:2]
+        assert pinned[a:b].nonzero().squeeze(1).add(a).tolist() == sorted(top)
+
+
+def test_keep_minimum_tops_short_groups_up_to_two_with_their_most_probable_channels():
+    s = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2])
+    masks = torch.tensor(
+        [
+            [False, False, False, False, False, True],  # one kept, not the most probable
+            [False, True, False, False, False, False],
+            [True, False, False, False, False, False],  # the only channel of its group
+            [False, False, False, True, False, True],  # kept two: unchanged
+        ]
+    )
+    kept = keep_minimum(masks.clone(), s, [0, 1, 6])
+    assert kept.tolist() == [
+        [True, False, False, False, True, True],
+        [True, True, False, False, True, False],
+        [True, False, True, False, True, False],
+        [True, False, False, True, False, True],
+    ]
+
+
+def test_top_budget_mask_keeps_pinned_channels_first_and_past_the_budget():
+    s = torch.tensor([0.9, 0.2, 0.8, 0.1])
+    pinned = torch.tensor([False, True, False, True])
+    assert top_budget_mask(s, torch.ones(4), 3.0, pinned).tolist() == [True, True, False, True]
+    assert top_budget_mask(s, torch.ones(4), 1.0, pinned).tolist() == [False, True, False, True]
 
 
 # --------------------------------------------------------------------------------------------

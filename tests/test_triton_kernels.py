@@ -18,10 +18,13 @@ from tests.conftest import triton_device
 
 DEVICE = triton_device()  # skips the module, naming the hardware, before the Triton imports
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from sparsefx.kernels import triton_kernels as tk  # noqa: E402
 from sparsefx.kernels import triton_ops  # noqa: E402
 from sparsefx.kernels.triton_ops import compact_linear, gather_block  # noqa: E402
-from sparsefx.policy import project_to_budget  # noqa: E402
+from sparsefx.policy import keep_minimum, project_to_budget  # noqa: E402
 from sparsefx.policy.estimator import score_function  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -223,8 +226,6 @@ def test_ops_pass_opcheck():
 def test_autotuning_keeps_only_tiles_that_fit_hopper_shared_memory():
     """The bounds come from building the kernels for sm_90 without a GPU (triton.compile to
     cubin): float32 tiles past 232448 bytes of shared memory failed to fit there."""
-    import triton
-
     configs = [
         triton.Config({"BLOCK_M": a, "BLOCK_J": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
         for a, b, r, s, w in tk.TILES
@@ -296,6 +297,27 @@ def test_sampler_is_reproducible_and_unbiased():
     assert ((frequency - expected).abs() <= 4 * stderr).all()
 
 
+@triton.jit
+def _uniforms_kernel(out_ptr, seed, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(seed, offs.to(tl.int64)), mask=offs < N)
+
+
+def test_sampler_draws_the_eager_rule_from_its_uniforms():
+    """The fused sampler's masks are u < s with its Philox uniforms u, topped up by the eager
+    `keep_minimum`: short groups gain their most probable dropped channels up to two, no more."""
+    sizes, samples, seed = (1, 2, 5, 9, 300), 64, 11
+    offsets = _groups(*sizes)
+    s = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(0)) * 0.4
+    s = s.to(DEVICE)
+    u = torch.empty(samples * s.numel(), device=DEVICE)
+    _uniforms_kernel[(triton.cdiv(u.numel(), 1024),)](u, seed, u.numel(), BLOCK=1024)
+    expected = keep_minimum(u.view(samples, -1) < s, s, offsets.tolist())
+    masks, _, counts, _ = tk.sample_compact(s, offsets, samples, seed=seed, exact=True, eps=1e-3)
+    assert torch.equal(masks, expected)
+    assert (counts[:, 2:4] == 2).any(), "no group was topped up"
+
+
 def test_sampler_without_groups():
     masks, _, counts, _ = tk.sample_compact(
         torch.zeros(0, device=DEVICE), _groups(), 2, seed=0, exact=False, eps=1e-3
@@ -322,6 +344,21 @@ def test_projection_kernel_matches_the_exact_projection(n, seed, fraction, sprea
     actual = tk.project_budget(z, c, budget)
     torch.testing.assert_close(actual, expected, atol=1e-9, rtol=0)
     assert (c @ actual).item() <= budget * (1 + 1e-12)
+
+
+@settings(max_examples=15)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1), fraction=st.floats(0.0, 1.0))
+def test_projection_kernel_pins_channels_as_the_exact_projection(n, seed, fraction):
+    generator = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, generator=generator, dtype=torch.float64) + 0.4).to(DEVICE)
+    c = (torch.rand(n, generator=generator, dtype=torch.float64) * 4 + 0.25).to(DEVICE)
+    pinned = (torch.rand(n, generator=generator) < 0.2).to(DEVICE)
+    pinned_cost = c[pinned].sum().item()
+    budget = pinned_cost + fraction * (c.sum().item() - pinned_cost) * 0.5 + 1e-3
+    expected = project_to_budget(z, c, budget, pinned)
+    actual = tk.project_budget(z, c, budget, pinned)
+    assert actual[pinned].eq(1.0).all()
+    torch.testing.assert_close(actual, expected, atol=1e-9, rtol=0)
 
 
 def test_projection_kernel_float32_and_inside_the_set():

@@ -307,8 +307,8 @@ def _sample_kernel(
     BLOCK: tl.constexpr,
 ):
     """Program (group g, sample k): m = u < s with Philox uniforms u keyed by (seed, k, i);
-    a group left with fewer than min(2, size) channels also keeps its most probable ones
-    (the runtime's keep-minimum rule); writes the mask, the group's sorted kept indices at
+    a group left with fewer than min(2, size) channels is topped up with its most probable
+    dropped ones (`policy.keep_minimum`); writes the mask, the group's sorted kept indices at
     its offset, the kept count, and psi(m, s) of the score form."""
     g = tl.program_id(0)
     k = tl.program_id(1)
@@ -325,9 +325,10 @@ def _sample_kernel(
         count += tl.sum(keep.to(tl.int32), axis=0)
     first = tl.full((), -1, dtype=tl.int64)
     second = tl.full((), -1, dtype=tl.int64)
-    if count < need:
+    if count < need:  # top up with the most probable channels, while still short
         first = _argmax_excluding(s_ptr, start, end, first, BLOCK)
-        if need > 1:
+        s_first = tl.load(s_ptr + first).to(tl.float32)
+        if count + (tl.rand(seed, row + first) >= s_first).to(tl.int32) < need:
             second = _argmax_excluding(s_ptr, start, end, first, BLOCK)
     kept = tl.zeros((), dtype=tl.int32)
     for b0 in range(start, end, BLOCK):
@@ -368,17 +369,21 @@ def _argmax_excluding(s_ptr, start, end, excluded, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_z_and_costs(z_ptr, c_ptr, offs, inside):
-    """z and c at `offs` in float64 (0 and 1 outside the vector: no cost, no budget use)."""
+def _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside):
+    """z and c at `offs` in float64 (0 and 1 outside the vector: no cost, no budget use),
+    and whether the channel is pinned at s = 1."""
     z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-    return z, tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+    c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
+    return z, c, tl.load(pinned_ptr + offs, mask=inside, other=0) != 0
 
 
 @triton.jit
-def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    """s = clamp(z - v c, 0, 1) with the smallest v >= 0 meeting c @ s <= budget (one
-    program, float64): bisection on v, then the exact solve on the linear piece of
-    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on. The budget comes as a
+def _project_kernel(
+    z_ptr, c_ptr, pinned_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """s = clamp(z - v c, 0, 1), and 1 on pinned channels, with the smallest v >= 0 meeting
+    c @ s <= budget (one program, float64): bisection on v, then the exact solve on the
+    linear piece of f(v) = c @ s(v) that the final bracket lies on. The budget comes as a
     float64 tensor: a Python float argument is float32 in a compiled launch (and in triton
     3.6's interpreter), up to 1e-7 off, which the bisection would then meet exactly."""
     budget = tl.load(budget_ptr)
@@ -387,9 +392,10 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLO
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
-        f0 += tl.sum(tl.where(inside, c * tl.minimum(tl.maximum(z, 0.0), 1.0), 0.0), axis=0)
-        hi = tl.maximum(hi, tl.max(tl.where(inside, z / c, 0.0), axis=0))
+        z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
+        s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z, 0.0), 1.0))
+        f0 += tl.sum(tl.where(inside, c * s, 0.0), axis=0)
+        hi = tl.maximum(hi, tl.max(tl.where(inside & ~pinned, z / c, 0.0), axis=0))
     v = tl.zeros((), dtype=tl.float64)
     if f0 > budget:
         lo = tl.zeros((), dtype=tl.float64)
@@ -399,8 +405,8 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLO
             for b0 in range(0, N, BLOCK):
                 offs = b0 + tl.arange(0, BLOCK)
                 inside = offs < N
-                z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
-                s = tl.minimum(tl.maximum(z - mid * c, 0.0), 1.0)
+                z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
+                s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z - mid * c, 0.0), 1.0))
                 f += tl.sum(tl.where(inside, c * s, 0.0), axis=0)
             if f > budget:
                 lo = mid
@@ -413,10 +419,10 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLO
         for b0 in range(0, N, BLOCK):
             offs = b0 + tl.arange(0, BLOCK)
             inside = offs < N
-            z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
+            z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
             t = z - mid * c
-            one = inside & (t >= 1.0)
-            free = inside & (t > 0.0) & (t < 1.0)
+            one = inside & (pinned | (t >= 1.0))
+            free = inside & ~pinned & (t > 0.0) & (t < 1.0)
             a += tl.sum(tl.where(one, c, 0.0) + tl.where(free, c * z, 0.0), axis=0)
             q += tl.sum(tl.where(free, c * c, 0.0), axis=0)
         v = hi
@@ -425,8 +431,8 @@ def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLO
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
-        s = tl.minimum(tl.maximum(z - v * c, 0.0), 1.0)
+        z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
+        s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z - v * c, 0.0), 1.0))
         tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=inside)
 
 
@@ -552,12 +558,18 @@ def sample_compact(
     return masks.bool(), indices, counts, psi
 
 
-def project_budget(z: Tensor, costs: Tensor, budget: float, *, iterations: int = 64) -> Tensor:
-    """Projection of z onto {0 <= s <= 1, costs @ s <= budget} in one launch (no host sync):
-    the same set and answer as ``policy.project_to_budget``, found by float64 bisection and
-    an exact solve on the final linear piece."""
+def project_budget(
+    z: Tensor, costs: Tensor, budget: float, pinned: Tensor | None = None, *, iterations: int = 64
+) -> Tensor:
+    """Projection of z onto {0 <= s <= 1, costs @ s <= budget}, with s = 1 on the `pinned`
+    channels (bool, optional), in one launch (no host sync): the same set and answer as
+    ``policy.project_to_budget``, found by float64 bisection and an exact solve on the final
+    linear piece."""
     s = torch.empty_like(z)
     if z.numel():
         exact_budget = torch.full((1,), float(budget), dtype=torch.float64, device=z.device)
-        _project_kernel[(1,)](z, costs, s, z.shape[0], exact_budget, ITERS=iterations, BLOCK=1024)
+        flags = torch.zeros_like(z, dtype=torch.int8) if pinned is None else pinned.to(torch.int8)
+        _project_kernel[(1,)](
+            z, costs, flags, s, z.shape[0], exact_budget, ITERS=iterations, BLOCK=1024
+        )
     return s

@@ -1,11 +1,18 @@
 """Structure policy: budget projection, mask sampling and the VR-PGE structure gradient."""
 
 from sparsefx.policy.estimator import ScoreForm, score_function, structure_gradient
-from sparsefx.policy.projection import project_to_budget, round_group_counts, top_budget_mask
-from sparsefx.policy.sampling import sample_masks
+from sparsefx.policy.projection import (
+    group_minimum,
+    project_to_budget,
+    round_group_counts,
+    top_budget_mask,
+)
+from sparsefx.policy.sampling import keep_minimum, sample_masks
 
 __all__ = [
     "ScoreForm",
+    "group_minimum",
+    "keep_minimum",
     "project_to_budget",
     "round_group_counts",
     "sample_masks",

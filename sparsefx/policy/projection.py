@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["project_to_budget", "round_group_counts", "top_budget_mask"]
+__all__ = ["group_minimum", "project_to_budget", "round_group_counts", "top_budget_mask"]
 
 # Safeguarded Newton steps that narrow the bracket before the exact sort. They only decide how
 # many breakpoints are left to sort (torch's CPU sort costs ~0.1 us per element, so sorting all
@@ -110,15 +110,22 @@ def _multiplier(z: Tensor, c: Tensor, budget: float, s0: Tensor, f0: float) -> f
     return min(max((a - budget) / q_piece, left), right) if q_piece > 0 else left
 
 
-def project_to_budget(z: Tensor, costs: Tensor, budget: float) -> Tensor:
-    """Euclidean projection of z onto {s : 0 <= s <= 1, costs @ s <= budget} (costs > 0).
+def project_to_budget(
+    z: Tensor, costs: Tensor, budget: float, pinned: Tensor | None = None
+) -> Tensor:
+    """Euclidean projection of z onto {s : 0 <= s <= 1, costs @ s <= budget} (costs > 0),
+    with s = 1 on the `pinned` channels (bool, optional) where given.
 
     s = clamp(z - v costs, 0, 1) with the multiplier v found exactly: safeguarded Newton steps
     bracket it, the breakpoints left in the bracket are sorted, and the linear piece of f that
     crosses the budget is solved. O(n log n) worst case. Computed in float64; returns z's dtype
     and device. Reads a few scalars back from the device (one or two per Newton step).
+    Pinned channels take their cost off the budget first, and the other channels share the
+    rest (ValueError if the pinned channels alone cost more than the budget).
     """
     _validate("z", z, costs, budget)
+    if pinned is not None:
+        return _project_pinned(z, costs, budget, pinned)
     zd, c = z.to(torch.float64), costs.to(torch.float64)
     s0 = zd.clamp(0.0, 1.0)
     f0 = (c @ s0).item()
@@ -128,16 +135,52 @@ def project_to_budget(z: Tensor, costs: Tensor, budget: float) -> Tensor:
     return zd.add(c, alpha=-v).clamp_(0.0, 1.0).to(z.dtype)
 
 
-def top_budget_mask(s: Tensor, costs: Tensor, budget: float) -> Tensor:
-    """Deterministic bool mask: channels by decreasing s (ties: lower index first) kept while the cumulative cost stays <= budget.
+def _project_pinned(z: Tensor, costs: Tensor, budget: float, pinned: Tensor) -> Tensor:
+    """`project_to_budget` with s = 1 on `pinned`: the free channels onto what is left."""
+    if pinned.shape != z.shape or pinned.dtype != torch.bool:
+        raise ValueError(f"pinned must be a bool tensor of z's shape {tuple(z.shape)}")
+    rest = budget - costs[pinned].double().sum().item()
+    if rest < -1e-9 * budget:
+        raise ValueError(
+            f"the pinned channels cost {budget - rest:.6g}, more than the budget {budget:.6g}"
+        )
+    s = torch.ones_like(z)
+    free = ~pinned
+    if rest > 1e-12 * budget:
+        s[free] = project_to_budget(z[free], costs[free], rest)
+    else:  # the pinned channels use the whole budget
+        s[free] = 0.0
+    return s
+
+
+def group_minimum(values: Tensor, offsets: Tensor) -> Tensor:
+    """Bool mask of each group's min(2, size) largest values (ties: lower index first); the
+    groups lie at `offsets` ([G + 1] int64, on values' device). Two sorts, no host read."""
+    n = values.shape[0]
+    group = torch.bucketize(torch.arange(n, device=values.device), offsets[1:], right=True)
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]
+    rank = torch.arange(n, device=values.device) - offsets[group[order]]
+    return torch.empty(n, dtype=torch.bool, device=values.device).scatter_(0, order, rank < 2)
+
+
+def top_budget_mask(
+    s: Tensor, costs: Tensor, budget: float, pinned: Tensor | None = None
+) -> Tensor:
+    """Deterministic bool mask: the `pinned` channels (bool, optional), then channels by
+    decreasing s (ties: lower index first) kept while the cumulative cost stays <= budget.
 
     The eval-time and frozen mask; cumulative costs are summed in float64 so an exactly
-    representable budget (e.g. a channel count) is met exactly.
+    representable budget (e.g. a channel count) is met exactly. Pinned channels are kept
+    even past the budget.
     """
     _validate("s", s, costs, budget)
     order = torch.sort(s, descending=True, stable=True).indices
+    if pinned is not None:
+        order = order[torch.sort(pinned[order].byte(), descending=True, stable=True).indices]
     keep = torch.cumsum(costs.to(torch.float64)[order], 0) <= budget
-    return torch.empty_like(keep).scatter_(0, order, keep)
+    mask = torch.empty_like(keep).scatter_(0, order, keep)
+    return mask if pinned is None else mask | pinned
 
 
 def _cost(counts: Sequence[int], unit: Sequence[float]) -> float:

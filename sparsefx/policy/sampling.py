@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["sample_masks"]
+__all__ = ["keep_minimum", "sample_masks"]
 
 
 def sample_masks(s: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
@@ -21,3 +23,29 @@ def sample_masks(s: Tensor, num_samples: int, generator: torch.Generator) -> Ten
     dtype = torch.promote_types(s.dtype, torch.float32)
     u = torch.rand((num_samples, s.shape[0]), generator=generator, dtype=dtype, device=s.device)
     return u < s.to(dtype)
+
+
+def keep_minimum(masks: Tensor, s: Tensor, offsets: Sequence[int]) -> Tensor:
+    """Top each group (at `offsets`) up to two kept channels, its only one in a 1-channel
+    group, with its most probable dropped channels by s, where a mask keeps fewer; in place
+    on bool [..., N] masks.
+
+    An empty group disconnects the network (layer collapse) and several aten ops reject
+    zero-channel tensors; a single kept channel is a shape that torch.compile specialises
+    (sizes 0 and 1 always are), so allowing it would recompile the compiled graphs for every
+    group that reaches it. The budget projection pins each group's two most probable channels
+    at s = 1 (`group_minimum`), so this only changes masks of unprojected probabilities.
+    """
+    starts, ends = list(offsets[:-1]), list(offsets[1:])
+    if not starts:
+        return masks
+    kept = torch.nn.functional.pad(masks.cumsum(-1), (1, 0))  # one count per group at once
+    counts = kept[..., ends] - kept[..., starts]
+    need = torch.tensor(ends).sub(torch.tensor(starts)).clamp(max=2).to(counts.device)
+    short = (counts < need).reshape(-1, len(starts)).any(0)
+    for g in short.nonzero().flatten().tolist():  # rare: the first step's groups at most
+        a, b = starts[g], ends[g]
+        top = a + torch.sort(s[a:b], descending=True, stable=True).indices[: min(2, b - a)]
+        for channel in top.unbind():  # the most probable first (ties: lower index), while short
+            masks[..., channel] |= masks[..., a:b].sum(-1) < min(2, b - a)
+    return masks

@@ -14,6 +14,7 @@ import torch
 from sparsefx.capture import CaptureError
 from sparsefx.config import SparseConfig
 from sparsefx.kernels import triton_selected
+from sparsefx.runtime import DensityError
 from sparsefx.tools import demo, diff, factories
 
 
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.command(args)
     except (FileNotFoundError, ImportError, factories.UsageError) as err:
         print(f"sparsefx: error: {err}", file=sys.stderr)  # a dataset, a factory, inputs
+        return 2
+    except DensityError as err:
+        print(f"sparsefx: error: {err} (--density)", file=sys.stderr)
         return 2
     except CaptureError as err:  # the model cannot be captured
         print(f"sparsefx: error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ from torch import fx, nn
 from sparsefx import compiled
 from sparsefx.capture import CaptureError, capture_failure
 from sparsefx.config import SparseConfig, resolve_config
-from sparsefx.runtime import GraphRecord, SparseModule, SparseRuntime
+from sparsefx.runtime import DensityError, GraphRecord, SparseModule, SparseRuntime
 from sparsefx.tools.report import Report, build_report
 
 __all__ = ["MODES", "diff"]
@@ -85,6 +85,8 @@ def _compiled_records(
     except CaptureError:
         raise
     except Exception as error:
+        if isinstance(getattr(error, "inner_exception", None), DensityError):
+            raise error.inner_exception from None  # the backend's, not a capture failure
         raise capture_failure(model, args, kwargs, error) from error
     finally:
         for code in frames:
