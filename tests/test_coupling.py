@@ -814,6 +814,30 @@ def test_an_empty_slice_of_a_compact_tensor_is_read_at_full_width():
     _transformed_as_zeroed(EmptySlice(), torch.randn(4, 8))
 
 
+class Stacks(nn.Module):
+    """stack along a new dim after the channels (rotary halves interleaved along the last
+    dim, from stride-2 slices of the tokens: two features per channel) and along one before
+    them (summed away)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(32, 8)
+        self.fc3, self.fc4, self.head = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        h = F.relu(self.fc2(torch.stack([-h[:, 1::2], h[:, ::2]], dim=-1).flatten(-2)))
+        g = F.relu(self.fc3(h))
+        return self.head(F.relu(self.fc4(torch.stack([g, 2 * g]).sum(0))))
+
+
+def test_stack_keeps_the_channels_of_same_layout_inputs():
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(Stacks(), torch.randn(3, 4, 8))
+    assert [g.name for g in sparse.groups] == ["fc1", "fc2", "fc3", "fc4"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
 class HeadNormTypeAs(BiasedAttention):
     """A per-head RMSNorm of q and k computed in float32 and cast back with ``type_as``
     (Gemma 3's q/k norms)."""

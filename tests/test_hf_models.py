@@ -351,14 +351,17 @@ def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
     """Grouped-query attention: 8 query heads share 4 key/value heads. Qwen2 has q, k, v
     biases; Gemma scales its embeddings and norms by (1 + w); Qwen3 normalises q and k per
     head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and gate and up
-    into another (split by slicing and by chunk); Nemotron's MLP is relu(up)² (no gate)."""
+    into another (split by slicing and by chunk); Nemotron's MLP is relu(up)² (no gate);
+    Cohere interleaves its rotary halves (stride-2 slices, then stack) and runs attention and
+    MLP in parallel."""
     sizes = dict(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
         max_position_embeddings=16, use_cache=False, attn_implementation=attention,
     )  # fmt: skip
-    if family in ("llama", "mistral", "qwen2"):
-        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    if family in ("llama", "mistral", "qwen2", "cohere"):
+        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "cohere": "Cohere"}
+        prefix = prefix[family]
         config = getattr(transformers, f"{prefix}Config")(**sizes)
         return getattr(transformers, f"{prefix}ForCausalLM")(config)
     if family in ("qwen3", "gemma", "nemotron"):
@@ -405,6 +408,7 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         ("qwen3", "sdpa", False),
         ("phi3", "sdpa", False),
         ("nemotron", "sdpa", False),
+        ("cohere", "sdpa", False),
     ],
     ids=[
         "llama-sdpa-enable_gqa",
@@ -416,6 +420,7 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         "qwen3-head-norms",
         "phi3-fused",
         "nemotron-relu-squared",
+        "cohere-interleaved-rotary",
     ],
 )
 def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, attention, padded):
@@ -423,7 +428,8 @@ def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, 
     repeat_kv then sdpa (a padding mask) or repeat_kv then matmul/softmax (eager). Each was
     three groups (q, k, v) with k and v scattered to full width; each is now one group of kv
     heads per layer, compact through attention, equal to the reference. Qwen3's per-head
-    norms (rsqrt), Phi-3's chunked gate/up and Nemotron's square were scattered too."""
+    norms (rsqrt), Phi-3's chunked gate/up, Nemotron's square and Cohere's interleaved
+    rotary halves (stack) were scattered too."""
     torch.manual_seed(0)
     model = _decoder(family, attention).double()
     reference = copy.deepcopy(model)

@@ -552,11 +552,14 @@ class _Walk:
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
 
     def _cat(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """Along the channel dim, the inputs' pieces in order; along another dim (or a new
+        one: stack), inputs of one layout, whose groups it couples."""
         tensors = node.args[0]
+        stack = node.target is aten.stack.default
         out_ndim = len(_shape(node))
         dim = _arg(node, 1, "dim", 0) % out_ndim  # type: ignore[operator]
         layouts = [self.flows[t].layout if t in compact else None for t in tensors]  # type: ignore[union-attr]
-        if any(layout is not None and layout.dim == dim for layout in layouts):
+        if not stack and any(layout is not None and layout.dim == dim for layout in layouts):
             pieces: list[Piece] = []
             for tensor, layout in zip(tensors, layouts, strict=True):  # type: ignore[arg-type]
                 if layout is None:
@@ -567,17 +570,19 @@ class _Walk:
                     pieces.extend(layout.pieces)
             return _Op(Layout(dim, tuple(pieces)), zero_preserving=True)
         first = layouts[0]
+        name = "stack" if stack else "cat"
         if first is None or any(la is None or not first.same_shape(la) for la in layouts):
             for tensor in compact:
-                self._block(tensor, _INTO_DENSE.format(op="cat", node=node.name))
-            return "cat of compact and dense tensors along another dim"
+                self._block(tensor, _INTO_DENSE.format(op=name, node=node.name))
+            return f"{name} of compact and dense tensors along another dim"
         couplings = [
             (p.group, q.group, "concat")
             for la in layouts[1:]
             for p, q in zip(first.pieces, la.pieces, strict=True)  # type: ignore[union-attr]
             if p.group and q.group
         ]
-        return _Op(first, zero_preserving=True, couplings=couplings)  # type: ignore[arg-type]
+        out = first.at(first.dim + (dim <= first.dim)) if stack else first
+        return _Op(out, zero_preserving=True, couplings=couplings)
 
     def _attention(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """scaled_dot_product_attention: heads (dim -3 of q, k, v) are independent, so q,

@@ -137,7 +137,8 @@ channel-wise with a scalar or a tensor broadcast over the channel dim."""
 
 MUL: frozenset[OpOverload] = frozenset({aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar})
 DIV: frozenset[OpOverload] = frozenset({aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar})
-CAT: frozenset[OpOverload] = frozenset({aten.cat.default})
+CAT: frozenset[OpOverload] = frozenset({aten.cat.default, aten.stack.default})
+"""Concatenation along a dim, or along a new one (stack: interleaved rotary embeddings)."""
 PADS: frozenset[OpOverload] = frozenset({aten.pad.default, aten.constant_pad_nd.default})
 """Padding: channel-wise where it pads other dims than the channel dim."""
 UNSUPPORTED_WEIGHT_OPS: frozenset[OpOverload] = frozenset(
