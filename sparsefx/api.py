@@ -249,7 +249,8 @@ def stats(model: nn.Module) -> dict[str, float]:
 
     ``density`` is the budget; ``budget_density`` what the budget allows the next training
     step (the density, or more during ``budget_warmup``); ``expected_density`` the budget
-    used by s; ``sampled_density`` the kept fraction of the last masks in the same units;
+    used by masks sampled from s (the channels every group's two-channel minimum adds
+    included); ``sampled_density`` the kept fraction of the last masks in the same units;
     ``flops_fraction``/``params_fraction`` of the last masks, and ``expected_flops_fraction``
     under s, from the cost model (linear/conv FLOPs).
     """
@@ -259,12 +260,12 @@ def stats(model: nn.Module) -> dict[str, float]:
     mask = sparse.current_mask()
     total = float(structure.costs.sum()) or 1.0
     kept = [float(m.sum()) for m in structure.split(mask)]
-    expected = [float(p.sum()) for p in structure.split(s)]
+    expected = structure.expected_counts()
     cost = sparse.cost_model
     return {
         "density": sparse.config.density,
         "budget_density": structure.budget / total,
-        "expected_density": float(structure.costs @ s) / total,
+        "expected_density": float(structure.costs @ s + structure.top_up_cost()) / total,
         "sampled_density": float(structure.costs @ mask.float()) / total,
         "channel_density": sum(kept) / max(sum(g.size for g in sparse.groups), 1),
         "flops_fraction": cost.fraction("flops", kept),

@@ -40,6 +40,7 @@ from sparsefx.passes import (
     shared_noise_count,
 )
 from sparsefx.policy import (
+    expected_top_up,
     group_minimum,
     keep_minimum,
     project_to_budget,
@@ -110,6 +111,8 @@ class StructureState(nn.Module):
         start = 1.0 if config.budget_warmup else config.density
         self.register_buffer("probabilities", torch.full((self.offsets[-1],), start))
         self.register_buffer("costs", channel_costs.float(), persistent=False)
+        group_costs = torch.tensor(costs, dtype=torch.float64).reshape(-1)
+        self.register_buffer("group_costs", group_costs, persistent=False)
         # ties in s are broken by relative position within the group, so that equal
         # probabilities (as at initialisation) spread the budget over groups proportionally
         relative = torch.cat(
@@ -121,15 +124,6 @@ class StructureState(nn.Module):
         self.total_cost = float(channel_costs.sum())
         self.target_budget = config.density * self.total_cost
         """The budget of the density; `budget` reaches it after the warm-up."""
-        minimum = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
-        if self.target_budget < minimum * (1 - 1e-9):
-            least = math.ceil(minimum / self.total_cost * 1e4) / 1e4
-            plural = "s" if len(groups) > 1 else ""
-            raise DensityError(
-                f"density={config.density} cannot hold the two channels every group keeps "
-                f"(`policy.keep_minimum`): this model's {len(groups)} group{plural} need a "
-                f"density of at least {least:.4g} (budget={config.budget!r})"
-            )
         self.pending: Tensor | None = None
         """Structure gradient of the last backward, applied at the next training forward."""
         self.pending_steps: Tensor | None = None
@@ -193,13 +187,30 @@ class StructureState(nn.Module):
             self.pending = None  # nothing to prune, or no structure update to apply
             return
         s = self.probabilities
+        # what keep_minimum adds, expected at the current s, is paid from the budget
+        budget = (self.budget - self.top_up_cost()).clamp(min=1e-6 * self.budget)
         if self.pending is not None:
             s.grad = self.pending.to(s.dtype)
             self.optimizer().step()
             s.grad = None
-        project = load_triton_kernels().project_budget if self.triton else project_to_budget
-        s.copy_(project(s, self.costs, self.budget, group_minimum(s, self.group_offsets)))
+        if self.triton:
+            s.copy_(load_triton_kernels().project_budget(s, self.costs, budget))
+        else:
+            s.copy_(project_to_budget(s, self.costs, budget.item()))
         self.pending = None
+
+    def expected_counts(self) -> list[float]:
+        """Expected kept channels of each group in masks sampled from s (what
+        `keep_minimum` adds included)."""
+        top_up = expected_top_up(self.probabilities, self.group_offsets).tolist()
+        parts = self.split(self.probabilities.detach())
+        return [float(p.sum()) + t for p, t in zip(parts, top_up, strict=True)]
+
+    def top_up_cost(self) -> Tensor:
+        """Expected cost of the channels `keep_minimum` adds to masks sampled from s
+        (0-d float64): with it, ``costs @ s`` plus this is the sampled masks' expected cost."""
+        top_up = expected_top_up(self.probabilities, self.group_offsets)
+        return self.group_costs @ top_up
 
     def sample(self, num_samples: int) -> Tensor:
         """K masks, bool [K, N], from the (seed, step) generator; advances the step."""
@@ -483,6 +494,37 @@ class GraphRecord:
     """The options it was rewritten with."""
 
 
+def _check_density(
+    groups: list[Group], cost_model: CostModel, config: SparseConfig, costs: list[float]
+) -> None:
+    """DensityError unless the density's budget holds the two channels every group keeps
+    (`policy.keep_minimum`), naming the lowest density that does (found by bisection: a
+    cost-weighted budget's channel costs move with the density)."""
+
+    def minimum_share(costs: list[float]) -> float:
+        kept = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
+        return kept / sum(c * g.size for g, c in zip(groups, costs, strict=True))
+
+    def holds(density: float) -> bool:
+        costs = cost_model.channel_costs(config.budget, density)
+        return minimum_share(costs) <= density * (1 + 1e-9)
+
+    if not groups or minimum_share(costs) <= config.density * (1 + 1e-9):
+        return
+    infeasible, feasible = config.density, 1.0
+    for _ in range(30):
+        mid = (infeasible + feasible) / 2
+        infeasible, feasible = (infeasible, mid) if holds(mid) else (mid, feasible)
+    least = math.ceil(feasible * 1e4 - 1e-3) / 1e4  # 4 digits, not past the bisection's error
+    least = least if holds(least) else least + 1e-4
+    plural = "s" if len(groups) > 1 else ""
+    raise DensityError(
+        f"density={config.density} cannot hold the two channels every group keeps "
+        f"(`policy.keep_minimum`): this model's {len(groups)} group{plural} need a density of "
+        f"at least {least:.4g} (budget={config.budget!r})"
+    )
+
+
 class SparseRuntime:
     """What both entry points share for one model: its groups and costs, the structure state
     and the per-step protocol (which masks a forward uses, the structure gradient from the K
@@ -496,6 +538,7 @@ class SparseRuntime:
         self.config = config
         seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
         costs = cost_model.channel_costs(config.budget, config.density)
+        _check_density(analysis.groups, cost_model, config, costs)
         self.triton = triton_selected(config.kernels, device)
         """The compact graphs, sampler and projection run the Triton kernels."""
         self.structure = StructureState(

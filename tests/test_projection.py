@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefx.policy import (
+    expected_top_up,
     group_minimum,
     keep_minimum,
     project_to_budget,
@@ -218,43 +219,7 @@ def test_bad_inputs_raise(z, costs, budget, message):
 
 
 # --------------------------------------------------------------------------------------------
-# pinned channels: each group's minimum kept at s = 1 inside the budget
-
-
-@settings(max_examples=40)
-@given(
-    st.integers(2, 6).flatmap(
-        lambda n: st.tuples(
-            st.lists(st.floats(-0.5, 1.5), min_size=n, max_size=n),
-            st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=n, max_size=n),
-            st.lists(st.booleans(), min_size=n, max_size=n),
-        )
-    ),
-    st.floats(0.05, 1.0),
-)
-def test_pinned_projection_is_the_projection_of_the_free_channels_on_the_rest(values, fraction):
-    z, c, pinned = values
-    pinned_cost = sum(ci for ci, p in zip(c, pinned, strict=True) if p)
-    budget = pinned_cost + fraction * sum(c)
-    s = project_to_budget(
-        torch.tensor(z, dtype=F64), torch.tensor(c, dtype=F64), budget, torch.tensor(pinned)
-    )
-    free = [i for i, p in enumerate(pinned) if not p]
-    expected = brute_force_projection(
-        [z[i] for i in free], [c[i] for i in free], budget - pinned_cost
-    )
-    assert s[torch.tensor(pinned)].eq(1.0).all()
-    torch.testing.assert_close(s[free], torch.tensor(expected, dtype=F64), atol=1e-9, rtol=0)
-
-
-def test_pinned_projection_at_and_past_the_budget():
-    z, c = torch.tensor([0.3, 0.8, 0.6, 0.9]), torch.ones(4)
-    pinned = torch.tensor([True, False, True, False])
-    assert project_to_budget(z, c, 2.0, pinned).tolist() == [1.0, 0.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match=r"pinned channels cost 2, more than the budget 1\.5"):
-        project_to_budget(z, c, 1.5, pinned)
-    with pytest.raises(ValueError, match="pinned must be a bool tensor"):
-        project_to_budget(z, c, 2.0, pinned.float())
+# each group's two-channel minimum: the eval mask's pins, the sampler's top-up and its cost
 
 
 def test_group_minimum_marks_each_groups_two_largest_values():
@@ -285,6 +250,19 @@ def test_keep_minimum_tops_short_groups_up_to_two_with_their_most_probable_chann
         [True, False, True, False, True, False],
         [True, False, False, True, False, True],
     ]
+
+
+def test_expected_top_up_is_the_mean_of_what_keep_minimum_adds():
+    """Exactly, by enumerating every mask of small groups with its probability."""
+    sizes = [1, 2, 3, 5]
+    offsets = [0, *itertools.accumulate(sizes)]
+    s = torch.tensor([0.3, 0.2, 0.9, 0.1, 0.5, 1.0, 0.0, 0.3, 0.6, 0.05, 0.25], dtype=F64)
+    masks = torch.tensor(list(itertools.product([False, True], repeat=len(s))))
+    weights = torch.where(masks, s, 1 - s).prod(1)
+    added = keep_minimum(masks.clone(), s, offsets).double() - masks.double()
+    expected = [float(weights @ added[:, a:b].sum(1)) for a, b in itertools.pairwise(offsets)]
+    actual = expected_top_up(s, torch.tensor(offsets))
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=F64), atol=1e-7, rtol=0)
 
 
 def test_top_budget_mask_keeps_pinned_channels_first_and_past_the_budget():

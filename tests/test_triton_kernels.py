@@ -346,23 +346,11 @@ def test_projection_kernel_matches_the_exact_projection(n, seed, fraction, sprea
     assert (c @ actual).item() <= budget * (1 + 1e-12)
 
 
-@settings(max_examples=15)
-@given(n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1), fraction=st.floats(0.0, 1.0))
-def test_projection_kernel_pins_channels_as_the_exact_projection(n, seed, fraction):
-    generator = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, generator=generator, dtype=torch.float64) + 0.4).to(DEVICE)
-    c = (torch.rand(n, generator=generator, dtype=torch.float64) * 4 + 0.25).to(DEVICE)
-    pinned = (torch.rand(n, generator=generator) < 0.2).to(DEVICE)
-    pinned_cost = c[pinned].sum().item()
-    budget = pinned_cost + fraction * (c.sum().item() - pinned_cost) * 0.5 + 1e-3
-    expected = project_to_budget(z, c, budget, pinned)
-    actual = tk.project_budget(z, c, budget, pinned)
-    assert actual[pinned].eq(1.0).all()
-    torch.testing.assert_close(actual, expected, atol=1e-9, rtol=0)
-
-
 def test_projection_kernel_float32_and_inside_the_set():
     z = torch.tensor([0.2, 0.5, 0.9, -0.3, 1.7], device=DEVICE)
     c = torch.ones(5, device=DEVICE)
     assert torch.equal(tk.project_budget(z, c, 10.0), z.clamp(0, 1))
     torch.testing.assert_close(tk.project_budget(z, c, 2.0), project_to_budget(z, c, 2.0))
+    # a budget computed on the device (0-d float64) is read there, not synced to the host
+    budget = torch.tensor(2.0, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(tk.project_budget(z, c, budget), tk.project_budget(z, c, 2.0))

@@ -369,21 +369,17 @@ def _argmax_excluding(s_ptr, start, end, excluded, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside):
-    """z and c at `offs` in float64 (0 and 1 outside the vector: no cost, no budget use),
-    and whether the channel is pinned at s = 1."""
+def _load_z_and_costs(z_ptr, c_ptr, offs, inside):
+    """z and c at `offs` in float64 (0 and 1 outside the vector: no cost, no budget use)."""
     z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-    c = tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
-    return z, c, tl.load(pinned_ptr + offs, mask=inside, other=0) != 0
+    return z, tl.load(c_ptr + offs, mask=inside, other=1.0).to(tl.float64)
 
 
 @triton.jit
-def _project_kernel(
-    z_ptr, c_ptr, pinned_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr
-):
-    """s = clamp(z - v c, 0, 1), and 1 on pinned channels, with the smallest v >= 0 meeting
-    c @ s <= budget (one program, float64): bisection on v, then the exact solve on the
-    linear piece of f(v) = c @ s(v) that the final bracket lies on. The budget comes as a
+def _project_kernel(z_ptr, c_ptr, s_ptr, N, budget_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """s = clamp(z - v c, 0, 1) with the smallest v >= 0 meeting c @ s <= budget (one
+    program, float64): bisection on v, then the exact solve on the linear piece of
+    f(v) = c @ clamp(z - v c, 0, 1) that the final bracket lies on. The budget comes as a
     float64 tensor: a Python float argument is float32 in a compiled launch (and in triton
     3.6's interpreter), up to 1e-7 off, which the bisection would then meet exactly."""
     budget = tl.load(budget_ptr)
@@ -392,10 +388,9 @@ def _project_kernel(
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
-        s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z, 0.0), 1.0))
-        f0 += tl.sum(tl.where(inside, c * s, 0.0), axis=0)
-        hi = tl.maximum(hi, tl.max(tl.where(inside & ~pinned, z / c, 0.0), axis=0))
+        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
+        f0 += tl.sum(tl.where(inside, c * tl.minimum(tl.maximum(z, 0.0), 1.0), 0.0), axis=0)
+        hi = tl.maximum(hi, tl.max(tl.where(inside, z / c, 0.0), axis=0))
     v = tl.zeros((), dtype=tl.float64)
     if f0 > budget:
         lo = tl.zeros((), dtype=tl.float64)
@@ -405,8 +400,8 @@ def _project_kernel(
             for b0 in range(0, N, BLOCK):
                 offs = b0 + tl.arange(0, BLOCK)
                 inside = offs < N
-                z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
-                s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z - mid * c, 0.0), 1.0))
+                z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
+                s = tl.minimum(tl.maximum(z - mid * c, 0.0), 1.0)
                 f += tl.sum(tl.where(inside, c * s, 0.0), axis=0)
             if f > budget:
                 lo = mid
@@ -419,10 +414,10 @@ def _project_kernel(
         for b0 in range(0, N, BLOCK):
             offs = b0 + tl.arange(0, BLOCK)
             inside = offs < N
-            z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
+            z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
             t = z - mid * c
-            one = inside & (pinned | (t >= 1.0))
-            free = inside & ~pinned & (t > 0.0) & (t < 1.0)
+            one = inside & (t >= 1.0)
+            free = inside & (t > 0.0) & (t < 1.0)
             a += tl.sum(tl.where(one, c, 0.0) + tl.where(free, c * z, 0.0), axis=0)
             q += tl.sum(tl.where(free, c * c, 0.0), axis=0)
         v = hi
@@ -431,8 +426,8 @@ def _project_kernel(
     for b0 in range(0, N, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         inside = offs < N
-        z, c, pinned = _load_channels(z_ptr, c_ptr, pinned_ptr, offs, inside)
-        s = tl.where(pinned, 1.0, tl.minimum(tl.maximum(z - v * c, 0.0), 1.0))
+        z, c = _load_z_and_costs(z_ptr, c_ptr, offs, inside)
+        s = tl.minimum(tl.maximum(z - v * c, 0.0), 1.0)
         tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=inside)
 
 
@@ -559,17 +554,17 @@ def sample_compact(
 
 
 def project_budget(
-    z: Tensor, costs: Tensor, budget: float, pinned: Tensor | None = None, *, iterations: int = 64
+    z: Tensor, costs: Tensor, budget: float | Tensor, *, iterations: int = 64
 ) -> Tensor:
-    """Projection of z onto {0 <= s <= 1, costs @ s <= budget}, with s = 1 on the `pinned`
-    channels (bool, optional), in one launch (no host sync): the same set and answer as
+    """Projection of z onto {0 <= s <= 1, costs @ s <= budget} in one launch (no host sync,
+    also for a budget computed on the device as a 0-d tensor): the same set and answer as
     ``policy.project_to_budget``, found by float64 bisection and an exact solve on the final
     linear piece."""
     s = torch.empty_like(z)
     if z.numel():
-        exact_budget = torch.full((1,), float(budget), dtype=torch.float64, device=z.device)
-        flags = torch.zeros_like(z, dtype=torch.int8) if pinned is None else pinned.to(torch.int8)
-        _project_kernel[(1,)](
-            z, costs, flags, s, z.shape[0], exact_budget, ITERS=iterations, BLOCK=1024
-        )
+        if isinstance(budget, Tensor):
+            exact_budget = budget.to(device=z.device, dtype=torch.float64).reshape(1)
+        else:
+            exact_budget = torch.full((1,), budget, dtype=torch.float64, device=z.device)
+        _project_kernel[(1,)](z, costs, s, z.shape[0], exact_budget, ITERS=iterations, BLOCK=1024)
     return s

@@ -7,10 +7,11 @@ from sparsefx.policy.projection import (
     round_group_counts,
     top_budget_mask,
 )
-from sparsefx.policy.sampling import keep_minimum, sample_masks
+from sparsefx.policy.sampling import expected_top_up, keep_minimum, sample_masks
 
 __all__ = [
     "ScoreForm",
+    "expected_top_up",
     "group_minimum",
     "keep_minimum",
     "project_to_budget",

@@ -110,22 +110,15 @@ def _multiplier(z: Tensor, c: Tensor, budget: float, s0: Tensor, f0: float) -> f
     return min(max((a - budget) / q_piece, left), right) if q_piece > 0 else left
 
 
-def project_to_budget(
-    z: Tensor, costs: Tensor, budget: float, pinned: Tensor | None = None
-) -> Tensor:
-    """Euclidean projection of z onto {s : 0 <= s <= 1, costs @ s <= budget} (costs > 0),
-    with s = 1 on the `pinned` channels (bool, optional) where given.
+def project_to_budget(z: Tensor, costs: Tensor, budget: float) -> Tensor:
+    """Euclidean projection of z onto {s : 0 <= s <= 1, costs @ s <= budget} (costs > 0).
 
     s = clamp(z - v costs, 0, 1) with the multiplier v found exactly: safeguarded Newton steps
     bracket it, the breakpoints left in the bracket are sorted, and the linear piece of f that
     crosses the budget is solved. O(n log n) worst case. Computed in float64; returns z's dtype
     and device. Reads a few scalars back from the device (one or two per Newton step).
-    Pinned channels take their cost off the budget first, and the other channels share the
-    rest (ValueError if the pinned channels alone cost more than the budget).
     """
     _validate("z", z, costs, budget)
-    if pinned is not None:
-        return _project_pinned(z, costs, budget, pinned)
     zd, c = z.to(torch.float64), costs.to(torch.float64)
     s0 = zd.clamp(0.0, 1.0)
     f0 = (c @ s0).item()
@@ -133,24 +126,6 @@ def project_to_budget(
         return s0.to(z.dtype)
     v = _multiplier(zd, c, budget, s0, f0)
     return zd.add(c, alpha=-v).clamp_(0.0, 1.0).to(z.dtype)
-
-
-def _project_pinned(z: Tensor, costs: Tensor, budget: float, pinned: Tensor) -> Tensor:
-    """`project_to_budget` with s = 1 on `pinned`: the free channels onto what is left."""
-    if pinned.shape != z.shape or pinned.dtype != torch.bool:
-        raise ValueError(f"pinned must be a bool tensor of z's shape {tuple(z.shape)}")
-    rest = budget - costs[pinned].double().sum().item()
-    if rest < -1e-9 * budget:
-        raise ValueError(
-            f"the pinned channels cost {budget - rest:.6g}, more than the budget {budget:.6g}"
-        )
-    s = torch.ones_like(z)
-    free = ~pinned
-    if rest > 1e-12 * budget:
-        s[free] = project_to_budget(z[free], costs[free], rest)
-    else:  # the pinned channels use the whole budget
-        s[free] = 0.0
-    return s
 
 
 def group_minimum(values: Tensor, offsets: Tensor) -> Tensor:

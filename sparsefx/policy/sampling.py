@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["keep_minimum", "sample_masks"]
+__all__ = ["expected_top_up", "keep_minimum", "sample_masks"]
 
 
 def sample_masks(s: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
@@ -33,8 +33,8 @@ def keep_minimum(masks: Tensor, s: Tensor, offsets: Sequence[int]) -> Tensor:
     An empty group disconnects the network (layer collapse) and several aten ops reject
     zero-channel tensors; a single kept channel is a shape that torch.compile specialises
     (sizes 0 and 1 always are), so allowing it would recompile the compiled graphs for every
-    group that reaches it. The budget projection pins each group's two most probable channels
-    at s = 1 (`group_minimum`), so this only changes masks of unprojected probabilities.
+    group that reaches it. The runtime pays for what this adds from the budget
+    (`expected_top_up`).
     """
     starts, ends = list(offsets[:-1]), list(offsets[1:])
     if not starts:
@@ -49,3 +49,19 @@ def keep_minimum(masks: Tensor, s: Tensor, offsets: Sequence[int]) -> Tensor:
         for channel in top.unbind():  # the most probable first (ties: lower index), while short
             masks[..., channel] |= masks[..., a:b].sum(-1) < min(2, b - a)
     return masks
+
+
+def expected_top_up(s: Tensor, offsets: Tensor) -> Tensor:
+    """Expected channels `keep_minimum` adds to each group (at `offsets`, [G + 1] int64) of
+    a mask m ~ Bernoulli(s): 2 P(none kept) + P(one kept), P(none) in a one-channel group.
+    float64 [G]; O(N) (segment sums as differences of running sums), no host read."""
+    p = s.to(torch.float64).clamp(0.0, 1.0 - 1e-9)
+    starts, ends, sizes = offsets[:-1], offsets[1:], offsets.diff()
+
+    def segment_sums(x: Tensor) -> Tensor:
+        running = torch.nn.functional.pad(x.cumsum(0), (1, 0))
+        return running[ends] - running[starts]
+
+    none = segment_sums(p.neg().log1p()).exp()
+    one = none * segment_sums(p / (1 - p))
+    return torch.where(sizes >= 2, 2 * none + one, none * (sizes == 1))

@@ -199,7 +199,7 @@ def _groups_and_costs(
     mask = runtime.current_mask()
     s = structure.probabilities.detach().float().cpu()
     kept = [int(m.sum()) for m in structure.split(mask)]
-    expected = [float(p.sum()) for p in structure.split(s)]
+    expected = structure.expected_counts()
     rows = []
     for i, group in enumerate(runtime.groups):
         part = s[structure.offsets[i] : structure.offsets[i + 1]]
