@@ -122,6 +122,8 @@ class StructureState(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.total_cost = float(channel_costs.sum())
+        self.minimum_cost = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
+        """The cost of every group's two-channel minimum (`policy.keep_minimum`)."""
         self.target_budget = config.density * self.total_cost
         """The budget of the density; `budget` reaches it after the warm-up."""
         self.pending: Tensor | None = None
@@ -137,6 +139,8 @@ class StructureState(nn.Module):
         self._eval_cache: tuple[tuple[int, float], Tensor] | None = None
         self._sampled: tuple[Tensor, list[list[Tensor]], Tensor] | None = None
         """The Triton sampler's last masks, with their per-group indices and score terms."""
+        if self.probabilities.numel():  # the first step's masks pay their top-up too
+            self.probabilities.copy_(self._project(self.probabilities, triton=False))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> StructureState:
         """`.to(device)`, `.cuda()` move the state with the model; `.half()`, `.double()`,
@@ -187,17 +191,51 @@ class StructureState(nn.Module):
             self.pending = None  # nothing to prune, or no structure update to apply
             return
         s = self.probabilities
-        # what keep_minimum adds, expected at the current s, is paid from the budget
-        budget = (self.budget - self.top_up_cost()).clamp(min=1e-6 * self.budget)
         if self.pending is not None:
             s.grad = self.pending.to(s.dtype)
             self.optimizer().step()
             s.grad = None
-        if self.triton:
-            s.copy_(load_triton_kernels().project_budget(s, self.costs, budget))
-        else:
-            s.copy_(project_to_budget(s, self.costs, budget.item()))
+        s.copy_(self._project(s, triton=self.triton))
         self.pending = None
+
+    def _project(self, z: Tensor, *, triton: bool) -> Tensor:
+        """z projected onto the budget less a reserve r for what `keep_minimum` adds to masks
+        of the result, whose expected cost g(r) grows with r (a smaller budget lowers s).
+        Eager: r = g(r) by regula falsi (Illinois), from the reserve of clamp(z) and the
+        whole minimum's cost, to 1e-6 of the budget, ending on a point with g(r) <= r (at
+        most seven projections; one where no group can fall short). Triton: three
+        fixed-point rounds from below on the device (no host sync), which can leave the
+        expected cost a little above the budget (docs/architecture.md)."""
+        s = z.clamp(0.0, 1.0)
+        if triton:
+            project = load_triton_kernels().project_budget
+            for _ in range(3):
+                budget = (self.budget - self.top_up_cost(s)).clamp(min=1e-6 * self.budget)
+                s = project(z, self.costs, budget)
+            return s
+
+        def excess(reserve: float) -> tuple[float, Tensor]:
+            """g(r) - r, and s at r."""
+            s = project_to_budget(z, self.costs, max(self.budget - reserve, 1e-6 * self.budget))
+            return float(self.top_up_cost(s)) - reserve, s
+
+        tolerance = 1e-6 * self.budget
+        lo = float(self.top_up_cost(s))
+        h_lo, s = excess(lo)
+        if h_lo <= tolerance:
+            return s
+        hi = self.minimum_cost
+        h_hi, s_hi = excess(hi)  # <= 0: no group adds more than its minimum
+        for _ in range(5):
+            r = (lo * h_hi - hi * h_lo) / (h_hi - h_lo)
+            h, s = excess(r)
+            if -tolerance <= h <= 0.0:
+                return s
+            if h > 0.0:
+                lo, h_lo, h_hi = r, h, h_hi / 2
+            else:
+                hi, h_hi, s_hi, h_lo = r, h, s, h_lo / 2
+        return s_hi
 
     def expected_counts(self) -> list[float]:
         """Expected kept channels of each group in masks sampled from s (what
@@ -206,10 +244,11 @@ class StructureState(nn.Module):
         parts = self.split(self.probabilities.detach())
         return [float(p.sum()) + t for p, t in zip(parts, top_up, strict=True)]
 
-    def top_up_cost(self) -> Tensor:
-        """Expected cost of the channels `keep_minimum` adds to masks sampled from s
-        (0-d float64): with it, ``costs @ s`` plus this is the sampled masks' expected cost."""
-        top_up = expected_top_up(self.probabilities, self.group_offsets)
+    def top_up_cost(self, s: Tensor | None = None) -> Tensor:
+        """Expected cost of the channels `keep_minimum` adds to masks sampled from s (the
+        probabilities by default; 0-d float64): with it, ``costs @ s`` plus this is the
+        sampled masks' expected cost."""
+        top_up = expected_top_up(self.probabilities if s is None else s, self.group_offsets)
         return self.group_costs @ top_up
 
     def sample(self, num_samples: int) -> Tensor:

@@ -311,11 +311,13 @@ def test_budget_warmup_shrinks_the_budget_from_the_whole_model_to_the_density():
         x, y = data()
         criterion(sparse(x), y).backward()  # applies the pending update at budget(t), samples
         expected = 8 + 24 * max(0.0, 1 - t / 4) ** 3
-        assert float(structure.probabilities.sum()) <= expected + 1e-4
+        # kept channels expected in the sampled masks: s, plus what the minimum adds
+        used = float(structure.probabilities.sum() + structure.top_up_cost())
+        assert used <= expected + 1e-4
         if t == 0:
             assert all(bool(m.all()) for m in sparsefx.masks(sparse).values())
         if t == 2:
-            assert float(structure.probabilities.sum()) == pytest.approx(expected, abs=1e-4)
+            assert used == pytest.approx(expected, abs=1e-4)
             following = 8 + 24 * (1 - 3 / 4) ** 3  # the budget the next step projects onto
             assert sparsefx.stats(sparse)["budget_density"] == pytest.approx(following / 32)
             with pytest.raises(RuntimeError, match="warm-up"):
@@ -742,6 +744,8 @@ def test_each_groups_two_channel_minimum_is_paid_from_the_budget():
     sparse = sparsefx.transform(model, torch.randn(4, 8), density=0.25)
     structure = sparse.structure
     assert structure.budget == 17.0
+    # the first step's masks too: s starts at the density's projection less the reserve
+    assert float(structure.costs @ structure.probabilities + structure.top_up_cost()) <= 17.0
     mask = structure.deterministic_mask()
     assert [int(m.sum()) for m in structure.split(mask)] == [2, 15]
     criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())

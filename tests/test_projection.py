@@ -262,7 +262,7 @@ def test_expected_top_up_is_the_mean_of_what_keep_minimum_adds():
     added = keep_minimum(masks.clone(), s, offsets).double() - masks.double()
     expected = [float(weights @ added[:, a:b].sum(1)) for a, b in itertools.pairwise(offsets)]
     actual = expected_top_up(s, torch.tensor(offsets))
-    torch.testing.assert_close(actual, torch.tensor(expected, dtype=F64), atol=1e-7, rtol=0)
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=F64), atol=1e-12, rtol=0)
 
 
 def test_top_budget_mask_keeps_pinned_channels_first_and_past_the_budget():

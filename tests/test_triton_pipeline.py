@@ -167,7 +167,8 @@ def test_training_with_the_fused_sampler_and_projection():
             assert torch.equal(indices, mask.nonzero().squeeze(1))
             assert len(indices) >= 2
     s = structure.probabilities
-    assert (s.double() @ structure.costs.double()).item() <= structure.budget * (1 + 1e-6)
+    expected = (s.double() @ structure.costs.double() + structure.top_up_cost()).item()
+    assert expected <= structure.budget * (1 + 1e-6)
     assert not torch.equal(s, torch.full_like(s, 0.4)), "the structure never moved"
     assert sum(losses[-3:]) < sum(losses[:3])
 

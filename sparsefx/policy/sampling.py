@@ -53,15 +53,24 @@ def keep_minimum(masks: Tensor, s: Tensor, offsets: Sequence[int]) -> Tensor:
 
 def expected_top_up(s: Tensor, offsets: Tensor) -> Tensor:
     """Expected channels `keep_minimum` adds to each group (at `offsets`, [G + 1] int64) of
-    a mask m ~ Bernoulli(s): 2 P(none kept) + P(one kept), P(none) in a one-channel group.
-    float64 [G]; O(N) (segment sums as differences of running sums), no host read."""
-    p = s.to(torch.float64).clamp(0.0, 1.0 - 1e-9)
-    starts, ends, sizes = offsets[:-1], offsets[1:], offsets.diff()
+    a mask m ~ Bernoulli(s), float64 [G], O(N) and without a host read: a group short of its
+    minimum by one gains a channel when no uncertain channel is kept, short by two gains two
+    then and one when exactly one is. Channels at s = 1 are counted as kept, not clamped:
+    their odds s / (1 - s) would swamp the sums."""
+    sizes = offsets.diff()
+    group = torch.repeat_interleave(
+        torch.arange(sizes.shape[0], device=s.device), sizes, output_size=s.shape[0]
+    )
+    p = s.to(torch.float64).clamp(0.0, 1.0)
+    certain = p >= 1.0 - 1e-9
+    q = torch.where(certain, 0.0, p)
 
-    def segment_sums(x: Tensor) -> Tensor:
-        running = torch.nn.functional.pad(x.cumsum(0), (1, 0))
-        return running[ends] - running[starts]
+    def sums(x: Tensor) -> Tensor:
+        return torch.zeros(sizes.shape, dtype=torch.float64, device=s.device).index_add_(
+            0, group, x
+        )
 
-    none = segment_sums(p.neg().log1p()).exp()
-    one = none * segment_sums(p / (1 - p))
-    return torch.where(sizes >= 2, 2 * none + one, none * (sizes == 1))
+    none = sums(q.neg().log1p()).exp()  # P(no uncertain channel kept)
+    one = none * sums(q / (1 - q))  # P(exactly one kept)
+    short = sizes.clamp(max=2) - sums(certain.double())
+    return torch.where(short >= 2, 2 * none + one, torch.where(short == 1, none, 0.0))
