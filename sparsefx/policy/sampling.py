@@ -43,7 +43,7 @@ def keep_minimum(masks: Tensor, s: Tensor, offsets: Sequence[int]) -> Tensor:
     counts = kept[..., ends] - kept[..., starts]
     need = torch.tensor(ends).sub(torch.tensor(starts)).clamp(max=2).to(counts.device)
     short = (counts < need).reshape(-1, len(starts)).any(0)
-    for g in short.nonzero().flatten().tolist():  # rare: the first step's groups at most
+    for g in short.nonzero().flatten().tolist():  # groups whose s makes a short mask likely
         a, b = starts[g], ends[g]
         top = a + torch.sort(s[a:b], descending=True, stable=True).indices[: min(2, b - a)]
         for channel in top.unbind():  # the most probable first (ties: lower index), while short
