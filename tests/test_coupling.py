@@ -838,6 +838,31 @@ def test_stack_keeps_the_channels_of_same_layout_inputs():
     assert not sparse.analysis.scatters, sparse.analysis.scatters
 
 
+class Squeezes(nn.Module):
+    """squeeze of size-1 dims before and after the channels (a token dim, a pooled dim), and
+    one that names the channel dim (read at full width)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [B, 1, 8]
+        h = F.relu(self.fc1(x)).squeeze(1)  # [B, 16]: channels from dim 2 to 1
+        g = F.relu(self.fc2(h)).unsqueeze(-1).squeeze(-1)  # a trailing size-1 dim
+        k = F.relu(self.fc3(g)).unsqueeze(1)  # [B, 1, 6]
+        return self.head(k.squeeze(2).squeeze(1))  # names fc3's channel dim (6 wide)
+
+
+def test_squeeze_shifts_the_channel_dim_and_refuses_to_name_it():
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(Squeezes(), torch.randn(4, 1, 8))
+    assert [g.name for g in sparse.groups] == ["fc1", "fc2", "fc3"]
+    assert [(s.node, s.reason) for s in sparse.analysis.scatters] == [
+        ("squeeze_2", "squeeze that names the channel dim")
+    ]
+
+
 class HeadNormTypeAs(BiasedAttention):
     """A per-head RMSNorm of q and k computed in float32 and cast back with ``type_as``
     (Gemma 3's q/k norms)."""

@@ -406,6 +406,8 @@ class _Walk:
             return self._view(node, first, layout)
         if target in ops.UNSQUEEZES:
             return _unsqueeze(node, layout)
+        if target in ops.SQUEEZES:
+            return _squeeze(node, first, layout)
         if target in ops.EXPANDS:
             return _expand(node, first, layout)
         if target in ops.PERMUTES:
@@ -816,6 +818,20 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
 def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
     dim = int(node.args[1]) % len(_shape(node))  # type: ignore[call-overload]
     return _Op(layout.at(layout.dim + (dim <= layout.dim)), zero_preserving=True, chainable=True)
+
+
+def _squeeze(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
+    """Removing size-1 dims other than the channel dim shifts it down past them. Naming the
+    channel dim is refused even where it is wider than one: a kept count of one (a fixed
+    mask) would remove it from the compact tensor."""
+    shape = _shape(x)
+    dims = node.args[1] if isinstance(node.args[1], list | tuple) else [node.args[1]]
+    named = {int(d) % len(shape) for d in dims}  # type: ignore[call-overload]
+    if layout.dim in named:
+        return "squeeze that names the channel dim"
+    removed = {d for d in named if _same_size(shape[d], 1)}
+    shift = sum(d < layout.dim for d in removed)
+    return _Op(layout.at(layout.dim - shift), zero_preserving=True, chainable=True)
 
 
 def _expand(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
