@@ -177,13 +177,13 @@ def freeze(
 
     Each batch is a tuple of forward arguments; with a wrapped criterion its last element is
     the target. A dict is keyword arguments of a forward that returns its loss (a Hugging
-    Face model's ``{"input_ids": ids, "labels": ids}``). `multiple` > 1 then makes each group's kept count a multiple of it within
-    the budget (down to a multiple, then up by largest remainder while the budget allows,
-    groups of fewer than `multiple` channels giving up a few for a block where that keeps
-    more of the searched channels; channels by s; `policy.round_group_counts`): CPU
-    convolutions run channels in blocks of 16 on AVX-512 (8 on AVX2), so one channel past a
-    multiple costs a block, 9-15% of a wide Fashion-MNIST CNN step
-    (benchmarks/cpu_channels.py). Example::
+    Face model's ``{"input_ids": ids, "labels": ids}``). `multiple` > 1 then makes each
+    group's kept count a multiple of it within the budget (down to a multiple, then up by
+    largest remainder while the budget allows, groups of fewer than `multiple` channels
+    giving up a few for a block where that keeps more of the searched channels; channels by
+    s; `policy.round_group_counts`): CPU convolutions run channels in blocks of 16 on
+    AVX-512 (8 on AVX2), so one channel past a multiple costs a block, 9-15% of a wide
+    Fashion-MNIST CNN step (benchmarks/cpu_channels.py). Example::
 
         sparsefx.freeze(smodel, "best", batches=[(x_val, y_val)], num_samples=8)
         sparsefx.freeze(smodel, multiple=16)  # top-budget, counts in 16-channel blocks

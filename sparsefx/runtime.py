@@ -73,6 +73,11 @@ class DensityError(ValueError):
     """The density's budget cannot hold the two channels every group keeps."""
 
 
+def _minimum_cost(groups: Sequence[Group], costs: Sequence[float]) -> float:
+    """What every group's two-channel minimum (`policy.keep_minimum`) costs."""
+    return sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
+
+
 class StructureState(nn.Module):
     """Probabilities s of every channel (one flat vector, groups at offsets), the score
     optimizer, the sampler and the masks, all saved in ``state_dict``.
@@ -122,7 +127,7 @@ class StructureState(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.total_cost = float(channel_costs.sum())
-        self.minimum_cost = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
+        self.minimum_cost = _minimum_cost(groups, costs)
         """The cost of every group's two-channel minimum (`policy.keep_minimum`)."""
         self.target_budget = config.density * self.total_cost
         """The budget of the density; `budget` reaches it after the warm-up."""
@@ -541,8 +546,8 @@ def _check_density(
     cost-weighted budget's channel costs move with the density)."""
 
     def minimum_share(costs: list[float]) -> float:
-        kept = sum(c * min(2, g.size) for g, c in zip(groups, costs, strict=True))
-        return kept / sum(c * g.size for g, c in zip(groups, costs, strict=True))
+        total = sum(c * g.size for g, c in zip(groups, costs, strict=True))
+        return _minimum_cost(groups, costs) / total
 
     def holds(density: float) -> bool:
         costs = cost_model.channel_costs(config.budget, density)
