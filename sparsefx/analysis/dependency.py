@@ -27,7 +27,7 @@ import networkx as nx
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.layout import Layout, Piece
@@ -1013,7 +1013,14 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _shape(node: object) -> tuple:
-    return tuple(node.meta["val"].shape)  # type: ignore[attr-defined]
+    """The node's sizes, with SymInts of a constant value as ints: a graph traced with
+    dynamic sizes can carry them (GPT-2's ``view(b, t, -1, 8)`` after a batch and sequence
+    change gave ``[s0, s1, SymInt(2), SymInt(8)]``), and the layout rules read ints as
+    static sizes."""
+    return tuple(
+        int(size) if is_concrete_int(size) else size
+        for size in node.meta["val"].shape  # type: ignore[attr-defined]
+    )
 
 
 def _channel_dim(node: fx.Node) -> int:
