@@ -208,16 +208,11 @@ class StructureState(nn.Module):
         of the result, whose expected cost g(r) grows with r (a smaller budget lowers s).
         Eager: r = g(r) by regula falsi (Illinois), from the reserve of clamp(z) and the
         whole minimum's cost, to 1e-6 of the budget, ending on a point with g(r) <= r (at
-        most seven projections; one where no group can fall short). Triton: three
-        fixed-point rounds from below on the device (no host sync), which can leave the
-        expected cost a little above the budget (docs/architecture.md)."""
+        most seven projections; one where no group can fall short). Triton: the same
+        iteration on the device (`_project_on_device`)."""
         s = z.clamp(0.0, 1.0)
         if triton:
-            project = load_triton_kernels().project_budget
-            for _ in range(3):
-                budget = (self.budget - self.top_up_cost(s)).clamp(min=1e-6 * self.budget)
-                s = project(z, self.costs, budget)
-            return s
+            return self._project_on_device(z, s)
 
         def excess(reserve: float) -> tuple[float, Tensor]:
             """g(r) - r, and s at r."""
@@ -241,6 +236,39 @@ class StructureState(nn.Module):
             else:
                 hi, h_hi, s_hi, h_lo = r, h, s, h_lo / 2
         return s_hi
+
+    def _project_on_device(self, z: Tensor, s: Tensor) -> Tensor:
+        """`_project`'s regula falsi without a host read (but the step's, once, during a
+        budget warm-up): every round runs (seven projections), a converged or
+        bracketed-out round changes nothing, and the result is the last s with g(r) <= r
+        (at the whole minimum's reserve if no round found one)."""
+        project = load_triton_kernels().project_budget
+        budget = self.budget  # during a budget warm-up, a host read of the step
+        floor = 1e-6 * budget
+
+        def excess(reserve: Tensor) -> tuple[Tensor, Tensor]:
+            s = project(z, self.costs, (budget - reserve).clamp(min=floor))
+            return self.top_up_cost(s) - reserve, s
+
+        lo = self.top_up_cost(s)
+        h_lo, s_lo = excess(lo)
+        hi = torch.full_like(lo, self.minimum_cost)
+        h_hi, s = excess(hi)  # <= 0: no group adds more than its minimum
+        done = h_lo <= floor
+        s = torch.where(done, s_lo, s)
+        for _ in range(5):
+            r = (lo * h_hi - hi * h_lo) / (h_hi - h_lo).clamp(max=-1e-300)
+            h, s_r = excess(r)
+            below = h <= 0.0
+            s = torch.where(~done & below, s_r, s)
+            lo, h_lo, h_hi = (
+                torch.where(done | below, a, b) for a, b in ((lo, r), (h_lo, h), (h_hi, h_hi / 2))
+            )
+            hi, h_hi, h_lo = (
+                torch.where(~done & below, b, a) for a, b in ((hi, r), (h_hi, h), (h_lo, h_lo / 2))
+            )
+            done = done | (below & (h >= -floor))
+        return s
 
     def expected_counts(self) -> list[float]:
         """Expected kept channels of each group in masks sampled from s (what
