@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import sysconfig
 import traceback
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from torch import fx, nn
 from torch._ops import OpOverload
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
@@ -50,26 +52,51 @@ class CaptureError(RuntimeError):
 @dataclass(frozen=True)
 class TensorSignature:
     """What a tensor input must have to run a captured graph: dtype, device type, rank and
-    sizes (None where the dim is dynamic). Kept instead of the example's fake tensor, which
-    cannot be deep-copied, so that a transformed model can be (`copy.deepcopy`)."""
+    the range of each size. Kept instead of the example's fake tensor, which cannot be
+    deep-copied, so that a transformed model can be (`copy.deepcopy`)."""
 
     dtype: torch.dtype
     device_type: str
-    sizes: tuple[int | None, ...]
+    ranges: tuple[tuple[float, float], ...]
+    """(min, max) of each dim: its size where static, else the range export traced it under
+    (a branch on a sequence length bounds it; sizes 0 and 1 are outside it)."""
 
     @classmethod
-    def of(cls, example: torch.Tensor) -> TensorSignature:
-        sizes = tuple(size if isinstance(size, int) else None for size in example.shape)
-        return cls(example.dtype, example.device.type, sizes)
+    def of(cls, example: torch.Tensor, ranges: dict[Any, Any] | None = None) -> TensorSignature:
+        """The signature of an export's example input; `ranges` is its range_constraints.
+        A size export specialised is a SymInt of constant value: static."""
+        bounds = []
+        for size in example.shape:
+            if is_concrete_int(size):
+                bounds.append((int(size), int(size)))
+                continue
+            traced = (ranges or {}).get(size.node.expr)
+            low, high = (traced.lower, traced.upper) if traced is not None else (2, None)
+            bounds.append((_bound(low, 2), _bound(high, math.inf)))
+        return cls(example.dtype, example.device.type, tuple(bounds))
+
+    @property
+    def dynamic_dims(self) -> list[int]:
+        return [d for d, (low, high) in enumerate(self.ranges) if low != high]
 
     def matches(self, value: Any) -> bool:
         return (
             isinstance(value, torch.Tensor)
             and value.dtype == self.dtype
             and value.device.type == self.device_type
-            and value.dim() == len(self.sizes)
-            and all(s is None or s == v for s, v in zip(self.sizes, value.shape, strict=True))
+            and value.dim() == len(self.ranges)
+            and all(
+                low <= v <= high for (low, high), v in zip(self.ranges, value.shape, strict=True)
+            )
         )
+
+
+def _bound(value: Any, unbounded: float) -> float:
+    """An export range's end as a number (`unbounded` for torch's int_oo, or none)."""
+    try:
+        return int(value)
+    except (TypeError, AttributeError, OverflowError):
+        return unbounded
 
 
 @dataclass
@@ -203,7 +230,7 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         training=training,
         constants=dict(ep.constants),
         user_values=[
-            _signature(node.meta.get("val"))
+            _signature(node.meta.get("val"), ep.range_constraints)
             for node, (kind, _) in zip(
                 ep.graph_module.graph.find_nodes(op="placeholder"), inputs, strict=True
             )
@@ -286,8 +313,8 @@ def _read_later(tensor: Any, node: fx.Node, order: dict[fx.Node, int]) -> bool:
     return any(order[user] > order[node] for alias in aliases for user in alias.users)
 
 
-def _signature(example: Any) -> Any:
-    return TensorSignature.of(example) if isinstance(example, torch.Tensor) else example
+def _signature(example: Any, ranges: dict[Any, Any]) -> Any:
+    return TensorSignature.of(example, ranges) if isinstance(example, torch.Tensor) else example
 
 
 def capture_graph(
@@ -439,10 +466,10 @@ def _input_target(spec: Any) -> str:
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
     try:
         return torch.export.export(
-            model, args, kwargs, dynamic_shapes=_batch_dynamic(model, args, kwargs), strict=False
+            model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
         )
     except Exception as first:
-        try:  # dynamic batch is an optimisation: retry fully static before giving up
+        try:  # dynamic sizes are an optimisation: retry fully static before giving up
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as error:
             raise capture_failure(model, args, kwargs, error) from first
@@ -560,20 +587,23 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """dynamic_shapes marking dim 0 of every tensor input as Dim.AUTO (None if unbindable)."""
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """dynamic_shapes marking as Dim.AUTO dim 0 of every tensor input (the batch), and
+    every dim of integer and bool ones (token ids, attention masks, positions: batch and
+    sequence lengths), so that new batch sizes and sequence lengths run the same graph;
+    export specialises the dims the model fixes. A ``**kwargs`` parameter (every
+    transformers model's forward has one) gets a dict of its keywords' specs. None if the
+    inputs do not bind to the signature."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError:
         return None
-    if any(
-        p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        for p in inspect.signature(model.forward).parameters.values()
-    ):
-        return None
 
     def spec(x: Any) -> Any:
-        return {0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        indices = x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex())
+        return dict.fromkeys(range(x.dim()) if indices else [0], Dim.AUTO)
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 

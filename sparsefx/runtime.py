@@ -455,6 +455,12 @@ base alive, so entries are kept by the base and remember the output by its layou
 _KEPT_MODES = 16
 """Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, newest last."""
 
+_KEPT_SIGNATURES = 16
+"""Programs (input signatures) a sparse model keeps per mode key, newest last."""
+
+_KEPT_RECORDS = 64
+"""Graph records (`explain`, `diff`) a sparse model keeps besides its first capture's."""
+
 _VIEWS_PER_BASE = 8
 """Registered views kept per base: the outputs of the last few steps."""
 
@@ -985,6 +991,7 @@ class SparseModule(nn.Module):
         mode = "training" if captured.training else "eval"
         record = GraphRecord(f"{mode} graph", captured, analysis, graph, score, config=self.config)
         self.runtime.graphs.append(record)
+        del self.runtime.graphs[1:-_KEPT_RECORDS]  # the first capture's, and the latest
         noises = shared_noise_count(graph)
         run = _direct_calls(graph)
         run_fixed = run if fixed is graph else _direct_calls(fixed)
@@ -1033,18 +1040,33 @@ class SparseModule(nn.Module):
         check_same_groups(analysis.groups, self.groups)
         program = self._compile(captured, analysis)
         programs.append(program)
+        name = type(self.model).__name__
+        if len(programs) > _KEPT_SIGNATURES:  # float inputs of a new shape every step
+            del programs[0]
+            self._warn_once(
+                "signatures",
+                f"sparsefx has captured {name} for more than {_KEPT_SIGNATURES} input "
+                "signatures in one mode; each new one captures again, which takes seconds. "
+                "Sizes are captured as dynamic in every dim of integer and bool inputs (token "
+                "ids, masks) and in the batch dim of the others: pad floating-point inputs to "
+                "a few shapes, or keep their dtype and structure fixed",
+            )
         if len(self._programs) > _KEPT_MODES:  # a setting that changes every step
             del self._programs[next(iter(self._programs))]  # the oldest, and its modules
-            if not self.__dict__.get("_warned_recaptures"):
-                self._warned_recaptures = True
-                warnings.warn(
-                    f"sparsefx has captured {type(self.model).__name__} for more than "
-                    f"{_KEPT_MODES} combinations of module modes and settings (a Dropout p "
-                    "or BatchNorm momentum that changes every step?); each change captures "
-                    "again, which takes seconds",
-                    stacklevel=3,
-                )
+            self._warn_once(
+                "modes",
+                f"sparsefx has captured {name} for more than {_KEPT_MODES} combinations of "
+                "module modes and settings (a Dropout p or BatchNorm momentum that changes "
+                "every step?); each change captures again, which takes seconds",
+            )
         return program
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn about re-captures of one kind once per sparse model: they recur every step."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(message, stacklevel=4)
 
     # -- the step ------------------------------------------------------------------------
 

@@ -1228,3 +1228,75 @@ def test_structure_state_is_a_snapshot():
     for key, value in saved.items():
         if isinstance(value, Tensor):
             assert torch.equal(state[key], value), key
+
+
+def test_programs_per_mode_are_bounded_and_recapturing_each_shape_warns(monkeypatch):
+    """Float inputs are captured with a dynamic batch only, so a CNN fed a new image size
+    captures again; the oldest programs are dropped past a bound, with one warning."""
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_SIGNATURES", 2)
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_RECORDS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    sparse = sparsefx.transform(model, torch.randn(2, 3, 8, 8), density=0.5).eval()
+    first = sparse.runtime.graphs[0]
+    sparse(torch.randn(2, 3, 8, 8))
+    sparse(torch.randn(4, 3, 8, 8))  # a new batch size: the same program
+    assert len(sparse._programs[sparse._modes()]) == 1
+    sparse(torch.randn(2, 3, 9, 9))
+    with pytest.warns(UserWarning, match="more than 2 input signatures in one mode"):
+        sparse(torch.randn(2, 3, 10, 10))
+    assert len(sparse._programs[sparse._modes()]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse(torch.randn(2, 3, 8, 8))  # dropped, captured again, and said once only
+    assert len(sparse.runtime.graphs) == 2 and sparse.runtime.graphs[0] is first
+
+
+class _SequenceBranch(nn.Module):
+    """Python control flow on the sequence length: a branch (export bounds the dynamic
+    size to the traced side) and a loop (export fixes the size)."""
+
+    def __init__(self, loop: bool):
+        super().__init__()
+        self.loop = loop
+        self.emb, self.fc, self.out = nn.Embedding(20, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.out(F.relu(self.fc(self.emb(ids))))
+        if self.loop:
+            return sum(h[:, i] for i in range(ids.shape[1]))
+        return h.sum(1) if ids.shape[1] > 4 else h.mean(1) * 100
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["branch", "loop"])
+def test_a_sequence_length_outside_what_the_graph_was_traced_for_captures_again(loop):
+    """Token ids are captured with a dynamic length, within the range export traced it
+    under: a length on the other side of a branch, or another one where a loop fixed it,
+    gets a graph of its own (it ran the traced branch, or failed in the unrolled loop)."""
+    torch.manual_seed(0)
+    model = _SequenceBranch(loop).eval()
+    sparse = sparsefx.transform(model, torch.randint(0, 20, (2, 6)), density=1.0).eval()
+    for length in (7, 3):
+        ids = torch.randint(0, 20, (2, length))
+        torch.testing.assert_close(sparse(ids), model(ids))
+    assert len(sparse._programs[sparse._modes()]) == (3 if loop else 2)  # 6 and 7 share a branch
+
+
+def test_mode_keys_are_bounded_and_recapturing_each_setting_warns_once(monkeypatch):
+    """A Dropout p that changes every call keys a new program each time: past the bound
+    the oldest mode key is dropped, with one warning."""
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_MODES", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    sparse = sparsefx.transform(model, torch.randn(2, 8), density=0.5).eval()
+    with pytest.warns(UserWarning, match="more than 1 combinations of module modes"):
+        sparse(torch.randn(2, 8))
+    assert len(sparse._programs) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model[2].p = 0.2
+        sparse(torch.randn(2, 8))
+    assert len(sparse._programs) == 1

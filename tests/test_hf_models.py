@@ -292,6 +292,30 @@ def test_transformer_heads_and_mlp_match_reference(name):
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
 
 
+def test_transformed_gpt2_runs_new_batch_sizes_and_lengths_on_one_graph():
+    """Token ids and attention masks are captured with every dim dynamic and float inputs
+    with a dynamic batch, also through transformers' ``**kwargs`` forward: new batch sizes
+    and sequence lengths (dynamic padding) run the captured graph, under the reference
+    semantics, instead of capturing again (seconds each, and one more program kept)."""
+    torch.manual_seed(0)
+    model = _gpt2().double()
+    reference = copy.deepcopy(model)
+    x, labels = _text_inputs()[:2]
+    mask = _padding_mask(x)
+    sparse = sparsefx.transform(
+        model, (x,), example_kwargs={"labels": labels, "attention_mask": mask}, density=0.5
+    )
+    masks = _random_masks(sparsefx.groups(sparse), seed=4)
+    sparsefx.set_masks(sparse, masks)
+    for batch, length in ((5, 8), (2, 13), (4, 5)):
+        ids = torch.randint(0, 64, (batch, length))
+        out = sparse(ids, labels=ids, attention_mask=_padding_mask(ids))
+        with _masked_features(reference, _gpt2_points(masks)):
+            expected = reference(ids, labels=ids, attention_mask=_padding_mask(ids))
+        torch.testing.assert_close(out.logits, expected.logits)
+    assert [len(programs) for programs in sparse._programs.values()] == [1]
+
+
 def test_transformer_report_keeps_streams_and_tied_head_dense():
     x, labels = TRANSFORMERS["gpt2"][2]()
     sparse = sparsefx.transform(_gpt2(), (x,), example_kwargs={"labels": labels}, density=0.5)
