@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -72,9 +73,24 @@ def transform(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise TypeError("example_kwargs must be a dict of keyword arguments for forward")
+    _warn_if_checkpointing(model)
     sparse = SparseModule(model, args, dict(example_kwargs or {}), config)
     TRANSFORMED.add(model)
     return sparse
+
+
+def _warn_if_checkpointing(model: nn.Module) -> None:
+    """Export traces through activation checkpointing, so the captured graph saves every
+    activation: say so rather than lose the memory saving silently. Found by transformers'
+    flag (`gradient_checkpointing_enable()` sets it on the layers that checkpoint)."""
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        warnings.warn(
+            f"{type(model).__name__} has gradient checkpointing enabled, which "
+            "sparsefx.transform does not apply: the captured graph saves every activation "
+            "(compact ones where channels are pruned), so it saves no memory. Call "
+            "model.gradient_checkpointing_disable() before transform to silence this.",
+            stacklevel=3,
+        )
 
 
 def wrap_loss(model: nn.Module, criterion: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -316,6 +316,14 @@ def test_transformed_gpt2_runs_new_batch_sizes_and_lengths_on_one_graph():
     assert [len(programs) for programs in sparse._programs.values()] == [1]
 
 
+def test_transform_says_it_does_not_apply_gradient_checkpointing():
+    model = _gpt2()
+    model.gradient_checkpointing_enable()
+    x, labels = _text_inputs()[:2]
+    with pytest.warns(UserWarning, match="gradient checkpointing enabled, which sparsefx"):
+        sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+
+
 def test_transformer_report_keeps_streams_and_tied_head_dense():
     x, labels = TRANSFORMERS["gpt2"][2]()
     sparse = sparsefx.transform(_gpt2(), (x,), example_kwargs={"labels": labels}, density=0.5)
