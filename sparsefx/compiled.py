@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 
 from sparsefx.analysis import Analysis, DenseOp, analyze, build_cost_model
-from sparsefx.capture import CapturedGraph, CaptureError, capture_graph
+from sparsefx.capture import CapturedGraph, CaptureError, TensorSignature, capture_graph
 from sparsefx.config import SparseConfig
 from sparsefx.passes import (
     copy_graph_module,
@@ -385,12 +385,33 @@ class _Program:
     _recurring: RecurringCounts = field(default_factory=RecurringCounts)
 
     def arguments(self, flat: Sequence[Any], indices: Sequence[Tensor]) -> list[Any]:
+        """The compiled graphs' arguments, the user inputs' dynamic dims marked as such."""
         values = iter(flat)
         args = [
             self.captured.constants[target] if kind == InputKind.CONSTANT_TENSOR else next(values)
             for kind, target in self.captured.inputs
         ]
+        for position, dims in self._dynamic_dims:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(args[position], dim)
         return args + list(indices)
+
+    @functools.cached_property
+    def _dynamic_dims(self) -> list[tuple[int, list[int]]]:
+        """(argument position, dims) of each input with sizes Dynamo made dynamic (the
+        signatures cover every non-constant input: Dynamo passes parameters as inputs too).
+        Marked, the inner compile starts with them symbolic; from concrete first sizes it
+        compiled once more at the next new shape (seconds to a minute)."""
+        positions = [
+            i
+            for i, (kind, _) in enumerate(self.captured.inputs)
+            if kind != InputKind.CONSTANT_TENSOR
+        ]
+        return [
+            (position, dims)
+            for position, signature in zip(positions, self.captured.user_values, strict=True)
+            if isinstance(signature, TensorSignature) and (dims := signature.dynamic_dims)
+        ]
 
     def exact_counts_pay(self, indices: Sequence[Tensor]) -> bool:
         """Whether a sampled mask with these kept indices runs `exact` (`RecurringCounts`)."""

@@ -725,3 +725,20 @@ def test_a_graph_with_nothing_to_prune_warns_for_that_graph_only():
         cmodel(*data()).backward()
     assert not any("it will train dense" in str(w.message) for w in caught)
     assert sparsefx.groups(cmodel)
+
+
+def test_sizes_dynamo_made_dynamic_compile_once_in_the_inner_graphs():
+    """At the second batch size Dynamo recompiles the frame with a symbolic batch; the
+    graphs sparsefx compiles inside start symbolic too, so a third size compiles nothing
+    (from concrete first sizes they compiled once more there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5}).eval()
+    graphs = []
+    with torch.no_grad():
+        for batch in (3, 5, 2, 7):
+            compiled(torch.randn(batch, 8))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[3] == graphs[2] == graphs[1] > graphs[0], graphs
