@@ -9,6 +9,8 @@ and with an MLP, and scikit-learn's digits with an MLP. Methods, all with the sa
 the same data order per seed, SGD with momentum and a cosine learning rate:
 
 * dense: ordinary training.
+* `--restart-lr`: every method's cosine restarts from its peak when the search ends
+  (learning-rate rewinding, Renda et al. 2020), reported as `<method> lr-restart`.
 * sparsefx-paper / sparsefx-exact: `sparsefx.transform` with each score form of DESIGN §3;
   VR-PGE for the first `SEARCH` fraction of the epochs, then `freeze("topk", multiple=M)`
   (kept counts in the CPU's channel blocks, `--freeze-multiple`) and fine-tuning.
@@ -403,11 +405,12 @@ def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
     device: torch.device | str = "cpu", static_kept: list[int] | None = None,
-    static_masks: Run | None = None,
+    static_masks: Run | None = None, restart_lr: bool = False,
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order
     (`static_kept`: the static method's kept counts per group instead of the density's;
-    `static_masks`: a run whose final channels the static method keeps instead)."""
+    `static_masks`: a run whose final channels the static method keeps instead;
+    `restart_lr`: the cosine learning rate restarts from its peak when the search ends)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
@@ -437,15 +440,19 @@ def train(
     if static_masks and isinstance(trainer, Static) and not isinstance(trainer, RigL):
         trainer.fix(static_masks.channels)
         run.method = f"static@{static_masks.method}"
+    if restart_lr:
+        run.method += " lr-restart"
     search_epochs = math.ceil(search * setting.epochs)
-    step = 0
+    step, restart, span = 0, 0, total  # step, and the cosine's first step and length
     for epoch, batches in enumerate(epochs):
         if epoch == search_epochs:
             trainer.fine_tune()
+            if restart_lr:
+                restart, span = step, total - step
         trainer.net.train()
         for idx in batches:
             for group in trainer.optimizer.param_groups:  # cosine learning rate
-                group["lr"] = setting.lr * (1 + math.cos(math.pi * step / total)) / 2
+                group["lr"] = setting.lr * (1 + math.cos(math.pi * (step - restart) / span)) / 2
             x, y = x_train[idx], y_train[idx]
             if step % TRACE_EVERY == 0 and (state := trainer.search_state()) is not None:
                 run.trace.append([step, *state])
@@ -476,11 +483,16 @@ def train(
 # -- the table and plots --------------------------------------------------------------------
 
 
+def _base(method: str) -> str:
+    """The method a run label names: "static" of "static@12/20/24" or "static lr-restart"."""
+    return method.partition("@")[0].partition(" ")[0]
+
+
 def summarize(runs: list[Run]) -> list[dict]:
     """Mean and spread over seeds per (setting, method, density)."""
     keys = sorted(
         {(r.setting, r.method, r.density) for r in runs},
-        key=lambda k: (k[0], -k[2], METHODS.index(k[1].partition("@")[0]), k[1]),
+        key=lambda k: (k[0], -k[2], METHODS.index(_base(k[1])), k[1]),
     )
     rows = []
     for setting, method, density in keys:
@@ -530,14 +542,14 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     for setting in sorted({r["setting"] for r in rows}):
         figure = Figure(figsize=(10, 4))
         by_density, by_time = figure.subplots(1, 2)
-        dense = [r for r in rows if r["setting"] == setting and r["method"] == "dense"]
+        dense = [r for r in rows if r["setting"] == setting and _base(r["method"]) == "dense"]
         methods = {r["method"] for r in rows if r["setting"] == setting}
-        for method in sorted(methods, key=lambda m: (METHODS.index(m.partition("@")[0]), m)):
+        for method in sorted(methods, key=lambda m: (METHODS.index(_base(m)), m)):
             points = sorted(
                 (r for r in rows if r["setting"] == setting and r["method"] == method),
                 key=lambda r: r["density"],
             )
-            if not points or method == "dense":
+            if not points or _base(method) == "dense":
                 continue
             by_density.errorbar(
                 [r["density"] for r in points], [r["accuracy"] for r in points],
@@ -587,6 +599,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sparsefx.freeze(multiple=...) after the search: kept counts in blocks of this "
         "(default: the device's channel block, on CPU 16 with AVX-512 and 8 with AVX2, 8 on "
         "CUDA; 1 keeps exact counts)",
+    )
+    parser.add_argument(
+        "--restart-lr",
+        action="store_true",
+        help="restart the cosine learning rate from its peak when the search ends, for every "
+        "method (learning-rate rewinding: sparsefx fine-tunes its frozen structure on a "
+        "whole cosine)",
     )
     parser.add_argument(
         "--static-kept",
@@ -701,6 +720,7 @@ def train_all(args: argparse.Namespace) -> list[Run]:
                     run = train(
                         name, setting, data, method, density, seed, args.search, args.option,
                         args.freeze_multiple, args.device, args.static_kept, source,
+                        args.restart_lr,
                     )  # fmt: skip
                     runs.append(run)
                     print(

@@ -97,3 +97,30 @@ def test_decided_step_is_where_no_channel_is_undecided_any_more():
     assert run.decided_step() == 75
     run.trace[-1][1] = 2
     assert run.decided_step() is None
+
+
+def test_restart_lr_restarts_the_cosine_when_the_search_ends(tmp_path, monkeypatch):
+    rates: list[float] = []
+    step = accuracy.Trainer.step
+
+    def recording(self, x, y):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        step(self, x, y)
+
+    monkeypatch.setattr(accuracy.Trainer, "step", recording)
+    out = tmp_path / "accuracy.json"
+    accuracy.main(
+        ["--settings", "digits-mlp", "--epochs", "2", "--seeds", "0", "--densities", "0.25",
+         "--methods", "sparsefx-paper,static", "--restart-lr", "--json", str(out)]
+    )  # fmt: skip
+    assert [run["method"] for run in json.loads(out.read_text())["runs"]] == [
+        "sparsefx-paper lr-restart",
+        "static lr-restart",
+    ]
+    per_run = len(rates) // 2
+    half = per_run // 2  # the search is the first of two epochs
+    peak = accuracy.SETTINGS["digits-mlp"].lr
+    for run in (rates[:per_run], rates[per_run:]):
+        assert run[0] == run[half] == peak  # the cosine starts again at its peak
+        assert 0.4 * peak < run[half - 1] < 0.6 * peak  # from halfway down the first one
+        assert run[-1] < peak / 100
