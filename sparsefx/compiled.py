@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import re
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -74,6 +75,10 @@ _RECORDS: weakref.WeakKeyDictionary[nn.Module, list[GraphRecord]] = weakref.Weak
 """Model -> every graph the backend rewrote for it, with or without groups (`explain`)."""
 _PENDING_STATE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 """Model -> structure state loaded before its first compile, applied when its runtime exists."""
+_LIMIT_HITS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+"""Model -> the functions inside it where Dynamo hit its recompile limit (they now run eagerly)."""
+_LOSS_AFTER_BREAK: weakref.WeakSet[SparseRuntime] = weakref.WeakSet()
+"""Runtimes whose loss a graph after a graph break has computed (from outputs' counterparts)."""
 
 
 def backend(
@@ -86,6 +91,7 @@ def backend(
     sparsefx first; ``backend=sparsefx.backend`` is the same function.
     """
     config = SparseConfig.from_options(options or {})
+    _watch_recompile_limit()
     frame = _DynamoFrame.current(gm, list(example_inputs))
     captured = capture_graph(gm, list(example_inputs), frame.inputs, frame.dropped, frame.scalars)
     analysis = analyze(captured.gm, captured.inputs, prune_streams=config.prune_streams)
@@ -164,6 +170,81 @@ def load_structure_state_later(model: Any, state: dict) -> None:
 
 def _unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+
+
+# -- Dynamo's recompile limit ---------------------------------------------------------------------
+
+_LIMIT_RECORD = re.compile(r"^torch._dynamo hit (config\.\w+ \(\d+\))\n\s*function: (.*)$", re.M)
+
+
+class _RecompileLimitFilter(logging.Filter):
+    """Reads Dynamo's warning that a function hit its recompile limit, which is the only
+    trace of it: from then on Dynamo runs every call of that function that none of its
+    cached graphs fits eagerly, so inside a sparse model that call is the original model,
+    dense, and never reaches sparsefx. Passes every record on unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            isinstance(record.msg, str)
+            and record.msg.startswith("torch._dynamo hit config.")
+            and (found := _LIMIT_RECORD.search(record.getMessage())) is not None
+        ):
+            _recompile_limit_hit(*found.groups())
+        return True
+
+
+@functools.cache
+def _watch_recompile_limit() -> None:
+    """Install the filter once, on the logger of Dynamo's module that warns (its name and
+    message are the same in torch 2.11 to 2.13; a user who silences Dynamo's warnings
+    silences this too)."""
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(_RecompileLimitFilter())
+
+
+def _recompile_limit_hit(limit: str, function: str) -> None:
+    """Warn once per function and sparse model when the limit was hit inside one: the
+    model is found as the `self` of a module call on the stack (the frame Dynamo refused to
+    compile has not started, so its callers are what is there)."""
+    model = _sparse_model_on_stack(sys._getframe(1))
+    if model is None or function in (hits := _LIMIT_HITS.setdefault(model, [])):
+        return
+    hits.append(function)
+    warnings.warn(
+        f"torch._dynamo hit {limit} on {function} inside {type(model).__name__}, compiled "
+        "with sparsefx: from now on a call that none of its cached graphs fits runs eagerly "
+        "and dense, without sparsefx, so such training steps update every channel and train "
+        "no structure. Raise torch._dynamo.config.recompile_limit (each combination of "
+        "train/eval, grad mode and input structure compiles its own graph; "
+        'TORCH_LOGS="recompiles" lists them), or make the limit an error with '
+        "torch._dynamo.config.fail_on_recompile_limit_hit = True",
+        stacklevel=2,
+    )
+
+
+def _limit_hits_around(module: nn.Module) -> list[str]:
+    """The recompile-limit hits inside models that hold `module`."""
+    return [
+        hit
+        for model, hits in list(_LIMIT_HITS.items())
+        if any(m is module for m in model.modules())
+        for hit in hits
+    ]
+
+
+def _sparse_model_on_stack(frame: Any) -> nn.Module | None:
+    """The model with a sparsefx runtime that the innermost module call on the stack belongs
+    to (its root, a module inside it, or torch.compile's wrapper of it), or None."""
+    roots = list(_RUNTIMES.keys())
+    while frame is not None and roots:
+        if "self" in frame.f_code.co_varnames:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, nn.Module):
+                caller = _unwrap(caller)
+                for root in roots:
+                    if any(m is caller for m in root.modules()):
+                        return root
+        frame = frame.f_back
+    return None
 
 
 # -- what Dynamo tells us about the graph --------------------------------------------------------
@@ -627,18 +708,38 @@ class CompiledGraph:
             outputs[i] = step.runtime.attach_structure_gradient(
                 step, outputs[i], [o[0] for o in others]
             )
+            _LOSS_AFTER_BREAK.add(step.runtime)
 
     def _where(self) -> str:
-        breaks = [
-            b for r in self._roots if (root := r()) is not None for b in _BREAKS.get(root, [])
-        ]
+        """Why no loss was found: a graph break, and, where a graph after it computed the
+        loss in earlier steps, why it did not this time (Dynamo ran that code eagerly)."""
+        roots = [root for r in self._roots if (root := r()) is not None]
+        breaks = list(dict.fromkeys(b for root in roots for b in _BREAKS.get(root, [])))
         detail = " from its compiled graph"
         if breaks:
             detail += (
                 f" and the loss computed after a graph break ({'; '.join(breaks)}) was not "
                 "derived from that graph's outputs"
             )
-        return detail
+        if self.runtime not in _LOSS_AFTER_BREAK:
+            return detail
+        if hits := [hit for root in roots for hit in _limit_hits_around(root)]:
+            cause = (
+                f"Dynamo hit its recompile limit on {', '.join(dict.fromkeys(hits))} and runs "
+                "calls that no cached graph fits eagerly. Raise "
+                "torch._dynamo.config.recompile_limit"
+            )
+        else:
+            cause = (
+                "Dynamo runs a function eagerly for good once one call of it traced no graph "
+                "(pytorch/pytorch#144820), as a call without labels does where the loss code "
+                "after the break is all that depends on them. Pass labels in every call (in "
+                "eval too), or return logits and compute the loss with sparsefx.wrap_loss"
+            )
+        return (
+            f"{detail}: the graph after the break that computed the loss in earlier steps did "
+            f"not run in this one, because {cause}"
+        )
 
 
 def _loss_index(graph: fx.GraphModule) -> int | None:

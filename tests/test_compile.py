@@ -11,6 +11,7 @@ import copy
 import functools
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -742,3 +743,76 @@ def test_sizes_dynamo_made_dynamic_compile_once_in_the_inner_graphs():
             compiled(torch.randn(batch, 8))
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[3] == graphs[2] == graphs[1] > graphs[0], graphs
+
+
+def test_dynamo_recompile_limit_inside_a_sparse_model_warns_that_it_trains_dense():
+    """Past torch._dynamo.config.recompile_limit, Dynamo runs a call that no cached graph
+    fits eagerly: the original model, dense, with no structure to train. sparsefx cannot
+    intercept that call, so it says so when Dynamo hits the limit inside a sparse model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    criterion = sparsefx.wrap_loss(compiled, nn.CrossEntropyLoss())
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with torch.no_grad():
+            compiled.eval()(x)
+        with pytest.warns(UserWarning, match="recompile_limit.*Sequential.*runs eagerly and dense"):
+            criterion(compiled.train()(x), y).backward()
+    assert all(p.grad.ne(0).all() for p in model.parameters())  # it did train dense
+
+
+def test_a_recompile_limit_outside_sparse_models_is_left_to_dynamo(monkeypatch):
+    hits = []
+    record = sparsefx.compiled._recompile_limit_hit
+    monkeypatch.setattr(
+        sparsefx.compiled, "_recompile_limit_hit", lambda *a: (hits.append(a), record(*a))
+    )
+    torch.manual_seed(0)
+    sparse = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                           backend="sparsefx", options={"density": 0.5})  # fmt: skip
+    other = torch.compile(nn.Sequential(nn.Linear(8, 3)), backend="eager")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        sparse.eval()(x)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            other.eval()(x)
+        other.train()(x)  # past the limit: eager, and no sparse model involved
+    assert hits and hits[0][0] == "config.recompile_limit (1)"
+
+
+class _LossAfterBreak(nn.Module):
+    """Computes its loss after a graph break, and only when given labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, y=None):
+        logits = self.fc2(F.relu(self.fc1(x)))
+        torch._dynamo.graph_break()
+        return F.cross_entropy(logits, y) if y is not None else logits
+
+
+@pytest.mark.parametrize("limit_hit", [False, True], ids=["empty-graph", "recompile-limit"])
+def test_a_loss_graph_dynamo_stopped_running_is_explained(limit_hit):
+    """Once a call traced no graph after the break (no labels, in eval), Dynamo runs that
+    code eagerly for good (pytorch/pytorch#144820), so the next training step's loss is
+    computed outside sparsefx: the error says that, and what to do. Where Dynamo hit its
+    recompile limit inside the model (as Hugging Face GPT-2 does after 8 variants of
+    shapes, masks and modes, minutes to reproduce), that is named instead."""
+    torch.manual_seed(0)
+    model = _LossAfterBreak()
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    compiled(x, y).backward()  # the graph after the break computes the loss
+    if limit_hit:
+        sparsefx.compiled._LIMIT_HITS[model] = ["'forward' (model.py:1)"]
+    with torch.no_grad():
+        compiled.eval()(x)
+    loss = compiled.train()(x, y)
+    expected = "recompile limit on 'forward' .*Raise torch" if limit_hit else "#144820.*wrap_loss"
+    with pytest.raises(sparsefx.MissingLossError, match=f"did not run in this one.*{expected}"):
+        loss.backward()
