@@ -453,10 +453,10 @@ base alive, so entries are kept by the base and remember the output by its layou
 
 
 _KEPT_MODES = 16
-"""Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, newest last."""
+"""Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, most recently used last."""
 
 _KEPT_SIGNATURES = 16
-"""Programs (input signatures) a sparse model keeps per mode key, newest last."""
+"""Programs (input signatures) a sparse model keeps per mode key, most recently used last."""
 
 _KEPT_RECORDS = 64
 """Graph records (`explain`, `diff`) a sparse model keeps besides its first capture's."""
@@ -1021,9 +1021,14 @@ class SparseModule(nn.Module):
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for these modes and input signature, capturing a new one if
         none matches (a new mode, structure, dtype or static shape)."""
-        programs = self._programs.setdefault(self._modes(), [])
-        for program in programs:
+        modes = self._modes()
+        programs = self._programs.setdefault(modes, [])
+        if next(reversed(self._programs)) != modes:  # least recently used first, as the
+            self._programs[modes] = self._programs.pop(modes)  # bounds drop those
+        for i, program in enumerate(programs):
             if program.captured.matches(flat, spec):
+                if i != len(programs) - 1:
+                    programs.append(programs.pop(i))
                 return program
         args, kwargs = pytree.tree_unflatten(flat, spec)
         mode = "training" if self.training else "eval"
@@ -1052,7 +1057,7 @@ class SparseModule(nn.Module):
                 "a few shapes, or keep their dtype and structure fixed",
             )
         if len(self._programs) > _KEPT_MODES:  # a setting that changes every step
-            del self._programs[next(iter(self._programs))]  # the oldest, and its modules
+            del self._programs[next(iter(self._programs))]  # the least recently used
             self._warn_once(
                 "modes",
                 f"sparsefx has captured {name} for more than {_KEPT_MODES} combinations of "

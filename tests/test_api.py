@@ -1255,6 +1255,40 @@ def test_programs_per_mode_are_bounded_and_recapturing_each_shape_warns(monkeypa
     assert len(sparse.runtime.graphs) == 2 and sparse.runtime.graphs[0] is first
 
 
+def test_the_programs_dropped_past_the_bounds_are_the_least_recently_used(monkeypatch):
+    """Image sizes and mode keys used again stay captured while others come and go (the
+    oldest-first order of a first version dropped them)."""
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_SIGNATURES", 2)
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_MODES", 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    sparse = sparsefx.transform(model, torch.randn(2, 3, 8, 8), density=0.5)  # training key
+
+    criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
+
+    def captures(*calls: tuple[str, int]) -> list[int]:
+        counts = []
+        for mode, size in calls:
+            sparse.train(mode == "train")
+            if mode == "eval, relu training":  # a third mode key
+                model[1].train()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = sparse(torch.randn(2, 3, size, size))
+            if sparse.training:
+                criterion(out, torch.tensor([0, 1])).backward()
+            counts.append(len(sparse.runtime.graphs))
+        return counts
+
+    # 10 drops 8 (9 was used since), so the last 9 runs without capturing
+    assert captures(*[("eval", size) for size in (9, 8, 9, 10, 9)]) == [2, 3, 3, 4, 4]
+    # the third key drops the eval one: the training key was used since
+    assert captures(("train", 8), ("eval, relu training", 8), ("train", 8)) == [4, 5, 5]
+
+
 class _SequenceBranch(nn.Module):
     """Python control flow on the sequence length: a branch (export bounds the dynamic
     size to the traced side) and a loop (export fixes the size)."""
