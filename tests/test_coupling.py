@@ -863,6 +863,33 @@ def test_squeeze_shifts_the_channel_dim_and_refuses_to_name_it():
     ]
 
 
+class SqueezeAll(nn.Module):
+    """``squeeze()`` of a pooled conv output ([B, C, 1, 1] to [B, C]: a hand-written CNN
+    head), and of a linear layer's output with a trailing size-1 dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1 = nn.Conv2d(3, 8, 3), nn.Linear(8, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).squeeze()
+        return self.head(F.relu(self.fc1(h)).unsqueeze(-1).squeeze())
+
+
+def test_squeeze_of_every_size_one_dim_keeps_the_channels_compact():
+    """It was read at full width (a scatter of the conv's channels); compact, it removes
+    the dims the dense graph had of size one, also where a fixed mask keeps one channel."""
+    torch.manual_seed(0)
+    model, x = SqueezeAll(), torch.randn(4, 3, 6, 6)
+    sparse = _transformed_as_zeroed(model, x)
+    assert [g.name for g in sparse.groups] == ["conv", "fc1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    one = {g.name: torch.arange(g.size) == 2 for g in sparse.groups}  # one channel each
+    sparsefx.set_masks(sparse, one)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, one)(x))
+
+
 class HeadNormTypeAs(BiasedAttention):
     """A per-head RMSNorm of q and k computed in float32 and cast back with ``type_as``
     (Gemma 3's q/k norms)."""

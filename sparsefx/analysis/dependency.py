@@ -823,14 +823,25 @@ def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
 def _squeeze(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
     """Removing size-1 dims other than the channel dim shifts it down past them. Naming the
     channel dim is refused even where it is wider than one: a kept count of one (a fixed
-    mask) would remove it from the compact tensor."""
+    mask) would remove it from the compact tensor. ``squeeze()`` names every dim of size
+    one in the dense graph, and the rewrite names them explicitly (`rewrite_views`)."""
     shape = _shape(x)
+    if node.target == ops.aten.squeeze.default:
+        removed = [d for d, size in enumerate(shape) if _same_size(size, 1)]
+        if layout.dim in removed:
+            return "squeeze of a channel dim of size one"
+        shift = sum(d < layout.dim for d in removed)
+        return _Op(
+            layout.at(layout.dim - shift),
+            zero_preserving=True,
+            chainable=True,
+            meta={"view": ("squeeze", layout.dim - shift, removed)},
+        )
     dims = node.args[1] if isinstance(node.args[1], list | tuple) else [node.args[1]]
     named = {int(d) % len(shape) for d in dims}  # type: ignore[call-overload]
     if layout.dim in named:
         return "squeeze that names the channel dim"
-    removed = {d for d in named if _same_size(shape[d], 1)}
-    shift = sum(d < layout.dim for d in removed)
+    shift = sum(d < layout.dim for d in named if _same_size(shape[d], 1))
     return _Op(layout.at(layout.dim - shift), zero_preserving=True, chainable=True)
 
 

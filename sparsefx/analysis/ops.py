@@ -175,8 +175,11 @@ VIEWS: frozenset[OpOverload] = frozenset(
     }
 )
 UNSQUEEZES: frozenset[OpOverload] = frozenset({aten.unsqueeze.default})
-SQUEEZES: frozenset[OpOverload] = frozenset({aten.squeeze.dim, aten.squeeze.dims})
-"""Squeezes of named dims (not ``squeeze()``: a kept count of one would lose the channel dim)."""
+SQUEEZES: frozenset[OpOverload] = frozenset(
+    {aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims}
+)
+"""Squeezes; ``squeeze()`` is rewritten to name the dims it removes in the dense graph (a
+kept count of one would otherwise lose the channel dim)."""
 EXPANDS: frozenset[OpOverload] = frozenset({aten.expand.default})
 """Broadcasts of other dims than the channel dim: channel-wise (grouped-query attention's
 ``repeat_kv`` is unsqueeze, expand, reshape)."""

@@ -210,7 +210,8 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
 def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
     """A view/reshape of a compact tensor was captured with dense sizes: it becomes the
     flatten or unflatten it is, which take their sizes from the tensor; an expand keeps the
-    channel dim's own size (-1). A dynamic size of
+    channel dim's own size (-1); ``squeeze()`` names the dims it removed in the dense graph
+    (a kept count of one must stay). A dynamic size of
     an unflatten is the captured graph's own size node, found here by name (this graph is
     a copy of the analysed one)."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -223,6 +224,8 @@ def rewrite_views(gm: fx.GraphModule) -> fx.GraphModule:
             sizes = list(node.args[1])
             sizes[dim] = -1
             node.args = (node.args[0], sizes, *node.args[2:])
+        elif kind == "squeeze":
+            _replace(node, aten.squeeze.dims, (node.args[0], extra))
         elif kind == "flatten":
             _replace(node, aten.flatten.using_ints, (node.args[0], dim, extra))
         else:
