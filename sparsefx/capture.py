@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import sysconfig
 import traceback
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from torch import fx, nn
 from torch._ops import OpOverload
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, is_concrete_int
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
@@ -115,6 +117,10 @@ class CapturedGraph:
     """Each user input's signature (tensors) or value (constants)."""
     scalars: tuple[float, ...] = ()
     """The Python floats of a torch.compile graph inlined as constants (`capture_graph`)."""
+    size_guards: str = ""
+    """Export's guards on input sizes that ranges cannot hold (a branch on ``T % 2 == 0`` or
+    ``T != 7``, one input's batch equal to another's), as one Python expression over the
+    forward's bound arguments ``L``; empty where there are none (`guards_hold`)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CapturedGraph:
         """A copy that shares the tree specs: they are immutable, and deep-copying one trips
@@ -126,11 +132,17 @@ class CapturedGraph:
         return twin
 
     def matches(self, flat_inputs: Sequence[Any], spec: pytree.TreeSpec) -> bool:
-        """Whether inputs of this structure, dtype and static shape can run this graph."""
+        """Whether inputs of this structure, dtype and static shape can run this graph (and
+        its sizes' ranges; the other size guards are `guards_hold`'s)."""
         return spec == self.in_spec and all(
             _leaf_matches(expected, value)
             for expected, value in zip(self.user_values, flat_inputs, strict=True)
         )
+
+    def guards_hold(self, arguments: Callable[[], dict[str, Any]]) -> bool:
+        """Whether the size guards hold for the bound arguments `arguments` returns (called
+        only where there are guards)."""
+        return not self.size_guards or _size_guards_hold(self.size_guards, arguments())
 
 
 def _leaf_matches(expected: Any, value: Any) -> bool:
@@ -151,8 +163,8 @@ def capture(
     _check_no_cumulative_batch_norm(model)
     args, kwargs = distinct_inputs(args, kwargs)
     with _disable_current_modes():
-        ep = _export(model, args, kwargs)
-    return _captured(ep, training=training)
+        ep, guards = _export(model, args, kwargs)
+    return replace(_captured(ep, training=training), size_guards=guards)
 
 
 def distinct_inputs(
@@ -463,16 +475,43 @@ def _input_target(spec: Any) -> str:
     return spec.target if spec.target is not None else spec.arg.name
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExportedProgram:
+def _export(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[ExportedProgram, str]:
+    """The exported program with dynamic sizes, and its size guards (`CapturedGraph`), or a
+    fully static one where that fails or its guards cannot be read back on the example."""
     try:
-        return torch.export.export(
+        ep = torch.export.export(
             model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
         )
+        guards = " and ".join(f"({guard})" for guard in getattr(ep, "_guards_code", []))
+        if guards and not _size_guards_hold(guards, bound_arguments(model, args, kwargs)):
+            raise CaptureError(f"export's size guards do not hold on its example: {guards}")
+        return ep, guards
     except Exception as first:
         try:  # dynamic sizes are an optimisation: retry fully static before giving up
-            return torch.export.export(model, args, kwargs, strict=False)
+            return torch.export.export(model, args, kwargs, strict=False), ""
         except Exception as error:
             raise capture_failure(model, args, kwargs, error) from first
+
+
+def bound_arguments(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
+    """The forward's arguments by name, defaults included: what export's guards call ``L``."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+@functools.cache
+def _compiled_guards(guards: str) -> CodeType:
+    return compile(guards, "<export size guards>", "eval")
+
+
+def _size_guards_hold(guards: str, arguments: dict[str, Any]) -> bool:
+    """Evaluate export's guard expressions (torch prints them as Python over ``L['name']``
+    sources, the namespace `ep.module()`'s own check uses) on bound arguments."""
+    namespace = {**SYMPY_INTERP, "torch": torch, "math": math, "inf": math.inf, "L": arguments}
+    return bool(eval(_compiled_guards(guards), namespace))
 
 
 def capture_failure(
@@ -591,12 +630,19 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     """dynamic_shapes marking as Dim.AUTO dim 0 of every tensor input (the batch), and
     every dim of integer and bool ones (token ids, attention masks, positions: batch and
     sequence lengths), so that new batch sizes and sequence lengths run the same graph;
-    export specialises the dims the model fixes. A ``**kwargs`` parameter (every
-    transformers model's forward has one) gets a dict of its keywords' specs. None if the
-    inputs do not bind to the signature."""
+    export specialises the dims the model fixes. None (fully static) if the inputs do not
+    bind to the signature, or if some bind to a ``**kwargs`` parameter (every transformers
+    model's forward has one, usually unused): torch 2.11 to 2.13's export rejects any
+    dynamic_shapes for a non-empty one."""
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
+        return None
+    if any(
+        signature.parameters[name].kind == inspect.Parameter.VAR_KEYWORD and value
+        for name, value in bound.arguments.items()
+    ):
         return None
 
     def spec(x: Any) -> Any:

@@ -184,12 +184,15 @@ class _RecompileLimitFilter(logging.Filter):
     dense, and never reaches sparsefx. Passes every record on unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (
-            isinstance(record.msg, str)
-            and record.msg.startswith("torch._dynamo hit config.")
-            and (found := _LIMIT_RECORD.search(record.getMessage())) is not None
-        ):
-            _recompile_limit_hit(*found.groups())
+        try:
+            if (
+                isinstance(record.msg, str)
+                and record.msg.startswith("torch._dynamo hit config.")
+                and (found := _LIMIT_RECORD.search(record.getMessage())) is not None
+            ):
+                _recompile_limit_hit(*found.groups())
+        except Exception as error:  # warnings as errors: say it without breaking Dynamo
+            log.warning("%s", error)
         return True
 
 
@@ -204,13 +207,18 @@ def _watch_recompile_limit() -> None:
 def _recompile_limit_hit(limit: str, function: str) -> None:
     """Warn once per function and sparse model when the limit was hit inside one: the
     model is found as the `self` of a module call on the stack (the frame Dynamo refused to
-    compile has not started, so its callers are what is there)."""
+    compile has not started, so its callers are what is there). Not where Dynamo raises
+    instead (`fail_on_recompile_limit_hit`), nor for sparsefx's own compiles of its graphs
+    (FX code, which run with fullgraph=True and raise too)."""
+    if torch._dynamo.config.fail_on_recompile_limit_hit or "<eval_with_key>" in function:
+        return
     model = _sparse_model_on_stack(sys._getframe(1))
     if model is None or function in (hits := _LIMIT_HITS.setdefault(model, [])):
         return
     hits.append(function)
+    where = "" if f"{Path(torch.__file__).parent}" in function else f" on {function}"
     warnings.warn(
-        f"torch._dynamo hit {limit} on {function} inside {type(model).__name__}, compiled "
+        f"torch._dynamo hit {limit}{where} inside {type(model).__name__}, compiled "
         "with sparsefx: from now on a call that none of its cached graphs fits runs eagerly "
         "and dense, without sparsefx, so such training steps update every channel and train "
         "no structure. Raise torch._dynamo.config.recompile_limit (each combination of "
@@ -233,16 +241,14 @@ def _limit_hits_around(module: nn.Module) -> list[str]:
 
 def _sparse_model_on_stack(frame: Any) -> nn.Module | None:
     """The model with a sparsefx runtime that the innermost module call on the stack belongs
-    to (its root, a module inside it, or torch.compile's wrapper of it), or None."""
+    to (its root, a module inside it, or torch.compile's wrapper of it), or None (also where
+    that module belongs to no such model, as a plain model called inside a sparse one)."""
     roots = list(_RUNTIMES.keys())
     while frame is not None and roots:
-        if "self" in frame.f_code.co_varnames:
-            caller = frame.f_locals.get("self")
-            if isinstance(caller, nn.Module):
-                caller = _unwrap(caller)
-                for root in roots:
-                    if any(m is caller for m in root.modules()):
-                        return root
+        caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(caller, nn.Module):
+            caller = _unwrap(caller)
+            return next((r for r in roots if any(m is caller for m in r.modules())), None)
         frame = frame.f_back
     return None
 
@@ -686,9 +692,9 @@ class CompiledGraph:
             return
         register_counterparts(step, outputs, others)
         if step.runtime.criterion is not None:
-            message = unseen_loss_message(self.frame.name)
+            message = functools.partial(unseen_loss_message, self.frame.name)
         else:
-            message = missing_loss_message(self.frame.name, self._where())
+            message = lambda: missing_loss_message(self.frame.name, self._where())  # noqa: E731
         fail_unless_resolved(step, outputs, message)
 
     def _follow_counterparts(
@@ -708,7 +714,8 @@ class CompiledGraph:
             outputs[i] = step.runtime.attach_structure_gradient(
                 step, outputs[i], [o[0] for o in others]
             )
-            _LOSS_AFTER_BREAK.add(step.runtime)
+            if step.runtime not in _LOSS_AFTER_BREAK:
+                _LOSS_AFTER_BREAK.add(step.runtime)
 
     def _where(self) -> str:
         """Why no loss was found: a graph break, and, where a graph after it computed the

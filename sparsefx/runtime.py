@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsefx.analysis import Analysis, CostModel, Group, analyze, build_cost_model
-from sparsefx.capture import CapturedGraph, CaptureError, capture
+from sparsefx.capture import CapturedGraph, CaptureError, bound_arguments, capture
 from sparsefx.config import SparseConfig
 from sparsefx.kernels import load_triton_kernels, triton_selected
 from sparsefx.passes import (
@@ -767,13 +767,16 @@ def check_ranks_agree(structure: StructureState) -> None:
         )
 
 
-def fail_unless_resolved(step: SampledStep, outputs: Sequence[Any], message: str) -> None:
-    """Make a backward through `outputs` raise MissingLossError(message) if no loss of this
-    step was found by then: the structure would otherwise silently not train."""
+def fail_unless_resolved(
+    step: SampledStep, outputs: Sequence[Any], message: Callable[[], str]
+) -> None:
+    """Make a backward through `outputs` raise MissingLossError(message()) if no loss of
+    this step was found by then: the structure would otherwise silently not train. The
+    message is built only then (it can search the model for its cause)."""
 
     def check(grad: Tensor) -> None:
         if not step.resolved:
-            raise MissingLossError(message)
+            raise MissingLossError(message())
 
     for value in outputs:
         if isinstance(value, Tensor) and value.requires_grad:
@@ -1020,13 +1023,17 @@ class SparseModule(nn.Module):
 
     def _program(self, flat: list[Any], spec: pytree.TreeSpec) -> _Program:
         """The compiled program for these modes and input signature, capturing a new one if
-        none matches (a new mode, structure, dtype or static shape)."""
+        none matches (a new mode, structure, dtype, static shape or size outside what the
+        graph was traced for)."""
         modes = self._modes()
         programs = self._programs.setdefault(modes, [])
         if next(reversed(self._programs)) != modes:  # least recently used first, as the
             self._programs[modes] = self._programs.pop(modes)  # bounds drop those
+        arguments = functools.cache(
+            lambda: bound_arguments(self.model, *pytree.tree_unflatten(flat, spec))
+        )
         for i, program in enumerate(programs):
-            if program.captured.matches(flat, spec):
+            if program.captured.matches(flat, spec) and program.captured.guards_hold(arguments):
                 if i != len(programs) - 1:
                     programs.append(programs.pop(i))
                 return program
@@ -1122,7 +1129,7 @@ class SparseModule(nn.Module):
             output = pytree.tree_unflatten([attached if o is loss else o for o in outputs], spec_)
         elif runtime.criterion is not None:
             register_counterparts(step, outputs, others)
-            fail_unless_resolved(step, outputs, unseen_loss_message(name))
+            fail_unless_resolved(step, outputs, functools.partial(unseen_loss_message, name))
         else:
             raise MissingLossError(missing_loss_message(name))
         return output

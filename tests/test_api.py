@@ -1290,33 +1290,39 @@ def test_the_programs_dropped_past_the_bounds_are_the_least_recently_used(monkey
 
 
 class _SequenceBranch(nn.Module):
-    """Python control flow on the sequence length: a branch (export bounds the dynamic
-    size to the traced side) and a loop (export fixes the size)."""
+    """Python control flow on the sequence length: branches (export bounds the dynamic size
+    to the traced side: a range for ``> 4``, other guards for ``% 2`` and ``!= 7``) and a
+    loop (export fixes the size)."""
 
-    def __init__(self, loop: bool):
+    def __init__(self, control: str):
         super().__init__()
-        self.loop = loop
+        self.control = control
         self.emb, self.fc, self.out = nn.Embedding(20, 8), nn.Linear(8, 16), nn.Linear(16, 3)
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.out(F.relu(self.fc(self.emb(ids))))
-        if self.loop:
-            return sum(h[:, i] for i in range(ids.shape[1]))
-        return h.sum(1) if ids.shape[1] > 4 else h.mean(1) * 100
+        length = ids.shape[1]
+        if self.control == "loop":
+            return sum(h[:, i] for i in range(length))
+        traced_side = {"range": length > 4, "parity": length % 2 == 0, "not 7": length != 7}
+        return h.sum(1) if traced_side[self.control] else h.mean(1) * 100
 
 
-@pytest.mark.parametrize("loop", [False, True], ids=["branch", "loop"])
-def test_a_sequence_length_outside_what_the_graph_was_traced_for_captures_again(loop):
-    """Token ids are captured with a dynamic length, within the range export traced it
-    under: a length on the other side of a branch, or another one where a loop fixed it,
-    gets a graph of its own (it ran the traced branch, or failed in the unrolled loop)."""
+@pytest.mark.parametrize(
+    ("control", "programs"), [("range", 2), ("parity", 2), ("not 7", 2), ("loop", 4)]
+)
+def test_a_sequence_length_outside_what_the_graph_was_traced_for_captures_again(control, programs):
+    """Token ids are captured with a dynamic length, under the guards export traced it
+    with: a length on the other side of a branch, or another one where a loop fixed it,
+    gets a graph of its own (it ran the traced branch, or failed in the unrolled loop).
+    Guards that are not ranges (``% 2``, ``!= 7``) were dropped until a review found it."""
     torch.manual_seed(0)
-    model = _SequenceBranch(loop).eval()
+    model = _SequenceBranch(control).eval()
     sparse = sparsefx.transform(model, torch.randint(0, 20, (2, 6)), density=1.0).eval()
-    for length in (7, 3):
+    for length in (7, 3, 8):
         ids = torch.randint(0, 20, (2, length))
         torch.testing.assert_close(sparse(ids), model(ids))
-    assert len(sparse._programs[sparse._modes()]) == (3 if loop else 2)  # 6 and 7 share a branch
+    assert len(sparse._programs[sparse._modes()]) == programs
 
 
 def test_mode_keys_are_bounded_and_recapturing_each_setting_warns_once(monkeypatch):
@@ -1334,3 +1340,31 @@ def test_mode_keys_are_bounded_and_recapturing_each_setting_warns_once(monkeypat
         model[2].p = 0.2
         sparse(torch.randn(2, 8))
     assert len(sparse._programs) == 1
+
+
+class _VarKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor, **kwargs: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x)) * kwargs["gate"])
+
+
+def test_inputs_bound_to_var_keyword_are_captured_static_in_one_export(monkeypatch):
+    """torch.export rejects dynamic shapes for a non-empty ``**kwargs``: the dynamic export
+    failed every time and the static one ran after it."""
+    exports = []
+    export = torch.export.export
+
+    def counted(*args, **kwargs):
+        exports.append(kwargs.get("dynamic_shapes"))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    torch.manual_seed(0)
+    model = _VarKeyword()
+    x, gate = torch.randn(4, 8), torch.rand(16)
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"gate": gate}, density=1.0)
+    torch.testing.assert_close(sparse.eval()(x, gate=gate), model.eval()(x, gate=gate))
+    assert exports == [None, None]  # the training capture, then the eval one

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import subprocess
 import sys
 import warnings
@@ -816,3 +817,35 @@ def test_a_loss_graph_dynamo_stopped_running_is_explained(limit_hit):
     expected = "recompile limit on 'forward' .*Raise torch" if limit_hit else "#144820.*wrap_loss"
     with pytest.raises(sparsefx.MissingLossError, match=f"did not run in this one.*{expected}"):
         loss.backward()
+
+
+def _past_the_recompile_limit(**config):
+    """A sparse model's eval call, then a training call that Dynamo refuses to compile."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="sparsefx", options={"density": 0.5})
+    x = torch.randn(4, 8)
+    with torch._dynamo.config.patch(recompile_limit=1, **config):
+        with torch.no_grad():
+            compiled.eval()(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warnings as errors (pytest -W error)
+            return compiled.train()(x)
+
+
+def test_the_recompile_limit_warning_never_raises_into_dynamo(caplog):
+    """With warnings as errors, the warning raised inside Dynamo's logging and failed the
+    call that Dynamo itself would have run eagerly; it goes to sparsefx's log instead."""
+    with caplog.at_level(logging.WARNING, logger="sparsefx"):
+        assert _past_the_recompile_limit().shape == (4, 3)
+    assert "runs eagerly and dense" in caplog.text
+
+
+def test_a_recompile_limit_made_an_error_is_left_to_dynamo(caplog):
+    """Dynamo raises instead of running eagerly: no warning that it trains dense."""
+    with (
+        caplog.at_level(logging.WARNING, logger="sparsefx"),
+        pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit),
+    ):
+        _past_the_recompile_limit(fail_on_recompile_limit_hit=True)
+    assert not [record for record in caplog.records if record.name == "sparsefx"]
