@@ -1230,16 +1230,22 @@ def test_structure_state_is_a_snapshot():
             assert torch.equal(state[key], value), key
 
 
-def test_programs_per_mode_are_bounded_and_recapturing_each_shape_warns(monkeypatch):
-    """Float inputs are captured with a dynamic batch only, so a CNN fed a new image size
-    captures again; the oldest programs are dropped past a bound, with one warning."""
-    monkeypatch.setattr(sparsefx.runtime, "_KEPT_SIGNATURES", 2)
-    monkeypatch.setattr(sparsefx.runtime, "_KEPT_RECORDS", 1)
-    torch.manual_seed(0)
-    model = nn.Sequential(
+def _image_cnn() -> nn.Module:
+    """Takes any image size: a new one captures a graph of its own (float inputs are
+    captured with a dynamic batch only)."""
+    return nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(8, 3),
     )  # fmt: skip
+
+
+def test_programs_per_mode_are_bounded_and_recapturing_each_shape_warns(monkeypatch):
+    """A CNN fed a new image size captures again; the least recently used programs are
+    dropped past a bound, with one warning."""
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_SIGNATURES", 2)
+    monkeypatch.setattr(sparsefx.runtime, "_KEPT_RECORDS", 1)
+    torch.manual_seed(0)
+    model = _image_cnn()
     sparse = sparsefx.transform(model, torch.randn(2, 3, 8, 8), density=0.5).eval()
     first = sparse.runtime.graphs[0]
     sparse(torch.randn(2, 3, 8, 8))
@@ -1261,12 +1267,8 @@ def test_the_programs_dropped_past_the_bounds_are_the_least_recently_used(monkey
     monkeypatch.setattr(sparsefx.runtime, "_KEPT_SIGNATURES", 2)
     monkeypatch.setattr(sparsefx.runtime, "_KEPT_MODES", 2)
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(8, 3),
-    )  # fmt: skip
+    model = _image_cnn()
     sparse = sparsefx.transform(model, torch.randn(2, 3, 8, 8), density=0.5)  # training key
-
     criterion = sparsefx.wrap_loss(sparse, nn.CrossEntropyLoss())
 
     def captures(*calls: tuple[str, int]) -> list[int]:
