@@ -453,7 +453,8 @@ base alive, so entries are kept by the base and remember the output by its layou
 
 
 _KEPT_MODES = 16
-"""Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, most recently used last."""
+"""Mode keys (`SparseModule._modes`) whose programs a sparse model keeps, most recently used
+last."""
 
 _KEPT_SIGNATURES = 16
 """Programs (input signatures) a sparse model keeps per mode key, most recently used last."""
