@@ -3,9 +3,12 @@ zeros for dropped weights, and equality with gather-then-dense references."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparsefx.kernels import block_index, gather_weight, scatter_channels
@@ -261,6 +264,7 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients)
 
     import sparsefx
     from sparsefx.kernels import compact
+    from sparsefx.kernels.pooling import max_pool2d_direct, max_pool2d_plain
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -274,10 +278,10 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 6 * 6, 4),
+        torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 4),
     )  # fmt: skip
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 8, 8)
     config = sparsefx.SparseConfig(
         density=0.5, seed=0, conv_channel_multiple=8, sparse_gradients=sparse_gradients
     )
@@ -290,6 +294,8 @@ def test_eager_steps_call_no_custom_op_and_match_the_op_graphs(sparse_gradients)
     program, (record,) = sparse._programs[sparse._modes()][0], sparse.runtime.graphs
     fused = torch.ops.sparsefx.gather_weight.default, compact.gathered_bucketed_convolution_direct
     assert [sum(n.target is t for n in program.graph.graph.nodes) for t in fused] == [0, 2]
+    assert any(n.target is max_pool2d_direct for n in program.graph.graph.nodes)
+    assert any(n.target is max_pool2d_plain for n in program.score.graph.nodes)
     assert any(
         n.target is torch.ops.sparsefx.bucketed_convolution.default
         for n in record.compact.graph.nodes
@@ -329,3 +335,84 @@ def test_gathered_bucketed_convolution_differentiates_its_autocast_twice():
     )
     expected = penalty_gradient(lambda t: F.conv2d(t, weight[out_idx][:, in_idx], padding=1))
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-1)
+
+
+class _PoolLayouts(TorchDispatchMode):
+    """Whether each max_pool2d_with_indices it sees pools a channels-last (not also
+    contiguous) input."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.max_pool2d_with_indices.default:
+            x = args[0]
+            self.channels_last.append(
+                x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def _pooling_inputs() -> list[torch.Tensor]:
+    """NCHW inputs for max pooling: plain, ties (a ReLU's zeros and repeated integers),
+    NaN and -inf; a single channel and a 1x1 map are contiguous in both layouts."""
+    g = torch.Generator().manual_seed(4)
+    plain = torch.randn(2, 5, 7, 7, dtype=torch.float64, generator=g)
+    ties = torch.randint(-1, 2, (2, 5, 7, 7), generator=g).double().relu()
+    special = plain.clone()
+    special[0, 1, 2, 2], special[1, 3, 0, 0], special[1, 4, 5, 6] = math.nan, -math.inf, math.inf
+    return [plain, ties, special, plain[:, :1].contiguous(), plain[:, :, :1, :1].contiguous()]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize(
+    "options",
+    [((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 2), (0, 1), (2, 1), True)],
+)
+def test_channels_last_max_pool_equals_atens_bitwise(case, options):
+    """kernels.pooling pools a CPU NCHW tensor channels-last (ATen's NCHW CPU kernel is
+    scalar): the same values, NCHW layout and input gradient as aten.max_pool2d, bitwise,
+    including on tied windows (which maximum gets the gradient) and NaN."""
+    from sparsefx.kernels.pooling import max_pool2d_direct, max_pool2d_plain
+
+    x = _pooling_inputs()[case]
+    if case == 4 and options[-1]:  # a 1x1 map cannot take the second pooling
+        return
+    outs, grads = [], []
+    for pool in (torch.ops.aten.max_pool2d.default, max_pool2d_direct):
+        leaf = x.clone().requires_grad_()
+        with _PoolLayouts() as layouts:
+            out = pool(leaf, *options)
+        if pool is max_pool2d_direct:  # channels-last where that is another layout
+            assert layouts.channels_last == [case < 3]
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out))
+        outs.append(out.detach())
+        grads.append(leaf.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    assert outs[1].stride() == outs[0].stride() and grads[1].stride() == grads[0].stride()
+    torch.testing.assert_close(
+        max_pool2d_plain(x, *options), outs[0], rtol=0, atol=0, equal_nan=True
+    )
+    if case == 0:
+        leaf = x.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: max_pool2d_direct(t, *options), (leaf,))
+        assert torch.autograd.gradgradcheck(lambda t: max_pool2d_direct(t, *options), (leaf,))
+
+
+def test_channels_last_max_pool_leaves_other_layouts_to_aten():
+    """A channels-last input keeps its layout (ATen pools it fast already); an unbatched
+    3-D one goes to ATen too."""
+    from sparsefx.kernels.pooling import max_pool2d_direct
+
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = max_pool2d_direct(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    unbatched = torch.randn(4, 6, 6)
+    torch.testing.assert_close(
+        max_pool2d_direct(unbatched, (2, 2), (2, 2), (0, 0), (1, 1), False),
+        F.max_pool2d(unbatched, 2),
+        rtol=0,
+        atol=0,
+    )
