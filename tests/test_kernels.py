@@ -416,3 +416,73 @@ def test_channels_last_max_pool_leaves_other_layouts_to_aten():
         rtol=0,
         atol=0,
     )
+
+
+SINGLE_PIXEL_CASES = [
+    # x shape, weight shape, stride, padding, dilation, the tap read (None: aten's convolution)
+    ((2, 5, 1, 1), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], (1, 1)),
+    ((2, 5, 1, 1), (4, 5, 3, 3), [2, 2], [1, 1], [1, 1], (1, 1)),
+    ((2, 5, 1, 1), (4, 5, 5, 5), [1, 1], [4, 4], [2, 2], (2, 2)),
+    ((2, 5, 1, 1), (4, 5, 1, 3), [1, 1], [0, 1], [1, 1], (0, 1)),
+    ((2, 5, 1), (4, 5, 3), [1], [1], [1], (1,)),
+    ((2, 5, 1, 1, 1), (4, 5, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], (1, 1, 1)),
+    ((2, 5, 2, 2), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], None),  # several pixels
+    ((2, 5, 1, 1), (4, 5, 2, 2), [1, 1], [1, 1], [2, 2], None),  # every tap on padding
+]
+
+
+@pytest.mark.parametrize("case", range(len(SINGLE_PIXEL_CASES)))
+def test_single_pixel_convolutions_run_as_gemms_on_their_tap(case):
+    """A convolution whose input and output are single pixels reads one kernel tap: the
+    compact convolutions run it as a GEMM on that tap (oneDNN convolves over the padding),
+    with aten's values and gradients, and FlopCounterMode counts the GEMM."""
+    from sparsefx.kernels.compact import _convolution, _convolution_backward, _single_tap
+
+    x_shape, w_shape, stride, padding, dilation, tap = SINGLE_PIXEL_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(x_shape, dtype=torch.float64, generator=g)
+    weight = torch.randn(w_shape, dtype=torch.float64, generator=g)
+    bias = torch.randn(w_shape[0], dtype=torch.float64, generator=g)
+    assert _single_tap(x.shape, weight.shape, stride, padding, dilation, 1) == tap
+    options = (stride, padding, dilation, False, [0] * len(stride), 1)
+    expected = torch.ops.aten.convolution(x, weight, bias, *options)
+    got = _convolution(x, weight, bias, stride, padding, dilation, 1)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=g)
+    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        expected_grads = torch.ops.aten.convolution_backward(
+            grad, x, weight, [w_shape[0]], stride, padding, dilation, False,
+            [0] * len(stride), 1, mask,
+        )  # fmt: skip
+        got_grads = _convolution_backward(grad, x, weight, (True, *options[:3], 1), mask)
+        for g_got, g_expected in zip(got_grads, expected_grads, strict=True):
+            assert (g_got is None) == (g_expected is None)
+            if g_got is not None:
+                torch.testing.assert_close(g_got, g_expected)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.sparsefx.conv(x, weight, bias, stride, padding, dilation, 1)
+    taps = 1 if tap is not None else math.prod(w_shape[2:])
+    positions = math.prod(expected.shape[2:])
+    assert counter.get_total_flops() == 2 * x_shape[0] * positions * 5 * 4 * taps
+
+
+def test_single_pixel_gathered_convolution_has_exact_first_and_second_derivatives():
+    from sparsefx.kernels.compact import gathered_bucketed_convolution_direct
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    out_idx, in_idx = _idx(0, 2, 4), _idx(0, 2)
+
+    def conv(x, weight, bias):
+        return gathered_bucketed_convolution_direct(
+            x, weight, out_idx, in_idx, False, bias, [1, 1], [1, 1], [1, 1], 8, 3, 5
+        )
+
+    leaves = (x, weight, bias)
+    torch.testing.assert_close(
+        conv(*leaves), F.conv2d(x, weight[out_idx][:, in_idx], bias, padding=1)
+    )
+    assert torch.autograd.gradcheck(conv, leaves)
+    assert torch.autograd.gradgradcheck(conv, leaves)

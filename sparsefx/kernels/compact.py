@@ -228,6 +228,7 @@ def _bucketed_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the convolution at the rounded counts it runs (FlopCounterMode does not look
     inside a custom op)."""
     extra_in, extra_out = _bucket_padding(w_shape, *args[4:7])
+    w_shape = _counted_weight_shape(x_shape, w_shape, *args[1:4], 1)
     x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
     w_shape = [w_shape[0] + extra_out, w_shape[1] + extra_in, *w_shape[2:]]
     out_shape = [out_shape[0], out_shape[1] + extra_out, *out_shape[2:]]
@@ -265,10 +266,43 @@ def _bucketed_setup(ctx, inputs, output):
     _save_conv(ctx, x, weight, bias, (stride, padding, dilation, 1, multiple, full_in, full_out))
 
 
+def _single_tap(
+    x_shape: Sequence, w_shape: Sequence, stride, padding, dilation, groups: int
+) -> tuple[int, ...] | None:
+    """The one kernel tap a convolution reads where its input and output are single pixels
+    (every other tap falls on zero padding), else None.
+
+    Such a convolution is a linear layer on that tap. oneDNN runs it as a convolution over
+    the padding: an HF ResNet's last stage on 32×32 images has three 3×3 convolutions on
+    1×1 maps, and their compact forward and backward took ~2 ms of a 38 ms step, ~0.1 ms as
+    GEMMs (benchmarks/RESULTS.md). Static (int) spatial sizes only."""
+    if groups != 1 or any(not isinstance(size, int) or size != 1 for size in x_shape[2:]):
+        return None
+    taps = []
+    for k, s, p, d in zip(w_shape[2:], stride, padding, dilation, strict=True):
+        if not isinstance(k, int) or (2 * p - d * (k - 1)) // s != 0 or p % d or p // d >= k:
+            return None  # more than one output pixel, or no tap on the input (bias only)
+        taps.append(p // d)
+    return tuple(taps)
+
+
+def _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups: int) -> list:
+    """The weight shape whose convolution FLOPs are those computed: a single tap's
+    (kernel 1) where `_single_tap` runs a GEMM."""
+    if _single_tap(x_shape, w_shape, stride, padding, dilation, groups) is None:
+        return list(w_shape)
+    return [*w_shape[:2], *[1] * (len(w_shape) - 2)]
+
+
 def _convolution(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int
 ) -> Tensor:
-    """aten.convolution of a plain (not transposed) convolution."""
+    """aten.convolution of a plain (not transposed) convolution; a GEMM on the one tap
+    where input and output are single pixels (`_single_tap`)."""
+    tap = _single_tap(x.shape, weight.shape, stride, padding, dilation, groups)
+    if tap is not None:
+        y = torch.nn.functional.linear(x.flatten(1), weight[(..., *tap)], bias)
+        return y.view(*y.shape, *[1] * len(tap))
     return torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
     )
@@ -278,8 +312,21 @@ def _convolution_backward(
     grad: Tensor, x: Tensor, weight: Tensor, options: tuple, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """aten.convolution_backward of a plain (not transposed) convolution; `options` are
-    (has_bias, stride, padding, dilation, groups)."""
+    (has_bias, stride, padding, dilation, groups). GEMMs on the one tap where
+    `_convolution` ran one (the weight's other taps get zero gradients)."""
     has_bias, stride, padding, dilation, groups = options
+    tap = _single_tap(x.shape, weight.shape, stride, padding, dilation, groups)
+    if tap is not None:
+        grad_2d, x_2d = grad.flatten(1), x.flatten(1)
+        grad_x = grad_w = grad_b = None
+        if output_mask[0]:
+            grad_x = (grad_2d @ weight[(..., *tap)]).view_as(x)
+        if output_mask[1]:
+            grad_w = weight.new_zeros(weight.shape)
+            grad_w[(..., *tap)] = grad_2d.t() @ x_2d
+        if output_mask[2] and has_bias:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
     bias_sizes = [weight.shape[0]] if has_bias else None
     return torch.ops.aten.convolution_backward(
         grad, x, weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
@@ -402,7 +449,7 @@ def _(
 
 @register_flop_formula(torch.ops.sparsefx.conv)
 def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return conv_flop_count(x_shape, w_shape, out_shape)
+    return conv_flop_count(x_shape, _counted_weight_shape(x_shape, w_shape, *args[1:5]), out_shape)
 
 
 @register_flop_formula(torch.ops.sparsefx.conv_backward)
@@ -410,6 +457,7 @@ def _conv_backward_flops(grad_shape, x_shape, w_shape, *args, out_shape=None, **
     """FLOPs of the gradients it computes, at the rounded counts it runs."""
     _, stride, padding, dilation, groups, multiple, full_in, full_out, output_mask = args
     extra_in, extra_out = _bucket_padding(w_shape, multiple, full_in, full_out)
+    w_shape = _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups)
     grad_shape = [grad_shape[0], grad_shape[1] + extra_out, *grad_shape[2:]]
     x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
     w_shape = [w_shape[0] + extra_out, w_shape[1] + extra_in, *w_shape[2:]]
