@@ -486,3 +486,40 @@ def test_single_pixel_gathered_convolution_has_exact_first_and_second_derivative
     )
     assert torch.autograd.gradcheck(conv, leaves)
     assert torch.autograd.gradgradcheck(conv, leaves)
+
+
+@pytest.mark.parametrize("case", range(len(SINGLE_PIXEL_CASES) + 2))
+def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
+    """`convolution_direct`, what eager programs call for aten.conv{1,2,3}d (exact-count
+    compact convolutions after freeze, dense ones): the aten op's values and autograd
+    gradients; unbatched and grouped convolutions are the aten op itself."""
+    from sparsefx.kernels.compact import ATEN_CONVOLUTIONS, convolution_direct
+
+    if case < len(SINGLE_PIXEL_CASES):
+        x_shape, w_shape, stride, padding, dilation, _ = SINGLE_PIXEL_CASES[case]
+        groups = 1
+    elif case == len(SINGLE_PIXEL_CASES):  # unbatched
+        x_shape, w_shape, stride, padding, dilation, groups = (
+            (5, 1, 1),
+            (4, 5, 3, 3),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
+        )
+    else:  # grouped
+        x_shape, w_shape, stride, padding, dilation, groups = (
+            (2, 4, 1, 1), (4, 2, 3, 3), [1, 1], [1, 1], [1, 1], 2,
+        )  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    leaves = [
+        torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+        for shape in (x_shape, w_shape, w_shape[:1])
+    ]
+    results = []
+    for conv in (ATEN_CONVOLUTIONS[len(w_shape)], convolution_direct):
+        out = conv(*leaves, stride, padding, dilation, groups)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append([out, *grads])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected)

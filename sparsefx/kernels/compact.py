@@ -567,6 +567,36 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, grad_b, *[None] * 6
 
 
+ATEN_CONVOLUTIONS = {
+    3: torch.ops.aten.conv1d.default,
+    4: torch.ops.aten.conv2d.default,
+    5: torch.ops.aten.conv3d.default,
+}
+
+
+def convolution_direct(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+    groups: int = 1,
+) -> Tensor:  # fmt: skip
+    """``aten.conv{1,2,3}d`` for eager programs (passes.call_ops_directly): a GEMM on the one
+    tap where input and output are single pixels (`_single_tap`: exact-count compact
+    convolutions after `freeze`, and dense ones), else the aten op itself."""
+    spatial = weight.dim() - 2
+    stride, padding, dilation = (
+        [v] * spatial if isinstance(v, int) else v for v in (stride, padding, dilation)
+    )
+    if (
+        x.dim() != weight.dim()
+        or _single_tap(  # unbatched: the aten op adds the batch dim
+            x.shape, weight.shape, stride, padding, dilation, groups
+        )
+        is None
+    ):
+        conv = ATEN_CONVOLUTIONS[weight.dim()]
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    return _convolution(x, weight, bias, stride, padding, dilation, groups)
+
+
 # what eager programs call (passes.call_ops_directly); fx's generated code names them
 def gathered_bucketed_convolution_direct(x: Tensor, weight: Tensor, *args) -> Tensor:
     # x is cast for autocast out here, so that a backward with create_graph differentiates

@@ -7,7 +7,12 @@ import torch
 from torch import fx
 
 from sparsefx.analysis import ops
-from sparsefx.kernels.compact import DIRECT_CALLS, gathered_bucketed_convolution_direct
+from sparsefx.kernels.compact import (
+    ATEN_CONVOLUTIONS,
+    DIRECT_CALLS,
+    convolution_direct,
+    gathered_bucketed_convolution_direct,
+)
 from sparsefx.kernels.pooling import max_pool2d_direct, max_pool2d_plain
 
 __all__ = ["call_ops_directly", "use_triton_kernels"]
@@ -81,8 +86,9 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
     (kernels.compact.DIRECT_CALLS): an autograd.Function where the graph may record
     gradients, else the plain body; where it may record gradients, a weight gathered for one
     bucketed convolution alone is gathered inside it (one autograd node, the weight padded
-    once). ``aten.max_pool2d`` becomes `kernels.pooling`'s, which pools a CPU tensor
-    channels-last (ATen's NCHW CPU kernel is scalar). For graphs the eager runtime runs and
+    once). ``aten.conv{1,2,3}d`` becomes `convolution_direct` (a GEMM on single pixels),
+    and ``aten.max_pool2d`` `kernels.pooling`'s, which pools a CPU tensor channels-last
+    (ATen's NCHW CPU kernel is scalar). For graphs the eager runtime runs and
     nothing traces."""
     graph = gm.graph
     for node in graph.find_nodes(op="call_function", target=bucketed):
@@ -96,6 +102,9 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
         for node in graph.find_nodes(op="call_function", target=op):
             node.args, node.kwargs = _positional(node), {}  # Function.apply takes no kwargs
             node.target = function if record_gradients else body
+    for conv in ATEN_CONVOLUTIONS.values():
+        for node in graph.find_nodes(op="call_function", target=conv):
+            node.target = convolution_direct
     for node in graph.find_nodes(op="call_function", target=aten.max_pool2d.default):
         node.target = max_pool2d_direct if record_gradients else max_pool2d_plain
     gm.recompile()
