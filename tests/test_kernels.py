@@ -523,3 +523,64 @@ def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
         results.append([out, *grads])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("batch", "size", "conv_channel_multiple"), [(2, 1, 8), (1, 4, 8), (2, 4, 8), (2, 1, 1)]
+)
+def test_inplace_activations_follow_compact_convolutions(batch, size, conv_channel_multiple):
+    """A compact convolution's output takes an in-place op (ReLU(inplace=True)): outputs
+    that were views (a single pixel's GEMM, a batch of one cut back from rounded counts,
+    rounded input counts alone) made autograd refuse it."""
+    import sparsefx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Flatten(), torch.nn.Linear(16 * size * size, 4),
+    )  # fmt: skip
+    x = torch.randn(batch, 3, size, size)
+    config = sparsefx.SparseConfig(density=0.5, seed=0, conv_channel_multiple=conv_channel_multiple)
+    sparse = sparsefx.transform(model, (x,), config=config)
+    criterion = sparsefx.wrap_loss(sparse, lambda out: out.square().mean())
+    for _ in range(2):
+        criterion(sparse(x)).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_single_pixel_gemms_follow_aten_under_autocast_and_on_bad_arguments():
+    """The GEMMs stand in for aten.convolution(_backward), which autocast leaves alone: a
+    backward run inside an autocast region keeps float32 gradients (and the op's fake
+    kernel's dtypes); conv2d's one-element lists are expanded as aten does; invalid
+    arguments get aten's errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsefx.kernels.compact import convolution_direct
+
+    g = torch.Generator().manual_seed(8)
+    grad, x, w = (torch.randn(s, generator=g) for s in ((2, 4, 1, 1), (2, 5, 1, 1), (4, 5, 3, 3)))
+    args = (True, [1, 1], [1, 1], [1, 1], 1, 1, None, None, [True, True, True])
+    expected = torch.ops.aten.convolution_backward(
+        grad, x, w, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True]
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.sparsefx.conv_backward(grad, x, w, *args)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.sparsefx.conv_backward(
+                *(mode.from_tensor(t) for t in (grad, x, w)), *args
+            )
+    assert [t.dtype for t in got] == [t.dtype for t in fake] == [torch.float32] * 3
+    for t_got, t_expected in zip(got, expected, strict=True):
+        torch.testing.assert_close(t_got, t_expected)
+
+    b = torch.randn(4, generator=g)
+    torch.testing.assert_close(
+        convolution_direct(x, w, b, [2], [1], [1], 1), F.conv2d(x, w, b, 2, 1)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct, aten = convolution_direct(x, w, b, [1], [1], [1], 1), F.conv2d(x, w, b, 1, 1)
+    assert direct.dtype == aten.dtype == torch.bfloat16
+    torch.testing.assert_close(direct, aten)
+    with pytest.raises(RuntimeError, match="stride"):
+        convolution_direct(x, w, b, [0, 0], [1, 1], [1, 1], 1)

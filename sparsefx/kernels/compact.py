@@ -20,6 +20,7 @@ means "every channel" on that side.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -205,7 +206,9 @@ def _rounded_convolution(
     )
     if not (extra_in or extra_out):
         return y
-    return y[:, : y.shape[1] - extra_out].contiguous(memory_format=_memory_format(x))
+    if not extra_out:  # y itself where it is in that format: a view would break in-place ops
+        return y.contiguous(memory_format=_memory_format(x))
+    return y[:, : y.shape[1] - extra_out].clone(memory_format=_memory_format(x))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -276,14 +279,31 @@ def _single_tap(
     the padding: an HF ResNet's last stage on 32×32 images has three 3×3 convolutions on
     1×1 maps, and their compact forward and backward took ~2 ms of a 38 ms step, ~0.1 ms as
     GEMMs (benchmarks/RESULTS.md). Static (int) spatial sizes only."""
-    if groups != 1 or any(not isinstance(size, int) or size != 1 for size in x_shape[2:]):
+    spatial = len(w_shape) - 2
+    if (
+        groups != 1
+        or any(not isinstance(size, int) or size != 1 for size in x_shape[2:])
+        or any(not isinstance(c, int) or c < 1 for c in w_shape[:2])  # aten's errors, if any
+        or not len(stride) == len(padding) == len(dilation) == spatial
+    ):
         return None
     taps = []
     for k, s, p, d in zip(w_shape[2:], stride, padding, dilation, strict=True):
-        if not isinstance(k, int) or (2 * p - d * (k - 1)) // s != 0 or p % d or p // d >= k:
+        if not isinstance(k, int) or s < 1 or d < 1:
+            return None
+        if (2 * p - d * (k - 1)) // s != 0 or p % d or p // d >= k:
             return None  # more than one output pixel, or no tap on the input (bias only)
         taps.append(p // d)
     return tuple(taps)
+
+
+def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off where it is on: the GEMMs stand in for aten.convolution and its
+    backward, which autocast leaves alone (callers cast the operands as conv2d would)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups: int) -> list:
@@ -301,8 +321,10 @@ def _convolution(
     where input and output are single pixels (`_single_tap`)."""
     tap = _single_tap(x.shape, weight.shape, stride, padding, dilation, groups)
     if tap is not None:
-        y = torch.nn.functional.linear(x.flatten(1), weight[(..., *tap)], bias)
-        return y.view(*y.shape, *[1] * len(tap))
+        with _without_autocast(x):
+            y = torch.nn.functional.linear(x.flatten(1), weight[(..., *tap)], bias)
+        # a copy, not a view: an in-place op may follow an autograd.Function's output
+        return y.view(*y.shape, *[1] * len(tap)).clone()
     return torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
     )
@@ -319,13 +341,14 @@ def _convolution_backward(
     if tap is not None:
         grad_2d, x_2d = grad.flatten(1), x.flatten(1)
         grad_x = grad_w = grad_b = None
-        if output_mask[0]:
-            grad_x = (grad_2d @ weight[(..., *tap)]).view_as(x)
-        if output_mask[1]:
-            grad_w = weight.new_zeros(weight.shape)
-            grad_w[(..., *tap)] = grad_2d.t() @ x_2d
-        if output_mask[2] and has_bias:
-            grad_b = grad_2d.sum(0)
+        with _without_autocast(x):
+            if output_mask[0]:
+                grad_x = (grad_2d @ weight[(..., *tap)]).view_as(x)
+            if output_mask[1]:
+                grad_w = weight.new_zeros(weight.shape)
+                grad_w[(..., *tap)] = grad_2d.t() @ x_2d
+            if output_mask[2] and has_bias:
+                grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
     bias_sizes = [weight.shape[0]] if has_bias else None
     return torch.ops.aten.convolution_backward(
@@ -582,18 +605,15 @@ def convolution_direct(
     tap where input and output are single pixels (`_single_tap`: exact-count compact
     convolutions after `freeze`, and dense ones), else the aten op itself."""
     spatial = weight.dim() - 2
-    stride, padding, dilation = (
-        [v] * spatial if isinstance(v, int) else v for v in (stride, padding, dilation)
+    stride, padding, dilation = (  # aten expands an int, or a one-element list, to every dim
+        [v] * spatial if isinstance(v, int) else list(v) * spatial if len(v) == 1 else v
+        for v in (stride, padding, dilation)
     )
-    if (
-        x.dim() != weight.dim()
-        or _single_tap(  # unbatched: the aten op adds the batch dim
-            x.shape, weight.shape, stride, padding, dilation, groups
-        )
-        is None
-    ):
+    unbatched = x.dim() != weight.dim()  # the aten op adds the batch dim
+    if unbatched or _single_tap(x.shape, weight.shape, stride, padding, dilation, groups) is None:
         conv = ATEN_CONVOLUTIONS[weight.dim()]
         return conv(x, weight, bias, stride, padding, dilation, groups)
+    x, weight, bias = _autocast_operands(x, weight, bias)  # as autocast casts conv2d
     return _convolution(x, weight, bias, stride, padding, dilation, groups)
 
 
