@@ -77,6 +77,9 @@ _PENDING_STATE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDict
 """Model -> structure state loaded before its first compile, applied when its runtime exists."""
 _LIMIT_HITS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 """Model -> the functions inside it where Dynamo hit its recompile limit (they now run eagerly)."""
+_FUNCTION_LIMIT_HITS: list[str] = []
+"""Functions compiled with sparsefx, called outside any sparse model's forward (a compiled
+training step), where Dynamo hit its recompile limit."""
 _LOSS_AFTER_BREAK: weakref.WeakSet[SparseRuntime] = weakref.WeakSet()
 """Runtimes whose loss a graph after a graph break has computed (from outputs' counterparts)."""
 
@@ -190,7 +193,7 @@ class _RecompileLimitFilter(logging.Filter):
                 and record.msg.startswith("torch._dynamo hit config.")
                 and (found := _LIMIT_RECORD.search(record.getMessage())) is not None
             ):
-                _recompile_limit_hit(*found.groups())
+                _recompile_limit_hit(*found.groups(), _compiling_backend(sys._getframe(1)))
         except Exception as error:  # warnings as errors: say it without breaking Dynamo
             log.warning("%s", error)
         return True
@@ -204,21 +207,47 @@ def _watch_recompile_limit() -> None:
     logging.getLogger("torch._dynamo.convert_frame").addFilter(_RecompileLimitFilter())
 
 
-def _recompile_limit_hit(limit: str, function: str) -> None:
-    """Warn once per function and sparse model when the limit was hit inside one: the
-    model is found as the `self` of a module call on the stack (the frame Dynamo refused to
-    compile has not started, so its callers are what is there). Not where Dynamo raises
-    instead (`fail_on_recompile_limit_hit`), nor for sparsefx's own compiles of its graphs
-    (FX code, which run with fullgraph=True and raise too)."""
+def _compiling_backend(frame: Any) -> Callable[..., Any] | None:
+    """The backend Dynamo was compiling the refused frame for: the innermost of the
+    `compiler_fn` that Dynamo's ``_compile`` holds (torch 2.11 to 2.13), unwrapped from
+    torch.compile's wrapper of a named backend; None where it cannot be found."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("convert_frame.py") and callable(
+            compiler_fn := frame.f_locals.get("compiler_fn")
+        ):
+            inner = innermost_backend(compiler_fn)
+            return getattr(inner, "compiler_fn", inner)  # _TorchCompileWrapper's backend
+        frame = frame.f_back
+    return None
+
+
+def _recompile_limit_hit(
+    limit: str, function: str, compiling_backend: Callable[..., Any] | None = None
+) -> None:
+    """Warn once per function and sparse model when the limit was hit inside one, or on a
+    function compiled with sparsefx outside any (a compiled training step): the model is
+    found as the `self` of a module call on the stack (the frame Dynamo refused to compile
+    has not started, so its callers are what is there), the backend in Dynamo's frame
+    (`_compiling_backend`; a hit under another backend is not sparsefx's). Not where
+    Dynamo raises instead (`fail_on_recompile_limit_hit`), nor for sparsefx's own compiles
+    of its graphs (FX code, which run with fullgraph=True and raise too)."""
     if torch._dynamo.config.fail_on_recompile_limit_hit or "<eval_with_key>" in function:
         return
+    if compiling_backend is not None and compiling_backend is not backend:
+        return
     model = _sparse_model_on_stack(sys._getframe(1))
-    if model is None or function in (hits := _LIMIT_HITS.setdefault(model, [])):
+    if model is None and compiling_backend is None:
+        return
+    hits = _FUNCTION_LIMIT_HITS if model is None else _LIMIT_HITS.setdefault(model, [])
+    if function in hits:
         return
     hits.append(function)
     where = "" if f"{Path(torch.__file__).parent}" in function else f" on {function}"
+    inside = "," if model is None else f" inside {type(model).__name__},"
     warnings.warn(
-        f"torch._dynamo hit {limit}{where} inside {type(model).__name__}, compiled "
+        f"torch._dynamo hit {limit}{where}{inside} compiled "
         "with sparsefx: from now on a call that none of its cached graphs fits runs eagerly "
         "and dense, without sparsefx, so such training steps update every channel and train "
         "no structure. Raise torch._dynamo.config.recompile_limit (each combination of "
@@ -230,7 +259,8 @@ def _recompile_limit_hit(limit: str, function: str) -> None:
 
 
 def _limit_hits_around(module: nn.Module) -> list[str]:
-    """The recompile-limit hits inside models that hold `module`."""
+    """The recompile-limit hits inside models that hold `module` (not those on compiled
+    functions outside any model: which models such a function calls is not recorded)."""
     return [
         hit
         for model, hits in list(_LIMIT_HITS.items())

@@ -763,6 +763,29 @@ def test_dynamo_recompile_limit_inside_a_sparse_model_warns_that_it_trains_dense
     assert all(p.grad.ne(0).all() for p in model.parameters())  # it did train dense
 
 
+def test_a_compiled_training_step_past_the_recompile_limit_warns_that_it_trains_dense():
+    """A training step compiled with sparsefx (the model read from a closure, not on the
+    stack at the hit) is found by the backend Dynamo was compiling it for."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    criterion = nn.CrossEntropyLoss()
+
+    def step(x, y):
+        return criterion(model(x), y)
+
+    compiled = torch.compile(step, backend="sparsefx", options={"density": 0.5})
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with torch.no_grad():
+            compiled(x, y)
+        with pytest.warns(
+            UserWarning,
+            match="recompile_limit.*'step'.*, compiled with sparsefx.*eagerly and dense",
+        ):
+            compiled(x, y).backward()
+    assert all(p.grad.ne(0).all() for p in model.parameters())  # it did train dense
+
+
 def test_a_recompile_limit_outside_sparse_models_is_left_to_dynamo(monkeypatch, caplog):
     hits = []
     record = sparsefx.compiled._recompile_limit_hit
@@ -786,6 +809,7 @@ def test_a_recompile_limit_outside_sparse_models_is_left_to_dynamo(monkeypatch, 
             other.eval()(x)
         other.train()(x)  # past the limit: eager, and no sparse model involved
     assert hits and hits[0][0] == "config.recompile_limit (1)"
+    assert hits[0][2].__name__ == "eager"  # the backend Dynamo compiled it for
     assert not [w for w in caught if "sparsefx" in str(w.message)]
     assert not [r for r in caplog.records if r.name == "sparsefx" and r.levelno >= logging.WARNING]
 
