@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["max_pool2d_direct", "max_pool2d_plain"]
+__all__ = ["max_pool2d_direct"]
 
 aten = torch.ops.aten
 
@@ -63,20 +63,6 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def max_pool2d_plain(
-    x: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int] = (),
-    padding: Sequence[int] = (0,),
-    dilation: Sequence[int] = (1,),
-    ceil_mode: bool = False,
-) -> Tensor:
-    """``aten.max_pool2d`` for graphs that record no gradients (the score forwards)."""
-    if not _runs_channels_last(x):
-        return aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _pool_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
-
-
 def max_pool2d_direct(
     x: Tensor,
     kernel_size: Sequence[int],
@@ -88,4 +74,6 @@ def max_pool2d_direct(
     """``aten.max_pool2d`` with its autograd, pooled channels-last where that pays."""
     if not _runs_channels_last(x):
         return aten.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # the score forwards
+        return _pool_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
     return _ChannelsLastMaxPool.apply(x, kernel_size, stride, padding, dilation, ceil_mode)

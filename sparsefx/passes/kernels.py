@@ -13,7 +13,7 @@ from sparsefx.kernels.compact import (
     convolution_direct,
     gathered_bucketed_convolution_direct,
 )
-from sparsefx.kernels.pooling import max_pool2d_direct, max_pool2d_plain
+from sparsefx.kernels.pooling import max_pool2d_direct
 
 __all__ = ["call_ops_directly", "use_triton_kernels"]
 
@@ -106,7 +106,7 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
         for node in graph.find_nodes(op="call_function", target=conv):
             node.target = convolution_direct
     for node in graph.find_nodes(op="call_function", target=aten.max_pool2d.default):
-        node.target = max_pool2d_direct if record_gradients else max_pool2d_plain
+        node.target = max_pool2d_direct
     gm.recompile()
     return gm
 
