@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,16 @@ def _profile(step: Callable[[], Tensor], steps: int, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def _minor_faults(step: Callable[[], Tensor], steps: int) -> float:
+    """Minor page faults a step: the allocator mapping fresh memory. glibc maps large buffers
+    afresh and returns them on free in some processes and not in others (its mmap threshold
+    adapts), which moves a dense step's time by up to ~20% between processes."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
 def _gflop(flops: float | None) -> str:
     return "n/a" if flops is None else f"{flops / 1e9:.2f}"
 
@@ -222,6 +233,7 @@ def main() -> None:
             if not m.endswith("-compiled")
         }
         times = time_interleaved(steps, args.rounds, args.steps)
+        faults = {m: _minor_faults(s, args.steps) for m, s in steps.items()}
         if args.profile:
             for method, step in steps.items():
                 print(
@@ -242,15 +254,20 @@ def main() -> None:
                     f"{speedup:.2f}x",
                     _gflop(flops.get(method.removesuffix("-compiled"))),
                     _ratio(flops["dense"], flops.get(method.removesuffix("-compiled"))),
+                    f"{faults[method]:.0f}",
                 ]
             )
             results[f"{name}/{method}"] = {
                 "ms": summary.median_ms,
                 "speedup": speedup,
                 "gflop": flops.get(method.removesuffix("-compiled"), float("nan")) / 1e9,
+                "minor_faults": faults[method],
             }
         print(f"[{time.perf_counter() - start:6.0f}s] {name} done", flush=True)
-    headers = ["model", "method", "groups", "ms/step", "IQR%", "speedup", "GFLOP/step", "FLOP×"]
+    headers = [
+        "model", "method", "groups", "ms/step", "IQR%", "speedup", "GFLOP/step", "FLOP×",
+        "faults/step",
+    ]  # fmt: skip
     print(format_table(headers, rows))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.json:
