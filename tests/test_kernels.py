@@ -478,8 +478,9 @@ def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
     gradients; unbatched and grouped convolutions are the aten op itself."""
     from sparsefx.kernels.compact import ATEN_CONVOLUTIONS, convolution_direct
 
+    tap = None
     if case < len(SINGLE_PIXEL_CASES):
-        x_shape, w_shape, stride, padding, dilation, _ = SINGLE_PIXEL_CASES[case]
+        x_shape, w_shape, stride, padding, dilation, tap = SINGLE_PIXEL_CASES[case]
         groups = 1
     elif case == len(SINGLE_PIXEL_CASES):  # unbatched
         x_shape, w_shape, stride, padding, dilation, groups = (
@@ -501,11 +502,26 @@ def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
     ]
     results = []
     for conv in (ATEN_CONVOLUTIONS[len(w_shape)], convolution_direct):
-        out = conv(*leaves, stride, padding, dilation, groups)
+        with _AtenCalls() as calls:
+            out = conv(*leaves, stride, padding, dilation, groups)
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         results.append([out, *grads])
+    # the GEMM where there is one tap, aten's convolution otherwise
+    assert (torch.ops.aten.convolution.default in calls.seen) == (tap is None)
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected)
+
+
+class _AtenCalls(TorchDispatchMode):
+    """The aten overloads dispatched inside it (`seen`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
