@@ -173,6 +173,37 @@ def test_bucketed_convolution_pads_counts_and_equals_the_exact_convolution(
         assert op_counter.get_total_flops() == aten_counter.get_total_flops() > 0
 
 
+def test_single_output_pixel_convolutions_are_not_rounded():
+    """A convolution with one output pixel runs as GEMMs, which cache no oneDNN primitive:
+    the bucketed ops (and the fused gather's) run its exact counts, unpadded, on the window."""
+    from sparsefx.kernels.compact import gathered_bucketed_convolution_direct
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(13, 5, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    options = ([2, 2], [1, 1], [1, 1])  # one output pixel reading taps 1..2 of each dim
+    exact_flops = 2 * 2 * 13 * 5 * 2 * 2
+    with FlopCounterMode(display=False) as counter:
+        y = torch.ops.sparsefx.bucketed_convolution(x, w, None, *options, 8, 8, 16)
+    assert counter.get_total_flops() == exact_flops
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 2, 1))
+    grad = torch.randn_like(y)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.sparsefx.conv_backward(
+            grad, x.detach(), w.detach(), False, *options, 1, 8, 8, 16, [True, True, False]
+        )
+    assert counter.get_total_flops() == 2 * exact_flops
+    full = torch.randn(16, 8, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out_idx, in_idx = torch.arange(13), torch.arange(5)
+    with _AtenCalls() as calls:
+        y = gathered_bucketed_convolution_direct(
+            x, full, out_idx, in_idx, False, None, *options, 8, 8, 16
+        )
+        y.backward(grad)
+    assert not calls.seen & {torch.ops.aten.constant_pad_nd.default, torch.ops.aten.cat.default}
+    torch.testing.assert_close(y, F.conv2d(x, full[:13, :5], None, 2, 1))
+
+
 def _direct_call_cases():
     """(op, its arguments) of each compact op an eager program calls directly."""
     g = torch.Generator().manual_seed(1)
@@ -424,31 +455,69 @@ def test_channels_last_max_pool_leaves_other_layouts_to_aten():
 
 
 SINGLE_PIXEL_CASES = [
-    # x shape, weight shape, stride, padding, dilation, the tap read (None: aten's convolution)
-    ((2, 5, 1, 1), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], (1, 1)),
-    ((2, 5, 1, 1), (4, 5, 3, 3), [2, 2], [1, 1], [1, 1], (1, 1)),
-    ((2, 5, 1, 1), (4, 5, 5, 5), [1, 1], [4, 4], [2, 2], (2, 2)),
-    ((2, 5, 1, 1), (4, 5, 1, 3), [1, 1], [0, 1], [1, 1], (0, 1)),
-    ((2, 5, 1), (4, 5, 3), [1], [1], [1], (1,)),
-    ((2, 5, 1, 1, 1), (4, 5, 3, 3, 3), [1, 1, 1], [1, 1, 1], [1, 1, 1], (1, 1, 1)),
-    ((2, 5, 2, 2), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], None),  # several pixels
+    # x shape, weight shape, stride, padding, dilation, the (input, tap) ranges read per
+    # spatial dim as (start, stop, step) (None: aten's convolution)
+    ((2, 5, 1, 1), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], [((0, 1, 1), (1, 2, 1))] * 2),
+    ((2, 5, 1, 1), (4, 5, 3, 3), [2, 2], [1, 1], [1, 1], [((0, 1, 1), (1, 2, 1))] * 2),
+    ((2, 5, 1, 1), (4, 5, 5, 5), [1, 1], [4, 4], [2, 2], [((0, 1, 2), (2, 3, 1))] * 2),
+    (
+        (2, 5, 1, 1),
+        (4, 5, 1, 3),
+        [1, 1],
+        [0, 1],
+        [1, 1],
+        [((0, 1, 1), (0, 1, 1)), ((0, 1, 1), (1, 2, 1))],
+    ),
+    ((2, 5, 1), (4, 5, 3), [1], [1], [1], [((0, 1, 1), (1, 2, 1))]),
+    (
+        (2, 5, 1, 1, 1),
+        (4, 5, 3, 3, 3),
+        [1, 1, 1],
+        [1, 1, 1],
+        [1, 1, 1],
+        [((0, 1, 1), (1, 2, 1))] * 3,
+    ),
+    # one output pixel from several input pixels: HF ResNet's stride-2 entry to 1×1 maps
+    ((2, 5, 2, 2), (4, 5, 3, 3), [2, 2], [1, 1], [1, 1], [((0, 2, 1), (1, 3, 1))] * 2),
+    ((2, 5, 2, 2), (4, 5, 1, 1), [2, 2], [0, 0], [1, 1], [((0, 1, 1), (0, 1, 1))] * 2),
+    ((2, 5, 3, 3), (4, 5, 3, 3), [1, 1], [0, 0], [1, 1], [((0, 3, 1), (0, 3, 1))] * 2),
+    ((2, 5, 3, 3), (4, 5, 2, 2), [1, 1], [0, 0], [2, 2], [((0, 3, 2), (0, 2, 1))] * 2),
+    (
+        (2, 5, 4, 3),
+        (4, 5, 3, 3),
+        [4, 3],
+        [1, 1],
+        [1, 1],
+        [((0, 2, 1), (1, 3, 1)), ((0, 2, 1), (1, 3, 1))],
+    ),
+    ((2, 5, 2, 2), (4, 5, 3, 3), [1, 1], [1, 1], [1, 1], None),  # several output pixels
     ((2, 5, 1, 1), (4, 5, 2, 2), [1, 1], [1, 1], [2, 2], None),  # every tap on padding
 ]
 
 
 @pytest.mark.parametrize("case", range(len(SINGLE_PIXEL_CASES)))
-def test_single_pixel_convolutions_run_as_gemms_on_their_tap(case):
-    """A convolution whose input and output are single pixels reads one kernel tap: the
-    compact convolutions run it as a GEMM on that tap (oneDNN convolves over the padding),
-    with aten's values and gradients, and FlopCounterMode counts the GEMM."""
-    from sparsefx.kernels.compact import _convolution, _convolution_backward, _single_tap
+def test_single_output_pixel_convolutions_run_as_gemms_on_their_window(case):
+    """A convolution whose output is a single pixel reads one window of the input with the
+    kernel taps that do not fall on padding: the compact convolutions run it as GEMMs on that
+    window (oneDNN convolves over the padding), with aten's values and gradients (zero for the
+    input pixels and taps outside the window), and FlopCounterMode counts the GEMM."""
+    from sparsefx.kernels.compact import (
+        _convolution,
+        _convolution_backward,
+        _single_output_window,
+    )
 
-    x_shape, w_shape, stride, padding, dilation, tap = SINGLE_PIXEL_CASES[case]
+    x_shape, w_shape, stride, padding, dilation, ranges = SINGLE_PIXEL_CASES[case]
     g = torch.Generator().manual_seed(5)
     x = torch.randn(x_shape, dtype=torch.float64, generator=g)
     weight = torch.randn(w_shape, dtype=torch.float64, generator=g)
     bias = torch.randn(w_shape[0], dtype=torch.float64, generator=g)
-    assert _single_tap(x.shape, weight.shape, stride, padding, dilation, 1) == tap
+    window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, 1)
+    if ranges is None:
+        assert window is None
+    else:
+        read = [[(s.start, s.stop, s.step or 1) for s in side] for side in window]
+        assert read == [[r[side] for r in ranges] for side in (0, 1)]
     options = (stride, padding, dilation, False, [0] * len(stride), 1)
     expected = torch.ops.aten.convolution(x, weight, bias, *options)
     got = _convolution(x, weight, bias, stride, padding, dilation, 1)
@@ -466,7 +535,9 @@ def test_single_pixel_convolutions_run_as_gemms_on_their_tap(case):
                 torch.testing.assert_close(g_got, g_expected)
     with FlopCounterMode(display=False) as counter:
         torch.ops.sparsefx.conv(x, weight, bias, stride, padding, dilation, 1)
-    taps = 1 if tap is not None else math.prod(w_shape[2:])
+    taps = (
+        math.prod(w_shape[2:]) if ranges is None else math.prod(len(range(*r[1])) for r in ranges)
+    )
     positions = math.prod(expected.shape[2:])
     assert counter.get_total_flops() == 2 * x_shape[0] * positions * 5 * 4 * taps
 
@@ -478,9 +549,9 @@ def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
     gradients; unbatched and grouped convolutions are the aten op itself."""
     from sparsefx.kernels.compact import ATEN_CONVOLUTIONS, convolution_direct
 
-    tap = None
+    ranges = None
     if case < len(SINGLE_PIXEL_CASES):
-        x_shape, w_shape, stride, padding, dilation, tap = SINGLE_PIXEL_CASES[case]
+        x_shape, w_shape, stride, padding, dilation, ranges = SINGLE_PIXEL_CASES[case]
         groups = 1
     elif case == len(SINGLE_PIXEL_CASES):  # unbatched
         x_shape, w_shape, stride, padding, dilation, groups = (
@@ -506,8 +577,8 @@ def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
             out = conv(*leaves, stride, padding, dilation, groups)
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         results.append([out, *grads])
-    # the GEMM where there is one tap, aten's convolution otherwise
-    assert (torch.ops.aten.convolution.default in calls.seen) == (tap is None)
+    # GEMMs where there is one output pixel, aten's convolution otherwise
+    assert (torch.ops.aten.convolution.default in calls.seen) == (ranges is None)
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected)
 

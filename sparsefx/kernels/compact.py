@@ -21,6 +21,7 @@ means "every channel" on that side.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -176,7 +177,9 @@ def _bucketed_convolution(
     never computed. A custom op, so that symbolic shape propagation (the diff tool) sees
     the exact output shape and not the data-dependent padding."""
     x, weight, bias = _autocast_operands(x, weight, bias)  # the no-grad score graph calls this
-    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
+    extra_in, extra_out = _bucket_padding(
+        x.shape, weight.shape, stride, padding, dilation, multiple, full_in, full_out
+    )
     weight = _pad_weight(weight, extra_in, extra_out)
     return _rounded_convolution(x, weight, bias, stride, padding, dilation, extra_in, extra_out)
 
@@ -230,7 +233,7 @@ def _(x, weight, bias, stride, padding, dilation, multiple, full_in, full_out):
 def _bucketed_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the convolution at the rounded counts it runs (FlopCounterMode does not look
     inside a custom op)."""
-    extra_in, extra_out = _bucket_padding(w_shape, *args[4:7])
+    extra_in, extra_out = _bucket_padding(x_shape, w_shape, *args[1:7])
     w_shape = _counted_weight_shape(x_shape, w_shape, *args[1:4], 1)
     x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
     w_shape = [w_shape[0] + extra_out, w_shape[1] + extra_in, *w_shape[2:]]
@@ -239,9 +242,19 @@ def _bucketed_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 def _bucket_padding(
-    weight_shape: Sequence[int], multiple: int, full_in: int | None, full_out: int | None
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    multiple: int,
+    full_in: int | None,
+    full_out: int | None,
 ) -> tuple[int, int]:
-    """Zero channels that round (input, output) counts up to `multiple`, within the dense."""
+    """Zero channels that round (input, output) counts up to `multiple`, within the dense;
+    none for a single output pixel, which runs as GEMMs with no primitive to cache."""
+    if _single_output_window(x_shape, weight_shape, stride, padding, dilation, 1) is not None:
+        return 0, 0
     k_out, k_in = weight_shape[0], weight_shape[1]
     extra_in = 0 if full_in is None else min(-k_in % multiple, full_in - k_in)
     extra_out = 0 if full_out is None else min(-k_out % multiple, full_out - k_out)
@@ -269,32 +282,51 @@ def _bucketed_setup(ctx, inputs, output):
     _save_conv(ctx, x, weight, bias, (stride, padding, dilation, 1, multiple, full_in, full_out))
 
 
-def _single_tap(
+def _single_output_window(
     x_shape: Sequence, w_shape: Sequence, stride, padding, dilation, groups: int
-) -> tuple[int, ...] | None:
-    """The one kernel tap a convolution reads where its input and output are single pixels
-    (every other tap falls on zero padding), else None.
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """(input slices, kernel-tap slices), per spatial dim, of the one window a convolution
+    reads where its output is a single pixel, else None.
 
-    Such a convolution is a linear layer on that tap. oneDNN runs it as a convolution over
-    the padding: an HF ResNet's last stage on 32×32 images has three 3×3 convolutions on
-    1×1 maps, and their compact forward and backward took ~2 ms of a 38 ms step, ~0.1 ms as
-    GEMMs (benchmarks/RESULTS.md). Static (int) spatial sizes only."""
-    spatial = len(w_shape) - 2
+    Such a convolution is a linear layer on that window: the taps that fall on padding
+    multiply zeros. oneDNN runs it as a convolution over the padding, slowly: an HF ResNet on
+    32×32 images has its last stage on 1×1 maps (three 3×3 convolutions reading one tap) and
+    reaches them from 2×2 maps by stride 2 (a 3×3 reading 2×2 taps, a 1×1 shortcut reading
+    one pixel); as convolutions their forwards and backwards took ~3.5 ms of a 37 ms compact
+    step, as GEMMs a few hundred µs (benchmarks/RESULTS.md). Static (int) sizes only."""
     if (
         groups != 1
-        or any(not isinstance(size, int) or size != 1 for size in x_shape[2:])
+        or len(x_shape) != len(w_shape)
         or any(not isinstance(c, int) or c < 1 for c in w_shape[:2])  # aten's errors, if any
-        or not len(stride) == len(padding) == len(dilation) == spatial
     ):
         return None
-    taps = []
-    for k, s, p, d in zip(w_shape[2:], stride, padding, dilation, strict=True):
-        if not isinstance(k, int) or s < 1 or d < 1:
+    key = tuple(x_shape[2:]), tuple(w_shape[2:]), tuple(stride), tuple(padding), tuple(dilation)
+    try:
+        hash(key)
+    except TypeError:  # symbolic sizes (SymInts are unhashable): not static
+        return None
+    return _spatial_window(*key)
+
+
+@functools.lru_cache(maxsize=1024)  # ~100 calls a ResNet step, on a handful of keys
+def _spatial_window(
+    sizes: tuple, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """`_single_output_window` of the spatial dims."""
+    if not len(stride) == len(padding) == len(dilation) == len(kernel):
+        return None
+    inputs, taps = [], []
+    for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation, strict=True):
+        if not (isinstance(n, int) and isinstance(k, int)) or s < 1 or d < 1 or p < 0:
             return None
-        if (2 * p - d * (k - 1)) // s != 0 or p % d or p // d >= k:
-            return None  # more than one output pixel, or no tap on the input (bias only)
-        taps.append(p // d)
-    return tuple(taps)
+        if not 0 <= n + 2 * p - d * (k - 1) - 1 < s:
+            return None  # more than one output pixel (or none: aten's error)
+        first, last = -(-p // d), min(k - 1, (n - 1 + p) // d)  # taps landing on the input
+        if first > last:
+            return None  # every tap on padding: the bias alone, left to aten
+        inputs.append(slice(first * d - p, last * d - p + 1, d))
+        taps.append(slice(first, last + 1))
+    return tuple(inputs), tuple(taps)
 
 
 def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
@@ -307,24 +339,46 @@ def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 def _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups: int) -> list:
-    """The weight shape whose convolution FLOPs are those computed: a single tap's
-    (kernel 1) where `_single_tap` runs a GEMM."""
-    if _single_tap(x_shape, w_shape, stride, padding, dilation, groups) is None:
+    """The weight shape whose convolution FLOPs are those computed: the window's taps where
+    `_single_output_window` runs a GEMM."""
+    window = _single_output_window(x_shape, w_shape, stride, padding, dilation, groups)
+    if window is None:
         return list(w_shape)
-    return [*w_shape[:2], *[1] * (len(w_shape) - 2)]
+    return [*w_shape[:2], *(t.stop - t.start for t in window[1])]  # taps step by one
+
+
+def _tap_index(weight: Tensor, taps: tuple[slice, ...]) -> Tensor | None:
+    """Flat indices of the window's taps among a kernel's, None where it is the whole kernel.
+
+    The window is gathered (and its gradient written back) with index_select/index_copy_
+    on the flattened kernel: a strided copy of a [out, in, 2, 2] window of a 3×3 kernel
+    moves two elements per inner loop and took ~6x as long."""
+    kernel = weight.shape[2:]
+    if all(t.stop - t.start == k for t, k in zip(taps, kernel, strict=True)):
+        return None
+    return torch.arange(math.prod(kernel), device=weight.device).view(kernel)[taps].flatten()
+
+
+def _kernel_window(weight: Tensor, taps: tuple[slice, ...], index: Tensor | None) -> Tensor:
+    """`weight[..., *taps]`, contiguous, as [out, in, window taps] (`index`: `_tap_index`)."""
+    if index is None:
+        return weight.flatten(2)
+    return weight.flatten(2).index_select(2, index)
 
 
 def _convolution(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int
 ) -> Tensor:
-    """aten.convolution of a plain (not transposed) convolution; a GEMM on the one tap
-    where input and output are single pixels (`_single_tap`)."""
-    tap = _single_tap(x.shape, weight.shape, stride, padding, dilation, groups)
-    if tap is not None:
+    """aten.convolution of a plain (not transposed) convolution; a GEMM on the window read
+    where the output is a single pixel (`_single_output_window`)."""
+    window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
+    if window is not None:
+        inputs, taps = window
+        w_window = _kernel_window(weight, taps, _tap_index(weight, taps))
         with _without_autocast(x):
-            y = torch.nn.functional.linear(x.flatten(1), weight[(..., *tap)], bias)
+            y = torch.nn.functional.linear(x[(..., *inputs)].flatten(1), w_window.flatten(1), bias)
         # a copy, not a view: an in-place op may follow an autograd.Function's output
-        return y.view(*y.shape, *[1] * len(tap)).clone()
+        return y.view(*y.shape, *[1] * len(taps)).clone()
     return torch.ops.aten.convolution(
         x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
     )
@@ -334,19 +388,28 @@ def _convolution_backward(
     grad: Tensor, x: Tensor, weight: Tensor, options: tuple, output_mask: list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """aten.convolution_backward of a plain (not transposed) convolution; `options` are
-    (has_bias, stride, padding, dilation, groups). GEMMs on the one tap where
-    `_convolution` ran one (the weight's other taps get zero gradients)."""
+    (has_bias, stride, padding, dilation, groups). GEMMs on the window where `_convolution`
+    ran one (the input's other pixels and the weight's other taps get zero gradients)."""
     has_bias, stride, padding, dilation, groups = options
-    tap = _single_tap(x.shape, weight.shape, stride, padding, dilation, groups)
-    if tap is not None:
-        grad_2d, x_2d = grad.flatten(1), x.flatten(1)
+    window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
+    if window is not None:
+        inputs, taps = window
+        index = _tap_index(weight, taps)
+        grad_2d, x_window = grad.flatten(1), x[(..., *inputs)]
         grad_x = grad_w = grad_b = None
         with _without_autocast(x):
             if output_mask[0]:
-                grad_x = (grad_2d @ weight[(..., *tap)]).view_as(x)
+                w_window = _kernel_window(weight, taps, index)
+                grad_x = (grad_2d @ w_window.flatten(1)).view(x_window.shape)
+                if grad_x.shape != x.shape:  # pixels outside the window: zero gradients
+                    window_grad, grad_x = grad_x, grad_x.new_zeros(x.shape)
+                    grad_x[(..., *inputs)] = window_grad
             if output_mask[1]:
-                grad_w = weight.new_zeros(weight.shape)
-                grad_w[(..., *tap)] = grad_2d.t() @ x_2d
+                grad_window = (grad_2d.t() @ x_window.flatten(1)).view(*weight.shape[:2], -1)
+                if index is not None:  # the other taps: zero gradients
+                    full = grad_window.new_zeros(weight.flatten(2).shape)
+                    grad_window = full.index_copy_(2, index, grad_window)
+                grad_w = grad_window.view(weight.shape)
             if output_mask[2] and has_bias:
                 grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
@@ -438,7 +501,9 @@ def _conv_gradients(
     Gradients `output_mask` leaves out, and the bias's without a bias, are empty tensors. An
     opaque op, so a compiled graph's backward is one extern call with symbolic channel
     counts that never reasons about the padding's sizes."""
-    extra_in, extra_out = _bucket_padding(weight.shape, multiple, full_in, full_out)
+    extra_in, extra_out = _bucket_padding(
+        x.shape, weight.shape, stride, padding, dilation, multiple, full_in, full_out
+    )
     k_out, k_in = weight.shape[0], weight.shape[1]
     grad_x, grad_w, grad_b = _convolution_backward(
         _pad_channels(grad, 1, extra_out),
@@ -479,7 +544,9 @@ def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 def _conv_backward_flops(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the gradients it computes, at the rounded counts it runs."""
     _, stride, padding, dilation, groups, multiple, full_in, full_out, output_mask = args
-    extra_in, extra_out = _bucket_padding(w_shape, multiple, full_in, full_out)
+    extra_in, extra_out = _bucket_padding(
+        x_shape, w_shape, stride, padding, dilation, multiple, full_in, full_out
+    )
     w_shape = _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups)
     grad_shape = [grad_shape[0], grad_shape[1] + extra_out, *grad_shape[2:]]
     x_shape = [x_shape[0], x_shape[1] + extra_in, *x_shape[2:]]
@@ -555,7 +622,9 @@ class _GatheredBucketedConvolution(torch.autograd.Function):
         multiple, full_in, full_out,
     ):  # fmt: skip
         kept = _gather_weight(weight, out_idx, in_idx)
-        extra_in, extra_out = _bucket_padding(kept.shape, multiple, full_in, full_out)
+        extra_in, extra_out = _bucket_padding(
+            x.shape, kept.shape, stride, padding, dilation, multiple, full_in, full_out
+        )
         x, padded_weight, bias = _autocast_operands(x, _pad_weight(kept, extra_in, extra_out), bias)
         ctx.save_for_backward(x, weight, padded_weight, out_idx, in_idx)
         ctx.kept, ctx.extra = kept.shape[:2], (extra_in, extra_out)
@@ -601,16 +670,16 @@ def convolution_direct(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
     groups: int = 1,
 ) -> Tensor:  # fmt: skip
-    """``aten.conv{1,2,3}d`` for eager programs (passes.call_ops_directly): a GEMM on the one
-    tap where input and output are single pixels (`_single_tap`: exact-count compact
-    convolutions after `freeze`, and dense ones), else the aten op itself."""
+    """``aten.conv{1,2,3}d`` for eager programs (passes.call_ops_directly): GEMMs on the
+    window read where the output is a single pixel (`_single_output_window`: exact-count
+    compact convolutions after `freeze`, and dense ones), else the aten op itself."""
     spatial = weight.dim() - 2
     stride, padding, dilation = (  # aten expands an int, or a one-element list, to every dim
         [v] * spatial if isinstance(v, int) else list(v) * spatial if len(v) == 1 else v
         for v in (stride, padding, dilation)
     )
-    unbatched = x.dim() != weight.dim()  # the aten op adds the batch dim
-    if unbatched or _single_tap(x.shape, weight.shape, stride, padding, dilation, groups) is None:
+    window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
+    if window is None:  # also unbatched inputs, to which the aten op adds the batch dim
         conv = ATEN_CONVOLUTIONS[weight.dim()]
         return conv(x, weight, bias, stride, padding, dilation, groups)
     x, weight, bias = _autocast_operands(x, weight, bias)  # as autocast casts conv2d

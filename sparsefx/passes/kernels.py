@@ -86,7 +86,7 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
     (kernels.compact.DIRECT_CALLS): an autograd.Function where the graph may record
     gradients, else the plain body; where it may record gradients, a weight gathered for one
     bucketed convolution alone is gathered inside it (one autograd node, the weight padded
-    once). ``aten.conv{1,2,3}d`` becomes `convolution_direct` (a GEMM on single pixels),
+    once). ``aten.conv{1,2,3}d`` becomes `convolution_direct` (GEMMs for one output pixel),
     and ``aten.max_pool2d`` `kernels.pooling`'s, which pools a CPU tensor channels-last
     (ATen's NCHW CPU kernel is scalar). For graphs the eager runtime runs and
     nothing traces."""
