@@ -17,6 +17,10 @@ kept-channel counts cost at every step (oneDNN creates a primitive per new conv 
 A `-via-ops` suffix, another diagnostic, runs the eager programs through sparsefx's custom
 ops as the graph records show them, where sparsefx runs their bodies directly: what the
 dispatcher and torch.library's autograd wrapper cost per step.
+
+Every method first runs `--warmup` untimed steps (200): a searching step gets faster over
+its first ~150 (oneDNN's primitive cache fills, s polarises and kept counts recur, which
+then run exact shapes); `--trajectory K` prints the warm-up's median every K steps.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import copy
 import json
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -170,6 +175,25 @@ def _minor_faults(step: Callable[[], Tensor], steps: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
+def _time_steps(step: Callable[[], Tensor], steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step`."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _trajectory(seconds: list[float], chunk: int) -> str:
+    """'steps a-b: median ms' for each `chunk` consecutive steps."""
+    return "\n".join(
+        f"  steps {i:4d}-{i + len(part) - 1:4d}: {1e3 * statistics.median(part):7.1f}"
+        for i in range(0, len(seconds), chunk)
+        for part in [seconds[i : i + chunk]]
+    )
+
+
 def _gflop(flops: float | None) -> str:
     return "n/a" if flops is None else f"{flops / 1e9:.2f}"
 
@@ -193,9 +217,18 @@ def main() -> None:
     parser.add_argument(
         "--warmup",
         type=int,
-        default=20,
-        help="untimed steps per method first: a training run's steady state, where oneDNN "
-        "has built a primitive for each (rounded) compact conv shape",
+        default=200,
+        help="untimed steps per method first: a training run's steady state. A searching "
+        "step's time falls over its first ~150 steps (ResNet), as oneDNN builds a primitive "
+        "for each rounded conv shape and kept counts start to recur and run exact shapes "
+        "(sparsefx.runtime.RecurringCounts); --trajectory shows it",
+    )
+    parser.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        metavar="K",
+        help="print each method's median step time over every K warm-up steps",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds × 2 steps")
     parser.add_argument(
@@ -222,9 +255,11 @@ def main() -> None:
     start, rows, results = time.perf_counter(), [], {}
     for name in args.models.split(","):
         steps, groups = steps_for(name, args.density, args.methods.split(","))
-        for step in steps.values():  # steady state: captured graphs, cached conv shapes
-            for _ in range(args.warmup):
-                step()
+        for method, step in steps.items():  # steady state: cached conv shapes, recurring counts
+            warmup = _time_steps(step, args.warmup)
+            if args.trajectory:
+                print(f"{name}/{method} warm-up, median ms per {args.trajectory} steps:")
+                print(_trajectory(warmup, args.trajectory), flush=True)
         # Dynamo skips a frame called under a TorchDispatchMode such as FlopCounterMode, and
         # then runs that code eagerly for good: compiled steps report their eager twin's FLOPs.
         flops = {
