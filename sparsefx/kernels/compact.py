@@ -292,8 +292,9 @@ def _single_output_window(
     multiply zeros. oneDNN runs it as a convolution over the padding, slowly: an HF ResNet on
     32×32 images has its last stage on 1×1 maps (three 3×3 convolutions reading one tap) and
     reaches them from 2×2 maps by stride 2 (a 3×3 reading 2×2 taps, a 1×1 shortcut reading
-    one pixel); as convolutions their forwards and backwards took ~3.5 ms of a 37 ms compact
-    step, as GEMMs a few hundred µs (benchmarks/RESULTS.md). Static (int) sizes only."""
+    one pixel). As convolutions, the three one-tap ones took ~2 ms of a 38 ms compact step
+    and the two stride-2 ones ~1.8 ms (profiled); as GEMMs the step is ~1 ms faster than with
+    the one-tap GEMMs alone (benchmarks/RESULTS.md). Static (int) sizes only."""
     if (
         groups != 1
         or len(x_shape) != len(w_shape)
