@@ -260,13 +260,20 @@ def test_direct_calls_equal_their_ops_with_gradients(case):
 
 
 @pytest.mark.parametrize(
-    ("x_shape", "w_shape"), [((1, 2, 3, 3), (5, 3, 2, 2)), ((3, 2, 1, 1), (5, 3, 3, 3))]
+    ("x_shape", "w_shape", "stride"),
+    [
+        ((1, 2, 3, 3), (5, 3, 2, 2), 1),
+        ((3, 2, 1, 1), (5, 3, 3, 3), 1),
+        ((3, 2, 2, 2), (5, 3, 3, 3), 2),
+    ],
 )
-def test_gathered_bucketed_convolution_has_exact_first_and_second_derivatives(x_shape, w_shape):
+def test_gathered_bucketed_convolution_has_exact_first_and_second_derivatives(
+    x_shape, w_shape, stride
+):
     """The fused gather + rounded convolution saves its padded weight copy for backward; a
     backward with create_graph (a gradient penalty) differentiated that detached copy, and
-    the weight's second-order gradient came out wrong by ~2% under sampled masks. Also on a
-    single pixel, where it runs GEMMs on the one tap."""
+    the weight's second-order gradient came out wrong by ~2% under sampled masks. Also where
+    the output is one pixel, read through one tap or a 2×2 window, which run as GEMMs."""
     from sparsefx.kernels.compact import gathered_bucketed_convolution_direct
 
     g = torch.Generator().manual_seed(2)
@@ -277,11 +284,11 @@ def test_gathered_bucketed_convolution_has_exact_first_and_second_derivatives(x_
 
     def conv(x, weight, bias):
         return gathered_bucketed_convolution_direct(
-            x, weight, out_idx, in_idx, False, bias, [1, 1], [1, 1], [1, 1], 8, 3, 5
+            x, weight, out_idx, in_idx, False, bias, [stride] * 2, [1, 1], [1, 1], 8, 3, 5
         )
 
     def reference(x, weight, bias):
-        return F.conv2d(x, weight[out_idx][:, in_idx], bias, padding=1)
+        return F.conv2d(x, weight[out_idx][:, in_idx], bias, stride=stride, padding=1)
 
     leaves = (x, weight, bias)
     torch.testing.assert_close(conv(*leaves), reference(*leaves))
@@ -543,7 +550,7 @@ def test_single_output_pixel_convolutions_run_as_gemms_on_their_window(case):
 
 
 @pytest.mark.parametrize("case", range(len(SINGLE_PIXEL_CASES) + 2))
-def test_eager_programs_aten_convolutions_take_the_single_pixel_gemm(case):
+def test_eager_programs_aten_convolutions_take_the_one_output_pixel_gemm(case):
     """`convolution_direct`, what eager programs call for aten.conv{1,2,3}d (exact-count
     compact convolutions after freeze, dense ones): the aten op's values and autograd
     gradients; unbatched and grouped convolutions are the aten op itself."""
@@ -626,7 +633,7 @@ def test_single_pixel_gemms_follow_aten_under_autocast_and_on_bad_arguments():
     arguments get aten's errors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from sparsefx.kernels.compact import convolution_direct
+    from sparsefx.kernels.compact import _convolution, convolution_direct
 
     g = torch.Generator().manual_seed(8)
     grad, x, w = (torch.randn(s, generator=g) for s in ((2, 4, 1, 1), (2, 5, 1, 1), (4, 5, 3, 3)))
@@ -654,3 +661,11 @@ def test_single_pixel_gemms_follow_aten_under_autocast_and_on_bad_arguments():
     torch.testing.assert_close(direct, aten)
     with pytest.raises(RuntimeError, match="stride"):
         convolution_direct(x, w, b, [0, 0], [1, 1], [1, 1], 1)
+    # a window cached for int options is not reused for float ones, which aten refuses
+    convolution_direct(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises((RuntimeError, TypeError)):
+        _convolution(x, w, b, [1, 1], [1.0, 1.0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="bias"):  # no broadcast of a one-element bias
+        _convolution(x, w, b[:1], [1, 1], [1, 1], [1, 1], 1)
+    meta = [t.to("meta") for t in (torch.randn(2, 5, 2, 2), w, b)]  # autocast has no meta
+    assert _convolution(*meta, [2, 2], [1, 1], [1, 1], 1).shape == (2, 4, 1, 1)

@@ -301,6 +301,8 @@ def _single_output_window(
         or any(not isinstance(c, int) or c < 1 for c in w_shape[:2])  # aten's errors, if any
     ):
         return None
+    if any(type(v) is not int for v in (*stride, *padding, *dilation)):
+        return None  # aten's checks (a float padding would equal an int in the cache's key)
     key = tuple(x_shape[2:]), tuple(w_shape[2:]), tuple(stride), tuple(padding), tuple(dilation)
     try:
         hash(key)
@@ -334,9 +336,14 @@ def _without_autocast(x: Tensor) -> contextlib.AbstractContextManager:
     """Autocast off where it is on: the GEMMs stand in for aten.convolution and its
     backward, which autocast leaves alone (callers cast the operands as conv2d would)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (never for one it does not know: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _counted_weight_shape(x_shape, w_shape, stride, padding, dilation, groups: int) -> list:
@@ -373,7 +380,7 @@ def _convolution(
     """aten.convolution of a plain (not transposed) convolution; a GEMM on the window read
     where the output is a single pixel (`_single_output_window`)."""
     window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
-    if window is not None:
+    if window is not None and (bias is None or bias.shape == weight.shape[:1]):  # else aten's error
         inputs, taps = window
         w_window = _kernel_window(weight, taps, _tap_index(weight, taps))
         with _without_autocast(x):
@@ -427,7 +434,7 @@ def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
     autocast's CPU policy does not list, so without this they would run in float32 under
     bfloat16 autocast where the dense model's convolutions run in bfloat16."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_on(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in (x, weight, bias))
