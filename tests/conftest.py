@@ -7,6 +7,18 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+# One intra-op thread per core per pytest-xdist worker (a user's OMP_NUM_THREADS wins): each
+# worker is a process with torch's default of a thread per core, so two workers on two cores
+# ran four spinning OpenMP threads. On a 2-core VM with a fresh Inductor cache the digits
+# demo test took 169 s beside the compile tests and 61 s this way, and it and
+# tests/test_coupling.py 331 and 241 s. Set before torch starts: subprocesses inherit it.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS",
+        str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))),
+    )
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
@@ -35,6 +47,8 @@ def _squeeze_triton_36_interpreter_scalars() -> None:
 
 
 _squeeze_triton_36_interpreter_scalars()
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # were torch imported earlier
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 settings.register_profile(
     "ci",
