@@ -16,7 +16,9 @@ step samples its masks once and reuses them (K forwards as usual), which shows w
 kept-channel counts cost at every step (oneDNN creates a primitive per new conv shape).
 A `-via-ops` suffix, another diagnostic, runs the eager programs through sparsefx's custom
 ops as the graph records show them, where sparsefx runs their bodies directly: what the
-dispatcher and torch.library's autograd wrapper cost per step.
+dispatcher and torch.library's autograd wrapper cost per step. A `-never-exact` suffix, a
+third, never runs a sampled mask's exact-count graph (recurring counts keep the rounded
+shapes): what `sparsefx.runtime.RecurringCounts` saves, with `--trajectory`.
 
 Every method first runs `--warmup` untimed steps (200): a searching step gets faster over
 its first ~150 (oneDNN's primitive cache fills, s polarises and kept counts recur, which
@@ -72,7 +74,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "gpt2": gpt2,
     "llama": llama,
 }
-DIAGNOSTICS = ("-same-masks", "-via-ops")
+DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact")
 METHODS = {
     "sparsefx": {},
     "sparsefx-sg": {"sparse_gradients": True},
@@ -97,6 +99,20 @@ def _reusing_masks(step: Callable[[], Tensor], structure: StructureState) -> Cal
             del structure.sample
 
     return reusing
+
+
+def _never_exact(step: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """`step` with no sampled kept counts ever counted as recurring (the `-never-exact`
+    diagnostic): `RecurringCounts.recur` reads `RECURRING` at every call."""
+
+    def rounded() -> Tensor:
+        recurring, sparsefx.runtime.RECURRING = sparsefx.runtime.RECURRING, sys.maxsize
+        try:
+            return step()
+        finally:
+            sparsefx.runtime.RECURRING = recurring
+
+    return rounded
 
 
 @contextlib.contextmanager
@@ -154,6 +170,8 @@ def steps_for(
             steps[method] = _step(twin, sparse, x, y)
             if method.endswith("-same-masks"):
                 steps[method] = _reusing_masks(steps[method], sparse.structure)
+            if method.endswith("-never-exact"):
+                steps[method] = _never_exact(steps[method])
     return steps, groups
 
 
