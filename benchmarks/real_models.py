@@ -21,7 +21,7 @@ third, never runs a sampled mask's exact-count graph (recurring counts keep the 
 shapes): what `sparsefx.runtime.RecurringCounts` saves, with `--trajectory`.
 
 Every method first runs `--warmup` untimed steps (200): a searching step gets faster over
-its first ~150 (oneDNN's primitive cache fills, s polarises and kept counts recur, which
+its first few hundred (oneDNN's primitive cache fills, s polarises and kept counts recur, which
 then run exact shapes); `--trajectory K` prints the warm-up's median every K steps.
 """
 
@@ -237,9 +237,9 @@ def main() -> None:
         type=int,
         default=200,
         help="untimed steps per method first: a training run's steady state. A searching "
-        "step's time falls over its first ~150 steps (ResNet), as oneDNN builds a primitive "
-        "for each rounded conv shape and kept counts start to recur and run exact shapes "
-        "(sparsefx.runtime.RecurringCounts); --trajectory shows it",
+        "step's time falls over its first few hundred steps (ResNet), as oneDNN builds a "
+        "primitive for each rounded conv shape and kept counts start to recur and run exact "
+        "shapes (sparsefx.runtime.RecurringCounts); --trajectory shows it",
     )
     parser.add_argument(
         "--trajectory",
