@@ -925,3 +925,47 @@ def test_heads_stay_compact_through_rotary_embeddings_and_head_norms(model_cls):
     (heads,) = [g for g in sparse.groups if g.size == model_cls.heads]
     assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class PostNorm(nn.Module):
+    """A block whose output is RMS-normalised before it joins the stream (Gemma 2/3's
+    post-attention and post-MLP norms), the norm written out as Gemma writes it (pow, mean,
+    rsqrt, times 1 + w) or as ``F.rms_norm``."""
+
+    def __init__(self, decomposed: bool):
+        super().__init__()
+        self.decomposed = decomposed
+        self.inner, self.out, self.head = nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 4)
+        self.scale = nn.Parameter(torch.rand(16))
+
+    def forward(self, x):
+        y = self.out(self.inner(x).relu())
+        if self.decomposed:
+            wide = y.float()
+            wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6)
+            y = (wide * (1.0 + self.scale.float())).type_as(y)
+        else:
+            y = F.rms_norm(y, (16,), 1.0 + self.scale, eps=1e-6)
+        return self.head(x + y)
+
+
+@pytest.mark.parametrize("prune_streams", [False, True], ids=["streams-dense", "streams-pruned"])
+@pytest.mark.parametrize("decomposed", [True, False], ids=["decomposed", "rms_norm"])
+def test_a_norm_written_out_keeps_the_features_it_normalises_dense_like_rms_norm(
+    decomposed, prune_streams
+):
+    """A mean over the channel dim that keeps it is a norm's statistic: the layer it reads
+    stays dense, as under ``F.rms_norm``. It was read at full width: the layer before
+    Gemma 2's post-norms became a group of its own (the stream's features, pruned with a
+    scatter, so not faster) with ``prune_streams`` off."""
+    torch.manual_seed(0)
+    model, x = PostNorm(decomposed), torch.randn(3, 5, 16)
+    config = sparsefx.SparseConfig(0.5, prune_streams=prune_streams)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, config=config)
+    assert [g.name for g in sparse.groups] == ["inner"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "normalised across features" in reasons["linear_1"], reasons
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

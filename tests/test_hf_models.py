@@ -385,7 +385,8 @@ def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
     head (RMSNorm over head_dim); Phi-3 fuses q, k, v into one projection and gate and up
     into another (split by slicing and by chunk); Nemotron's MLP is relu(up)² (no gate);
     Cohere interleaves its rotary halves (stride-2 slices, then stack) and runs attention and
-    MLP in parallel."""
+    MLP in parallel. Gemma 2 and 3 normalise each block's output before the stream
+    (post-norms); Gemma 2 soft-caps its attention logits, Gemma 3 normalises q and k per head."""
     sizes = dict(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=KV_HEADS * QUERY_HEADS_PER_KV, num_key_value_heads=KV_HEADS,
@@ -396,10 +397,14 @@ def _decoder(family: str = "llama", attention: str = "sdpa") -> nn.Module:
         prefix = prefix[family]
         config = getattr(transformers, f"{prefix}Config")(**sizes)
         return getattr(transformers, f"{prefix}ForCausalLM")(config)
-    if family in ("qwen3", "gemma", "nemotron"):
-        prefix = {"qwen3": "Qwen3", "gemma": "Gemma", "nemotron": "Nemotron"}[family]
+    if family in ("qwen3", "gemma", "gemma2", "nemotron"):
+        prefix = {"qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2", "nemotron": "Nemotron"}
+        prefix = prefix[family]
         config = getattr(transformers, f"{prefix}Config")(head_dim=LLAMA_HEAD_DIM, **sizes)
         return getattr(transformers, f"{prefix}ForCausalLM")(config)
+    if family == "gemma3":
+        config = transformers.Gemma3TextConfig(head_dim=LLAMA_HEAD_DIM, **sizes)
+        return transformers.Gemma3ForCausalLM(config)
     config = transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
     return transformers.Phi3ForCausalLM(config)
 
@@ -437,6 +442,8 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         ("mistral", "sdpa", True),
         ("qwen2", "sdpa", False),
         ("gemma", "sdpa", False),
+        ("gemma2", "eager", False),
+        ("gemma3", "sdpa", True),
         ("qwen3", "sdpa", False),
         ("phi3", "sdpa", False),
         ("nemotron", "sdpa", False),
@@ -449,6 +456,8 @@ def _decoder_points(family: str, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         "mistral-padded",
         "qwen2-biases",
         "gemma",
+        "gemma2-post-norms-softcap",
+        "gemma3-post-norms-head-norms",
         "qwen3-head-norms",
         "phi3-fused",
         "nemotron-relu-squared",
@@ -461,7 +470,8 @@ def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, 
     three groups (q, k, v) with k and v scattered to full width; each is now one group of kv
     heads per layer, compact through attention, equal to the reference. Qwen3's per-head
     norms (rsqrt), Phi-3's chunked gate/up, Nemotron's square and Cohere's interleaved
-    rotary halves (stack) were scattered too."""
+    rotary halves (stack) were scattered too. Gemma 2/3's post-norms (written out) made the
+    layers before them groups of their own; they stay dense now, like Llama's."""
     torch.manual_seed(0)
     model = _decoder(family, attention).double()
     reference = copy.deepcopy(model)

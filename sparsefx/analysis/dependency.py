@@ -413,7 +413,10 @@ class _Walk:
         if target in ops.PERMUTES:
             return _permute(node, layout)
         if target in ops.REDUCTIONS:
-            return _reduction(node, layout)
+            op = _reduction(node, layout)
+            if isinstance(op, str) and bool(_arg(node, 2, "keepdim", False)):
+                self._block(first, _DECOMPOSED_NORM.format(op=_op_name(node), node=node.name))
+            return op
         if target in ops.SOFTMAX:
             if int(node.args[1]) % len(_shape(node)) == layout.dim:  # type: ignore[call-overload]
                 return "softmax over the channel dim"
@@ -732,6 +735,10 @@ _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "
     "from an unpruned source such as the input or an embedding): pruning it would zero "
     "features of that stream"
+)
+_DECOMPOSED_NORM = (
+    "normalised across features by a decomposed norm: {op} ({node}) reduces over the channel "
+    "dim and keeps it, a statistic the features are scaled by, like layer_norm's"
 )
 
 
