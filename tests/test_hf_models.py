@@ -498,6 +498,18 @@ def test_grouped_query_attention_prunes_kv_heads_with_their_query_heads(family, 
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
 
 
+def test_llama_stream_read_by_its_written_out_rms_norm_stays_dense_under_prune_streams():
+    """Llama's RMSNorm is pow, mean and rsqrt: with `prune_streams` its stream was a group
+    that every norm read through a scatter (exact, not faster). The mean over the features
+    now blocks it, as `rms_norm` and `layer_norm` block GPT-2's and BERT's."""
+    ids = _text_inputs()[0]
+    config = sparsefx.SparseConfig(density=0.5, prune_streams=True)
+    sparse = sparsefx.transform(_decoder(), (ids,), example_kwargs={"labels": ids}, config=config)
+    assert not any(g.stream for g in sparsefx.groups(sparse))
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "normalised across features by a decomposed norm" in reasons["embedding"], reasons
+
+
 def _hf_cases() -> dict[str, tuple]:
     """Model factory, (inputs, labels), options and training steps of each real model."""
     cases = {"resnet": (_resnet, _resnet_batch, RESNET_OPTIONS, 40)}
