@@ -969,3 +969,56 @@ def test_a_norm_written_out_keeps_the_features_it_normalises_dense_like_rms_norm
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel factors (ConvNeXt's and CaiT's layer scale): one on a block's
+    hidden channels (shaped [C, 1, 1]), one on what the block adds into its stream, and one
+    on a linear's features (shaped [C], channels last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.expand = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 1)
+        self.project, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 12)
+        self.head = nn.Linear(12, 3)
+        self.hidden = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.block = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.features = nn.Parameter(torch.rand(12) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        h = h + self.block * self.project(F.relu(self.expand(h)) * self.hidden)
+        return self.head(F.relu(self.fc(h.mean((2, 3)))) * self.features)
+
+
+@pytest.mark.parametrize("prune_streams", [False, True], ids=["streams-dense", "streams-pruned"])
+def test_layer_scales_are_gathered_with_the_channels_they_scale(prune_streams):
+    """A per-channel parameter multiplied in was read at full width (a scatter before it),
+    and a block writing into a dense stream through one became a group of its own. It is
+    now a member of its channels' group: gathered, compact, and the stream decides whether
+    the block's last layer is pruned."""
+    torch.manual_seed(0)
+    model, x = LayerScale(), torch.randn(4, 3, 6, 6)
+    twin = copy.deepcopy(model)
+    config = sparsefx.SparseConfig(0.5, prune_streams=prune_streams)
+    sparse = sparsefx.transform(twin, x, config=config)
+    members = {g.name: set(g.members) for g in sparse.groups}
+    assert ("hidden", 0) in members["expand"] and ("features", 0) in members["fc"]
+    if prune_streams:
+        assert {("block", 0), ("project.weight", 0), ("fc.weight", 1)} <= members["stem"]
+    else:
+        assert set(members) == {"expand", "fc"}
+        reasons = {d.node: d.reason for d in sparse.analysis.dense}
+        assert "residual stream" in reasons["conv2d_2"], reasons
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    reference = _zeroed(model, sparse.groups, masks)
+    out, expected = sparse(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for name in ("hidden", "block", "features"):
+        got, want = twin.get_parameter(name).grad, reference.get_parameter(name).grad
+        torch.testing.assert_close(got, want, msg=name)

@@ -172,6 +172,32 @@ def test_hf_resnet_compiled_with_a_dense_stem_does_not_recompile_for_new_masks()
 HEAD_DIM = 8
 
 
+def test_hf_convnext_prunes_mlp_channels_and_keeps_its_layer_scaled_stream_dense():
+    """ConvNeXt's blocks end in a layer scale (a per-channel parameter) before the residual
+    add. That mul read a scatter, so each block's pwconv2 became a group of its own (the
+    stream's features, pruned for no compute saved after it). The scale is channel-wise
+    now: the dense stream keeps pwconv2 dense, the MLPs' hidden channels are the groups,
+    compact and equal to the reference."""
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=4
+    )
+    model = transformers.ConvNextForImageClassification(config).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    groups = sparsefx.groups(sparse)
+    assert [g.name for g in groups] == [
+        f"convnext.encoder.stages.{stage}.layers.0.pwconv1" for stage in (0, 1)
+    ]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    masks = _random_masks(groups, seed=3)
+    sparsefx.set_masks(sparse, masks)
+    with _masked_features(reference, masks):
+        expected = reference(x).logits
+    torch.testing.assert_close(sparse(x).logits, expected)
+
+
 def _gpt2(dropout: float = 0.0) -> nn.Module:
     config = transformers.GPT2Config(
         vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16, use_cache=False,

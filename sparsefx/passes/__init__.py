@@ -14,6 +14,7 @@ from sparsefx.passes.compact import (
     insert_scatters,
     opaque_compact_convolutions,
     rewrite_batch_norms,
+    rewrite_channel_scales,
     rewrite_splits,
     rewrite_views,
     rewrite_weight_ops,
@@ -49,7 +50,10 @@ def rewrite_compact(
     `triton_kernels` swaps the gathers for the Triton-backed ops (passes/kernels.py), last,
     since the convolution passes find their convolutions by the gather_weight they read."""
     gm = add_index_inputs(gm, groups)
-    for rewrite in (insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms):
+    for rewrite in (
+        insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms,
+        rewrite_channel_scales,
+    ):  # fmt: skip
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)
     if conv_channel_multiple > 1:

@@ -25,6 +25,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_batch_norms",
+    "rewrite_channel_scales",
     "rewrite_splits",
     "rewrite_views",
     "rewrite_weight_ops",
@@ -204,6 +205,23 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_after(node):
                 for full, compact in zip(running, kept_running, strict=True):
                     graph.call_function(aten.index_copy_.default, (full, 0, idx, compact))
+    return gm
+
+
+def rewrite_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
+    """A per-channel parameter multiplied into a compact tensor (a layer scale) is read at
+    its kept channels."""
+    indices = _Indices(gm)
+    for node in list(gm.graph.nodes):
+        meta = node.meta.get(META, {})
+        if "scale" not in meta:
+            continue
+        position, dim = meta["scale"]
+        with gm.graph.inserting_before(node):
+            kept = gm.graph.call_function(
+                select, (node.args[position], dim, indices.of(meta["layout"]))
+            )
+        node.update_arg(position, kept)
     return gm
 
 
