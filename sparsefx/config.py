@@ -101,8 +101,16 @@ class SparseConfig:
                 raise ValueError(f"seed must fit in an int64, got {self.seed}")
 
     @classmethod
-    def from_options(cls, options: dict) -> SparseConfig:
-        """Build from a plain dict (e.g. torch.compile options), naming any unknown key."""
+    def from_options(cls, options: dict | SparseConfig) -> SparseConfig:
+        """Build from a plain dict (e.g. torch.compile options), naming any unknown key; a
+        SparseConfig passes as it is."""
+        if isinstance(options, SparseConfig):
+            return options
+        if not isinstance(options, dict):
+            raise TypeError(
+                "sparsefx options must be a dict of SparseConfig fields or a SparseConfig, "
+                f"got {type(options).__name__}"
+            )
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - valid)
         if unknown:

@@ -98,12 +98,22 @@ def test_backend_is_found_by_name_without_importing_sparsefx():
         ({}, r"sparsefx needs a density"),
         ({"density": 1.5}, r"density must be in \(0, 1\]"),
         ({"density": 0.5, "samples": 1}, r"samples must be an int >= 2"),
+        ([("density", 0.5)], r"options must be a dict of SparseConfig fields or a SparseConfig"),
     ],
 )
 def test_options_are_validated_naming_valid_ones(options, message):
     model = torch.compile(Net(), backend="sparsefx", options=options)
     with pytest.raises(Exception, match=message):
         model(*data())
+
+
+def test_options_may_be_a_sparse_config():
+    """`transform`'s config object works as torch.compile's options (it raised "not
+    iterable" from deep in the backend)."""
+    config = sparsefx.SparseConfig(density=0.25, seed=3)
+    model = torch.compile(Net(), backend="sparsefx", options=config)
+    model(*data())
+    assert sparsefx.stats(model)["density"] == 0.25
 
 
 def test_compiled_step_matches_the_eager_transform_with_the_same_masks():
