@@ -1022,3 +1022,16 @@ def test_layer_scales_are_gathered_with_the_channels_they_scale(prune_streams):
     for name in ("hidden", "block", "features"):
         got, want = twin.get_parameter(name).grad, reference.get_parameter(name).grad
         torch.testing.assert_close(got, want, msg=name)
+
+    # the compiled backend gathers them too, and export slices them to the kept channels
+    compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options=config)
+    compiled.eval()
+    compiled(x)
+    sparsefx.set_masks(compiled, masks)
+    torch.testing.assert_close(compiled(x), expected)
+    sparse.eval()
+    exported = sparsefx.export(sparse, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    state = exported.state_dict
+    kept = int(masks["expand"].sum())
+    assert any(tuple(t.shape) == (kept, 1, 1) for t in state.values()), list(state)
