@@ -164,7 +164,9 @@ def capture(
     args, kwargs = distinct_inputs(args, kwargs)
     with _disable_current_modes():
         ep, guards = _export(model, args, kwargs)
-    return replace(_captured(ep, training=training), size_guards=guards)
+    captured = replace(_captured(ep, training=training), size_guards=guards)
+    captured.gm = linear_matmuls(captured.gm, captured.inputs)
+    return captured
 
 
 def distinct_inputs(
@@ -279,6 +281,56 @@ def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+_TRANSPOSES = (torch.ops.aten.numpy_T.default, torch.ops.aten.t.default)
+
+
+def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
+    """`gm` with ``x @ W.T`` of a 2-D parameter (Falcon's `FalconLinear`, hand-written
+    layers) as ``linear(x, W)``, and a bias parameter added right after it folded in: the
+    layer the analysis prunes, where the matmul left the model dense without a reason.
+    Called once the placeholders' kinds are known (a Dynamo graph's parameters are inputs
+    until `capture_graph` names them)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = {
+        n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
+    }
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.matmul.default)):
+        x, transposed = node.args
+        if not (isinstance(transposed, fx.Node) and transposed.target in _TRANSPOSES):
+            continue
+        weight = transposed.args[0]
+        value = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if (
+            weight not in params
+            or weight.meta["val"].dim() != 2
+            or value is None
+            or not value.dim()
+        ):
+            continue
+        node.target, node.args = torch.ops.aten.linear.default, (x, weight)
+        if not transposed.users:
+            gm.graph.erase_node(transposed)
+        bias = _added_bias(node, params)
+        if bias is not None and tuple(bias.meta["val"].shape) == (weight.meta["val"].shape[0],):
+            (add,) = node.users
+            node.args = (x, weight, bias)
+            add.replace_all_uses_with(node)
+            gm.graph.erase_node(add)
+    gm.recompile()
+    return gm
+
+
+def _added_bias(node: fx.Node, params: set[fx.Node]) -> fx.Node | None:
+    """The parameter that `node`'s only user adds to it (``add.Tensor``, alpha 1)."""
+    if len(node.users) != 1:
+        return None
+    (add,) = node.users
+    if add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    return other if other in params else None
+
+
 def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` without export's ``_assert_tensor_metadata`` (written before each ``.to``): it
     holds the capture's dtype, so a graph captured in float32 and run under autocast (a
@@ -387,6 +439,7 @@ def capture_graph(
         next(given) if kind == InputKind.USER_INPUT else (kind, target)
         for kind, target in captured.inputs
     ]
+    captured.gm = linear_matmuls(captured.gm, captured.inputs)
     return captured
 
 

@@ -1035,3 +1035,41 @@ def test_layer_scales_are_gathered_with_the_channels_they_scale(prune_streams):
     state = exported.state_dict
     kept = int(masks["expand"].sum())
     assert any(tuple(t.shape) == (kept, 1, 1) for t in state.values()), list(state)
+
+
+class MatmulLayers(nn.Module):
+    """Layers written as ``x @ W.T (+ b)`` (Falcon's `FalconLinear`), with ``.t()`` and
+    with ``.T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16))
+        self.w2 = nn.Parameter(torch.randn(12, 16))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(x @ self.w1.t() + self.b1)
+        return self.head(F.relu(h @ self.w2.T))
+
+
+@pytest.mark.parametrize("mode", ["transform", "compile"])
+def test_matmuls_by_a_transposed_parameter_are_pruned_as_linear_layers(mode):
+    """They were matmuls the analysis does not prune, with no reason in the report (a
+    Falcon trained dense); capture now writes them as `linear`, its bias folded in."""
+    torch.manual_seed(0)
+    model, x = MatmulLayers(), torch.randn(5, 8)
+    twin = copy.deepcopy(model)
+    if mode == "transform":
+        sparse = sparsefx.transform(twin, x, density=0.5)
+    else:
+        sparse = torch.compile(twin, backend="sparsefx", options={"density": 0.5})
+        sparse.eval()
+        sparse(x)
+    groups = {g.name: set(g.members) for g in sparsefx.groups(sparse)}
+    assert groups == {
+        "w1": {("w1", 0), ("b1", 0), ("w2", 1)},
+        "w2": {("w2", 0), ("head.weight", 1)},
+    }, groups
+    masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparsefx.groups(sparse), masks)(x))

@@ -536,6 +536,62 @@ def test_llama_stream_read_by_its_written_out_rms_norm_stays_dense_under_prune_s
     assert "normalised across features by a decomposed norm" in reasons["embedding"], reasons
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+        {"multi_query": False, "bias": True},
+    ],
+    ids=["multi-query", "grouped-query", "multi-head-biases"],
+)
+def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(options):
+    """Falcon's `FalconLinear` computes ``x @ W.T (+ b)``: sparsefx found nothing to prune
+    and trained Falcon dense. Its MLP neurons are groups now (bias folded in), and its
+    heads are pruned from the fused qkv projection (read at full width by attention: its
+    ``unbind``/``select`` split of the heads is not understood)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        use_cache=False, **options,
+    )  # fmt: skip
+    model = transformers.FalconForCausalLM(config).double()
+    reference = copy.deepcopy(model)
+    ids = _text_inputs()[0]
+    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    mlp = [g for g in groups if g.name.endswith("dense_h_to_4h")]
+    assert len(mlp) == 2 and all(g.size == 128 for g in mlp)
+    assert all(g.name.split("#")[0].endswith("query_key_value") for g in groups if g not in mlp)
+    assert (("transformer.h.0.mlp.dense_h_to_4h.bias", 0) in mlp[0].members) == ("bias" in options)
+
+    masks = _random_masks(groups, seed=3)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(ids, labels=ids)
+    out.loss.backward()
+    with _masked_features(reference, _producer_points(groups, masks)):
+        expected = reference(ids, labels=ids)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+
+def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each producer's kept output features, over the groups that own parts of them (q, k
+    and v of a fused projection): the reference zeroes the rest at the producer's output."""
+    points: dict[str, Tensor] = {}
+    for group in groups:
+        module = group.name.split("#")[0]
+        owned = group.expand(torch.ones(group.size, dtype=torch.bool))
+        for (name, dim, mine), (_, _, keep) in zip(
+            owned, group.expand(masks[group.name]), strict=True
+        ):
+            if name == f"{module}.weight" and dim == 0:
+                points[module] = points.get(module, torch.ones_like(keep)) & (keep | ~mine)
+    return points
+
+
 def _hf_cases() -> dict[str, tuple]:
     """Model factory, (inputs, labels), options and training steps of each real model."""
     cases = {"resnet": (_resnet, _resnet_batch, RESNET_OPTIONS, 40)}
