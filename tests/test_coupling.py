@@ -1073,3 +1073,39 @@ def test_matmuls_by_a_transposed_parameter_are_pruned_as_linear_layers(mode):
     masks = _random_masks(sparsefx.groups(sparse), torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparsefx.groups(sparse), masks)(x))
+
+
+class FusedHeads(nn.Module):
+    """One projection computes q, k and v laid out per head (Falcon, BLOOM, GPT-NeoX):
+    ``view(b, t, heads, 3, dim)``, then ``unbind`` or ``select`` of the 3."""
+
+    heads, dim, tokens = 4, 8, 6
+
+    def __init__(self, split: str):
+        super().__init__()
+        self.split = split
+        self.qkv = nn.Linear(32, 3 * self.heads * self.dim)
+        self.o, self.head = nn.Linear(self.heads * self.dim, 32), nn.Linear(32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t = x.shape[:2]
+        fused = self.qkv(x).view(b, t, self.heads, 3, self.dim)
+        if self.split == "unbind":
+            q, k, v = fused.unbind(3)
+        else:
+            q, k, v = (fused.select(3, i) for i in range(3))
+        a = F.scaled_dot_product_attention(*(h.transpose(1, 2) for h in (q, k, v)))
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("split", ["unbind", "select"])
+def test_a_fused_projection_split_per_head_keeps_its_heads_compact(split):
+    """``unbind``/``select`` of a dim other than the channel dim were not understood, so a
+    fused qkv split that way (Falcon) was scattered to full width before attention."""
+    torch.manual_seed(0)
+    model = FusedHeads(split)
+    sparse = _transformed_as_zeroed(model, torch.randn(2, model.tokens, 32))
+    (heads,) = sparse.groups
+    assert heads.size == model.heads
+    assert {name for name, _ in heads.members} == {"qkv.weight", "qkv.bias", "o.weight"}
+    assert not sparse.analysis.scatters, sparse.analysis.scatters

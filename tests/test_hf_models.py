@@ -548,8 +548,8 @@ def test_llama_stream_read_by_its_written_out_rms_norm_stays_dense_under_prune_s
 def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(options):
     """Falcon's `FalconLinear` computes ``x @ W.T (+ b)``: sparsefx found nothing to prune
     and trained Falcon dense. Its MLP neurons are groups now (bias folded in), and its
-    heads are pruned from the fused qkv projection (read at full width by attention: its
-    ``unbind``/``select`` split of the heads is not understood)."""
+    heads are pruned in the fused qkv projection, compact through attention (its split of
+    q, k and v is an ``unbind``/``select`` of another dim), except with a single kv head."""
     torch.manual_seed(0)
     config = transformers.FalconConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -564,6 +564,8 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
     assert len(mlp) == 2 and all(g.size == 128 for g in mlp)
     assert all(g.name.split("#")[0].endswith("query_key_value") for g in groups if g not in mlp)
     assert (("transformer.h.0.mlp.dense_h_to_4h.bias", 0) in mlp[0].members) == ("bias" in options)
+    if options:  # multi-query attention (one kv head) is read at full width
+        assert not sparse.analysis.scatters, sparse.analysis.scatters
 
     masks = _random_masks(groups, seed=3)
     sparsefx.set_masks(sparse, masks)

@@ -431,6 +431,8 @@ class _Walk:
             return self._split(node, layout)
         if target in ops.SLICES:
             return self._slice(node, layout)
+        if target in ops.SELECTS:
+            return _select(node, layout)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
 
     def _weight_op(self, node: fx.Node, layout: Layout) -> _Op | str:
@@ -911,6 +913,20 @@ def _pad(node: fx.Node, layout: Layout) -> _Op | str:
         mode = _arg(node, 2, "mode", "constant")
         value = _arg(node, 3, "value", None) if mode == "constant" else 0
     return _Op(layout, zero_preserving=not value, chainable=True)
+
+
+def _select(node: fx.Node, layout: Layout) -> _Op | str:
+    """Indexing a dim before or after the channel dim removes it (the channel dim shifts
+    down past it); indexing the channel dim picks one channel's features, not understood."""
+    ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
+    dim = int(_arg(node, 1, "dim", 0)) % ndim  # type: ignore[call-overload]
+    if dim == layout.dim:
+        return f"{_op_name(node)} of the channel dim"
+    out = layout.at(layout.dim - (dim < layout.dim))
+    if node.target is aten.unbind.int:
+        parts = [out for _ in range(int(_shape(node.args[0])[dim]))]  # type: ignore[arg-type]
+        return _Op(layout, zero_preserving=True, parts=parts)
+    return _Op(out, zero_preserving=True, chainable=True)
 
 
 def _reduction(node: fx.Node, layout: Layout) -> _Op | str:

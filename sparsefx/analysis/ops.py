@@ -189,6 +189,9 @@ PERMUTES: frozenset[OpOverload] = frozenset(
 SPLITS: frozenset[OpOverload] = frozenset(
     {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 )
+SELECTS: frozenset[OpOverload] = frozenset({aten.select.int, aten.unbind.int})
+"""One index of a dim (``x[:, i]``), or every index as separate tensors (``unbind``, a fused
+qkv's q, k and v): channel-wise along other dims."""
 SLICES: frozenset[OpOverload] = frozenset({aten.slice.Tensor, aten.narrow.default})
 """A contiguous range of one dim (``x[:, a:b]``, ``narrow``): channel-wise along other dims."""
 SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
