@@ -1109,3 +1109,53 @@ def test_a_fused_projection_split_per_head_keeps_its_heads_compact(split):
     assert heads.size == model.heads
     assert {name for name, _ in heads.members} == {"qkv.weight", "qkv.bias", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention (timm's `SpatialAttn`): the channels' mean and max, kept as
+    a dim, are features of a conv whose sigmoid gates every channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3)
+        self.head, self.fc = nn.Conv2d(8, 8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv(x))
+        stats = torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], 1)
+        h = h * torch.sigmoid(self.gate(stats))
+        return self.fc(F.relu(self.head(h)).mean((2, 3)))
+
+
+def test_channel_statistics_that_feed_a_layer_are_read_not_taken_for_a_norm():
+    """A reduction over the channel dim that keeps it blocks its spaces only when it comes
+    back onto them within a few ops (a norm); here a conv reads it first, so `conv` stays
+    prunable (through a scatter into the statistics)."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(SpatialAttention(), torch.randn(2, 3, 8, 8))
+    assert {g.name for g in sparse.groups} == {"conv", "gate", "head"}
+    assert not [d for d in sparse.analysis.dense if "norm" in d.reason], sparse.analysis.dense
+
+
+class WholeTensorStatistic(nn.Module):
+    """``h * h.mean(dim=[], keepdim=True)``: an empty dim list reduces every dim."""
+
+    def __init__(self, keepdim: bool):
+        super().__init__()
+        self.keepdim = keepdim
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.a(x))
+        return self.head(F.relu(self.b(h * torch.mean(h, dim=[], keepdim=self.keepdim))))
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_a_reduction_over_an_empty_dim_list_reduces_every_dim(keepdim):
+    """It was read as a reduction over no dim: channel-wise, so the compact tensor's mean
+    (kept channels only) replaced the whole tensor's, a wrong result; without keepdim the
+    scatter's shape failed at the first call. Now the statistic reads a scatter, or, kept
+    as a dim and applied back to its features, blocks them like a norm."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(WholeTensorStatistic(keepdim), torch.randn(3, 8))
+    assert ("a" in {g.name for g in sparse.groups}) is not keepdim

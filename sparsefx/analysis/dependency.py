@@ -414,7 +414,7 @@ class _Walk:
             return _permute(node, layout)
         if target in ops.REDUCTIONS:
             op = _reduction(node, layout)
-            if isinstance(op, str) and bool(_arg(node, 2, "keepdim", False)):
+            if isinstance(op, str) and self._normalises(node, layout):
                 self._block(first, _DECOMPOSED_NORM.format(op=_op_name(node), node=node.name))
             return op
         if target in ops.SOFTMAX:
@@ -434,6 +434,27 @@ class _Walk:
         if target in ops.SELECTS:
             return _select(node, layout)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
+
+    def _normalises(self, reduction: fx.Node, layout: Layout) -> bool:
+        """Whether a reduction over the channel dim is a norm's statistic: it keeps the dim,
+        and within a few ops that are not layers it meets a compact tensor of the spaces it
+        summarises (RMSNorm's ``x * rsqrt(mean(x²) + eps)``, LayerNorm's ``x - mean``).
+        A statistic that feeds a layer first (CBAM's channel mean and max into a conv) is
+        a feature, read through a scatter."""
+        if not _arg(reduction, 2, "keepdim", False):
+            return False
+        spaces = set(layout.groups)
+        frontier = list(reduction.users)
+        for _ in range(_NORM_REACH):
+            ops_reached = [n for n in frontier if n.op == "call_function"]
+            for user in ops_reached:
+                if any(
+                    arg in self.flows and spaces & set(self.flows[arg].layout.groups)
+                    for arg in _flat_args(user)
+                ):
+                    return True
+            frontier = [u for n in ops_reached if not ops.is_weight_op(n.target) for u in n.users]
+        return False
 
     def _weight_op(self, node: fx.Node, layout: Layout) -> _Op | str:
         x, weight, _ = ops.weight_args(node)
@@ -761,6 +782,9 @@ _INTO_DENSE = (
     "from an unpruned source such as the input or an embedding): pruning it would zero "
     "features of that stream"
 )
+_NORM_REACH = 6
+"""Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
+pow, mean, add, rsqrt, mul)."""
 _DECOMPOSED_NORM = (
     "normalised across features by a decomposed norm: {op} ({node}) reduces over the channel "
     "dim and keeps it, a statistic the features are scaled by, like layer_norm's"
@@ -932,7 +956,7 @@ def _select(node: fx.Node, layout: Layout) -> _Op | str:
 def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
     ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
     dims = node.args[1] if len(node.args) > 1 else None
-    if dims is None:
+    if dims is None or (isinstance(dims, list | tuple) and not dims):  # [] reduces every dim
         return f"{_op_name(node)} reduces over every dim"
     dims = [int(d) % ndim for d in ([dims] if isinstance(dims, int) else dims)]  # type: ignore[union-attr]
     if layout.dim in dims:
