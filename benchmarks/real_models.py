@@ -6,7 +6,8 @@ weights, configs of the coupling issue): dense eager against sparsefx, side by s
 
 HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 images, batch
 32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`;
-Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`) likewise.
+Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Gemma 2
+(post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise.
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
 `sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `sparsefx-flops`
@@ -47,7 +48,7 @@ import sparsefx
 from sparsefx.runtime import StructureState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
-from examples.models import gpt2_model, hf_resnet_model, llama_model
+from examples.models import falcon_model, gemma2_model, gpt2_model, hf_resnet_model, llama_model
 
 LR = 0.01
 
@@ -57,22 +58,23 @@ def resnet() -> tuple[nn.Module, Tensor, Tensor]:
     return model, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
 
-def gpt2() -> tuple[nn.Module, Tensor, Tensor]:
-    model = gpt2_model()
-    ids = torch.randint(0, 512, (8, 128))
-    return model, ids, ids
+def _decoder(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, Tensor, Tensor]]:
+    """A causal LM and 8 sequences of 128 tokens (labels = inputs), drawn after its init."""
 
+    def batch() -> tuple[nn.Module, Tensor, Tensor]:
+        model = build()
+        ids = torch.randint(0, 512, (8, 128))
+        return model, ids, ids
 
-def llama() -> tuple[nn.Module, Tensor, Tensor]:
-    model = llama_model()
-    ids = torch.randint(0, 512, (8, 128))
-    return model, ids, ids
+    return batch
 
 
 MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "resnet": resnet,
-    "gpt2": gpt2,
-    "llama": llama,
+    "gpt2": _decoder(gpt2_model),
+    "llama": _decoder(llama_model),
+    "gemma2": _decoder(gemma2_model),
+    "falcon": _decoder(falcon_model),
 }
 DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact")
 METHODS = {

@@ -117,6 +117,35 @@ def llama_model() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def gemma2_model() -> nn.Module:
+    """A small Hugging Face Gemma 2 sized like `llama_model` (head dim 32): its blocks
+    normalise their outputs before the stream (post-norms) and soft-cap attention logits,
+    which needs its eager attention."""
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=128,
+        use_cache=False, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def falcon_model() -> nn.Module:
+    """A small Hugging Face Falcon (its newer layout: 8 query heads share 4 key/value heads
+    in one fused projection) sized like `llama_model`, its MLP 4x the hidden size; its
+    layers compute ``x @ W.T``."""
+    import transformers
+
+    config = transformers.FalconConfig(
+        vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+        num_kv_heads=4, new_decoder_architecture=True, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.FalconForCausalLM(config)
+
+
 def hf_resnet() -> tuple[nn.Module, Tensor]:
     model = hf_resnet_model()
     return model, torch.randn(2, 3, 32, 32)
