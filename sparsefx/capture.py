@@ -286,10 +286,11 @@ _TRANSPOSES = (torch.ops.aten.numpy_T.default, torch.ops.aten.t.default)
 
 def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
     """`gm` with ``x @ W.T`` of a 2-D parameter (Falcon's `FalconLinear`, hand-written
-    layers) as ``linear(x, W)``, and a bias parameter added right after it folded in: the
-    layer the analysis prunes, where the matmul left the model dense without a reason.
-    Called once the placeholders' kinds are known (a Dynamo graph's parameters are inputs
-    until `capture_graph` names them)."""
+    layers) as ``linear(x, W)``: the layer the analysis prunes, where the matmul left the
+    model dense without a reason. A bias added after it stays an ``add`` (the analysis
+    gathers it): folded into linear it would change the sum's dtype under autocast. Called
+    once the placeholders' kinds are known (a Dynamo graph's parameters are inputs until
+    `capture_graph` names them)."""
     placeholders = gm.graph.find_nodes(op="placeholder")
     params = {
         n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
@@ -307,28 +308,15 @@ def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> f
             or not value.dim()
         ):
             continue
-        node.target, node.args = torch.ops.aten.linear.default, (x, weight)
+        with gm.graph.inserting_before(node):
+            linear = gm.graph.call_function(torch.ops.aten.linear.default, (x, weight))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        gm.graph.erase_node(node)
         if not transposed.users:
             gm.graph.erase_node(transposed)
-        bias = _added_bias(node, params)
-        if bias is not None and tuple(bias.meta["val"].shape) == (weight.meta["val"].shape[0],):
-            (add,) = node.users
-            node.args = (x, weight, bias)
-            add.replace_all_uses_with(node)
-            gm.graph.erase_node(add)
     gm.recompile()
     return gm
-
-
-def _added_bias(node: fx.Node, params: set[fx.Node]) -> fx.Node | None:
-    """The parameter that `node`'s only user adds to it (``add.Tensor``, alpha 1)."""
-    if len(node.users) != 1:
-        return None
-    (add,) = node.users
-    if add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
-        return None
-    other = add.args[1] if add.args[0] is node else add.args[0]
-    return other if other in params else None
 
 
 def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:

@@ -562,9 +562,9 @@ class _Walk:
             shape = _shape(other)
             other_dim = layout.dim - len(_shape(x)) + len(shape)
             if other_dim >= 0 and int(shape[other_dim]) != 1:
-                scale = self._channel_scale(node, x, other, other_dim)
-                if scale is not None:
-                    return scale
+                op = self._channel_parameter(node, x, other, other_dim)
+                if op is not None:
+                    return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
                     self._block(x, _INTO_DENSE.format(op=name, node=node.name))
                 return f"{name} with a full-width tensor that is not pruned alongside"
@@ -582,24 +582,26 @@ class _Walk:
             zero_preserving = False
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
 
-    def _channel_scale(self, node: fx.Node, x: fx.Node, scale: fx.Node, dim: int) -> _Op | None:
-        """``x * scale`` with a parameter of one value per channel (a layer scale: ConvNeXt,
-        CaiT, DINOv2) is channel-wise: the parameter is a member, gathered to the kept
-        channels (meta ``scale``: its argument position and channel dim), so the product
-        stays compact and reaches what it joins (a stream, which decides its fate)."""
-        shape = _shape(scale)
+    def _channel_parameter(self, node: fx.Node, x: fx.Node, param: fx.Node, dim: int) -> _Op | None:
+        """``x * p``, ``x / p``, ``x + p`` or ``x - p`` with a parameter of one value per
+        channel is channel-wise: a layer scale (ConvNeXt, CaiT, DINOv2) or a bias added
+        after a bias-free layer (Falcon's ``x @ W.T + b``). The parameter is a member,
+        gathered to the kept channels (meta ``channel_param``: its argument position and
+        channel dim), so the result stays compact and reaches what it joins (a stream, which
+        decides its fate). Adding a bias is not zero-preserving, like BatchNorm's shift."""
+        shape = _shape(param)
         if (
-            node.target not in ops.MUL
-            or self.view.own_param(scale) is None
+            (node.target in ops.DIV and param is not node.args[1])
+            or self.view.own_param(param) is None
             or any(int(size) != 1 for d, size in enumerate(shape) if d != dim)
             or _shape(x) != _shape(node)
         ):
             return None
         layout = self.flows[x].layout
         return _Op(
-            layout, zero_preserving=True, chainable=True,
-            members=self._members(layout, [(scale, dim)]),
-            meta={"scale": (node.args.index(scale), dim)},
+            layout, zero_preserving=node.target in ops.MUL or node.target in ops.DIV,
+            chainable=True, members=self._members(layout, [(param, dim)]),
+            meta={"channel_param": (node.args.index(param), dim)},
         )  # fmt: skip
 
     def _cat(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:

@@ -25,7 +25,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_batch_norms",
-    "rewrite_channel_scales",
+    "rewrite_channel_parameters",
     "rewrite_splits",
     "rewrite_views",
     "rewrite_weight_ops",
@@ -208,15 +208,15 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def rewrite_channel_scales(gm: fx.GraphModule) -> fx.GraphModule:
-    """A per-channel parameter multiplied into a compact tensor (a layer scale) is read at
-    its kept channels."""
+def rewrite_channel_parameters(gm: fx.GraphModule) -> fx.GraphModule:
+    """A per-channel parameter combined with a compact tensor (a layer scale, a bias added
+    after a bias-free layer) is read at its kept channels."""
     indices = _Indices(gm)
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
-        if "scale" not in meta:
+        if "channel_param" not in meta:
             continue
-        position, dim = meta["scale"]
+        position, dim = meta["channel_param"]
         with gm.graph.inserting_before(node):
             kept = gm.graph.call_function(
                 select, (node.args[position], dim, indices.of(meta["layout"]))
