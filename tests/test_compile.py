@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
@@ -889,3 +889,35 @@ def test_a_recompile_limit_made_an_error_is_left_to_dynamo(caplog):
     ):
         _past_the_recompile_limit(fail_on_recompile_limit_hit=True)
     assert not [r for r in caplog.records if r.name == "sparsefx" and r.levelno >= logging.WARNING]
+
+
+class UnbatchedConv(nn.Module):
+    """A conv on one example of a batch (``conv2d`` takes an unbatched (C, H, W) input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first = self.c2(torch.relu(self.c1(x))[0])  # (6, H, W)
+        return self.head(first.mean((1, 2))).expand(x.shape[0], -1)
+
+
+def test_a_compact_convolution_of_an_unbatched_input_compiles_and_matches_transform():
+    """The compiled path's opaque convolution called aten.convolution, which needs a batch
+    dim: an unbatched compact conv failed in Dynamo's fake run."""
+    torch.manual_seed(0)
+    model, x = UnbatchedConv(), torch.randn(2, 3, 6, 6)
+    twin = copy.deepcopy(model)
+    eager = sparsefx.transform(model, x, config=sparsefx.SparseConfig(**OPTIONS))
+    cmodel = compiled(twin)
+    cmodel.eval()
+    cmodel(x)
+    masks = {"c1": torch.arange(8) % 3 != 0, "c2": torch.tensor([1, 0, 1, 1, 0, 1]).bool()}
+    for sparse in (eager, cmodel):
+        sparsefx.set_masks(sparse, masks)
+        sparse(x).sum().backward()
+    torch.testing.assert_close(cmodel(x), eager(x))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

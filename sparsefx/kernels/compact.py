@@ -378,7 +378,10 @@ def _convolution(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int
 ) -> Tensor:
     """aten.convolution of a plain (not transposed) convolution; a GEMM on the window read
-    where the output is a single pixel (`_single_output_window`)."""
+    where the output is a single pixel (`_single_output_window`). An unbatched input
+    (``conv2d`` takes one, aten.convolution does not) runs as a batch of one."""
+    if x.dim() == weight.dim() - 1:
+        return _convolution(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups)[0]
     window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
     if window is not None and (bias is None or bias.shape == weight.shape[:1]):  # else aten's error
         inputs, taps = window
@@ -399,6 +402,9 @@ def _convolution_backward(
     (has_bias, stride, padding, dilation, groups). GEMMs on the window where `_convolution`
     ran one (the input's other pixels and the weight's other taps get zero gradients)."""
     has_bias, stride, padding, dilation, groups = options
+    if x.dim() == weight.dim() - 1:  # unbatched, as `_convolution` ran it
+        grads = _convolution_backward(grad[None], x[None], weight, options, output_mask)
+        return grads[0] if grads[0] is None else grads[0][0], *grads[1:]  # type: ignore[return-value]
     window = _single_output_window(x.shape, weight.shape, stride, padding, dilation, groups)
     if window is not None:
         inputs, taps = window
