@@ -1165,3 +1165,21 @@ def test_a_reduction_over_an_empty_dim_list_reduces_every_dim(keepdim):
     torch.manual_seed(0)
     sparse = _transformed_as_zeroed(WholeTensorStatistic(keepdim), torch.randn(3, 8))
     assert ("a" in {g.name for g in sparse.groups}) is not keepdim
+
+
+def test_a_bias_shared_by_two_layers_keeps_them_dense_and_says_so():
+    """The reason read as if the layer wrote into a residual stream from the input."""
+
+    class SharedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16, 8))
+            self.b, self.head = nn.Parameter(torch.randn(16)), nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(F.relu(x @ self.w1.T + self.b) + F.relu(x @ self.w2.T + self.b))
+
+    with pytest.warns(UserWarning, match="found nothing to prune"):
+        sparse = sparsefx.transform(SharedBias(), torch.randn(4, 8), density=0.5)
+    reasons = [d.reason for d in sparse.analysis.dense if not d.reason.startswith("output")]
+    assert len(reasons) == 2 and all("joins it with parameter b" in r for r in reasons), reasons

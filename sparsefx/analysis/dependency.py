@@ -566,7 +566,9 @@ class _Walk:
                 if op is not None:
                     return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
-                    self._block(x, _INTO_DENSE.format(op=name, node=node.name))
+                    fqn = self.view.param(other)
+                    reason = _INTO_DENSE if fqn is None else _PARAM_INTO_DENSE
+                    self._block(x, reason.format(op=name, node=node.name, param=fqn))
                 return f"{name} with a full-width tensor that is not pruned alongside"
         elif not isinstance(other, int | float) or isinstance(other, bool):
             return f"{name} with an argument sparsefx does not understand"
@@ -783,6 +785,10 @@ _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "
     "from an unpruned source such as the input or an embedding): pruning it would zero "
     "features of that stream"
+)
+_PARAM_INTO_DENSE = (
+    "{op} ({node}) joins it with parameter {param}, which is used by other ops too or holds "
+    "more than one value per channel, so it cannot be pruned alongside"
 )
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
