@@ -89,9 +89,9 @@ def backend(
 ) -> Callable[..., Any]:
     """``torch.compile(model, backend="sparsefx", options={"density": 0.1, ...})``.
 
-    `options` takes exactly the fields of `SparseConfig`, or a `SparseConfig`. Registered as the entry point
-    ``torch_dynamo_backends: sparsefx``, so ``backend="sparsefx"`` works without importing
-    sparsefx first; ``backend=sparsefx.backend`` is the same function.
+    `options` takes exactly the fields of `SparseConfig`, or a `SparseConfig`. Registered as
+    the entry point ``torch_dynamo_backends: sparsefx``, so ``backend="sparsefx"`` works
+    without importing sparsefx first; ``backend=sparsefx.backend`` is the same function.
     """
     config = SparseConfig.from_options(options or {})
     _watch_recompile_limit()
