@@ -904,9 +904,11 @@ class UnbatchedConv(nn.Module):
         return self.head(first.mean((1, 2))).expand(x.shape[0], -1)
 
 
-def test_a_compact_convolution_of_an_unbatched_input_compiles_and_matches_transform():
+def test_a_compact_convolution_of_an_unbatched_input_compiles_matches_transform_and_trains():
     """The compiled path's opaque convolution called aten.convolution, which needs a batch
-    dim: an unbatched compact conv failed in Dynamo's fake run."""
+    dim: an unbatched compact conv failed in Dynamo's fake run. With sampled masks on CPU,
+    both paths rounded its channel counts (`bucket_convolutions`), padding and cutting dim 1
+    of a (C, H, W) tensor: it now keeps exact counts."""
     torch.manual_seed(0)
     model, x = UnbatchedConv(), torch.randn(2, 3, 6, 6)
     twin = copy.deepcopy(model)
@@ -921,3 +923,13 @@ def test_a_compact_convolution_of_an_unbatched_input_compiles_and_matches_transf
     torch.testing.assert_close(cmodel(x), eager(x))
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for sparse, params in ((eager, model.parameters()), (cmodel, twin.parameters())):
+        sparsefx.unfreeze(sparse)
+        sparse.train()
+        criterion = sparsefx.wrap_loss(sparse, lambda out: out.square().mean())
+        opt = torch.optim.SGD(params, lr=0.01)
+        for _ in range(3):  # sampled masks: new kept counts each step
+            opt.zero_grad()
+            criterion(sparse(x)).backward()
+            opt.step()
+        assert sparsefx.stats(sparse)["sampled_density"] < 1

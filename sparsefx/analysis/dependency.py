@@ -566,9 +566,10 @@ class _Walk:
                 if op is not None:
                     return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
-                    fqn = self.view.param(other)
-                    reason = _INTO_DENSE if fqn is None else _PARAM_INTO_DENSE
-                    self._block(x, reason.format(op=name, node=node.name, param=fqn))
+                    fqn = self.view.state_fqn(other)
+                    kind = "parameter" if self.view.param(other) else "buffer"
+                    reason = _INTO_DENSE if fqn is None else _STATE_INTO_DENSE
+                    self._block(x, reason.format(op=name, node=node.name, state=f"{kind} {fqn}"))
                 return f"{name} with a full-width tensor that is not pruned alongside"
         elif not isinstance(other, int | float) or isinstance(other, bool):
             return f"{name} with an argument sparsefx does not understand"
@@ -786,9 +787,10 @@ _INTO_DENSE = (
     "from an unpruned source such as the input or an embedding): pruning it would zero "
     "features of that stream"
 )
-_PARAM_INTO_DENSE = (
-    "{op} ({node}) joins it with parameter {param}, which is used by other ops too or holds "
-    "more than one value per channel, so it cannot be pruned alongside"
+_STATE_INTO_DENSE = (
+    "{op} ({node}) joins it with {state}, which is not gathered with its channels (only a "
+    "parameter of one value per channel, used by this op alone and not broadcasting the "
+    "tensor to a larger shape, is)"
 )
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,

@@ -170,7 +170,8 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
     """Convolutions (groups=1) on gathered weights run on compact channel counts rounded up
     to `multiple` (kernels.compact.bucketed_convolution): for eager CPU programs, where
     oneDNN builds a primitive per new shape. Grouped convolutions keep their exact counts
-    (their group count is the kept count)."""
+    (their group count is the kept count), and so do unbatched ones (``conv2d`` of one
+    (C, H, W) example: the rounding pads and cuts a batched tensor's dim 1)."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not ops.is_conv(node.target):
             continue
@@ -178,7 +179,10 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
         groups = _arg(node, 6, "groups", 1)
         if not (isinstance(weight, fx.Node) and weight.target is gather) or groups != 1:
             continue
-        full_out, full_in = (int(d) for d in weight.args[0].meta["val"].shape[:2])  # type: ignore[union-attr]
+        full_weight = weight.args[0].meta["val"]  # type: ignore[union-attr]
+        if node.meta["val"].dim() < full_weight.dim():  # unbatched
+            continue
+        full_out, full_in = (int(d) for d in full_weight.shape[:2])
         out_size = full_out if weight.args[1] is not None else None
         in_size = full_in if weight.args[2] is not None else None
         args = (node.args[0], weight, *_conv_args(node), multiple, in_size, out_size)
