@@ -814,6 +814,7 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
     The graph's `forward` is compiled, not the module: GraphModule.__call__'s error handler
     walks the traceback with a generator, which under this fullgraph compile's frame hook
     raised "Attempt to trace generator" in place of any error the compiled code raised."""
+    _alpha_as_mul(graph)
     graph.recompile()
     compiled = torch.compile(
         graph.forward, backend="inductor", fullgraph=True, options={"layout_optimization": False}
@@ -826,6 +827,32 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
             return compiled(*args)
 
     return run
+
+
+_WITH_ALPHA = frozenset(
+    {
+        torch.ops.aten.add.Tensor,
+        torch.ops.aten.add_.Tensor,
+        torch.ops.aten.sub.Tensor,
+        torch.ops.aten.sub_.Tensor,
+    }
+)
+
+
+def _alpha_as_mul(graph: fx.GraphModule) -> None:
+    """``add``/``sub`` with an alpha other than 1 as the op on ``other * alpha``: Inductor
+    on CPU (torch 2.13) compiles ``torch.add(x @ w.T, b, alpha=2.0)`` to wrong values (off
+    by ~2 on random inputs, also without sparsefx), so such a model trained silently wrong
+    on the compiled path."""
+    for node in graph.graph.nodes:
+        if node.target not in _WITH_ALPHA:
+            continue
+        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+        if alpha == 1:
+            continue
+        with graph.graph.inserting_before(node):
+            scaled = graph.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[1], alpha))
+        node.args, node.kwargs = (node.args[0], scaled), {}
 
 
 @functools.cache

@@ -933,3 +933,35 @@ def test_a_compact_convolution_of_an_unbatched_input_compiles_matches_transform_
             criterion(sparse(x)).backward()
             opt.step()
         assert sparsefx.stats(sparse)["sampled_density"] < 1
+
+
+class ScaledBias(nn.Module):
+    """``torch.add(x @ w.T, b, alpha=2)`` and a ``sub`` with an alpha."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(16, 8) / 3), nn.Parameter(torch.randn(16))
+        self.fc, self.head = nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(torch.add(x @ self.w.T, self.b, alpha=2.0))
+        return self.head(torch.relu(torch.sub(self.fc(h), 1.0 + self.fc.bias, alpha=0.5)))
+
+
+def test_add_and_sub_with_an_alpha_compile_to_what_eager_computes():
+    """Inductor on CPU compiles ``torch.add(x @ w.T, b, alpha=2.0)`` wrong (torch 2.13,
+    without sparsefx too); the backend hands it ``b * alpha`` instead."""
+    torch.manual_seed(0)
+    model, x = ScaledBias(), torch.randn(5, 8)
+    twin = copy.deepcopy(model)
+    cmodel = compiled(twin)
+    cmodel.eval()
+    cmodel(x)
+    sparsefx.set_masks(
+        cmodel, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(cmodel)}
+    )
+    cmodel(x).sum().backward()
+    model(x).sum().backward()
+    torch.testing.assert_close(cmodel(x), model(x))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
