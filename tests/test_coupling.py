@@ -1103,6 +1103,18 @@ class FusedHeads(nn.Module):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
+class TimmAttention(FusedHeads):
+    """timm's ViT attention: the fused projection is q, k and v one after the other, each
+    laid out per head: ``reshape(b, t, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t = x.shape[:2]
+        fused = self.qkv(x).reshape(b, t, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+        q, k, v = fused.unbind(0) if self.split == "unbind" else (fused[i] for i in range(3))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
 @pytest.mark.parametrize("split", ["unbind", "select"])
 def test_a_fused_projection_split_per_head_keeps_its_heads_compact(split):
     """``unbind``/``select`` of a dim other than the channel dim were not understood, so a
@@ -1114,6 +1126,37 @@ def test_a_fused_projection_split_per_head_keeps_its_heads_compact(split):
     assert heads.size == model.heads
     assert {name for name, _ in heads.members} == {"qkv.weight", "qkv.bias", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+@pytest.mark.parametrize("split", ["unbind", "select"])
+def test_a_fused_projection_of_q_then_k_then_v_prunes_heads_across_all_three(split):
+    """timm's layout made the "3" of q, k, v the outer dim, so its channels were q, k and v
+    themselves (a group of three). The projection's output is now cut into q, k and v, which
+    share one index set: a channel is a head, its rows dropped from each third of qkv."""
+    torch.manual_seed(0)
+    model = TimmAttention(split).double()
+    x = torch.randn(2, model.tokens, 32, dtype=torch.float64, requires_grad=True)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    (heads,) = sparse.groups
+    assert heads.size == model.heads
+    assert {name for name, _ in heads.members} == {"qkv.weight", "qkv.bias", "o.weight"}
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    mask = torch.tensor([False, True, True, False])
+    sparsefx.set_masks(sparse, {heads.name: mask})
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        dropped = (~mask).repeat_interleave(model.dim).repeat(3)  # the heads of q, k and v
+        reference.qkv.weight[dropped] = 0.0
+        reference.qkv.bias[dropped] = 0.0
+    out, expected = sparse(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+    if split == "unbind":  # one compile: the symbolic batch size reaches the fused view
+        compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
+        compiled(x)
+        sparsefx.set_masks(compiled, {g.name: mask for g in sparsefx.groups(compiled)})
+        torch.testing.assert_close(compiled(x), expected)
 
 
 class SpatialAttention(nn.Module):

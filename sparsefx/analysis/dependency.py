@@ -771,6 +771,11 @@ class _Walk:
         op = _view(node, x, layout)
         if not isinstance(op, int):
             return op
+        (piece, *others), outer = layout.pieces, _shape(node)[layout.dim]
+        fused = not others and piece.group is not None and isinstance(outer, int) and outer > 1
+        if fused and piece.size % outer == 0 and _indexed(node, layout.dim):
+            self.refine.parts[piece.group] = [piece.size // outer] * outer  # type: ignore[index]
+            return f"{_op_name(node)} waits for its space to be cut into the {outer} it fuses"
         for piece in layout.pieces:  # a channel spans several features of the new inner dims
             if piece.group is not None and op % piece.block == 0:
                 factor = op // piece.block
@@ -871,7 +876,7 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
     else:
         divided = layout.divided(_static_prod(inner))
         if divided is None:
-            return _static_prod(inner)
+            return _fused(layout, out_shape[start], inner)
         moved = divided
     return _Op(
         moved,
@@ -879,6 +884,59 @@ def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
         chainable=True,
         meta={"view": ("unflatten", start, [-1, *inner])},
     )
+
+
+def _fused(layout: Layout, outer: object, inner: list) -> _Op | int:
+    """An unflatten to ``[r, *inner]`` of r pieces of one shape, such as the q, k and v
+    sub-spaces of a fused projection viewed as ``[3, heads, head_dim]``: the new outer dim
+    indexes the pieces and their channels move to the next dim, so the pieces must share one
+    index set (a head is one channel of q, k and v). An int where that is not so: the
+    features a channel must span (`_Walk._view` regrains the spaces, or an unflatten whose
+    outer dim is not indexed like this keeps the channel outer)."""
+    within = _static_prod(inner[1:])
+    pieces = layout.pieces
+    if (
+        outer != len(pieces)
+        or len(pieces) < 2
+        or any(p.group is None or p.features != pieces[0].features for p in pieces)
+        or pieces[0].features != _static_prod(inner)
+    ):
+        return _static_prod(inner)
+    if any(p.block % within for p in pieces):
+        return within
+    first = pieces[0]
+    return _Op(
+        Layout(layout.dim + 1, (Piece(first.group, first.size, first.block // within),)),
+        zero_preserving=True,
+        chainable=True,
+        couplings=[(first.group, p.group, "fused projection") for p in pieces[1:]],  # type: ignore[misc]
+        meta={"view": ("unflatten", layout.dim, [outer, -1, *inner[1:]])},
+    )
+
+
+def _indexed(node: fx.Node, dim: int) -> bool:
+    """Whether every use of `node` ends, past permutes, unsqueezes, squeezes and channel-wise
+    ops, in a select or unbind of `dim`: timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0,
+    3, 1, 4).unbind(0)``."""
+    for user in node.users:
+        probe = Layout(dim, ())
+        if user.target in ops.SELECTS:
+            if int(_arg(user, 1, "dim", 0)) % len(_shape(node)) != dim:  # type: ignore[call-overload]
+                return False
+            continue
+        if user.target in ops.PERMUTES:
+            moved: _Op | str = _permute(user, probe)
+        elif user.target in ops.UNSQUEEZES:
+            moved = _unsqueeze(user, probe)
+        elif user.target in ops.SQUEEZES:
+            moved = _squeeze(user, node, probe)
+        elif user.target in ops.ZERO_PRESERVING_UNARY:
+            moved = _Op(probe, zero_preserving=True)
+        else:
+            return False
+        if isinstance(moved, str) or not _indexed(user, moved.layout.dim):  # type: ignore[union-attr]
+            return False
+    return bool(node.users)
 
 
 def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
