@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
+from sparsefx.reshapes import unmerged_reshapes
 
 __all__ = [
     "CaptureError",
@@ -165,7 +166,7 @@ def capture(
     with _disable_current_modes():
         ep, guards = _export(model, args, kwargs)
     captured = replace(_captured(ep, training=training), size_guards=guards)
-    captured.gm = linear_matmuls(captured.gm, captured.inputs)
+    captured.gm = unmerged_reshapes(linear_matmuls(captured.gm, captured.inputs))
     return captured
 
 
@@ -427,7 +428,7 @@ def capture_graph(
         next(given) if kind == InputKind.USER_INPUT else (kind, target)
         for kind, target in captured.inputs
     ]
-    captured.gm = linear_matmuls(captured.gm, captured.inputs)
+    captured.gm = unmerged_reshapes(linear_matmuls(captured.gm, captured.inputs))
     return captured
 
 

@@ -1225,3 +1225,59 @@ def test_a_bias_shared_by_two_layers_keeps_them_dense_and_says_so():
         sparse = sparsefx.transform(SharedBias(), torch.randn(4, 8), density=0.5)
     reasons = [d.reason for d in sparse.analysis.dense if not d.reason.startswith("output")]
     assert len(reasons) == 2 and all("joins it with parameter b," in r for r in reasons), reasons
+
+
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer``: ``nn.MultiheadAttention`` views q, k and v as
+    ``[T, B * heads, head_dim]`` before splitting batch and heads again."""
+
+    heads, dim, tokens = 4, 8, 6
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        width = self.heads * self.dim
+        self.layer = nn.TransformerEncoderLayer(width, self.heads, 48, 0.0, batch_first=batch_first)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+def test_torch_multihead_attention_prunes_heads_compact_through_attention(batch_first):
+    """The merge of batch and heads was not a flatten, so the fused in-projection's q, k and
+    v were pruned per feature and scattered to full width before attention. Capture now
+    computes that view as an unflatten and a permute: a channel is a head of q, k and v,
+    with the out-projection's columns, and attention runs on the kept heads."""
+    torch.manual_seed(0)
+    model = TorchEncoder(batch_first).double()
+    x = torch.randn(2, model.tokens, 32, dtype=torch.float64, requires_grad=True)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    heads = next(g for g in sparse.groups if g.name.endswith("in_proj_weight"))
+    assert heads.size == model.heads
+    assert {name for name, _ in heads.members} == {
+        "layer.self_attn.in_proj_weight", "layer.self_attn.in_proj_bias",
+        "layer.self_attn.out_proj.weight",
+    }  # fmt: skip
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(4))
+    masks[heads.name] = torch.tensor([True, False, False, True])
+    sparsefx.set_masks(sparse, masks)
+    reference = _zeroed(
+        model, sparse.groups, {**masks, heads.name: torch.ones(4, dtype=torch.bool)}
+    )
+    with torch.no_grad():
+        dropped = (~masks[heads.name]).repeat_interleave(model.dim).repeat(3)
+        reference.layer.self_attn.in_proj_weight[dropped] = 0.0
+        reference.layer.self_attn.in_proj_bias[dropped] = 0.0
+    out, expected = sparse(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+    if batch_first:  # one compile: a new batch size and sequence length make both symbolic
+        compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
+        compiled(x)
+        sparsefx.set_masks(compiled, masks)
+        wider = torch.randn(3, 5, 32, dtype=torch.float64)
+        torch.testing.assert_close(compiled(wider), reference(wider))
+        assert sparsefx.groups(compiled) == sparse.groups

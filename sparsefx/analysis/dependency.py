@@ -905,6 +905,8 @@ def _fused(layout: Layout, outer: object, inner: list) -> _Op | int:
     if any(p.block % within for p in pieces):
         return within
     first = pieces[0]
+    if any((p.size, p.block) != (first.size, first.block) for p in pieces):
+        return max(p.block for p in pieces)  # a later view coarsened one: coarsen them all
     return _Op(
         Layout(layout.dim + 1, (Piece(first.group, first.size, first.block // within),)),
         zero_preserving=True,

@@ -1,0 +1,204 @@
+"""Capture-time normalisation of reshapes into the unflatten, permute and flatten steps they
+are made of, which the analysis follows one dim at a time.
+
+A reshape that splits one dim and merges others at once is not a flatten or an unflatten,
+so a compact tensor could not pass it. ``nn.MultiheadAttention`` writes its heads that way:
+``q.view(T, B * H, D).transpose(0, 1).view(B, H, T, D)`` merges the batch with the heads
+only to split them again, and ``permute(2, 0, 1, 3).reshape(T * B, E)`` merges two pairs of
+dims. Both are rewritten here as the same values computed by steps on *atoms*: the coarsest
+sizes that both shapes of a reshape are products of (T, B, H, D above). Sizes may be
+symbolic (a dynamic batch); a quotient counts only where it is whole for every value of the
+symbols.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch import fx
+
+__all__ = ["unmerged_reshapes"]
+
+aten = torch.ops.aten
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_PERMUTES = (aten.permute.default, aten.transpose.int)
+
+
+def unmerged_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with each ``reshape -> permute -> reshape`` whose first reshape merges dims that
+    the permute keeps together and the second splits again computed as ``unflatten ->
+    permute -> flatten`` on atoms, and each other reshape that changes several dims as one
+    unflatten or flatten per changed dim."""
+    for rewrite in (_rewrite_chain, _rewrite_reshape):  # chains first: they hold reshapes
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _RESHAPES and node.users:
+                rewrite(gm, node)
+        gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
+    permute = last.args[0]
+    if not (isinstance(permute, fx.Node) and permute.target in _PERMUTES):
+        return False
+    first = permute.args[0]
+    if not (isinstance(first, fx.Node) and first.target in _RESHAPES):
+        return False
+    if len(permute.users) != 1 or len(first.users) != 1:
+        return False
+    source = first.args[0]
+    refined = _refine(_sizes(source), _sizes(first))
+    if refined is None:
+        return False
+    atoms, of_source, of_first = refined
+    if all(len(group) == 1 for group in of_first):
+        return False  # the first reshape merges nothing: the analysis follows it as it is
+    order = [atom for dim in _order(permute) for atom in of_first[dim]]
+    permuted = _refine([atoms[a] for a in order], _sizes(last))
+    if permuted is None or any(len(group) != 1 for group in permuted[1]):
+        return False  # the last reshape splits an atom: not the inverse of a merge
+    steps = _unflattens(source, atoms, of_source)
+    if steps is None:
+        return False
+    with gm.graph.inserting_before(last):
+        value = _emit(gm, last, source, steps)
+        value = _call(gm, last, aten.permute.default, (value, order))
+        value = _emit(gm, last, value, _flattens(permuted[2]))
+    last.replace_all_uses_with(value)
+    return True
+
+
+def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
+    source = node.args[0]
+    refined = _refine(_sizes(source), _sizes(node))
+    if refined is None:
+        return False
+    atoms, of_source, of_node = refined
+    changed = sum(len(g) > 1 for g in of_source) + sum(len(g) > 1 for g in of_node)
+    if changed < 2:
+        return False  # a flatten, an unflatten or a no-op: the analysis reads it directly
+    steps = _unflattens(source, atoms, of_source)
+    if steps is None:
+        return False
+    with gm.graph.inserting_before(node):
+        value = _emit(gm, node, _emit(gm, node, source, steps), _flattens(of_node))
+    node.replace_all_uses_with(value)
+    return True
+
+
+def _unflattens(
+    source: fx.Node, atoms: list[sympy.Expr], groups: list[list[int]]
+) -> list[tuple] | None:
+    """The unflattens that split `source`'s dims into atoms, last dim first (so that earlier
+    dims keep their index); None where a dim has more than one symbolic atom (its sizes
+    would need size nodes, not one -1)."""
+    steps = []
+    for dim in reversed(range(len(groups))):
+        group = groups[dim]
+        if len(group) == 1:
+            continue
+        symbolic = [a for a in group if not atoms[a].is_Integer]
+        if len(symbolic) > 1:
+            return None
+        sizes = [int(atoms[a]) if atoms[a].is_Integer else -1 for a in group]
+        steps.append((aten.unflatten.int, dim, sizes))
+    return steps
+
+
+def _flattens(groups: list[list[int]]) -> list[tuple]:
+    """The flattens that merge consecutive atoms into the dims of `groups`, last first."""
+    return [
+        (aten.flatten.using_ints, group[0], group[-1])
+        for group in reversed(groups)
+        if len(group) > 1
+    ]
+
+
+def _emit(gm: fx.GraphModule, origin: fx.Node, value: fx.Node, steps: list[tuple]) -> fx.Node:
+    for target, *args in steps:
+        value = _call(gm, origin, target, (value, *args))
+    return value
+
+
+def _call(gm: fx.GraphModule, origin: fx.Node, target: object, args: tuple) -> fx.Node:
+    """A new node with its fake value (the analysis reads shapes from it) and the source
+    location of the reshape it replaces (reports name it)."""
+    node = gm.graph.call_function(target, args)  # type: ignore[arg-type]
+    value, *rest = args
+    node.meta["val"] = target(value.meta["val"], *rest)  # type: ignore[operator]
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in origin.meta:
+            node.meta[key] = origin.meta[key]
+    return node
+
+
+def _order(permute: fx.Node) -> list[int]:
+    """The permute's dim order (a transpose's too)."""
+    ndim = len(_sizes(permute))
+    if permute.target is aten.permute.default:
+        return [d % ndim for d in permute.args[1]]  # type: ignore[union-attr]
+    a, b = (int(d) % ndim for d in permute.args[1:3])  # type: ignore[call-overload]
+    order = list(range(ndim))
+    order[a], order[b] = b, a
+    return order
+
+
+def _sizes(node: object) -> list[sympy.Expr]:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return []
+    return [
+        sympy.Integer(s) if isinstance(s, int) else sympy.sympify(s.node.expr) for s in value.shape
+    ]
+
+
+def _refine(
+    xs: list[sympy.Expr], ys: list[sympy.Expr]
+) -> tuple[list[sympy.Expr], list[list[int]], list[list[int]]] | None:
+    """The atoms both shapes are made of, and for each dim of each shape its consecutive
+    atoms; None where the shapes do not split into common factors (or hold a dim of size
+    one, which belongs to no atom)."""
+    if not xs or not ys or sympy.Integer(1) in (*xs, *ys):
+        return None
+    atoms: list[sympy.Expr] = []
+    of_x: list[list[int]] = [[]]
+    of_y: list[list[int]] = [[]]
+    i = j = 0
+    rest_x, rest_y = xs[0], ys[0]
+    while i < len(xs) and j < len(ys):
+        if sympy.simplify(rest_x - rest_y) == 0:
+            atom, next_x, next_y = rest_x, True, True
+        elif (q := _quotient(rest_y, rest_x)) is not None:
+            atom, next_x, next_y, rest_y = rest_x, True, False, q
+        elif (q := _quotient(rest_x, rest_y)) is not None:
+            atom, next_x, next_y, rest_x = rest_y, False, True, q
+        else:
+            return None
+        of_x[-1].append(len(atoms))
+        of_y[-1].append(len(atoms))
+        atoms.append(atom)
+        if next_x:
+            i += 1
+            of_x.append([])
+            rest_x = xs[i] if i < len(xs) else sympy.Integer(1)
+        if next_y:
+            j += 1
+            of_y.append([])
+            rest_y = ys[j] if j < len(ys) else sympy.Integer(1)
+    if i != len(xs) or j != len(ys):
+        return None
+    return atoms, of_x[:-1], of_y[:-1]
+
+
+def _quotient(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
+    """``a / b`` where it is a whole size other than one for every value of the symbols."""
+    quotient = sympy.cancel(a / b)
+    numerator, denominator = sympy.fraction(quotient)
+    if denominator != 1 or quotient == 1:
+        return None
+    if numerator.is_Integer:
+        return quotient
+    coefficients = sympy.Poly(numerator, *numerator.free_symbols).coeffs()
+    return quotient if all(c.is_Integer and c > 0 for c in coefficients) else None

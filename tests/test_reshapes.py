@@ -1,0 +1,90 @@
+"""Capture's reshape normalisation (`sparsefx.reshapes`): reshapes that split and merge at
+once become unflatten, permute and flatten steps that compute the same values."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.export import Dim
+
+from sparsefx.reshapes import unmerged_reshapes
+
+aten = torch.ops.aten
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _normalised(fn, x: torch.Tensor, dynamic: int | None = None) -> torch.fx.GraphModule:
+    """`fn` exported on `x` (dim `dynamic` symbolic), normalised, checked against eager on
+    `x` and on an input whose dynamic dim is larger."""
+    shapes = ({dynamic: Dim("n", min=2)},) if dynamic is not None else None
+    gm = torch.export.export(Lambda(fn), (x,), dynamic_shapes=shapes).module()
+    gm = unmerged_reshapes(gm)
+    torch.testing.assert_close(gm(x), fn(x), atol=0, rtol=0)
+    if dynamic is not None:
+        wider = torch.randn(*[s + 3 if d == dynamic else s for d, s in enumerate(x.shape)])
+        torch.testing.assert_close(gm(wider), fn(wider), atol=0, rtol=0)
+    return gm
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_multihead_attentions_batch_and_heads_merge_becomes_a_permute():
+    """nn.MultiheadAttention's ``q.view(T, B*H, D).transpose(0, 1).view(B, H, T, D)``, with
+    the batch dynamic: the heads never share a dim with the batch."""
+    t, b, h, d = 5, 2, 4, 3
+
+    def heads(q):
+        return q.view(t, q.shape[1] * h, d).transpose(0, 1).view(q.shape[1], h, t, d)
+
+    gm = _normalised(heads, torch.randn(t, b, h * d), dynamic=1)
+    assert _targets(gm) == [aten.unflatten.int, aten.permute.default]
+
+
+def test_a_reshape_merging_two_pairs_of_dims_becomes_two_flattens():
+    gm = _normalised(lambda a: a.permute(2, 0, 1, 3).reshape(-1, 12), torch.randn(2, 4, 5, 3), 0)
+    assert _targets(gm) == [aten.permute.default] + [aten.flatten.using_ints] * 2
+
+
+def test_reshapes_without_common_factors_or_with_one_change_are_left_alone():
+    gm = _normalised(lambda a: a.reshape(4, 6) * 2, torch.randn(6, 4))  # 6 and 4: no common atom
+    assert aten.flatten.using_ints not in _targets(gm)
+    gm = _normalised(lambda a: a.view(2, 12), torch.randn(2, 3, 4))  # a flatten already
+    assert _targets(gm) == [aten.view.default]
+
+
+@given(atoms=st.lists(st.integers(2, 4), min_size=3, max_size=5), data=st.data())
+def test_any_split_merge_permute_chain_computes_the_same_values(atoms, data):
+    """Group random atoms into an input shape and a reshaped one, permute that, and reshape
+    to a grouping of the permuted atoms: the normalised graph gives the eager values."""
+
+    def grouping(sizes: list[int]) -> list[list[int]]:
+        bounds = data.draw(st.sets(st.integers(1, len(sizes) - 1))) if len(sizes) > 1 else ()
+        edges = [0, *sorted(bounds), len(sizes)]
+        return [sizes[lo:hi] for lo, hi in itertools.pairwise(edges)]
+
+    def shape(groups: list[list[int]]) -> list[int]:
+        return [math.prod(group) for group in groups]
+
+    first = grouping(atoms)
+    order = data.draw(st.permutations(range(len(first))))
+    last = grouping([a for dim in order for a in first[dim]])
+
+    def chain(a):
+        return a.reshape(shape(first)).permute(order).reshape(shape(last))
+
+    _normalised(chain, torch.randn(*shape(grouping(atoms))))
