@@ -7,7 +7,9 @@ weights, configs of the coupling issue): dense eager against sparsefx, side by s
 HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 images, batch
 32; GPT-2 (vocab 512, n_embd 256, 4 layers, 8 heads) on 128 tokens, batch 8, with `labels=`;
 Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Gemma 2
-(post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise.
+(post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise, and
+`torch-encoder`: the same sizes in PyTorch's own `nn.TransformerEncoder` (causal mask, MLP
+1024; `examples/models.py:TorchEncoderLM`).
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
 `sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `sparsefx-flops`
@@ -48,7 +50,14 @@ import sparsefx
 from sparsefx.runtime import StructureState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
-from examples.models import falcon_model, gemma2_model, gpt2_model, hf_resnet_model, llama_model
+from examples.models import (
+    falcon_model,
+    gemma2_model,
+    gpt2_model,
+    hf_resnet_model,
+    llama_model,
+    torch_encoder_model,
+)
 
 LR = 0.01
 
@@ -75,6 +84,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "llama": _decoder(llama_model),
     "gemma2": _decoder(gemma2_model),
     "falcon": _decoder(falcon_model),
+    "torch-encoder": _decoder(torch_encoder_model),
 }
 DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact")
 METHODS = {

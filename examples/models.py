@@ -11,7 +11,7 @@ tuple of forward arguments, or a dict of keyword arguments; ``--input-shape`` or
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,38 @@ def falcon_model() -> nn.Module:
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.FalconForCausalLM(config)
+
+
+class LanguageModelOutput(NamedTuple):
+    loss: Tensor
+    logits: Tensor
+
+
+class TorchEncoderLM(nn.Module):
+    """A causal language model built from PyTorch's own layers, sized like `gpt2_model`:
+    token and position embeddings, ``nn.TransformerEncoder`` (4 post-norm layers of
+    ``nn.MultiheadAttention`` with 8 heads and a ReLU MLP of 1024), a linear head; called
+    as ``model(input_ids, labels=ids)`` like a Hugging Face model."""
+
+    def __init__(self, vocab: int = 512, width: int = 256, context: int = 128):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, 8, 4 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: Tensor, labels: Tensor) -> LanguageModelOutput:
+        length = input_ids.shape[1]
+        h = self.tokens(input_ids) + self.positions(torch.arange(length))
+        causal = nn.Transformer.generate_square_subsequent_mask(length)
+        logits = self.head(self.encoder(h, mask=causal, is_causal=True))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return LanguageModelOutput(loss, logits)
+
+
+def torch_encoder_model() -> nn.Module:
+    torch.manual_seed(0)
+    return TorchEncoderLM()
 
 
 def hf_resnet() -> tuple[nn.Module, Tensor]:
