@@ -200,5 +200,8 @@ def _quotient(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
         return None
     if numerator.is_Integer:
         return quotient
-    coefficients = sympy.Poly(numerator, *numerator.free_symbols).coeffs()
+    try:
+        coefficients = sympy.Poly(numerator, *numerator.free_symbols).coeffs()
+    except sympy.PolynomialError:  # a floor division or modulus of a symbol
+        return None
     return quotient if all(c.is_Integer and c > 0 for c in coefficients) else None

@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 import math
 
+import sympy
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.export import Dim
+from torch.utils._sympy.functions import FloorDiv
 
-from sparsefx.reshapes import unmerged_reshapes
+from sparsefx.reshapes import _refine, unmerged_reshapes
 
 aten = torch.ops.aten
 
@@ -88,3 +90,16 @@ def test_any_split_merge_permute_chain_computes_the_same_values(atoms, data):
         return a.reshape(shape(first)).permute(order).reshape(shape(last))
 
     _normalised(chain, torch.randn(*shape(grouping(atoms))))
+
+
+def test_symbolic_sizes_factor_only_where_the_quotient_is_whole_for_every_value():
+    s = sympy.Symbol("s0", positive=True, integer=True)
+    half = FloorDiv(s, 2)
+    atoms, of_input, of_view = _refine([sympy.Integer(6), s, sympy.Integer(32)], [6 * s, 4, 8])
+    assert (
+        atoms == [6, s, 4, 8] and of_input == [[0], [1], [2, 3]] and of_view == [[0, 1], [2], [3]]
+    )
+    assert _refine([s, sympy.Integer(8)], [sympy.Integer(4), 2 * s]) is None  # s / 4 is not whole
+    assert _refine([half * 4], [half, sympy.Integer(4)]) is not None  # (4 * half) / half = 4
+    assert _refine([half * 4], [sympy.Integer(2), half * 2]) is None  # 2 * half: not sympy's
+    # polynomial in s, so left alone (a conservative refusal: it is whole)
