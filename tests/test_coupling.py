@@ -1105,13 +1105,27 @@ class FusedHeads(nn.Module):
 
 class TimmAttention(FusedHeads):
     """timm's ViT attention: the fused projection is q, k and v one after the other, each
-    laid out per head: ``reshape(b, t, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)``."""
+    laid out per head: ``reshape(b, t, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)``;
+    or indexed ``fused[:, :, i]`` without the permute; or split into q, k and v first and
+    each viewed per head. ``qk_norm``: a LayerNorm over each head's features of q and k."""
+
+    def __init__(self, split: str, qk_norm: bool = False):
+        super().__init__(split)
+        norm = (lambda: nn.LayerNorm(self.dim)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x: Tensor) -> Tensor:
         b, t = x.shape[:2]
-        fused = self.qkv(x).reshape(b, t, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
-        q, k, v = fused.unbind(0) if self.split == "unbind" else (fused[i] for i in range(3))
-        a = F.scaled_dot_product_attention(q, k, v)
+        if self.split == "views":
+            q, k, v = self.qkv(x).view(b, t, 3, -1).unbind(2)
+            q, k, v = (h.view(b, t, self.heads, self.dim).transpose(1, 2) for h in (q, k, v))
+        elif self.split == "index":
+            fused = self.qkv(x).reshape(b, t, 3, self.heads, self.dim)
+            q, k, v = (fused[:, :, i].transpose(1, 2) for i in range(3))
+        else:
+            fused = self.qkv(x).reshape(b, t, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+            q, k, v = fused.unbind(0) if self.split == "unbind" else (fused[i] for i in range(3))
+        a = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
@@ -1128,19 +1142,27 @@ def test_a_fused_projection_split_per_head_keeps_its_heads_compact(split):
     assert not sparse.analysis.scatters, sparse.analysis.scatters
 
 
-@pytest.mark.parametrize("split", ["unbind", "select"])
-def test_a_fused_projection_of_q_then_k_then_v_prunes_heads_across_all_three(split):
+@pytest.mark.parametrize(
+    ("split", "qk_norm"),
+    [("unbind", False), ("select", False), ("index", False), ("views", False), ("unbind", True)],
+    ids=["unbind", "select", "index", "views", "qk-norm"],
+)
+def test_a_fused_projection_of_q_then_k_then_v_prunes_heads_across_all_three(split, qk_norm):
     """timm's layout made the "3" of q, k, v the outer dim, so its channels were q, k and v
     themselves (a group of three). The projection's output is now cut into q, k and v, which
-    share one index set: a channel is a head, its rows dropped from each third of qkv."""
+    share one index set: a channel is a head, its rows dropped from each third of qkv. Split
+    first and viewed per head, q's head grain did not reach k and v, coupled at feature grain
+    (a crash); a LayerNorm over head_dim left qkv dense. A dropped head's normalised q is
+    not zero, but its v is, so attention still gives it zero."""
     torch.manual_seed(0)
-    model = TimmAttention(split).double()
+    model = TimmAttention(split, qk_norm).double()
     x = torch.randn(2, model.tokens, 32, dtype=torch.float64, requires_grad=True)
     sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
     (heads,) = sparse.groups
     assert heads.size == model.heads
     assert {name for name, _ in heads.members} == {"qkv.weight", "qkv.bias", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+    assert len(set(heads.mask_points)) == 1 and "#" not in heads.mask_points[0]  # one node
     mask = torch.tensor([False, True, True, False])
     sparsefx.set_masks(sparse, {heads.name: mask})
     reference = copy.deepcopy(model)
@@ -1152,11 +1174,63 @@ def test_a_fused_projection_of_q_then_k_then_v_prunes_heads_across_all_three(spl
     torch.testing.assert_close(out, expected)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
-    if split == "unbind":  # one compile: the symbolic batch size reaches the fused view
+    if split == "unbind" and not qk_norm:  # one compile: a symbolic batch reaches the view
         compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
         compiled(x)
         sparsefx.set_masks(compiled, {g.name: mask for g in sparsefx.groups(compiled)})
         torch.testing.assert_close(compiled(x), expected)
+
+
+class OneHeadTimmAttention(TimmAttention):
+    heads, dim = 1, 16
+
+
+def test_a_fused_projection_of_one_head_is_not_cut():
+    """With one head there is nothing to prune per head: cut into q, k and v regrained to
+    one head each, the three were single-channel groups that density 0.8 could not hold.
+    They stay one group of three (q, k, v), as before the cut, exact."""
+    torch.manual_seed(0)
+    model = OneHeadTimmAttention("unbind")
+    x = torch.randn(2, model.tokens, 32)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.8)
+    (group,) = sparse.groups
+    assert group.size == 3
+    masks = {group.name: torch.tensor([True, False, True])}
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class ConcatUnflattened(nn.Module):
+    """A flattened conv (4 channels of 4 features) and a linear (16 features) concatenated,
+    then unflattened to [2, 16] and summed: feature j of one meets feature j of the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear, self.head = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Linear(5, 16),
+            nn.Linear(16, 3),
+        )
+
+    def forward(self, image: Tensor, v: Tensor) -> Tensor:
+        a, b = F.relu(self.conv(image)).flatten(1), F.relu(self.linear(v))
+        return self.head(torch.cat([a, b], 1).unflatten(1, (2, 16)).sum(1))
+
+
+def test_equal_pieces_of_different_blocks_coarsen_before_they_couple():
+    """The unflatten couples its two pieces; they had equal features but not equal channel
+    counts (4 of block 4, 16 of block 1), and the coupled group crashed at run time. The
+    linear's features now group by four, so a channel is one conv channel and four of its
+    features."""
+    torch.manual_seed(0)
+    model = ConcatUnflattened()
+    inputs = (torch.randn(2, 3, 2, 2), torch.randn(2, 5))
+    sparse = sparsefx.transform(copy.deepcopy(model), inputs, density=0.5)
+    (group,) = sparse.groups
+    assert group.size == 4
+    masks = {group.name: torch.tensor([False, True, True, True])}
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(*inputs), _zeroed(model, sparse.groups, masks)(*inputs))
 
 
 class SpatialAttention(nn.Module):

@@ -195,7 +195,7 @@ class _Walk:
                     self._full_width(arg, node, "model output")
             elif node.op == "call_function":
                 self._visit(node, compact)
-                if node.target in ops.NORMS:
+                if node.target in ops.NORMS and node not in self.flows:
                     reason = "normalises across features, so the features it reads stay dense"
                     self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
                 elif node.target in ops.UNSUPPORTED_WEIGHT_OPS:
@@ -298,8 +298,15 @@ class _Walk:
         flow = self.flows[node]
         if flow.zero is None:
             flow.zero = True
+            couplings = self.result.couplings
             for space in flow.layout.groups:
-                self.result.spaces[space].mask_point = node.name
+                fused = [
+                    other
+                    for other, edge in couplings.adj[space].items()
+                    if "fused projection" in edge.get("kinds", ())
+                ]  # k and v of a fused layout that names q's space only
+                for each in (space, *fused):
+                    self.result.spaces[each].mask_point = node.name
             self._meta(node)["mask_point"] = flow.layout.groups
 
     def _full_width(self, node: fx.Node, user: fx.Node, reason: str) -> None:
@@ -382,6 +389,9 @@ class _Walk:
         if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
             return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
+            per_channel = self._norm_within_channels(node, compact)
+            if per_channel is not None:
+                return per_channel
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")
             return f"{_op_name(node)} normalises across all features and reads them at full width"
@@ -434,6 +444,19 @@ class _Walk:
         if target in ops.SELECTS:
             return _select(node, layout)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
+
+    def _norm_within_channels(self, node: fx.Node, compact: list[fx.Node]) -> _Op | None:
+        """A layer_norm or rms_norm over dims after the channel dim (timm's per-head q and k
+        norm over head_dim) normalises each channel on its own: channel-wise, with a weight
+        and bias that every channel shares. None where it normalises over the channel dim."""
+        x = node.args[0]
+        if node.target not in _PER_CHANNEL_NORMS or compact != [x]:
+            return None
+        layout = self.flows[x].layout  # type: ignore[index]
+        if layout.dim >= len(_shape(x)) - len(node.args[1]):  # type: ignore[arg-type]
+            return None
+        bias = _arg(node, 3, "bias", None) if node.target is aten.layer_norm.default else None
+        return _Op(layout, zero_preserving=bias is None, chainable=True)
 
     def _normalises(self, reduction: fx.Node, layout: Layout) -> bool:
         """Whether a reduction over the channel dim is a norm's statistic: it keeps the dim,
@@ -771,10 +794,16 @@ class _Walk:
         op = _view(node, x, layout)
         if not isinstance(op, int):
             return op
-        (piece, *others), outer = layout.pieces, _shape(node)[layout.dim]
-        fused = not others and piece.group is not None and isinstance(outer, int) and outer > 1
-        if fused and piece.size % outer == 0 and _indexed(node, layout.dim):
-            self.refine.parts[piece.group] = [piece.size // outer] * outer  # type: ignore[index]
+        (whole, *others), out_shape = layout.pieces, _shape(node)
+        outer, heads = out_shape[layout.dim], out_shape[layout.dim + 1]
+        fused = not others and whole.group is not None and isinstance(outer, int) and outer > 1
+        if (
+            fused
+            and whole.size % outer == 0
+            and not _same_size(heads, 1)  # one head each: nothing left to prune per head
+            and _indexed(node, layout.dim)
+        ):
+            self.refine.parts[whole.group] = [whole.size // outer] * outer  # type: ignore[index]
             return f"{_op_name(node)} waits for its space to be cut into the {outer} it fuses"
         for piece in layout.pieces:  # a channel spans several features of the new inner dims
             if piece.group is not None and op % piece.block == 0:
@@ -786,6 +815,7 @@ class _Walk:
 
 
 _SLICE_ARGS = ((2, "start", None), (3, "end", None), (4, "step", 1))
+_PER_CHANNEL_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
 
 _INTO_DENSE = (
     "{op} ({node}) joins it with a full-width tensor no group covers (a residual stream "
@@ -899,7 +929,6 @@ def _fused(layout: Layout, outer: object, inner: list) -> _Op | int:
         outer != len(pieces)
         or len(pieces) < 2
         or any(p.group is None or p.features != pieces[0].features for p in pieces)
-        or pieces[0].features != _static_prod(inner)
     ):
         return _static_prod(inner)
     if any(p.block % within for p in pieces):
@@ -917,17 +946,20 @@ def _fused(layout: Layout, outer: object, inner: list) -> _Op | int:
 
 
 def _indexed(node: fx.Node, dim: int) -> bool:
-    """Whether every use of `node` ends, past permutes, unsqueezes, squeezes and channel-wise
-    ops, in a select or unbind of `dim`: timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0,
-    3, 1, 4).unbind(0)``."""
+    """Whether every use of `node` ends, past permutes, unsqueezes, squeezes, zero-preserving
+    unary ops and slices of other dims, in a select or unbind of `dim`: timm's
+    ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``, or ``kv[:, :, 0]``
+    (a full slice of dim 0, then a select)."""
     for user in node.users:
         probe = Layout(dim, ())
         if user.target in ops.SELECTS:
             if int(_arg(user, 1, "dim", 0)) % len(_shape(node)) != dim:  # type: ignore[call-overload]
                 return False
             continue
-        if user.target in ops.PERMUTES:
-            moved: _Op | str = _permute(user, probe)
+        if user.target in ops.SLICES:
+            moved: _Op | str = _slice_of_another_dim(user, probe)
+        elif user.target in ops.PERMUTES:
+            moved = _permute(user, probe)
         elif user.target in ops.UNSQUEEZES:
             moved = _unsqueeze(user, probe)
         elif user.target in ops.SQUEEZES:
@@ -939,6 +971,18 @@ def _indexed(node: fx.Node, dim: int) -> bool:
         if isinstance(moved, str) or not _indexed(user, moved.layout.dim):  # type: ignore[union-attr]
             return False
     return bool(node.users)
+
+
+def _slice_of_another_dim(node: fx.Node, layout: Layout) -> _Op | str:
+    """A slice that keeps every index of the layout's dim (it slices another, or all of it)."""
+    ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
+    dim = int(_arg(node, 1, "dim", 0)) % ndim  # type: ignore[call-overload]
+    if dim != layout.dim or node.target is not aten.slice.Tensor:
+        return _Op(layout, zero_preserving=True) if dim != layout.dim else "a narrow of the dim"
+    size = _shape(node.args[0])[dim]  # type: ignore[arg-type]
+    start, end, step = (_arg(node, i, k, d) for i, k, d in _SLICE_ARGS)
+    whole = start in (None, 0) and step == 1 and (end is None or _same_size(min(end, size), size))
+    return _Op(layout, zero_preserving=True) if whole else "a slice of the dim"
 
 
 def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
