@@ -158,37 +158,44 @@ def _refine(
     xs: list[sympy.Expr], ys: list[sympy.Expr]
 ) -> tuple[list[sympy.Expr], list[list[int]], list[list[int]]] | None:
     """The atoms both shapes are made of, and for each dim of each shape its consecutive
-    atoms; None where the shapes do not split into common factors (or hold a dim of size
-    one, which belongs to no atom)."""
-    if not xs or not ys or sympy.Integer(1) in (*xs, *ys):
+    atoms; None where the shapes do not split into common factors. A dim of size one is an
+    atom of its own shape and joins the other shape's current dim (a batch of one merged
+    with the heads), so that a size of one factors as any other size does."""
+    if not xs or not ys:
         return None
+    one = sympy.Integer(1)
     atoms: list[sympy.Expr] = []
     of_x: list[list[int]] = [[]]
     of_y: list[list[int]] = [[]]
     i = j = 0
     rest_x, rest_y = xs[0], ys[0]
-    while i < len(xs) and j < len(ys):
-        if sympy.simplify(rest_x - rest_y) == 0:
+    while i < len(xs) or j < len(ys):
+        both = i < len(xs) and j < len(ys)
+        if both and sympy.simplify(rest_x - rest_y) == 0:
             atom, next_x, next_y = rest_x, True, True
+        elif i < len(xs) and rest_x == one:  # a size-one dim: never a remainder
+            atom, next_x, next_y = one, True, False
+        elif j < len(ys) and rest_y == one:
+            atom, next_x, next_y = one, False, True
+        elif not both:
+            return None
         elif (q := _quotient(rest_y, rest_x)) is not None:
             atom, next_x, next_y, rest_y = rest_x, True, False, q
         elif (q := _quotient(rest_x, rest_y)) is not None:
             atom, next_x, next_y, rest_x = rest_y, False, True, q
         else:
             return None
-        of_x[-1].append(len(atoms))
-        of_y[-1].append(len(atoms))
+        (of_x[-1] if i < len(xs) else of_x[-2]).append(len(atoms))
+        (of_y[-1] if j < len(ys) else of_y[-2]).append(len(atoms))
         atoms.append(atom)
         if next_x:
             i += 1
             of_x.append([])
-            rest_x = xs[i] if i < len(xs) else sympy.Integer(1)
+            rest_x = xs[i] if i < len(xs) else one
         if next_y:
             j += 1
             of_y.append([])
-            rest_y = ys[j] if j < len(ys) else sympy.Integer(1)
-    if i != len(xs) or j != len(ys):
-        return None
+            rest_y = ys[j] if j < len(ys) else one
     return atoms, of_x[:-1], of_y[:-1]
 
 

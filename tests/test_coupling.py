@@ -1348,6 +1348,8 @@ def test_torch_multihead_attention_prunes_heads_compact_through_attention(batch_
     torch.testing.assert_close(out, expected)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+    one = x[:1].detach()  # captured again at a batch of one: the same heads (it once was not)
+    torch.testing.assert_close(sparse(one), reference(one))
     if batch_first:  # one compile: a new batch size and sequence length make both symbolic
         compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
         compiled(x)
