@@ -190,6 +190,14 @@ def gpt2() -> tuple[nn.Module, dict[str, Any]]:
     return model, {"input_ids": ids, "labels": ids}
 
 
+def torch_encoder() -> tuple[nn.Module, dict[str, Any]]:
+    """`TorchEncoderLM` (nn.TransformerEncoder) with its LM loss on 2 sequences of 64
+    tokens: ``sparsefx diff examples/models.py:torch_encoder`` shows its heads pruned."""
+    model = torch_encoder_model()
+    ids = torch.randint(0, 512, (2, 64))
+    return model, {"input_ids": ids, "labels": ids}
+
+
 def llama() -> tuple[nn.Module, dict[str, Any]]:
     """Llama (grouped-query attention) with its LM loss on 2 sequences of 64 tokens."""
     model = llama_model()
