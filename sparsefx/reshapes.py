@@ -16,6 +16,7 @@ from __future__ import annotations
 import sympy
 import torch
 from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["unmerged_reshapes"]
 
@@ -49,6 +50,8 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
     if len(permute.users) != 1 or len(first.users) != 1:
         return False
     source = first.args[0]
+    if not _aliases(first, source):
+        return False  # the merge copied: the rewrite, all views, would alias the source
     refined = _refine(_sizes(source), _sizes(first))
     if refined is None:
         return False
@@ -59,14 +62,14 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
     permuted = _refine([atoms[a] for a in order], _sizes(last))
     if permuted is None or any(len(group) != 1 for group in permuted[1]):
         return False  # the last reshape splits an atom: not the inverse of a merge
-    steps = _unflattens(source, atoms, of_source)
+    steps = _unflattens(atoms, of_source, _size_args(first, of_first))
     if steps is None:
         return False
     with gm.graph.inserting_before(last):
         value = _emit(gm, last, source, steps)
         value = _call(gm, last, aten.permute.default, (value, order))
         value = _emit(gm, last, value, _flattens(permuted[2]))
-    last.replace_all_uses_with(value)
+    _replace(last, value)
     return True
 
 
@@ -79,32 +82,51 @@ def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     changed = sum(len(g) > 1 for g in of_source) + sum(len(g) > 1 for g in of_node)
     if changed < 2:
         return False  # a flatten, an unflatten or a no-op: the analysis reads it directly
-    steps = _unflattens(source, atoms, of_source)
+    steps = _unflattens(atoms, of_source, _size_args(node, of_node))
     if steps is None:
         return False
     with gm.graph.inserting_before(node):
         value = _emit(gm, node, _emit(gm, node, source, steps), _flattens(of_node))
-    node.replace_all_uses_with(value)
+    _replace(node, value)
     return True
 
 
+def _replace(reshape: fx.Node, value: fx.Node) -> None:
+    """Uses of `reshape` read `value`, whose fake value becomes the reshape's: the same
+    shape, written with the sizes the rest of the graph uses (``s0``, not ``2 * (s0 //
+    2)``), so that joins with other tensors still see equal sizes."""
+    if value is not reshape.args[0]:
+        value.meta["val"] = reshape.meta["val"]
+    reshape.replace_all_uses_with(value)
+
+
 def _unflattens(
-    source: fx.Node, atoms: list[sympy.Expr], groups: list[list[int]]
+    atoms: list[sympy.Expr], groups: list[list[int]], known: dict[int, object]
 ) -> list[tuple] | None:
-    """The unflattens that split `source`'s dims into atoms, last dim first (so that earlier
-    dims keep their index); None where a dim has more than one symbolic atom (its sizes
-    would need size nodes, not one -1)."""
+    """The unflattens that split the source's dims into atoms, last dim first (so that
+    earlier dims keep their index). A symbolic atom's size is the reshape's own size
+    argument where it has one (`known`), else -1; None where a dim would need two -1s."""
     steps = []
     for dim in reversed(range(len(groups))):
         group = groups[dim]
         if len(group) == 1:
             continue
-        symbolic = [a for a in group if not atoms[a].is_Integer]
-        if len(symbolic) > 1:
+        sizes = [int(atoms[a]) if atoms[a].is_Integer else known.get(a, -1) for a in group]
+        if sizes.count(-1) > 1:
             return None
-        sizes = [int(atoms[a]) if atoms[a].is_Integer else -1 for a in group]
         steps.append((aten.unflatten.int, dim, sizes))
     return steps
+
+
+def _size_args(reshape: fx.Node, groups: list[list[int]]) -> dict[int, object]:
+    """Atom -> the reshape's size argument (an int or a size node) for each of its dims that
+    is one atom alone."""
+    sizes = list(reshape.args[1]) if len(reshape.args) > 1 else []  # type: ignore[arg-type]
+    return {
+        group[0]: size
+        for group, size in zip(groups, sizes, strict=False)
+        if len(group) == 1 and not (isinstance(size, int) and size < 0)
+    }
 
 
 def _flattens(groups: list[list[int]]) -> list[tuple]:
@@ -126,12 +148,23 @@ def _call(gm: fx.GraphModule, origin: fx.Node, target: object, args: tuple) -> f
     """A new node with its fake value (the analysis reads shapes from it) and the source
     location of the reshape it replaces (reports name it)."""
     node = gm.graph.call_function(target, args)  # type: ignore[arg-type]
-    value, *rest = args
-    node.meta["val"] = target(value.meta["val"], *rest)  # type: ignore[operator]
+    values = fx.node.map_arg(args, lambda arg: arg.meta["val"])  # sizes as SymInts
+    node.meta["val"] = target(*values)  # type: ignore[operator]
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in origin.meta:
             node.meta[key] = origin.meta[key]
     return node
+
+
+def _aliases(view: fx.Node, source: object) -> bool:
+    """Whether `view`'s value shares `source`'s storage (a reshape that did not copy), read
+    from the fake values as Inductor's reinplacing pass reads them."""
+    values = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in (view, source)]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    return StorageWeakRef(values[0].untyped_storage()) == StorageWeakRef(
+        values[1].untyped_storage()
+    )
 
 
 def _order(permute: fx.Node) -> list[int]:
@@ -200,15 +233,16 @@ def _refine(
 
 
 def _quotient(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
-    """``a / b`` where it is a whole size other than one for every value of the symbols."""
+    """``a / b`` where it is a whole size other than one for every value of the symbols: a
+    polynomial with integer coefficients (``B * (T - 1) / B``)."""
     quotient = sympy.cancel(a / b)
     numerator, denominator = sympy.fraction(quotient)
     if denominator != 1 or quotient == 1:
         return None
     if numerator.is_Integer:
         return quotient
-    try:
-        coefficients = sympy.Poly(numerator, *numerator.free_symbols).coeffs()
-    except sympy.PolynomialError:  # a floor division or modulus of a symbol
+    try:  # generators found by sympy: symbols, and floor divisions as opaque sizes
+        coefficients = sympy.Poly(numerator).coeffs()
+    except sympy.PolynomialError:
         return None
-    return quotient if all(c.is_Integer and c > 0 for c in coefficients) else None
+    return quotient if all(c.is_Integer for c in coefficients) else None

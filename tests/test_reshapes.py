@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import sympy
 import torch
 from hypothesis import given
@@ -14,6 +15,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils._sympy.functions import FloorDiv
 
+import sparsefx
 from sparsefx.reshapes import _refine, unmerged_reshapes
 
 aten = torch.ops.aten
@@ -101,8 +103,10 @@ def test_symbolic_sizes_factor_only_where_the_quotient_is_whole_for_every_value(
     )
     assert _refine([s, sympy.Integer(8)], [sympy.Integer(4), 2 * s]) is None  # s / 4 is not whole
     assert _refine([half * 4], [half, sympy.Integer(4)]) is not None  # (4 * half) / half = 4
-    assert _refine([half * 4], [sympy.Integer(2), half * 2]) is None  # 2 * half: not sympy's
-    # polynomial in s, so left alone (a conservative refusal: it is whole)
+    assert _refine([half * 4], [sympy.Integer(2), half * 2]) is not None  # a floor division
+    # is an opaque size: 2 * half is whole
+    t = sympy.Symbol("s1", positive=True, integer=True)
+    assert _refine([s * (t - 1), sympy.Integer(32)], [s, t - 1, 4, 8]) is not None  # T - 1
 
 
 def test_a_dim_of_size_one_factors_as_any_other_size():
@@ -113,3 +117,55 @@ def test_a_dim_of_size_one_factors_as_any_other_size():
         atoms, of_input, of_view = _refine([t, batch, h * d], [t, batch * h, d])
         assert atoms == [t, batch, h, d]
         assert of_input == [[0], [1], [2, 3]] and of_view == [[0], [1, 2], [3]]
+
+
+def test_a_merge_that_copies_is_not_turned_into_a_view():
+    """``reshape`` of a transposed tensor copies; the chain rewritten as views aliased the
+    source, and an in-place op on the result then changed it (the review's repro)."""
+
+    def chain(x):
+        h = x * 1
+        merged = h.transpose(0, 1).reshape(-1, x.shape[2]).permute(1, 0)
+        y = merged.reshape(x.shape[2], x.shape[1], x.shape[0])
+        y.mul_(0)
+        return h + 1, y
+
+    gm = _normalised(chain, torch.randn(3, 2, 4))
+    assert aten.permute.default in _targets(gm) and aten.reshape.default in _targets(gm)
+
+
+class ShiftedHeads(nn.Module):
+    """Attention over all tokens but the first: ``view(B, T - 1, heads, head_dim)`` of a
+    ``[B * (T - 1), E]`` projection, whose size quotient ``T - 1`` has a negative term."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)[:, 1:]
+        b, t, width = h.shape
+        x = h.reshape(-1, width)
+
+        def heads(p: torch.Tensor) -> torch.Tensor:
+            return p.view(b, t, 4, 8).transpose(1, 2)
+
+        a = torch.nn.functional.scaled_dot_product_attention(
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        )
+        return self.head(h + self.o(a.transpose(1, 2).reshape(b, t, width)))
+
+
+@pytest.mark.parametrize("batches", [(1, 2), (2, 1)])
+def test_groups_do_not_depend_on_whether_a_batch_of_one_made_a_size_static(batches):
+    """At batch one ``T - 1`` factored (the batch was static), at a dynamic batch it did
+    not (a negative coefficient was refused): other groups, and the second call failed."""
+    torch.manual_seed(0)
+    model = ShiftedHeads().eval()  # forward passes only: no loss needed
+    sparse = sparsefx.transform(model, torch.randint(0, 50, (batches[0], 6)), density=0.5)
+    (heads,) = sparsefx.groups(sparse)
+    assert heads.size == 4
+    out = sparse(torch.randint(0, 50, (batches[1], 6)))
+    assert out.shape == (batches[1], 5, 50) and sparsefx.groups(sparse) == [heads]
