@@ -69,7 +69,7 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
         value = _emit(gm, last, source, steps)
         value = _call(gm, last, aten.permute.default, (value, order))
         value = _emit(gm, last, value, _flattens(permuted[2]))
-    _replace(last, value)
+    last.replace_all_uses_with(value)
     return True
 
 
@@ -87,17 +87,8 @@ def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     with gm.graph.inserting_before(node):
         value = _emit(gm, node, _emit(gm, node, source, steps), _flattens(of_node))
-    _replace(node, value)
+    node.replace_all_uses_with(value)
     return True
-
-
-def _replace(reshape: fx.Node, value: fx.Node) -> None:
-    """Uses of `reshape` read `value`, whose fake value becomes the reshape's: the same
-    shape, written with the sizes the rest of the graph uses (``s0``, not ``2 * (s0 //
-    2)``), so that joins with other tensors still see equal sizes."""
-    if value is not reshape.args[0]:
-        value.meta["val"] = reshape.meta["val"]
-    reshape.replace_all_uses_with(value)
 
 
 def _unflattens(

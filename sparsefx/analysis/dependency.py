@@ -976,12 +976,16 @@ def _indexed(node: fx.Node, dim: int) -> bool:
 def _slice_of_another_dim(node: fx.Node, layout: Layout) -> _Op | str:
     """A slice that keeps every index of the layout's dim (it slices another, or all of it)."""
     ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
-    dim = int(_arg(node, 1, "dim", 0)) % ndim  # type: ignore[call-overload]
-    if dim != layout.dim or node.target is not aten.slice.Tensor:
-        return _Op(layout, zero_preserving=True) if dim != layout.dim else "a narrow of the dim"
-    size = _shape(node.args[0])[dim]  # type: ignore[arg-type]
+    if int(_arg(node, 1, "dim", 0)) % ndim != layout.dim:  # type: ignore[call-overload]
+        return _Op(layout, zero_preserving=True)
     start, end, step = (_arg(node, i, k, d) for i, k, d in _SLICE_ARGS)
-    whole = start in (None, 0) and step == 1 and (end is None or _same_size(min(end, size), size))
+    size = _shape(node.args[0])[layout.dim]  # type: ignore[arg-type]
+    whole = (
+        node.target is aten.slice.Tensor
+        and start in (None, 0)
+        and step == 1
+        and (end is None or (isinstance(end, int) and _same_size(min(end, size), size)))
+    )  # an end that is a size node: not known to be whole
     return _Op(layout, zero_preserving=True) if whole else "a slice of the dim"
 
 
