@@ -16,7 +16,11 @@ from __future__ import annotations
 import sympy
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._sympy.functions import FloorDiv, Mod
+
+from sparsefx.analysis.sizes import folded, proves, whole_quotient
 
 __all__ = ["unmerged_reshapes"]
 
@@ -52,14 +56,15 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
     source = first.args[0]
     if not _aliases(first, source):
         return False  # the merge copied: the rewrite, all views, would alias the source
-    refined = _refine(_sizes(source), _sizes(first))
+    env = _shape_env(source, first, last)
+    refined = _refine(_sizes(source), _sizes(first), env)
     if refined is None:
         return False
     atoms, of_source, of_first = refined
     if all(len(group) == 1 for group in of_first):
         return False  # the first reshape merges nothing: the analysis follows it as it is
     order = [atom for dim in _order(permute) for atom in of_first[dim]]
-    permuted = _refine([atoms[a] for a in order], _sizes(last))
+    permuted = _refine([atoms[a] for a in order], _sizes(last), env)
     if permuted is None or any(len(group) != 1 for group in permuted[1]):
         return False  # the last reshape splits an atom: not the inverse of a merge
     steps = _unflattens(atoms, of_source, _size_args(first, of_first))
@@ -75,7 +80,7 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
 
 def _rewrite_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     source = node.args[0]
-    refined = _refine(_sizes(source), _sizes(node))
+    refined = _refine(_sizes(source), _sizes(node), _shape_env(source, node))
     if refined is None:
         return False
     atoms, of_source, of_node = refined
@@ -170,16 +175,30 @@ def _order(permute: fx.Node) -> list[int]:
 
 
 def _sizes(node: object) -> list[sympy.Expr]:
+    """The node's sizes as sympy expressions, with the constants its shape environment
+    proves folded (`folded`)."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(value, torch.Tensor):
         return []
     return [
-        sympy.Integer(s) if isinstance(s, int) else sympy.sympify(s.node.expr) for s in value.shape
+        sympy.Integer(s) if isinstance(s, int) else folded(s.node.expr, s.node.shape_env)
+        for s in value.shape
     ]
 
 
+def _shape_env(*nodes: object) -> ShapeEnv | None:
+    """The shape environment of the nodes' symbolic sizes; None where every size is static."""
+    for node in nodes:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if isinstance(size, torch.SymInt):
+                    return size.node.shape_env
+    return None
+
+
 def _refine(
-    xs: list[sympy.Expr], ys: list[sympy.Expr]
+    xs: list[sympy.Expr], ys: list[sympy.Expr], env: ShapeEnv | None = None
 ) -> tuple[list[sympy.Expr], list[list[int]], list[list[int]]] | None:
     """The atoms both shapes are made of, and for each dim of each shape its consecutive
     atoms; None where the shapes do not split into common factors. A dim of size one is an
@@ -187,6 +206,7 @@ def _refine(
     with the heads), so that a size of one factors as any other size does."""
     if not xs or not ys:
         return None
+    xs, ys = [sympy.sympify(x) for x in xs], [sympy.sympify(y) for y in ys]
     one = sympy.Integer(1)
     atoms: list[sympy.Expr] = []
     of_x: list[list[int]] = [[]]
@@ -195,17 +215,17 @@ def _refine(
     rest_x, rest_y = xs[0], ys[0]
     while i < len(xs) or j < len(ys):
         both = i < len(xs) and j < len(ys)
-        if both and sympy.simplify(rest_x - rest_y) == 0:
-            atom, next_x, next_y = rest_x, True, True
+        if both and _equal(rest_x, rest_y, env):
+            atom, next_x, next_y = rest_y if rest_y.is_Integer else rest_x, True, True
         elif i < len(xs) and rest_x == one:  # a size-one dim: never a remainder
             atom, next_x, next_y = one, True, False
         elif j < len(ys) and rest_y == one:
             atom, next_x, next_y = one, False, True
         elif not both:
             return None
-        elif (q := _quotient(rest_y, rest_x)) is not None:
+        elif (q := _quotient(rest_y, rest_x, env)) is not None:
             atom, next_x, next_y, rest_y = rest_x, True, False, q
-        elif (q := _quotient(rest_x, rest_y)) is not None:
+        elif (q := _quotient(rest_x, rest_y, env)) is not None:
             atom, next_x, next_y, rest_x = rest_y, False, True, q
         else:
             return None
@@ -223,17 +243,15 @@ def _refine(
     return atoms, of_x[:-1], of_y[:-1]
 
 
-def _quotient(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
-    """``a / b`` where it is a whole size other than one for every value of the symbols: a
-    polynomial with integer coefficients (``B * (T - 1) / B``)."""
-    quotient = sympy.cancel(a / b)
-    numerator, denominator = sympy.fraction(quotient)
-    if denominator != 1 or quotient == 1:
-        return None
-    if numerator.is_Integer:
-        return quotient
-    try:  # generators found by sympy: symbols, and floor divisions as opaque sizes
-        coefficients = sympy.Poly(numerator).coeffs()
-    except sympy.PolynomialError:
-        return None
-    return quotient if all(c.is_Integer for c in coefficients) else None
+def _equal(a: sympy.Expr, b: sympy.Expr, env: ShapeEnv | None) -> bool:
+    return sympy.simplify(a - b) == 0 or proves(env, sympy.Eq(a, b))
+
+
+def _quotient(a: sympy.Expr, b: sympy.Expr, env: ShapeEnv | None) -> sympy.Expr | None:
+    """``a / b`` where it is a whole size other than one for every input the graph admits:
+    a polynomial with integer coefficients (``B * (T - 1) / B``), or a floor division that
+    `env` proves exact (``H // (H // 2)`` where the graph's guards say H is even)."""
+    quotient = whole_quotient(a, b)
+    if quotient is None and not (a.is_Integer and b.is_Integer):
+        quotient = FloorDiv(a, b) if proves(env, sympy.Eq(Mod(a, b), 0)) else None
+    return None if quotient == 1 else quotient

@@ -3,6 +3,7 @@ once become unflatten, permute and flatten steps that compute the same values.""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -169,3 +170,46 @@ def test_groups_do_not_depend_on_whether_a_batch_of_one_made_a_size_static(batch
     assert heads.size == 4
     out = sparse(torch.randint(0, 50, (batches[1], 6)))
     assert out.shape == (batches[1], 5, 50) and sparsefx.groups(sparse) == [heads]
+
+
+class WindowMLP(nn.Module):
+    """Swin's window partition, an MLP on each window, and the partition's reverse, written
+    as the HF models do (``view(B, H // 2, 2, W // 2, 2, C)``, permute, merge)."""
+
+    def __init__(self, contiguous: bool):
+        super().__init__()
+        self.contiguous = contiguous
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        windows = self.fc1(x).view(b, h // 2, 2, w // 2, 2, 16).permute(0, 1, 3, 2, 4, 5)
+        if self.contiguous:
+            windows = windows.contiguous()
+        windows = self.fc2(torch.nn.functional.gelu(windows.reshape(-1, 4, 16)))
+        back = windows.view(b, h // 2, w // 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5)
+        return self.head(x + back.reshape(b, h, w, 8))
+
+
+@pytest.mark.parametrize(("contiguous", "dynamic"), [(False, None), (True, True)])
+def test_a_window_partition_stays_compact_when_the_image_size_turns_dynamic(contiguous, dynamic):
+    """Once H and W were dynamic (a second image size, or ``dynamic=True``), the window
+    sizes read ``H // (H // 2)`` and the merges ``2 * (H // 2)``: equal to 2 and H only by
+    the guards the views added. Read without them, the partition scattered where the
+    static first call was compact, and the second call failed with "groups changed"."""
+    torch.manual_seed(0)
+    model = WindowMLP(contiguous).eval()
+    compiled = torch.compile(
+        copy.deepcopy(model), backend="sparsefx", options={"density": 0.5}, dynamic=dynamic
+    )
+    eager = sparsefx.transform(model, torch.randn(2, 4, 4, 8), density=0.5)
+    (fc1,) = sparsefx.groups(eager)
+    assert ("fc2.weight", 1) in fc1.members  # compact through the partition
+    compiled(torch.randn(2, 4, 4, 8))
+    masks = {"fc1": torch.arange(16) % 3 != 0}
+    sparsefx.set_masks(eager, masks)
+    sparsefx.set_masks(compiled, masks)
+    for size in (6, 8):
+        x = torch.randn(2, size, size, 8)
+        torch.testing.assert_close(compiled(x), eager(x))
+        assert [(g.name, g.members) for g in sparsefx.groups(compiled)] == [("fc1", fc1.members)]

@@ -27,10 +27,10 @@ import networkx as nx
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.layout import Layout, Piece
+from sparsefx.analysis.sizes import same_size, static_size
 
 __all__ = ["DenseOp", "Member", "Propagation", "Space", "propagate"]
 
@@ -800,7 +800,7 @@ class _Walk:
         if (
             fused
             and whole.size % outer == 0
-            and not _same_size(heads, 1)  # one head each: nothing left to prune per head
+            and not same_size(heads, 1)  # one head each: nothing left to prune per head
             and _indexed(node, layout.dim)
         ):
             self.refine.parts[whole.group] = [whole.size // outer] * outer  # type: ignore[index]
@@ -984,7 +984,7 @@ def _slice_of_another_dim(node: fx.Node, layout: Layout) -> _Op | str:
         node.target is aten.slice.Tensor
         and start in (None, 0)
         and step == 1
-        and (end is None or (isinstance(end, int) and _same_size(min(end, size), size)))
+        and (end is None or (isinstance(end, int) and same_size(min(end, size), size)))
     )  # an end that is a size node: not known to be whole
     return _Op(layout, zero_preserving=True) if whole else "a slice of the dim"
 
@@ -1001,7 +1001,7 @@ def _squeeze(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
     one in the dense graph, and the rewrite names them explicitly (`rewrite_views`)."""
     shape = _shape(x)
     if node.target == ops.aten.squeeze.default:
-        removed = [d for d, size in enumerate(shape) if _same_size(size, 1)]
+        removed = [d for d, size in enumerate(shape) if same_size(size, 1)]
         if layout.dim in removed:
             return "squeeze of a channel dim of size one"
         shift = sum(d < layout.dim for d in removed)
@@ -1015,7 +1015,7 @@ def _squeeze(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
     named = {int(d) % len(shape) for d in dims}  # type: ignore[call-overload]
     if layout.dim in named:
         return "squeeze that names the channel dim"
-    shift = sum(d < layout.dim for d in named if _same_size(shape[d], 1))
+    shift = sum(d < layout.dim for d in named if same_size(shape[d], 1))
     return _Op(layout.at(layout.dim - shift), zero_preserving=True, chainable=True)
 
 
@@ -1023,7 +1023,7 @@ def _expand(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
     """Broadcasting other dims keeps the channels; the rewrite gives the channel dim the
     compact tensor's own size (-1), as the captured sizes are dense."""
     dim = layout.dim + len(_shape(node)) - len(_shape(x))
-    if not _same_size(_shape(node)[dim], _shape(x)[layout.dim]):
+    if not same_size(_shape(node)[dim], _shape(x)[layout.dim]):
         return "expand of the channel dim"
     return _Op(
         layout.at(dim), zero_preserving=True, chainable=True, meta={"view": ("expand", dim, None)}
@@ -1137,25 +1137,15 @@ def _merged_span(in_shape: tuple, out_shape: tuple) -> tuple[int, int] | None:
         return None
     for start in range(len(out_shape)):
         end = start + merged
-        same_prefix = [str(d) for d in in_shape[:start]] == [str(d) for d in out_shape[:start]]
-        same_suffix = [str(d) for d in in_shape[end + 1 :]] == [
-            str(d) for d in out_shape[start + 1 :]
-        ]
+        same_prefix = all(map(same_size, in_shape[:start], out_shape[:start]))
+        same_suffix = all(map(same_size, in_shape[end + 1 :], out_shape[start + 1 :]))
         if (
             same_prefix
             and same_suffix
-            and _same_size(math.prod(in_shape[start : end + 1]), out_shape[start])
+            and same_size(math.prod(in_shape[start : end + 1]), out_shape[start])
         ):
             return start, end
     return None
-
-
-def _same_size(a: object, b: object) -> bool:
-    """Whether two sizes (ints or SymInts) are equal for every value of their symbols,
-    without adding a guard."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return statically_known_true(a == b)  # type: ignore[arg-type]
 
 
 def _static(sizes: tuple | list) -> bool:
@@ -1164,8 +1154,9 @@ def _static(sizes: tuple | list) -> bool:
 
 def _unflattened_sizes(node: fx.Node, out_shape: tuple, start: int, end: int) -> list | None:
     """The sizes of an unflatten's inner dims (start+1..end of its output) for the rewrite:
-    ints where static, else the graph's own size arguments (symbolic-size nodes); None where
-    a dynamic size has no such argument (a -1)."""
+    ints where static or where the graph's size argument is an int (a fake unflatten may
+    give a literal 2 back as ``W // (W // 2)``), else the graph's own size arguments
+    (symbolic-size nodes); None where a dynamic size has no such argument (a -1)."""
     sizes = out_shape[start + 1 : end + 1]
     if _static(sizes):
         return [int(size) for size in sizes]
@@ -1179,7 +1170,7 @@ def _unflattened_sizes(node: fx.Node, out_shape: tuple, start: int, end: int) ->
     for size, arg in zip(sizes, args, strict=True):
         if isinstance(size, int):
             inner.append(size)
-        elif isinstance(arg, fx.Node):
+        elif (isinstance(arg, int) and arg >= 0) or isinstance(arg, fx.Node):
             inner.append(arg)
         else:
             return None
@@ -1212,14 +1203,9 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _shape(node: object) -> tuple:
-    """The node's sizes, with SymInts of a constant value as ints: a graph traced with
-    dynamic sizes can carry them (GPT-2's ``view(b, t, -1, 8)`` after a batch and sequence
-    change gave ``[s0, s1, SymInt(2), SymInt(8)]``), and the layout rules read ints as
-    static sizes."""
-    return tuple(
-        int(size) if is_concrete_int(size) else size
-        for size in node.meta["val"].shape  # type: ignore[attr-defined]
-    )
+    """The node's sizes, with SymInts of a constant value as ints (`static_size`): the layout
+    rules read ints as static sizes."""
+    return tuple(static_size(size) for size in node.meta["val"].shape)  # type: ignore[attr-defined]
 
 
 def _channel_dim(node: fx.Node) -> int:
