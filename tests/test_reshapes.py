@@ -17,6 +17,7 @@ from torch.export import Dim
 from torch.utils._sympy.functions import FloorDiv
 
 import sparsefx
+from sparsefx.analysis.sizes import whole_quotient
 from sparsefx.reshapes import _refine, unmerged_reshapes
 
 aten = torch.ops.aten
@@ -108,6 +109,7 @@ def test_symbolic_sizes_factor_only_where_the_quotient_is_whole_for_every_value(
     # is an opaque size: 2 * half is whole
     t = sympy.Symbol("s1", positive=True, integer=True)
     assert _refine([s * (t - 1), sympy.Integer(32)], [s, t - 1, 4, 8]) is not None  # T - 1
+    assert whole_quotient(s, sympy.Integer(0)) is None  # not zoo
 
 
 def test_a_dim_of_size_one_factors_as_any_other_size():

@@ -61,7 +61,10 @@ def folded(expr: sympy.Expr, env: ShapeEnv | None) -> sympy.Expr:
 
 def whole_quotient(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr | None:
     """``a / b`` where it is whole for every value of the symbols: a polynomial with
-    integer coefficients (``B * (T - 1) / B``), floor divisions being opaque sizes."""
+    integer coefficients (``B * (T - 1) / B``), floor divisions being opaque sizes; None
+    for a zero divisor (a dim of size zero), where sympy gives ``zoo``."""
+    if b == 0:
+        return None
     quotient = sympy.cancel(a / b)
     numerator, denominator = sympy.fraction(quotient)
     if denominator != 1:
