@@ -166,7 +166,9 @@ def capture(
     with _disable_current_modes():
         ep, guards = _export(model, args, kwargs)
     captured = replace(_captured(ep, training=training), size_guards=guards)
-    captured.gm = unmerged_reshapes(linear_matmuls(captured.gm, captured.inputs))
+    captured.gm = unmerged_reshapes(
+        embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
+    )
     return captured
 
 
@@ -320,6 +322,43 @@ def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> f
     return gm
 
 
+def embedding_lookups(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
+    """`gm` with ``W[idx]`` of a 2-D parameter (Swin's relative position bias table read
+    at each pair of window positions) as ``embedding(W, idx + n * (idx < 0))``, the same
+    lookup: a producer whose columns the analysis can prune with the heads they bias. The
+    shift keeps indexing's negative indices; an index out of range still raises."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = {
+        n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
+    }
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.index.Tensor)):
+        weight, indices = node.args
+        if weight not in params or weight.meta["val"].dim() != 2 or len(indices) != 1:
+            continue
+        (index,) = indices
+        value = index.meta.get("val") if isinstance(index, fx.Node) else None
+        if value is None or value.dtype not in (torch.int64, torch.int32):
+            continue
+        rows = weight.meta["val"].shape[0]
+        with gm.graph.inserting_before(node):
+            negative = _traced_call(gm, torch.ops.aten.lt.Scalar, (index, 0))
+            shift = _traced_call(gm, torch.ops.aten.mul.Tensor, (negative, rows))
+            index = _traced_call(gm, torch.ops.aten.add.Tensor, (index, shift))
+            lookup = gm.graph.call_function(torch.ops.aten.embedding.default, (weight, index))
+        lookup.meta = dict(node.meta)
+        node.replace_all_uses_with(lookup)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _traced_call(gm: fx.GraphModule, target: OpOverload, args: tuple) -> fx.Node:
+    """A new call with the fake value the analysis reads its shape and dtype from."""
+    node = gm.graph.call_function(target, args)
+    node.meta["val"] = target(*fx.node.map_arg(args, lambda arg: arg.meta["val"]))
+    return node
+
+
 def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` without export's ``_assert_tensor_metadata`` (written before each ``.to``): it
     holds the capture's dtype, so a graph captured in float32 and run under autocast (a
@@ -428,7 +467,9 @@ def capture_graph(
         next(given) if kind == InputKind.USER_INPUT else (kind, target)
         for kind, target in captured.inputs
     ]
-    captured.gm = unmerged_reshapes(linear_matmuls(captured.gm, captured.inputs))
+    captured.gm = unmerged_reshapes(
+        embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
+    )
     return captured
 
 

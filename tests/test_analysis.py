@@ -282,3 +282,31 @@ def test_a_tied_weight_counts_once_in_the_cost_model():
     sparse = sparsefx.transform(model, torch.randint(0, 20, (2, 5)), density=0.5)
     dense = sparse.cost_model.evaluate("params", [g.size for g in sparse.groups])
     assert dense == sum(p.numel() for p in model.parameters())
+
+
+class IndexedTable(nn.Module):
+    """A parameter table read with ``table[idx]`` (Swin's relative-position bias), with
+    negative indices, as a model may."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 4))
+        self.register_buffer("idx", torch.tensor([[-1, 0], [2, -5]]))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.table[self.idx].sum(1))
+
+
+def test_a_table_read_by_indexing_keeps_negative_indices():
+    """Capture reads ``table[idx]`` as an embedding lookup, so that the analysis can prune
+    the table's columns; embedding refuses negative indices, which indexing counts from the
+    end, so the lookup shifts them."""
+    torch.manual_seed(0)
+    model = IndexedTable().eval()
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        sparse = sparsefx.transform(model, (x,), density=0.5)
+    torch.testing.assert_close(sparse(x), model(x))
+    expected = torch.autograd.grad(model(x).sum(), model.table)[0]
+    torch.testing.assert_close(torch.autograd.grad(sparse(x).sum(), model.table)[0], expected)

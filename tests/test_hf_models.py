@@ -678,3 +678,57 @@ def test_gpt2_with_its_cache_on_says_to_turn_it_off():
             example_kwargs={"labels": ids},
             density=0.5,
         )
+
+
+def _swin() -> nn.Module:
+    config = transformers.SwinConfig(
+        image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=2,
+        mlp_ratio=2.0, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )  # fmt: skip
+    return transformers.SwinForImageClassification(config)
+
+
+def test_swin_prunes_heads_with_their_relative_position_bias():
+    """Swin adds a per-head bias to attention, its table read at each pair of window
+    positions (``table[index]``), and the shifted block a window mask shared by the heads.
+    The bias kept attention at full width; read as an embedding whose columns are heads it
+    couples with q, k and v, and attention runs on the kept heads."""
+    torch.manual_seed(0)
+    model = _swin().double()
+    reference = copy.deepcopy(model)
+    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    blocks = [f"swin.encoder.layers.0.blocks.{b}.attention" for b in range(2)]
+    heads = [g for g in groups if g.size == 2]
+    assert len(heads) == 2
+    for group, block in zip(heads, blocks, strict=True):
+        table = f"{block}.relative_position_bias.relative_position_bias_table"
+        assert (table, 1) in group.members and (f"{block}.o_proj.weight", 1) in group.members
+        assert {f"{block}.{p}_proj.weight" for p in "qkv"} <= {name for name, _ in group.members}
+    assert "read at full width (a scatter before them): none" in sparsefx.explain(sparse)
+
+    masks = _random_masks(groups, seed=4)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x, labels=labels)
+    out.loss.backward()
+    points = {}
+    for group, block in zip(heads, blocks, strict=True):
+        points |= {f"{block}.{p}_proj": _heads(masks[group.name]) for p in "qkv"}
+        mlp = block.replace("attention", "mlp.fc1")
+        points[mlp] = masks[mlp]
+    with _masked_features(reference, points):
+        expected = reference(x, labels=labels)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+    # exported, the bias is a sliced constant; run with grad enabled, as users call it
+    sparsefx.freeze(sparse)
+    program = sparsefx.export(sparse.eval(), (x,))
+    with torch.no_grad():
+        frozen = sparse(x).logits
+    (logits,) = torch.utils._pytree.tree_leaves(program.module()(x))
+    torch.testing.assert_close(logits, frozen)

@@ -98,14 +98,18 @@ class Refinements:
     channels reaches an op that needs zeros."""
 
     def update(self, other: Refinements) -> bool:
-        """Merge `other` in; whether anything was new."""
-        new = (
-            any(self.parts.get(k) != v for k, v in other.parts.items())
-            or any(self.grain.get(k) != v for k, v in other.grain.items())
-            or not other.scatter_at <= self.scatter_at
+        """Merge `other` in; whether anything was new. A walk that learnt new parts or
+        grains made its scatter requests on spaces the next walk cuts differently (Swin's
+        attention, refused while its q, k and v were not yet cut into heads, asked for its
+        bias at full width), so they are dropped: the next walk asks again where needed."""
+        cut = any(self.parts.get(k) != v for k, v in other.parts.items()) or any(
+            self.grain.get(k) != v for k, v in other.grain.items()
         )
         self.parts.update(other.parts)
         self.grain.update(other.grain)
+        if cut:
+            return True
+        new = not other.scatter_at <= self.scatter_at
         self.scatter_at |= other.scatter_at
         return new
 
@@ -116,10 +120,10 @@ class _Op:
 
     layout: Layout | None
     zero_preserving: bool
-    zero_when: str = "all"
+    zero_when: str | int = "all"
     """Past the mask point the output is zero in dropped channels when "all" compact inputs
-    are (element-wise ops, add, cat), "any" is (mul, matmul) or the "last" is (attention:
-    probabilities times v)."""
+    are (element-wise ops, add, cat), "any" is (mul, matmul) or the one at this index is
+    (attention: probabilities times v, whatever its per-head bias holds)."""
     chainable: bool = False
     """A unary channel-wise op: may extend a producer's chain (before its mask point)."""
     members: list[tuple[str, Member]] = field(default_factory=list)
@@ -279,15 +283,15 @@ class _Walk:
             return
         flows = [self.flows[a] for a in compact]
         zeros = [f.zero for f in flows]
-        zero = {
-            "all": all(zeros),
-            "any": any(zeros),
-            "last": zeros[-1],
-        }[op.zero_when] and op.zero_preserving
+        if isinstance(op.zero_when, int):
+            zero = zeros[op.zero_when]
+        else:
+            zero = all(zeros) if op.zero_when == "all" else any(zeros)
+        zero = zero and op.zero_preserving
         origins: frozenset[str] = frozenset()
         if not zero:
-            if op.zero_when == "last":
-                flows = flows[-1:]
+            if isinstance(op.zero_when, int):
+                flows = [flows[op.zero_when]]
             origins = frozenset().union(*(f.origins for f in flows))
             if not op.zero_preserving or not origins:
                 origins |= {node.name}
@@ -443,6 +447,10 @@ class _Walk:
             return self._slice(node, layout)
         if target in ops.SELECTS:
             return _select(node, layout)
+        if target is aten.roll.default:  # Swin's shifted windows roll the spatial dims
+            dims = [int(d) % len(_shape(first)) for d in _arg(node, 2, "dims", [])]  # type: ignore[union-attr]
+            if dims and layout.dim not in dims:
+                return _Op(layout, zero_preserving=True, chainable=True)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
 
     def _norm_within_channels(self, node: fx.Node, compact: list[fx.Node]) -> _Op | None:
@@ -597,7 +605,11 @@ class _Walk:
         elif not isinstance(other, int | float) or isinstance(other, bool):
             return f"{name} with an argument sparsefx does not understand"
         if _shape(x) != _shape(node):
-            return f"{name} broadcasts the compact tensor to a larger shape"
+            if node.target in ops.MUL or node.target in ops.DIV:
+                return f"{name} broadcasts the compact tensor to a larger shape"
+            # a dense tensor of one value per channel position (Swin's window mask added
+            # to a per-head bias): the sum is channel-wise, on the output's dims
+            return _Op(layout.at(layout.dim + len(_shape(node)) - len(_shape(x))), False)
         if node.target in ops.MUL:
             zero_preserving = True
         elif node.target in ops.DIV:
@@ -667,18 +679,22 @@ class _Walk:
         """scaled_dot_product_attention: heads (dim -3 of q, k, v) are independent, so q,
         k and v share one head index set; a head whose v is zero outputs zero."""
         q, k, v = node.args[:3]
-        if compact != [q, k, v]:
-            return "attention with q, k and v not all from pruned heads"
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and len(_shape(mask)) >= 3 and int(_shape(mask)[-3]) != 1:
-            return "attention with a per-head mask or bias (T5's, Swin's), kept at full width"
-        layouts = [self.flows[t].layout for t in (q, k, v)]  # type: ignore[index]
+        per_head = isinstance(mask, fx.Node) and mask in self.flows
+        if compact != [q, k, v, mask][: 4 if per_head else 3]:
+            return "attention with q, k and v not all from pruned heads"
+        if not per_head and isinstance(mask, fx.Node) and _shape(mask)[-3:-2] not in ((), (1,)):
+            return "attention with a per-head mask or bias that keeps every head (a dense one)"
+        layouts = [self.flows[t].layout for t in compact]  # type: ignore[index]
+        if any(la.dim != len(_shape(t)) - 3 for la, t in zip(layouts, compact, strict=True)):
+            return "attention whose q, k, v or bias are not compact along the heads dim"
         heads = len(_shape(q)) - 3
-        if any(la.dim != heads for la in layouts):
-            return "attention whose q, k, v are not compact along the heads dim"
         # enable_gqa: each k/v head serves `ratio` consecutive q heads
         ratio = int(_shape(q)[heads]) // int(_shape(k)[heads])  # type: ignore[arg-type]
-        for la, lb, r in ((layouts[0], layouts[1], ratio), (layouts[1], layouts[2], 1)):
+        pairs = [(layouts[0], layouts[1], ratio), (layouts[1], layouts[2], 1)]
+        if per_head:  # a per-head bias: one per q head
+            pairs.append((layouts[0], layouts[3], 1))
+        for la, lb, r in pairs:
             reason = self._heads_aligned(la, lb, r)
             if reason is not None:
                 return f"attention: {reason}"
@@ -689,7 +705,7 @@ class _Walk:
             for p, r in zip(first.pieces, la.pieces, strict=True)
             if p.group and r.group
         ]
-        return _Op(first, zero_preserving=True, zero_when="last", couplings=couplings)  # type: ignore[arg-type]
+        return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings)  # type: ignore[arg-type]
 
     def _heads_aligned(self, a: Layout, b: Layout, ratio: int) -> str | None:
         """None if channel c of `a` is channel c of `b` piece by piece, where each feature

@@ -38,7 +38,7 @@ def inline_state(
         value = state[target] if kind is not None else indices[target.removeprefix("kept ")]
         name = _attribute_name(gm, target)
         if kind == InputKind.PARAMETER:
-            gm.register_parameter(name, torch.nn.Parameter(value.detach(), value.requires_grad))
+            gm.register_parameter(name, _inference_parameter(value))
         else:
             gm.register_buffer(name, value.detach())
         with gm.graph.inserting_before(node):
@@ -48,6 +48,14 @@ def inline_state(
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _inference_parameter(value: Tensor) -> torch.nn.Parameter:
+    """A parameter of the inference program: it does not require grad. Where it did, a
+    per-head attention bias derived from one required grad at run time, CPU attention
+    picked another kernel than the one the trace saw, and a view the trace had emitted on
+    its output's strides failed (Swin)."""
+    return torch.nn.Parameter(value.detach(), requires_grad=False)
 
 
 def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
@@ -79,7 +87,7 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
             source = next(n for n in _constant_sources(node, values))
             name = _attribute_name(gm, f"{source.target}_kept")
             if node in from_parameter:
-                gm.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+                gm.register_parameter(name, _inference_parameter(value.clone()))
             else:
                 gm.register_buffer(name, value.detach().clone())
             with graph.inserting_before(node):
