@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
-from sparsefx.reshapes import unmerged_reshapes
+from sparsefx.reshapes import traced_call, unmerged_reshapes
 
 __all__ = [
     "CaptureError",
@@ -294,10 +294,7 @@ def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> f
     gathers it): folded into linear it would change the sum's dtype under autocast. Called
     once the placeholders' kinds are known (a Dynamo graph's parameters are inputs until
     `capture_graph` names them)."""
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    params = {
-        n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
-    }
+    params = _parameters(gm, inputs)
     for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.matmul.default)):
         x, transposed = node.args
         if not (isinstance(transposed, fx.Node) and transposed.target in _TRANSPOSES):
@@ -322,15 +319,20 @@ def linear_matmuls(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> f
     return gm
 
 
+def _parameters(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> set[fx.Node]:
+    """The placeholders that are parameters."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {
+        n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
+    }
+
+
 def embedding_lookups(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
     """`gm` with ``W[idx]`` of a 2-D parameter (Swin's relative position bias table read
     at each pair of window positions) as ``embedding(W, idx + n * (idx < 0))``, the same
     lookup: a producer whose columns the analysis can prune with the heads they bias. The
     shift keeps indexing's negative indices; an index out of range still raises."""
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    params = {
-        n for n, (kind, _) in zip(placeholders, inputs, strict=True) if kind == InputKind.PARAMETER
-    }
+    params = _parameters(gm, inputs)
     for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.index.Tensor)):
         weight, indices = node.args
         if weight not in params or weight.meta["val"].dim() != 2 or len(indices) != 1:
@@ -341,22 +343,15 @@ def embedding_lookups(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -
             continue
         rows = weight.meta["val"].shape[0]
         with gm.graph.inserting_before(node):
-            negative = _traced_call(gm, torch.ops.aten.lt.Scalar, (index, 0))
-            shift = _traced_call(gm, torch.ops.aten.mul.Tensor, (negative, rows))
-            index = _traced_call(gm, torch.ops.aten.add.Tensor, (index, shift))
+            negative = traced_call(gm, node, torch.ops.aten.lt.Scalar, (index, 0))
+            shift = traced_call(gm, node, torch.ops.aten.mul.Tensor, (negative, rows))
+            index = traced_call(gm, node, torch.ops.aten.add.Tensor, (index, shift))
             lookup = gm.graph.call_function(torch.ops.aten.embedding.default, (weight, index))
         lookup.meta = dict(node.meta)
         node.replace_all_uses_with(lookup)
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
-
-
-def _traced_call(gm: fx.GraphModule, target: OpOverload, args: tuple) -> fx.Node:
-    """A new call with the fake value the analysis reads its shape and dtype from."""
-    node = gm.graph.call_function(target, args)
-    node.meta["val"] = target(*fx.node.map_arg(args, lambda arg: arg.meta["val"]))
-    return node
 
 
 def without_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:

@@ -20,9 +20,9 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._sympy.functions import FloorDiv, Mod
 
-from sparsefx.analysis.sizes import folded, proves, whole_quotient
+from sparsefx.analysis.sizes import equal, folded, proves, whole_quotient
 
-__all__ = ["unmerged_reshapes"]
+__all__ = ["traced_call", "unmerged_reshapes"]
 
 aten = torch.ops.aten
 
@@ -72,7 +72,7 @@ def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:
         return False
     with gm.graph.inserting_before(last):
         value = _emit(gm, last, source, steps)
-        value = _call(gm, last, aten.permute.default, (value, order))
+        value = traced_call(gm, last, aten.permute.default, (value, order))
         value = _emit(gm, last, value, _flattens(permuted[2]))
     last.replace_all_uses_with(value)
     return True
@@ -136,11 +136,11 @@ def _flattens(groups: list[list[int]]) -> list[tuple]:
 
 def _emit(gm: fx.GraphModule, origin: fx.Node, value: fx.Node, steps: list[tuple]) -> fx.Node:
     for target, *args in steps:
-        value = _call(gm, origin, target, (value, *args))
+        value = traced_call(gm, origin, target, (value, *args))
     return value
 
 
-def _call(gm: fx.GraphModule, origin: fx.Node, target: object, args: tuple) -> fx.Node:
+def traced_call(gm: fx.GraphModule, origin: fx.Node, target: object, args: tuple) -> fx.Node:
     """A new node with its fake value (the analysis reads shapes from it) and the source
     location of the reshape it replaces (reports name it)."""
     node = gm.graph.call_function(target, args)  # type: ignore[arg-type]
@@ -215,7 +215,7 @@ def _refine(
     rest_x, rest_y = xs[0], ys[0]
     while i < len(xs) or j < len(ys):
         both = i < len(xs) and j < len(ys)
-        if both and _equal(rest_x, rest_y, env):
+        if both and equal(rest_x, rest_y, env):
             atom, next_x, next_y = rest_y if rest_y.is_Integer else rest_x, True, True
         elif i < len(xs) and rest_x == one:  # a size-one dim: never a remainder
             atom, next_x, next_y = one, True, False
@@ -241,10 +241,6 @@ def _refine(
             of_y.append([])
             rest_y = ys[j] if j < len(ys) else one
     return atoms, of_x[:-1], of_y[:-1]
-
-
-def _equal(a: sympy.Expr, b: sympy.Expr, env: ShapeEnv | None) -> bool:
-    return sympy.simplify(a - b) == 0 or proves(env, sympy.Eq(a, b))
 
 
 def _quotient(a: sympy.Expr, b: sympy.Expr, env: ShapeEnv | None) -> sympy.Expr | None:

@@ -609,7 +609,8 @@ class _Walk:
                 return f"{name} broadcasts the compact tensor to a larger shape"
             # a dense tensor of one value per channel position (Swin's window mask added
             # to a per-head bias): the sum is channel-wise, on the output's dims
-            return _Op(layout.at(layout.dim + len(_shape(node)) - len(_shape(x))), False)
+            dim = layout.dim + len(_shape(node)) - len(_shape(x))
+            return _Op(layout.at(dim), zero_preserving=False)
         if node.target in ops.MUL:
             zero_preserving = True
         elif node.target in ops.DIV:
@@ -683,7 +684,8 @@ class _Walk:
         per_head = isinstance(mask, fx.Node) and mask in self.flows
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
-        if not per_head and isinstance(mask, fx.Node) and _shape(mask)[-3:-2] not in ((), (1,)):
+        shape = _shape(mask) if isinstance(mask, fx.Node) else ()
+        if not per_head and len(shape) >= 3 and not same_size(shape[-3], 1):
             return "attention with a per-head mask or bias that keeps every head (a dense one)"
         layouts = [self.flows[t].layout for t in compact]  # type: ignore[index]
         if any(la.dim != len(_shape(t)) - 3 for la, t in zip(layouts, compact, strict=True)):
@@ -705,6 +707,7 @@ class _Walk:
             for p, r in zip(first.pieces, la.pieces, strict=True)
             if p.group and r.group
         ]
+        # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
         return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings)  # type: ignore[arg-type]
 
     def _heads_aligned(self, a: Layout, b: Layout, ratio: int) -> str | None:

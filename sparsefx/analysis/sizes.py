@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import (
 )
 from torch.utils._sympy.functions import FloorDiv, Mod
 
-__all__ = ["folded", "proves", "same_size", "static_size", "whole_quotient"]
+__all__ = ["equal", "folded", "proves", "same_size", "static_size", "whole_quotient"]
 
 
 def static_size(size: int | torch.SymInt) -> int | torch.SymInt:
@@ -34,11 +34,15 @@ def same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
     """Whether two sizes are equal for every input the graph admits."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    if statically_known_true(a == b):  # type: ignore[arg-type]
-        return True
     env = (a if isinstance(a, torch.SymInt) else b).node.shape_env  # type: ignore[union-attr]
     exprs = [sympy.Integer(s) if isinstance(s, int) else s.node.expr for s in (a, b)]
-    return sympy.simplify(folded(exprs[0], env) - folded(exprs[1], env)) == 0
+    return equal(exprs[0], exprs[1], env)
+
+
+def equal(a: sympy.Expr, b: sympy.Expr, env: ShapeEnv | None) -> bool:
+    """Whether two size expressions are equal for every input the graph admits: proved by
+    `env` (its proofs are cached, so asked first), or alike once `folded`."""
+    return proves(env, sympy.Eq(a, b)) or sympy.simplify(folded(a, env) - folded(b, env)) == 0
 
 
 def folded(expr: sympy.Expr, env: ShapeEnv | None) -> sympy.Expr:
