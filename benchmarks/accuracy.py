@@ -9,6 +9,8 @@ and with an MLP, and scikit-learn's digits with an MLP. Methods, all with the sa
 the same data order per seed, SGD with momentum and a cosine learning rate:
 
 * dense: ordinary training.
+* `--validate N`: train on all but the last N training examples and score on those N, not
+  the test set, to choose options (a warm-up, the restart) without looking at test accuracy.
 * `--restart-lr`: every method's cosine restarts from its peak when the search ends
   (learning-rate rewinding, Renda et al. 2020), reported as `<method> lr-restart`.
 * sparsefx-paper / sparsefx-exact: `sparsefx.transform` with each score form of DESIGN §3;
@@ -584,6 +586,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="override every setting's epochs")
     parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST examples per split")
     parser.add_argument(
+        "--validate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on all but the last N training examples and report accuracy on those N "
+        "instead of the test set (settings named <setting>-val): choose options on these, "
+        "then run the chosen ones on the test set",
+    )
+    parser.add_argument(
         "--search", type=float, default=SEARCH, help="fraction of the epochs that search masks"
     )
     parser.add_argument(
@@ -705,6 +716,8 @@ def train_all(args: argparse.Namespace) -> list[Run]:
             if setting.load is load_fashion_mnist
             else setting.load()
         )
+        if args.validate:
+            data, name = held_out(data, args.validate), f"{name}-val"
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
                 for density in [1.0] if method == "dense" else densities:
@@ -762,6 +775,19 @@ def _structure_line(run: Run) -> str:
         )
         line += f", expected kept {expected[0]} at step 0 -> {expected[-1]} at its end"
     return line
+
+
+def held_out(data: Split, count: int) -> Split:
+    """The split that trains on all but the last `count` training examples and tests on them."""
+    if not 0 < count < len(data.x_train):
+        raise SystemExit(
+            f"--validate {count}: hold out between 1 and {len(data.x_train) - 1} of the "
+            f"{len(data.x_train)} training examples"
+        )
+    return Split(
+        data.x_train[:-count], data.y_train[:-count], data.x_train[-count:],
+        data.y_train[-count:], data.num_classes,
+    )  # fmt: skip
 
 
 def asdict_setting(setting: Setting) -> dict:

@@ -124,3 +124,25 @@ def test_restart_lr_restarts_the_cosine_when_the_search_ends(tmp_path, monkeypat
         assert run[0] == run[half] == peak  # the cosine starts again at its peak
         assert 0.4 * peak < run[half - 1] < 0.6 * peak  # from halfway down the first one
         assert run[-1] < peak / 100
+
+
+def test_validate_scores_on_held_out_training_examples_not_the_test_set(tmp_path, monkeypatch):
+    data = accuracy.SETTINGS["digits-mlp"].load()
+    held = accuracy.held_out(data, 100)
+    assert torch.equal(held.x_test, data.x_train[-100:])
+    assert torch.equal(held.y_test, data.y_train[-100:])
+    assert torch.equal(held.x_train, data.x_train[:-100])
+    scored: list[int] = []
+    predict = accuracy.Trainer.predict
+    monkeypatch.setattr(
+        accuracy.Trainer, "predict", lambda self, x: scored.append(len(x)) or predict(self, x)
+    )
+    out = tmp_path / "accuracy.json"
+    accuracy.main(
+        ["--settings", "digits-mlp", "--epochs", "1", "--seeds", "0", "--methods", "dense",
+         "--validate", "100", "--json", str(out)]
+    )  # fmt: skip
+    assert sum(scored) == 100  # the held-out examples, not digits' 360 test images
+    assert [run["setting"] for run in json.loads(out.read_text())["runs"]] == ["digits-mlp-val"]
+    with pytest.raises(SystemExit, match="hold out between 1 and"):
+        accuracy.held_out(data, len(data.x_train))
