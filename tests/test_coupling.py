@@ -645,8 +645,8 @@ def _transformed_as_zeroed(model: nn.Module, x: Tensor) -> nn.Module:
 
 
 class BiasedAttention(nn.Module):
-    """Attention with a learned per-head additive bias (T5's relative position bias, Swin's
-    window bias): the bias keeps every head, so q, k and v cannot be compact in heads."""
+    """Attention with a learned per-head additive bias of every head (a parameter, as an
+    ALiBi buffer or T5's shared position bias would be: nothing prunes it with the heads)."""
 
     heads, dim, tokens = 4, 8, 6
 
@@ -670,16 +670,24 @@ class BiasedAttention(nn.Module):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-def test_attention_with_a_per_head_bias_runs_at_full_width_and_exactly():
+def test_attention_with_a_dense_per_head_bias_reads_it_at_the_kept_heads():
     """Heads were compacted while the bias kept all of them: the step failed with a shape
-    mismatch whenever a head was dropped. Each projection's dropped features are now zeros
-    at full width, which is what zeroing those weights in the dense model gives."""
+    mismatch whenever a head was dropped; then attention ran at full width. Now it runs on
+    the kept heads and reads the bias at them (a dropped head's output is zero whatever its
+    bias: its probabilities times a zero v), exactly what zeroing those weights gives."""
     torch.manual_seed(0)
     model = BiasedAttention()
     x = torch.randn(2, BiasedAttention.tokens, 32)
     sparse = _transformed_as_zeroed(model, x)
-    reasons = [d.reason for d in sparse.analysis.scatters]
-    assert any("per-head mask or bias" in r for r in reasons), reasons
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    graph = sparse.runtime.graphs[0].compact.graph
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    (attention,) = [n for n in graph.nodes if n.target is sdpa]
+    assert attention.args[3].target is torch.ops.aten.index_select.default
+    sparse(x).sum().backward()
+    (bias,) = [p for name, p in sparse.named_parameters() if name.endswith("bias") and p.ndim == 4]
+    dropped = ~sparsefx.masks(sparse)["q"]
+    assert bias.grad[:, dropped].abs().sum() == 0 < bias.grad.abs().sum()
 
 
 class RotaryAttention(BiasedAttention):

@@ -542,14 +542,16 @@ def test_llama_stream_read_by_its_written_out_rms_norm_stays_dense_under_prune_s
         {},
         {"new_decoder_architecture": True, "num_kv_heads": 2},
         {"multi_query": False, "bias": True},
+        {"multi_query": False, "alibi": True},
     ],
-    ids=["multi-query", "grouped-query", "multi-head-biases"],
+    ids=["multi-query", "grouped-query", "multi-head-biases", "alibi"],
 )
 def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(options):
     """Falcon's `FalconLinear` computes ``x @ W.T (+ b)``: sparsefx found nothing to prune
     and trained Falcon dense. Its MLP neurons are groups now (bias folded in), and its
     heads are pruned in the fused qkv projection, compact through attention (its split of
-    q, k and v is an ``unbind``/``select`` of another dim), except with a single kv head."""
+    q, k and v is an ``unbind``/``select`` of another dim), except with a single kv head.
+    ALiBi's per-head bias (a dense mask of every head) is read at the kept heads."""
     torch.manual_seed(0)
     config = transformers.FalconConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -732,3 +734,64 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
         frozen = sparse(x).logits
     (logits,) = torch.utils._pytree.tree_leaves(program.module()(x))
     torch.testing.assert_close(logits, frozen)
+
+
+def _t5(layers: int) -> nn.Module:
+    config = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=HEAD_DIM, d_ff=32, num_layers=layers,
+        num_decoder_layers=layers, num_heads=4, relative_attention_num_buckets=8,
+        dropout_rate=0.0, use_cache=False, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def _t5_attentions(layers: int) -> list[str]:
+    encoder = [f"encoder.block.{b}.layer.0.SelfAttention" for b in range(layers)]
+    decoder = [
+        f"decoder.block.{b}.layer.{i}.{kind}"
+        for b in range(layers)
+        for i, kind in enumerate(("SelfAttention", "EncDecAttention"))
+    ]
+    return encoder + decoder
+
+
+@pytest.mark.parametrize("layers", [2, 1])
+def test_t5_prunes_each_layers_heads_with_its_relative_position_bias(layers):
+    """T5's first layer computes a relative-position bias, a table lookup whose columns are
+    heads, and every layer of its stack adds it to the attention scores (SDPA's mask, where
+    the padding mask holds); cross-attention adds zeros of that shape. The bias became a group
+    of its own, q, k and v separate groups, and attention ran at full width. Now q, k, v and
+    o are one group per attention: a bias that several layers read stays dense and each reads
+    its own kept heads of it; one read by a single attention is pruned with its heads."""
+    torch.manual_seed(0)
+    model = _t5(layers).double()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = {"labels": labels, "attention_mask": _padding_mask(ids)}
+    sparse = sparsefx.transform(model, (ids,), example_kwargs=kwargs, density=0.5)
+    groups = sparsefx.groups(sparse)
+    attentions = _t5_attentions(layers)
+    heads = [g for g in groups if g.size == 4]
+    assert [g.name for g in heads] == [f"{a}.q" for a in attentions]
+    for group, attention in zip(heads, attentions, strict=True):
+        members = {(f"{attention}.{p}.weight", 0) for p in "qkv"} | {(f"{attention}.o.weight", 1)}
+        if layers == 1 and attention.endswith("SelfAttention"):  # the bias, one reader
+            members.add((f"{attention}.relative_attention_bias.weight", 1))
+        assert set(group.members) == members
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    shared = [op.node for op in sparse.analysis.dense if "several attentions read" in op.reason]
+    assert len(shared) == (2 if layers > 1 else 0)  # the encoder's bias and the decoder's
+
+    masks = _random_masks(groups, seed=4)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(ids, **kwargs)
+    out.loss.backward()
+    points = {f"{a}.{p}": _heads(masks[f"{a}.q"]) for a in attentions for p in "qkv"}
+    points |= {g.name: masks[g.name] for g in groups if g.name.endswith("DenseReluDense.wi")}
+    with _masked_features(reference, points):
+        expected = reference(ids, **kwargs)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)

@@ -96,17 +96,23 @@ class Refinements:
     scatter_at: set[str] = field(default_factory=set)
     """Ops past a mask point that must read a scatter: their non-zero output in dropped
     channels reaches an op that needs zeros."""
+    dense: dict[str, str] = field(default_factory=dict)
+    """Space -> why its producer is left dense, on its own and not its component (a per-head
+    bias that several attentions read, each at its own kept heads)."""
 
     def update(self, other: Refinements) -> bool:
         """Merge `other` in; whether anything was new. A walk that learnt new parts or
         grains made its scatter requests on spaces the next walk cuts differently (Swin's
         attention, refused while its q, k and v were not yet cut into heads, asked for its
         bias at full width), so they are dropped: the next walk asks again where needed."""
-        cut = any(self.parts.get(k) != v for k, v in other.parts.items()) or any(
-            self.grain.get(k) != v for k, v in other.grain.items()
+        cut = (
+            any(self.parts.get(k) != v for k, v in other.parts.items())
+            or any(self.grain.get(k) != v for k, v in other.grain.items())
+            or not other.dense.keys() <= self.dense.keys()
         )
         self.parts.update(other.parts)
         self.grain.update(other.grain)
+        self.dense.update(other.dense)
         if cut:
             return True
         new = not other.scatter_at <= self.scatter_at
@@ -190,6 +196,8 @@ class _Walk:
         self.refined = refined
         self.flows: dict[fx.Node, _Flow] = {}
         self.result = Propagation({}, nx.Graph(), {}, {}, [], [])
+        self.bias_readers: dict[str, fx.Node] = {}
+        """Per-head bias space -> the attention whose heads it was pruned with."""
 
     def run(self, gm: fx.GraphModule) -> Propagation:
         for node in gm.graph.nodes:
@@ -333,8 +341,9 @@ class _Walk:
         """A weight op's output channels become a space (or several, where a split cuts
         them), unless it is left dense."""
         leaves = self._leaves(node.name, int(_shape(node)[_channel_dim(node)]))
+        dense = self.dense_spaces | self.refined.dense
         reason = _source_blocker(node, self.view) or next(
-            (self.dense_spaces[name] for name, _, _ in leaves if name in self.dense_spaces), None
+            (dense[name] for name, _, _ in leaves if name in dense), None
         )
         if reason is not None:
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
@@ -399,6 +408,8 @@ class _Walk:
             for arg in compact:
                 self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")
             return f"{_op_name(node)} normalises across all features and reads them at full width"
+        if target in ops.WHERE:
+            return self._where(node, compact)
         if target in ops.TYPE_AS:
             if first not in compact:  # only the other tensor's dtype is read
                 return _Op(None, zero_preserving=True)
@@ -621,11 +632,31 @@ class _Walk:
             zero_preserving = False
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
 
+    def _where(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """``where(cond, x, y)`` with one compact value, and a condition and other value of
+        one per channel position: channel-wise on the output's dims (T5's position bias
+        where the attention mask holds, -inf elsewhere); zero-preserving if y is 0."""
+        cond, *values = node.args[:3]
+        if len(compact) != 1 or cond in compact:
+            return "where with a compact condition or two compact values"
+        (x,) = compact
+        layout = self.flows[x].layout
+        ndim = len(_shape(node))
+        dim = layout.dim + ndim - len(_shape(x))
+        other = values[1] if values[0] is x else values[0]
+        for arg in (cond, other):
+            shape = _shape(arg) if isinstance(arg, fx.Node) else ()
+            at = dim - ndim + len(shape)
+            if at >= 0 and not same_size(shape[at], 1):
+                return "where with a full-width condition or other value"
+        zero = isinstance(other, int | float) and other == 0
+        return _Op(layout.at(dim), zero_preserving=zero)
+
     def _channel_parameter(self, node: fx.Node, x: fx.Node, param: fx.Node, dim: int) -> _Op | None:
         """``x * p``, ``x / p``, ``x + p`` or ``x - p`` with a parameter of one value per
         channel is channel-wise: a layer scale (ConvNeXt, CaiT, DINOv2) or a bias added
         after a bias-free layer (Falcon's ``x @ W.T + b``). The parameter is a member,
-        gathered to the kept channels (meta ``channel_param``: its argument position and
+        gathered to the kept channels (meta ``gathered_arg``: its argument position and
         channel dim), so the result stays compact and reaches what it joins (a stream, which
         decides its fate). Adding a bias is not zero-preserving, like BatchNorm's shift."""
         shape = _shape(param)
@@ -640,7 +671,7 @@ class _Walk:
         return _Op(
             layout, zero_preserving=node.target in ops.MUL or node.target in ops.DIV,
             chainable=True, members=self._members(layout, [(param, dim)]),
-            meta={"channel_param": (node.args.index(param), dim)},
+            meta={"gathered_arg": (node.args.index(param), dim)},
         )  # fmt: skip
 
     def _cat(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
@@ -678,19 +709,24 @@ class _Walk:
 
     def _attention(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """scaled_dot_product_attention: heads (dim -3 of q, k, v) are independent, so q,
-        k and v share one head index set; a head whose v is zero outputs zero."""
+        k and v share one head index set; a head whose v is zero outputs zero, whatever its
+        mask or bias holds. A per-head bias is pruned with the heads where it is compact and
+        this attention's alone (Swin's table), and read at the kept heads where it is dense
+        (T5's, which every layer reads; ALiBi's)."""
         q, k, v = node.args[:3]
+        mask_at: int | str = 3 if len(node.args) > 3 else "attn_mask"
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         per_head = isinstance(mask, fx.Node) and mask in self.flows
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
+        heads = len(_shape(q)) - 3
         shape = _shape(mask) if isinstance(mask, fx.Node) else ()
-        if not per_head and len(shape) >= 3 and not same_size(shape[-3], 1):
-            return "attention with a per-head mask or bias that keeps every head (a dense one)"
+        gathered = not per_head and len(shape) >= 3 and not same_size(shape[-3], 1)
+        if gathered and not same_size(shape[-3], _shape(q)[heads]):
+            return "attention with a mask whose heads dim is neither one nor q's heads"
         layouts = [self.flows[t].layout for t in compact]  # type: ignore[index]
         if any(la.dim != len(_shape(t)) - 3 for la, t in zip(layouts, compact, strict=True)):
             return "attention whose q, k, v or bias are not compact along the heads dim"
-        heads = len(_shape(q)) - 3
         # enable_gqa: each k/v head serves `ratio` consecutive q heads
         ratio = int(_shape(q)[heads]) // int(_shape(k)[heads])  # type: ignore[arg-type]
         pairs = [(layouts[0], layouts[1], ratio), (layouts[1], layouts[2], 1)]
@@ -700,6 +736,8 @@ class _Walk:
             reason = self._heads_aligned(la, lb, r)
             if reason is not None:
                 return f"attention: {reason}"
+        if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
+            return shared
         first = layouts[0]
         couplings = [
             (p.group, r.group, "attention")
@@ -707,8 +745,25 @@ class _Walk:
             for p, r in zip(first.pieces, la.pieces, strict=True)
             if p.group and r.group
         ]
+        # a dense per-head mask is read at q's kept heads (rewrite_gathered_args)
+        meta = {"gathered_arg": (mask_at, len(shape) - 3)} if gathered else {}
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
-        return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings)  # type: ignore[arg-type]
+        return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)  # type: ignore[arg-type]
+
+    def _shared_bias(self, node: fx.Node, bias: fx.Node) -> str | None:
+        """A compact per-head bias that a second attention reads (T5 computes one for every
+        layer) would tie the layers' heads into one group: its producer is left dense for
+        the next walk, and each attention reads its own kept heads of it."""
+        shared = False
+        for space in self.flows[bias].layout.groups:
+            first = self.bias_readers.setdefault(space, node)
+            if first is not node:
+                shared = True
+                self.refine.dense[space] = (
+                    f"a per-head attention bias that several attentions read ({first.name}, "
+                    f"{node.name}): left dense, and each reads it at its own kept heads"
+                )
+        return "attention with a per-head bias that another attention reads" if shared else None
 
     def _heads_aligned(self, a: Layout, b: Layout, ratio: int) -> str | None:
         """None if channel c of `a` is channel c of `b` piece by piece, where each feature

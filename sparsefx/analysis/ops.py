@@ -194,6 +194,11 @@ SELECTS: frozenset[OpOverload] = frozenset({aten.select.int, aten.unbind.int})
 qkv's q, k and v): channel-wise along other dims."""
 SLICES: frozenset[OpOverload] = frozenset({aten.slice.Tensor, aten.narrow.default})
 """A contiguous range of one dim (``x[:, a:b]``, ``narrow``): channel-wise along other dims."""
+WHERE: frozenset[OpOverload] = frozenset(
+    {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
+)
+"""``where(cond, x, y)``: channel-wise where the condition and the other value broadcast
+over the channel dim."""
 SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
 """Softmax over one dim: channel-wise (not zero-preserving) unless it is the channel dim."""
 ATTENTION: frozenset[OpOverload] = frozenset({aten.scaled_dot_product_attention.default})

@@ -14,7 +14,7 @@ from sparsefx.passes.compact import (
     insert_scatters,
     opaque_compact_convolutions,
     rewrite_batch_norms,
-    rewrite_channel_parameters,
+    rewrite_gathered_args,
     rewrite_splits,
     rewrite_views,
     rewrite_weight_ops,
@@ -52,7 +52,7 @@ def rewrite_compact(
     gm = add_index_inputs(gm, groups)
     for rewrite in (
         insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms,
-        rewrite_channel_parameters,
+        rewrite_gathered_args,
     ):  # fmt: skip
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)

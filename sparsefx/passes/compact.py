@@ -25,7 +25,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_batch_norms",
-    "rewrite_channel_parameters",
+    "rewrite_gathered_args",
     "rewrite_splits",
     "rewrite_views",
     "rewrite_weight_ops",
@@ -212,20 +212,23 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def rewrite_channel_parameters(gm: fx.GraphModule) -> fx.GraphModule:
-    """A per-channel parameter combined with a compact tensor (a layer scale, a bias added
-    after a bias-free layer) is read at its kept channels."""
+def rewrite_gathered_args(gm: fx.GraphModule) -> fx.GraphModule:
+    """A full-width argument of a compact op is read at its kept channels: a per-channel
+    parameter (a layer scale, a bias added after a bias-free layer) or attention's dense
+    per-head mask (T5's shared position bias)."""
     indices = _Indices(gm)
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
-        if "channel_param" not in meta:
+        if "gathered_arg" not in meta:
             continue
-        position, dim = meta["channel_param"]
+        position, dim = meta["gathered_arg"]
+        arg = node.args[position] if isinstance(position, int) else node.kwargs[position]
         with gm.graph.inserting_before(node):
-            kept = gm.graph.call_function(
-                select, (node.args[position], dim, indices.of(meta["layout"]))
-            )
-        node.update_arg(position, kept)
+            kept = gm.graph.call_function(select, (arg, dim, indices.of(meta["layout"])))
+        if isinstance(position, int):
+            node.update_arg(position, kept)
+        else:
+            node.update_kwarg(position, kept)
     return gm
 
 
