@@ -602,6 +602,7 @@ def _hf_cases() -> dict[str, tuple]:
     for name, (build, _, inputs, _) in TRANSFORMERS.items():
         cases[name] = (build, inputs, {"density": 0.5, "seed": 0}, 30)
     cases["llama-gqa"] = (_decoder, TRANSFORMERS["gpt2"][2], {"density": 0.5, "seed": 0}, 30)
+    cases["t5"] = (lambda: _t5(2), lambda: _t5_inputs()[:2], {"density": 0.5, "seed": 0}, 30)
     return cases
 
 
@@ -745,6 +746,13 @@ def _t5(layers: int) -> nn.Module:
     return transformers.T5ForConditionalGeneration(config)
 
 
+def _t5_inputs() -> tuple[Tensor, Tensor, Tensor]:
+    """Encoder ids, decoder labels of another length, and a padding mask for the ids."""
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    return ids, labels, _padding_mask(ids)
+
+
 def _t5_attentions(layers: int) -> list[str]:
     encoder = [f"encoder.block.{b}.layer.0.SelfAttention" for b in range(layers)]
     decoder = [
@@ -766,9 +774,8 @@ def test_t5_prunes_each_layers_heads_with_its_relative_position_bias(layers):
     torch.manual_seed(0)
     model = _t5(layers).double()
     reference = copy.deepcopy(model)
-    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
-    kwargs = {"labels": labels, "attention_mask": _padding_mask(ids)}
+    ids, labels, padding = _t5_inputs()
+    kwargs = {"labels": labels, "attention_mask": padding}
     sparse = sparsefx.transform(model, (ids,), example_kwargs=kwargs, density=0.5)
     groups = sparsefx.groups(sparse)
     attentions = _t5_attentions(layers)
