@@ -63,6 +63,36 @@ def test_gate_by_an_unpruned_tensor_is_scattered_to_full_width_and_exact():
     assert code.count("sparsefx.scatter_channels") == 1  # fc2's output, into the mul
 
 
+class SizeScalars(nn.Module):
+    """``where`` and ``mul`` with the batch size as the scalar operand: under dynamic shapes
+    a node of a SymInt, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer(
+            "cond", torch.rand(1, 5, 1, generator=torch.Generator().manual_seed(0)) > 0.4
+        )
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) * x.shape[0]
+        return self.fc2(torch.where(self.cond, h, x.shape[0]))
+
+
+def test_a_symbolic_size_is_a_scalar_operand_of_mul_and_where():
+    """The analysis read a SymInt node's shape and raised AttributeError."""
+    torch.manual_seed(0)
+    model = SizeScalars()
+    x = torch.randn(2, 5, 6)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    sparsefx.set_masks(sparse, {"fc1": mask})
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, 6)
+        h = torch.relu(model.fc1(x)) * mask * batch
+        torch.testing.assert_close(sparse(x), model.fc2(torch.where(model.cond, h, batch)))
+
+
 class ViewFlatten(nn.Module):
     """Flattens with x.view(x.size(0), -1): captured with concrete sizes, must be rewritten."""
 

@@ -690,6 +690,55 @@ def test_attention_with_a_dense_per_head_bias_reads_it_at_the_kept_heads():
     assert bias.grad[:, dropped].abs().sum() == 0 < bias.grad.abs().sum()
 
 
+class TableBiasedAttention(nn.Module):
+    """A relative-position bias read from a table (T5's, Swin's) by a pruned attention and
+    by an attention over the input's own heads, which nothing prunes."""
+
+    heads, dim, tokens = 4, 4, 5
+
+    def __init__(self):
+        super().__init__()
+        width = self.heads * self.dim
+        self.table = nn.Embedding(6, self.heads)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.o = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+        position = torch.arange(self.tokens)
+        self.register_buffer("buckets", (position[None] - position[:, None]).clamp(-2, 3) + 2)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+
+        def merge(h: Tensor) -> Tensor:
+            return h.transpose(1, 2).reshape(b, t, -1)
+
+        bias = self.table(self.buckets).permute(2, 0, 1)[None]
+        pruned = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=bias
+        )
+        raw = split(x)
+        dense = F.scaled_dot_product_attention(raw, raw, raw, attn_mask=bias)
+        return self.head(x + self.o(merge(pruned)) + merge(dense))
+
+
+def test_a_table_bias_that_an_unpruned_attention_also_reads_stays_dense():
+    """Pruned with the first attention's heads, the table's dropped columns were zero in the
+    other attention's bias too (exact against masking the table's output, but a structure
+    nobody asked for). The table stays dense, and the pruned attention reads its kept heads."""
+    torch.manual_seed(0)
+    model = TableBiasedAttention()
+    x = torch.randn(2, TableBiasedAttention.tokens, 16)
+    sparse = _transformed_as_zeroed(model, x)
+    (group,) = sparse.groups
+    assert group.name == "q" and not any(name == "table.weight" for name, _ in group.members)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "several attentions read" in reasons["embedding"], reasons
+
+
 class RotaryAttention(BiasedAttention):
     """Rotary position embedding on q and k, with Llama's rotate_half: cat(-x2, x1)."""
 

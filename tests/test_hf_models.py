@@ -802,3 +802,11 @@ def test_t5_prunes_each_layers_heads_with_its_relative_position_bias(layers):
     torch.testing.assert_close(out.logits, expected.logits)
     for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+    sparsefx.freeze(sparse)  # the exported program reads the bias at the frozen heads too
+    inference = {"decoder_input_ids": labels, "attention_mask": padding}
+    program = sparsefx.export(sparse.eval(), (ids,), example_kwargs=inference)
+    with torch.no_grad():
+        frozen = sparse(ids, **inference).logits
+    (logits, *_) = torch.utils._pytree.tree_leaves(program.module()(ids, **inference))
+    torch.testing.assert_close(logits, frozen)

@@ -600,7 +600,7 @@ class _Walk:
         (x,) = compact
         layout = self.flows[x].layout
         other = b if x is a else a
-        if isinstance(other, fx.Node):
+        if _is_tensor(other):
             shape = _shape(other)
             other_dim = layout.dim - len(_shape(x)) + len(shape)
             if other_dim >= 0 and int(shape[other_dim]) != 1:
@@ -613,7 +613,7 @@ class _Walk:
                     reason = _INTO_DENSE if fqn is None else _STATE_INTO_DENSE
                     self._block(x, reason.format(op=name, node=node.name, state=f"{kind} {fqn}"))
                 return f"{name} with a full-width tensor that is not pruned alongside"
-        elif not isinstance(other, int | float) or isinstance(other, bool):
+        elif not _is_scalar(other):
             return f"{name} with an argument sparsefx does not understand"
         if _shape(x) != _shape(node):
             if node.target in ops.MUL or node.target in ops.DIV:
@@ -645,7 +645,7 @@ class _Walk:
         dim = layout.dim + ndim - len(_shape(x))
         other = values[1] if values[0] is x else values[0]
         for arg in (cond, other):
-            shape = _shape(arg) if isinstance(arg, fx.Node) else ()
+            shape = _shape(arg) if _is_tensor(arg) else ()
             at = dim - ndim + len(shape)
             if at >= 0 and not same_size(shape[at], 1):
                 return "where with a full-width condition or other value"
@@ -717,6 +717,8 @@ class _Walk:
         mask_at: int | str = 3 if len(node.args) > 3 else "attn_mask"
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         per_head = isinstance(mask, fx.Node) and mask in self.flows
+        if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
+            return shared
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
         heads = len(_shape(q)) - 3
@@ -736,8 +738,6 @@ class _Walk:
             reason = self._heads_aligned(la, lb, r)
             if reason is not None:
                 return f"attention: {reason}"
-        if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
-            return shared
         first = layouts[0]
         couplings = [
             (p.group, r.group, "attention")
@@ -752,8 +752,9 @@ class _Walk:
 
     def _shared_bias(self, node: fx.Node, bias: fx.Node) -> str | None:
         """A compact per-head bias that a second attention reads (T5 computes one for every
-        layer) would tie the layers' heads into one group: its producer is left dense for
-        the next walk, and each attention reads its own kept heads of it."""
+        layer) would tie the layers' heads into one group, or, where that attention is not
+        pruned, zero its bias in the first one's dropped heads: its producer is left dense
+        for the next walk, and each attention reads its own kept heads of it."""
         shared = False
         for space in self.flows[bias].layout.groups:
             first = self.bias_readers.setdefault(space, node)
@@ -1274,6 +1275,19 @@ def _op_name(node: fx.Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
     return str(getattr(node.target, "__name__", node.target))
+
+
+def _is_tensor(arg: object) -> bool:
+    """A node whose value is a tensor (not a symbolic scalar such as ``x.shape[0]``)."""
+    return isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)
+
+
+def _is_scalar(arg: object) -> bool:
+    """A number, or a node of a symbolic one (a size read from an input under dynamic
+    shapes): a scalar operand of an element-wise op."""
+    if isinstance(arg, fx.Node):
+        return isinstance(arg.meta.get("val"), torch.SymInt | torch.SymFloat)
+    return isinstance(arg, int | float) and not isinstance(arg, bool)
 
 
 def _shape(node: object) -> tuple:
