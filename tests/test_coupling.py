@@ -739,6 +739,93 @@ def test_a_table_bias_that_an_unpruned_attention_also_reads_stays_dense():
     assert "several attentions read" in reasons["embedding"], reasons
 
 
+class TablePlusParameterBias(TableBiasedAttention):
+    """The table's bias where a padding mask holds, plus a learned bias of every head, then
+    one attention: the sum reads the table's heads at full width, so nothing prunes them
+    with q's."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Parameter(torch.randn(1, self.heads, 1, self.tokens))
+        self.register_buffer("keep", torch.arange(self.tokens) > 0)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q, k, v = (
+            p(x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        bias = torch.where(self.keep, self.table(self.buckets).permute(2, 0, 1)[None], -1e4)
+        bias = bias + self.extra
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_a_table_that_no_layer_reads_compactly_is_not_a_group():
+    """The table became a group of its own: its kept columns saved no compute, cost budget,
+    and zeroed bias heads that the attention's own mask did not drop. A component with no
+    linear or convolution among its members now stays dense."""
+    torch.manual_seed(0)
+    model = TablePlusParameterBias()
+    x = torch.randn(2, TablePlusParameterBias.tokens, 16)
+    sparse = _transformed_as_zeroed(model, x)
+    assert [g.name for g in sparse.groups] == ["q"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "no linear or convolution reads its channels" in reasons["embedding"], reasons
+
+
+class SharedTableBias(nn.Module):
+    """Two attention layers that read one relative-position bias, where a padding mask holds
+    (T5's, computed once for every layer)."""
+
+    heads, dim, tokens = 4, 4, 5
+
+    def __init__(self):
+        super().__init__()
+        width = self.heads * self.dim
+        self.table = nn.Embedding(6, self.heads)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({p: nn.Linear(width, width) for p in "qkvo"}) for _ in range(2)
+        )
+        self.head = nn.Linear(width, 3)
+        position = torch.arange(self.tokens)
+        self.register_buffer("buckets", (position[None] - position[:, None]).clamp(-2, 3) + 2)
+        self.register_buffer("keep", position > 0)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        bias = torch.where(self.keep, self.table(self.buckets).permute(2, 0, 1)[None], -1e4)
+        for layer in self.layers:
+            q, k, v = (layer[p](x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in "qkv")
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = x + layer["o"](a.transpose(1, 2).reshape(b, t, -1))
+        return self.head(x)
+
+
+def test_a_shared_table_bias_compiles_to_what_transform_computes():
+    """Each layer prunes its own heads and reads the shared bias at them, compiled as in
+    `transform` (tests/test_hf_models.py checks T5 itself against the reference)."""
+    torch.manual_seed(0)
+    model = SharedTableBias()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, SharedTableBias.tokens, 16)
+    options = {"density": 0.5, "seed": 0}
+    eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    assert [g.name for g in eager.groups] == ["layers.0.q", "layers.1.q"]
+    assert not eager.analysis.scatters, eager.analysis.scatters
+    compiled = torch.compile(twin, backend="sparsefx", options=options)
+    compiled(x)  # compiles, so the runtime exists for set_masks
+    masks = _random_masks(eager.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(eager, masks)
+    sparsefx.set_masks(compiled, masks)
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
 class RotaryAttention(BiasedAttention):
     """Rotary position embedding on q and k, with Llama's rotate_half: cat(-x2, x1)."""
 

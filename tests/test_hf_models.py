@@ -602,7 +602,6 @@ def _hf_cases() -> dict[str, tuple]:
     for name, (build, _, inputs, _) in TRANSFORMERS.items():
         cases[name] = (build, inputs, {"density": 0.5, "seed": 0}, 30)
     cases["llama-gqa"] = (_decoder, TRANSFORMERS["gpt2"][2], {"density": 0.5, "seed": 0}, 30)
-    cases["t5"] = (lambda: _t5(2), lambda: _t5_inputs()[:2], {"density": 0.5, "seed": 0}, 30)
     return cases
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, fx
 from torch.export.graph_signature import InputKind
 
+from sparsefx.analysis import ops
 from sparsefx.analysis.dependency import (
     DenseOp,
     GraphView,
@@ -98,11 +99,12 @@ def analyze(
     dense: dict[str, str] = {}
     dense_couplings = nx.Graph()
     refined = Refinements()
+    computing = _computing_weights(gm, view)
     while True:
         walk = propagate(gm, view, dense, refined)
         if refined.update(walk.refine):
             continue
-        blocked = _dense_components(walk, prune_streams)
+        blocked = _dense_components(walk, prune_streams, computing)
         if not blocked:
             break
         dense_couplings.update(walk.couplings.subgraph(blocked))
@@ -127,11 +129,30 @@ def _is_stream(walk: Propagation, component: list[str]) -> bool:
     return any("residual" in kinds for _, _, kinds in edges)
 
 
-def _dense_components(walk: Propagation, prune_streams: bool) -> dict[str, str]:
+def _computing_weights(gm: fx.GraphModule, view: GraphView) -> set[str]:
+    """Weights of the linear and convolution layers: a group saves compute only where one
+    of them is its member (an embedding's table is a lookup)."""
+    return {
+        fqn
+        for node in gm.graph.nodes
+        if ops.is_weight_op(node.target) and node.target not in ops.EMBEDDING
+        if (fqn := view.param(ops.weight_args(node)[1])) is not None
+    }
+
+
+def _dense_components(
+    walk: Propagation, prune_streams: bool, computing: set[str]
+) -> dict[str, str]:
     """Spaces whose component must stay dense, with the reason."""
     dense: dict[str, str] = {}
     for component in _components(walk):
         reasons = [r for space in component for r in walk.blocked.get(space, [])]
+        members = [m.fqn for space in component for m in walk.spaces[space].members]
+        if not reasons and not computing.intersection(members):
+            reasons = [
+                "no linear or convolution reads its channels (a table lookup read as an "
+                "attention bias): pruning it would spend the budget and save no compute"
+            ]
         if len(component) > 1:
             producers = ", ".join(component)
             reasons = [f"{r} (coupled with {producers})" for r in reasons]
