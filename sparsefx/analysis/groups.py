@@ -150,7 +150,7 @@ def _dense_components(
         members = [m.fqn for space in component for m in walk.spaces[space].members]
         if not reasons and not computing.intersection(members):
             reasons = [
-                "no linear or convolution reads its channels (a table lookup read as an "
+                "no linear or convolution reads its channels (such as a table read as an "
                 "attention bias): pruning it would spend the budget and save no compute"
             ]
         if len(component) > 1:
