@@ -646,12 +646,14 @@ def _transformed_as_zeroed(model: nn.Module, x: Tensor) -> nn.Module:
 
 class BiasedAttention(nn.Module):
     """Attention with a learned per-head additive bias of every head (a parameter, as an
-    ALiBi buffer or T5's shared position bias would be: nothing prunes it with the heads)."""
+    ALiBi buffer or T5's shared position bias would be: nothing prunes it with the heads),
+    as SDPA's mask or added to explicit scores (``explicit``, T5's and BLOOM's eager form)."""
 
     heads, dim, tokens = 4, 8, 6
 
-    def __init__(self):
+    def __init__(self, explicit: bool = False):
         super().__init__()
+        self.explicit = explicit
         width = self.heads * self.dim
         self.q, self.k, self.v = (nn.Linear(32, width) for _ in range(3))
         self.o = nn.Linear(width, 32)
@@ -664,30 +666,77 @@ class BiasedAttention(nn.Module):
         def split(h: Tensor) -> Tensor:
             return h.view(b, t, self.heads, self.dim).transpose(1, 2)
 
-        a = F.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=self.bias
-        )
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.explicit:
+            scores = q @ k.transpose(-2, -1) / self.dim**0.5 + self.bias
+            a = scores.float().softmax(-1).type_as(scores) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-def test_attention_with_a_dense_per_head_bias_reads_it_at_the_kept_heads():
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+def test_attention_with_a_dense_per_head_bias_reads_it_at_the_kept_heads(explicit):
     """Heads were compacted while the bias kept all of them: the step failed with a shape
-    mismatch whenever a head was dropped; then attention ran at full width. Now it runs on
-    the kept heads and reads the bias at them (a dropped head's output is zero whatever its
-    bias: its probabilities times a zero v), exactly what zeroing those weights gives."""
+    mismatch whenever a head was dropped; then attention ran at full width (explicit scores:
+    the bias's add was refused as a join with a full-width tensor, and q, k and v stayed
+    dense). Now it runs on the kept heads and reads the bias at them (a dropped head's output
+    is zero whatever its bias: its probabilities times a zero v), exactly what zeroing those
+    weights gives."""
     torch.manual_seed(0)
-    model = BiasedAttention()
+    model = BiasedAttention(explicit)
     x = torch.randn(2, BiasedAttention.tokens, 32)
     sparse = _transformed_as_zeroed(model, x)
+    assert [g.name for g in sparse.groups] == ["q"]
     assert not sparse.analysis.scatters, sparse.analysis.scatters
     graph = sparse.runtime.graphs[0].compact.graph
-    sdpa = torch.ops.aten.scaled_dot_product_attention.default
-    (attention,) = [n for n in graph.nodes if n.target is sdpa]
-    assert attention.args[3].target is torch.ops.aten.index_select.default
+    reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
+    (bias,) = [n for n in reads if n.args[0].name == "p_bias"]
+    reader = (
+        torch.ops.aten.add.Tensor
+        if explicit
+        else torch.ops.aten.scaled_dot_product_attention.default
+    )
+    assert [u.target for u in bias.users] == [reader]
     sparse(x).sum().backward()
     (bias,) = [p for name, p in sparse.named_parameters() if name.endswith("bias") and p.ndim == 4]
     dropped = ~sparsefx.masks(sparse)["q"]
     assert bias.grad[:, dropped].abs().sum() == 0 < bias.grad.abs().sum()
+
+
+class UnprunedValues(BiasedAttention):
+    """Explicit scores plus a per-head bias, whose probabilities weigh the input's own heads:
+    no v zeros a dropped head's probabilities."""
+
+    def __init__(self):
+        super().__init__(explicit=True)
+        self.q, self.k = (nn.Linear(32, 32) for _ in range(2))
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q, k, v = (
+            h.view(b, t, self.heads, self.dim).transpose(1, 2) for h in (self.q(x), self.k(x), x)
+        )
+        scores = q @ k.transpose(-2, -1) + self.bias
+        a = scores.softmax(-1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_a_bias_added_to_scores_that_no_v_zeros_reads_the_scores_at_full_width():
+    """A dropped head's probabilities are softmax(bias), not zero, and they weigh a v that
+    nothing pruned: the scores are scattered before the bias's add, which reads it whole."""
+    torch.manual_seed(0)
+    model = UnprunedValues()
+    x = torch.randn(2, UnprunedValues.tokens, 32)
+    sparse = _transformed_as_zeroed(model, x)
+    assert [g.name for g in sparse.groups] == ["q"]
+    assert [s.op for s in sparse.analysis.scatters] == ["add.Tensor"], sparse.analysis.scatters
+    graph = sparse.runtime.graphs[0].compact.graph
+    assert not any(
+        n.args[0].name == "p_bias"
+        for n in graph.nodes
+        if n.target is torch.ops.aten.index_select.default
+    )
 
 
 class TableBiasedAttention(nn.Module):
@@ -776,7 +825,8 @@ def test_a_table_that_no_layer_reads_compactly_is_not_a_group():
 
 class SharedTableBias(nn.Module):
     """Two attention layers that read one relative-position bias, where a padding mask holds
-    (T5's, computed once for every layer)."""
+    (T5's, computed once for every layer): the first as SDPA's mask, the second added to
+    explicit scores (T5's eager form)."""
 
     heads, dim, tokens = 4, 4, 5
 
@@ -795,9 +845,12 @@ class SharedTableBias(nn.Module):
     def forward(self, x):
         b, t = x.shape[:2]
         bias = torch.where(self.keep, self.table(self.buckets).permute(2, 0, 1)[None], -1e4)
-        for layer in self.layers:
+        for explicit, layer in enumerate(self.layers):
             q, k, v = (layer[p](x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in "qkv")
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            if explicit:
+                a = (q @ k.transpose(-2, -1) + bias).softmax(-1) @ v
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             x = x + layer["o"](a.transpose(1, 2).reshape(b, t, -1))
         return self.head(x)
 

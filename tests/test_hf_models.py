@@ -736,11 +736,12 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
     torch.testing.assert_close(logits, frozen)
 
 
-def _t5(layers: int) -> nn.Module:
+def _t5(layers: int, attention: str = "sdpa") -> nn.Module:
     config = transformers.T5Config(
         vocab_size=64, d_model=16, d_kv=HEAD_DIM, d_ff=32, num_layers=layers,
         num_decoder_layers=layers, num_heads=4, relative_attention_num_buckets=8,
         dropout_rate=0.0, use_cache=False, decoder_start_token_id=0, pad_token_id=0,
+        attn_implementation=attention,
     )  # fmt: skip
     return transformers.T5ForConditionalGeneration(config)
 
@@ -762,16 +763,18 @@ def _t5_attentions(layers: int) -> list[str]:
     return encoder + decoder
 
 
-@pytest.mark.parametrize("layers", [2, 1])
-def test_t5_prunes_each_layers_heads_with_its_relative_position_bias(layers):
+@pytest.mark.parametrize(("layers", "attention"), [(2, "sdpa"), (1, "sdpa"), (2, "eager")])
+def test_t5_prunes_each_layers_heads_with_its_relative_position_bias(layers, attention):
     """T5's first layer computes a relative-position bias, a table lookup whose columns are
     heads, and every layer of its stack adds it to the attention scores (SDPA's mask, where
-    the padding mask holds); cross-attention adds zeros of that shape. The bias became a group
-    of its own, q, k and v separate groups, and attention ran at full width. Now q, k, v and
-    o are one group per attention: a bias that several layers read stays dense and each reads
-    its own kept heads of it; one read by a single attention is pruned with its heads."""
+    the padding mask holds; an ``add`` to explicit scores in the eager form); cross-attention
+    adds zeros of that shape. The bias became a group of its own, q, k and v separate groups,
+    and attention ran at full width (eager: the add joined q and k to the table as a residual
+    stream, kept dense). Now q, k, v and o are one group per attention: a bias that several
+    layers read stays dense and each reads its own kept heads of it; one read by a single
+    attention is pruned with its heads."""
     torch.manual_seed(0)
-    model = _t5(layers).double()
+    model = _t5(layers, attention).double()
     reference = copy.deepcopy(model)
     ids, labels, padding = _t5_inputs()
     kwargs = {"labels": labels, "attention_mask": padding}

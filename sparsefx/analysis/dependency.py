@@ -592,7 +592,12 @@ class _Walk:
             if node.target in ops.DIV:
                 return f"{name} divides by a compact tensor"
             gate = node.target in ops.MUL
-            kind = "gate" if gate else "residual"
+            scores = not gate and _scores(node, layout.dim)
+            if scores:  # a compact per-head bias (a table, ALiBi) added to attention scores
+                for bias in compact:
+                    if (shared := self._shared_bias(node, bias)) is not None:
+                        return shared
+            kind = "gate" if gate else "attention" if scores else "residual"
             pieces = zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
             couplings = [(p.group, q.group, kind) for p, q in pieces if p.group and q.group]
             zero_when = "any" if gate else "all"
@@ -605,6 +610,8 @@ class _Walk:
             other_dim = layout.dim - len(_shape(x)) + len(shape)
             if other_dim >= 0 and int(shape[other_dim]) != 1:
                 op = self._channel_parameter(node, x, other, other_dim)
+                if op is None and node.target not in ops.MUL and node.target not in ops.DIV:
+                    op = _dense_score_bias(node, x, layout, other_dim)
                 if op is not None:
                     return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
@@ -905,6 +912,9 @@ _STATE_INTO_DENSE = (
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
 pow, mean, add, rsqrt, mul)."""
+_SCORES_REACH = 4
+"""Ops between attention scores and their softmax (GPT-2's: a scale, the causal ``where``,
+the padding mask's add, a cast)."""
 _DECOMPOSED_NORM = (
     "normalised across features by a decomposed norm: {op} ({node}) reduces over the channel "
     "dim and keeps it, a statistic the features are scaled by, like layer_norm's"
@@ -943,6 +953,37 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
     if not moved[0].same_shape(moved[1]):
         return None
     return moved[0]
+
+
+def _scores(node: fx.Node, dim: int) -> bool:
+    """Whether the element-wise `node` computes attention scores: within a few ops that
+    keep its shape (a scale, a mask, a cast) it reaches a softmax over another dim than the
+    channel (heads) dim. A head dropped from q, k and v outputs softmax(...) @ 0 = 0
+    whatever was added to its scores, so a per-head bias added here is read at the kept
+    heads only, and the add does not join a residual stream."""
+    shape = _shape(node)
+    frontier = [node]
+    for _ in range(_SCORES_REACH):
+        frontier = [
+            user for n in frontier for user in n.users if _is_tensor(user) and _shape(user) == shape
+        ]
+        for user in frontier:
+            if user.target in ops.SOFTMAX and int(user.args[1]) % len(shape) != dim:  # type: ignore[call-overload]
+                return True
+    return False
+
+
+def _dense_score_bias(node: fx.Node, x: fx.Node, layout: Layout, bias_dim: int) -> _Op | None:
+    """Compact scores `x` plus a dense per-head bias (T5's, which every layer reads; ALiBi;
+    the zeros of a cross-attention) at `bias_dim` of the other argument: the bias is read at
+    the kept heads (meta ``gathered_arg``). Not zero-preserving: a dropped head holds its
+    bias until v zeros it, and where nothing does the walk asks for a scatter instead."""
+    dim = layout.dim + len(_shape(node)) - len(_shape(x))
+    if not _scores(node, dim):
+        return None
+    bias = node.args[1] if node.args[0] is x else node.args[0]
+    meta = {"gathered_arg": (node.args.index(bias), bias_dim)}
+    return _Op(layout.at(dim), zero_preserving=False, meta=meta)
 
 
 def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
