@@ -1554,3 +1554,70 @@ def test_torch_multihead_attention_prunes_heads_compact_through_attention(batch_
         wider = torch.randn(3, 5, 32, dtype=torch.float64)
         torch.testing.assert_close(compiled(wider), reference(wider))
         assert sparsefx.groups(compiled) == sparse.groups
+
+
+class PerChannelRows(nn.Module):
+    """A linear's channels through a softsign (divided by a compact 1 + |h|), rows read by
+    an index tensor (``h[rows]``), and F.normalize over the rows (a norm over another dim
+    than the channels, clamped, expanded and divided by), then a consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("rows", torch.tensor([2, 0, 1, 1, 3]))
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h / (1 + h.abs())
+        return self.fc2(F.normalize(h[self.rows], dim=0))
+
+
+def test_division_row_index_and_a_norm_over_other_dims_are_channel_wise():
+    """Each of these scattered (a division by a compact tensor, ``index``,
+    ``linalg_vector_norm`` and ``expand_as`` were not understood); now the channels stay
+    compact through them, exactly as zeroing the dropped weights gives."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(PerChannelRows(), torch.randn(4, 6))
+    assert [g.name for g in sparse.groups] == ["fc1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class OtherDimOps(nn.Module):
+    """F.normalize over the channel dim, and an index tensor that reads channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("cols", torch.tensor([7, 0, 1, 1, 3, 2, 4, 5]))
+
+    def forward(self, x):
+        a = F.normalize(self.fc1(x), dim=-1)
+        b = F.relu(self.fc2(x))[:, self.cols]
+        return self.fc3(a + b)
+
+
+def test_a_norm_over_channels_keeps_them_dense_and_an_index_of_channels_scatters():
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(OtherDimOps(), torch.randn(4, 6))
+    assert [g.name for g in sparse.groups] == ["fc2"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "decomposed norm: linalg_vector_norm" in reasons["linear"], reasons
+    (scatter,) = sparse.analysis.scatters
+    assert scatter.op == "index.Tensor" and "index along the channel dim" in scatter.reason
+
+
+class DivisionByZeros(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h / F.relu(h))
+
+
+def test_division_by_a_tensor_that_is_zero_in_dropped_channels_is_read_at_full_width():
+    """0 / 0 is NaN in the reference, so the compact division would not compute it."""
+    sparse = sparsefx.transform(DivisionByZeros(), torch.randn(4, 6), density=0.5)
+    reasons = [s.reason for s in sparse.analysis.scatters]
+    assert any("divides by a tensor that is zero in dropped channels" in r for r in reasons)

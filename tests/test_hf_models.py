@@ -736,6 +736,65 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
     torch.testing.assert_close(logits, frozen)
 
 
+def _swinv2() -> nn.Module:
+    config = transformers.Swinv2Config(
+        image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=2,
+        mlp_ratio=2.0, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )  # fmt: skip
+    return transformers.Swinv2ForImageClassification(config)
+
+
+def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
+    """Swinv2 normalises q and k per head (F.normalize: a norm over each head's features,
+    clamped, expanded and divided by), scales the scores by a per-head temperature, and adds
+    a per-head bias that an MLP computes and a table index reads. Each step scattered: q, k
+    and v were separate groups read at full width, and the MLP's output layer a group of its
+    own. Now the attention's heads are one group with the bias MLP's output rows, the
+    temperature is read at the kept heads, and nothing scatters."""
+    torch.manual_seed(0)
+    model = _swinv2().double()
+    reference = copy.deepcopy(model)
+    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    blocks = [f"swinv2.encoder.layers.0.blocks.{b}.attention" for b in range(2)]
+    heads = [g for g in groups if g.size == 2]
+    assert [g.name for g in heads] == [f"{b}.self.query" for b in blocks]
+    for group, block in zip(heads, blocks, strict=True):
+        members = {name for name, _ in group.members}
+        bias_mlp = f"{block}.self.continuous_position_bias_mlp.2.weight"
+        assert {f"{block}.self.{p}.weight" for p in ("query", "key", "value")} <= members
+        assert {bias_mlp, f"{block}.output.dense.weight"} <= members
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+    masks = _random_masks(groups, seed=4)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x, labels=labels)
+    out.loss.backward()
+    points = {}
+    for group, block in zip(heads, blocks, strict=True):
+        points |= {
+            f"{block}.self.{p}": _heads(masks[group.name]) for p in ("query", "key", "value")
+        }
+        mlp = block.replace("attention", "intermediate.dense")
+        bias_mlp = f"{block}.self.continuous_position_bias_mlp.0"
+        points |= {mlp: masks[mlp], bias_mlp: masks[bias_mlp]}
+    with _masked_features(reference, points):
+        expected = reference(x, labels=labels)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+    sparsefx.freeze(sparse)
+    program = sparsefx.export(sparse.eval(), (x,))
+    with torch.no_grad():
+        frozen = sparse(x).logits
+    (logits,) = torch.utils._pytree.tree_leaves(program.module()(x))
+    torch.testing.assert_close(logits, frozen)
+
+
 def _t5(layers: int, attention: str = "sdpa") -> nn.Module:
     config = transformers.T5Config(
         vocab_size=64, d_model=16, d_kv=HEAD_DIM, d_ff=32, num_layers=layers,

@@ -414,6 +414,8 @@ class _Walk:
             if first not in compact:  # only the other tensor's dtype is read
                 return _Op(None, zero_preserving=True)
             return _Op(self.flows[first].layout, zero_preserving=True, chainable=True)  # type: ignore[index]
+        if target in ops.EXPAND_AS:
+            return self._expand_as(node, compact)
         if compact != [first] or not isinstance(first, fx.Node):
             return f"{_op_name(node)} reads the compact tensor as a weight or extra argument"
         layout = self.flows[first].layout
@@ -450,6 +452,8 @@ class _Walk:
             exponent = node.args[1]
             positive = isinstance(exponent, int | float) and exponent > 0
             return _Op(layout, zero_preserving=positive, chainable=True)
+        if target in ops.INDEX:
+            return _index(node, layout)
         if target in ops.PADS:
             return _pad(node, layout)
         if target in ops.SPLITS:
@@ -483,7 +487,7 @@ class _Walk:
         summarises (RMSNorm's ``x * rsqrt(mean(x²) + eps)``, LayerNorm's ``x - mean``).
         A statistic that feeds a layer first (CBAM's channel mean and max into a conv) is
         a feature, read through a scatter."""
-        if not _arg(reduction, 2, "keepdim", False):
+        if not _reduced(reduction)[1]:
             return False
         spaces = set(layout.groups)
         frontier = list(reduction.users)
@@ -590,7 +594,7 @@ class _Walk:
             if layout is None:
                 return f"{name} joins tensors whose channels are laid out differently"
             if node.target in ops.DIV:
-                return f"{name} divides by a compact tensor"
+                return self._divide(node, layout)
             gate = node.target in ops.MUL
             scores = not gate and _scores(node, layout.dim)
             if scores:  # a compact per-head bias (a table, ALiBi) added to attention scores
@@ -610,8 +614,8 @@ class _Walk:
             other_dim = layout.dim - len(_shape(x)) + len(shape)
             if other_dim >= 0 and int(shape[other_dim]) != 1:
                 op = self._channel_parameter(node, x, other, other_dim)
-                if op is None and node.target not in ops.MUL and node.target not in ops.DIV:
-                    op = _dense_score_bias(node, x, layout, other_dim)
+                if op is None:
+                    op = _gathered_operand(node, x, layout, other_dim)
                 if op is not None:
                     return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
@@ -638,6 +642,29 @@ class _Walk:
         else:
             zero_preserving = False
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
+
+    def _divide(self, node: fx.Node, layout: Layout) -> _Op | str:
+        """A compact tensor divided by another (F.normalize's ``x / norm(x).clamp_min(eps)``)
+        is zero where the numerator is, provided the reference does not divide by zero
+        there: the denominator must hold values in dropped channels (the clamp's eps), not
+        zeros."""
+        a, b = node.args[:2]
+        if self.flows[b].zero is not False:  # type: ignore[index]
+            return f"{_op_name(node)} divides by a tensor that is zero in dropped channels"
+        couplings = [
+            (p.group, q.group, "gate")
+            for p, q in zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
+            if p.group and q.group
+        ]
+        return _Op(layout, zero_preserving=True, zero_when=0, couplings=couplings)
+
+    def _expand_as(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """``expand_as(x, other)`` reads other for its sizes: channel-wise in x where other
+        is compact alike (the compact graph then reads the kept sizes)."""
+        x, other = node.args[:2]
+        if compact != [x, other] or self.flows[x].layout != self.flows[other].layout:  # type: ignore[index]
+            return "expand_as between tensors that are not compact alike"
+        return _Op(self.flows[x].layout, zero_preserving=True, zero_when=0)  # type: ignore[index]
 
     def _where(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """``where(cond, x, y)`` with one compact value, and a condition and other value of
@@ -912,9 +939,10 @@ _STATE_INTO_DENSE = (
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
 pow, mean, add, rsqrt, mul)."""
-_SCORES_REACH = 4
+_SCORES_REACH = 6
 """Ops between attention scores and their softmax (GPT-2's: a scale, the causal ``where``,
-the padding mask's add, a cast)."""
+the padding mask's add, a cast; Swinv2's shifted windows: a view into windows, the window
+mask's add, which it repeats, and a view back)."""
 _DECOMPOSED_NORM = (
     "normalised across features by a decomposed norm: {op} ({node}) reduces over the channel "
     "dim and keeps it, a statistic the features are scaled by, like layer_norm's"
@@ -956,34 +984,47 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
 
 
 def _scores(node: fx.Node, dim: int) -> bool:
-    """Whether the element-wise `node` computes attention scores: within a few ops that
-    keep its shape (a scale, a mask, a cast) it reaches a softmax over another dim than the
-    channel (heads) dim. A head dropped from q, k and v outputs softmax(...) @ 0 = 0
-    whatever was added to its scores, so a per-head bias added here is read at the kept
-    heads only, and the add does not join a residual stream."""
+    """Whether the element-wise `node` computes attention scores, with heads at `dim`:
+    within a few ops that keep its last dim (a scale, a mask, a cast, Swinv2's view into
+    windows) it reaches a softmax over that last dim. A head dropped from q, k and v outputs
+    softmax(...) @ 0 = 0 whatever was added to its scores, so a per-head bias added here is
+    read at the kept heads only, and the add does not join a residual stream."""
     shape = _shape(node)
+    if dim == len(shape) - 1:
+        return False
     frontier = [node]
     for _ in range(_SCORES_REACH):
         frontier = [
-            user for n in frontier for user in n.users if _is_tensor(user) and _shape(user) == shape
+            user
+            for n in frontier
+            for user in n.users
+            if _is_tensor(user) and same_size(_shape(user)[-1], shape[-1])
         ]
         for user in frontier:
-            if user.target in ops.SOFTMAX and int(user.args[1]) % len(shape) != dim:  # type: ignore[call-overload]
+            if (
+                user.target in ops.SOFTMAX
+                and int(user.args[1]) % len(_shape(user)) == len(_shape(user)) - 1
+            ):  # type: ignore[call-overload]
                 return True
     return False
 
 
-def _dense_score_bias(node: fx.Node, x: fx.Node, layout: Layout, bias_dim: int) -> _Op | None:
+def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int) -> _Op | None:
     """Compact scores `x` plus a dense per-head bias (T5's, which every layer reads; ALiBi;
-    the zeros of a cross-attention) at `bias_dim` of the other argument: the bias is read at
-    the kept heads (meta ``gathered_arg``). Not zero-preserving: a dropped head holds its
-    bias until v zeros it, and where nothing does the walk asks for a scatter instead."""
+    the zeros of a cross-attention), or times a per-head temperature (Swinv2's), whose
+    heads are `other_dim` of the other tensor: that tensor is read at the kept heads (meta
+    ``gathered_arg``). A product is zero in dropped heads, as is the other tensor's
+    gradient there. A sum is not zero-preserving: a dropped head holds its bias until v
+    zeros it, and where nothing does the walk asks for a scatter instead. (Outside scores,
+    a gate by a full-width tensor reads a scatter: read compactly, it would block a
+    producer that writes into an unpruned stream through it.)"""
+    other = node.args[1] if node.args[0] is x else node.args[0]
     dim = layout.dim + len(_shape(node)) - len(_shape(x))
-    if not _scores(node, dim):
+    product = node.target in ops.MUL or (node.target in ops.DIV and other is node.args[1])
+    if (node.target in ops.DIV and not product) or not _scores(node, dim):
         return None
-    bias = node.args[1] if node.args[0] is x else node.args[0]
-    meta = {"gathered_arg": (node.args.index(bias), bias_dim)}
-    return _Op(layout.at(dim), zero_preserving=False, meta=meta)
+    meta = {"gathered_arg": (node.args.index(other), other_dim)}
+    return _Op(layout.at(dim), zero_preserving=product, meta=meta)
 
 
 def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
@@ -1157,6 +1198,21 @@ def _permute(node: fx.Node, layout: Layout) -> _Op:
     return _Op(layout.at(new_dim), zero_preserving=True, chainable=True)
 
 
+def _index(node: fx.Node, layout: Layout) -> _Op | str:
+    """``x[idx]``: index tensors on other dims than the channel dim move it as advanced
+    indexing moves dims (the index's dims replace consecutive indexed dims, or come first)."""
+    x, indices = node.args[:2]
+    indexed = [d for d, index in enumerate(indices) if index is not None]  # type: ignore[arg-type]
+    if layout.dim in indexed:
+        return "index along the channel dim"
+    index_dims = len(_shape(node)) - (len(_shape(x)) - len(indexed))
+    if indexed == list(range(indexed[0], indexed[-1] + 1)):
+        dim = layout.dim if layout.dim < indexed[0] else layout.dim - len(indexed) + index_dims
+    else:
+        dim = index_dims + layout.dim - sum(d < layout.dim for d in indexed)
+    return _Op(layout.at(dim), zero_preserving=True, chainable=True)
+
+
 def _pad(node: fx.Node, layout: Layout) -> _Op | str:
     """A pad of other dims is channel-wise (MobileNet's TF-style spatial padding); it keeps a
     dropped channel zero unless it pads with a nonzero constant."""
@@ -1187,15 +1243,20 @@ def _select(node: fx.Node, layout: Layout) -> _Op | str:
     return _Op(out, zero_preserving=True, chainable=True)
 
 
+def _reduced(node: fx.Node) -> tuple[object, bool]:
+    """A reduction's ``dim`` and ``keepdim`` arguments."""
+    at = ops.REDUCTIONS[node.target]  # type: ignore[index]
+    return _arg(node, at, "dim", None), bool(_arg(node, at + 1, "keepdim", False))
+
+
 def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
     ndim = len(_shape(node.args[0]))  # type: ignore[arg-type]
-    dims = node.args[1] if len(node.args) > 1 else None
+    dims, keepdim = _reduced(node)
     if dims is None or (isinstance(dims, list | tuple) and not dims):  # [] reduces every dim
         return f"{_op_name(node)} reduces over every dim"
     dims = [int(d) % ndim for d in ([dims] if isinstance(dims, int) else dims)]  # type: ignore[union-attr]
     if layout.dim in dims:
         return f"{_op_name(node)} reduces over the channel dim"
-    keepdim = bool(_arg(node, 2, "keepdim", False))
     new_dim = layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in dims)
     return _Op(layout.at(new_dim), zero_preserving=True, chainable=True)
 

@@ -66,6 +66,7 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.neg.default,  # RoPE's rotate_half: cat(-x2, x1)
         aten.neg_.default,
         aten.square.default,  # relu² MLPs (Nemotron, Arcee)
+        aten.abs.default,
         aten.hardtanh.default,
         aten.hardtanh_.default,
         aten.relu6.default,
@@ -97,6 +98,7 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
         aten.exp.default,
         aten.cos.default,
         aten.rsqrt.default,  # RMSNorm's rsqrt(mean(x^2) + eps), per head in Qwen3's q/k norms
+        aten.clamp_min.default,  # F.normalize's norm clamped to eps
         aten.alpha_dropout.default,  # a dropped element becomes a negative saturation value
     }
 )
@@ -204,11 +206,20 @@ SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.defa
 ATTENTION: frozenset[OpOverload] = frozenset({aten.scaled_dot_product_attention.default})
 MATMUL: frozenset[OpOverload] = frozenset({aten.matmul.default})
 POW: frozenset[OpOverload] = frozenset({aten.pow.Tensor_Scalar})
-REDUCTIONS: frozenset[OpOverload] = frozenset(
-    {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
-)
-"""Reductions over given dims: channel-wise (and zero-preserving) unless they reduce the
-channel dim."""
+REDUCTIONS: dict[OpOverload, int] = {
+    aten.mean.dim: 1,
+    aten.sum.dim_IntList: 1,
+    aten.amax.default: 1,
+    aten.linalg_vector_norm.default: 2,  # F.normalize: Swinv2's cosine attention
+}
+"""Reductions over given dims, and the position of their ``dim`` argument (``keepdim``
+follows it): channel-wise (and zero-preserving) unless they reduce the channel dim."""
+EXPAND_AS: frozenset[OpOverload] = frozenset({aten.expand_as.default})
+"""``expand_as(x, other)``: channel-wise in x where other is compact alike (F.normalize
+expands a norm to its input)."""
+INDEX: frozenset[OpOverload] = frozenset({aten.index.Tensor})
+"""``x[idx]``: channel-wise where no index tensor indexes the channel dim (Swinv2's bias
+table, computed by an MLP, read at each pair of window positions)."""
 
 
 def aliases_input(node: object) -> bool:
