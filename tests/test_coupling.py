@@ -1607,17 +1607,176 @@ def test_a_norm_over_channels_keeps_them_dense_and_an_index_of_channels_scatters
 
 
 class DivisionByZeros(nn.Module):
-    def __init__(self):
+    """A linear's output divided by a function of itself that is zero where it is."""
+
+    def __init__(self, denominator):
         super().__init__()
+        self.denominator = denominator
         self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.fc1(x)
-        return self.fc2(h / F.relu(h))
+        return self.fc2(h / self.denominator(h))
 
 
-def test_division_by_a_tensor_that_is_zero_in_dropped_channels_is_read_at_full_width():
-    """0 / 0 is NaN in the reference, so the compact division would not compute it."""
-    sparse = sparsefx.transform(DivisionByZeros(), torch.randn(4, 6), density=0.5)
-    reasons = [s.reason for s in sparse.analysis.scatters]
-    assert any("divides by a tensor that is zero in dropped channels" in r for r in reasons)
+@pytest.mark.parametrize(
+    "denominator",
+    [F.relu, lambda h: h.abs().clamp_min(0.0), lambda h: h.exp() - 1],
+    ids=["relu", "clamp_min(0)", "exp-1"],
+)
+def test_division_by_a_tensor_that_may_be_zero_in_dropped_channels_is_read_at_full_width(
+    denominator,
+):
+    """0 / 0 is NaN in the reference, which the compact division would not compute: it is
+    compact only where the denominator is positive by construction (review: a flag that
+    said "dropped channels may hold values" was read as "hold no zeros")."""
+    torch.manual_seed(0)
+    model = DivisionByZeros(denominator)
+    x = torch.randn(4, 6)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    assert "div.Tensor" in [s.op for s in sparse.analysis.scatters]
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    expected = _zeroed(model, sparse.groups, masks)(x)
+    assert expected.isnan().all()  # the dropped channels' 0 / 0 reaches every output
+    torch.testing.assert_close(sparse(x), expected, equal_nan=True)
+
+
+def _rotate_half(h: Tensor) -> Tensor:
+    h1, h2 = h.chunk(2, -1)
+    return torch.cat((-h2, h1), -1)
+
+
+class ExplicitScores(nn.Module):
+    """Explicit attention (4 heads of 8) whose scores ``q @ k.T`` a `variant` changes before
+    the softmax: rotary q and k over as many tokens as a head has features, plus a table
+    bias (``rope``); two tables added in turn (``tables``); DeBERTa's position terms
+    ``q @ pk.T`` and ``k @ pq.T`` (``deberta``); ``s + s`` (``self``); a dense bias and
+    a temperature from a statistic of all the scores (``global``)."""
+
+    heads, dim, tokens = 4, 8, 8
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        width = self.heads * self.dim
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.pq, self.pk = nn.Linear(16, width), nn.Linear(16, width)
+        self.tables = nn.ModuleList(nn.Embedding(11, self.heads) for _ in range(2))
+        self.head = nn.Linear(width, 3)
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer(
+            "buckets", torch.randint(0, 11, (self.tokens,) * 2, generator=generator)
+        )
+        self.register_buffer("positions", torch.randn(self.tokens, 16, generator=generator))
+        self.register_buffer("angles", torch.randn(self.tokens, self.dim, generator=generator))
+        self.register_buffer(
+            "bias", torch.randn(1, self.heads, self.tokens, self.tokens, generator=generator)
+        )
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(h.shape[0], t, self.heads, self.dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.variant == "rope":
+            cos, sin = self.angles.cos(), self.angles.sin()
+            q, k = (h * cos + _rotate_half(h) * sin for h in (q, k))
+        s = q @ k.transpose(-2, -1)
+        if self.variant in ("rope", "tables"):
+            for table in self.tables[: 2 if self.variant == "tables" else 1]:
+                s = s + table(self.buckets).permute(2, 0, 1)
+        elif self.variant == "deberta":
+            pq, pk = split(self.pq(self.positions)[None]), split(self.pk(self.positions)[None])
+            s = s + q @ pk.transpose(-2, -1)
+            s = s + k @ pq.transpose(-2, -1)
+        elif self.variant == "self":
+            s = s + s
+        elif self.variant == "global":
+            s = s + self.bias
+            s = s * s.square().mean().rsqrt()
+        a = s.softmax(-1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize(
+    ("variant", "groups"),
+    [
+        ("rope", ["q"]),
+        ("tables", ["q"]),
+        ("deberta", ["q"]),
+        ("self", ["q"]),
+        ("global", ["q", "v"]),
+    ],
+)
+def test_what_explicit_scores_pass_before_their_softmax(variant, groups):
+    """Found in review of the score-bias rule: rotary q whose last dim matched the scores'
+    (tokens = head features) counted as scores, and the table's add then found q's heads
+    read by "several attentions" and left them dense; so did a second term added to the
+    scores (another table, DeBERTa's ``q @ pk.T``); ``s + s`` gathered the compact scores
+    as if they were a dense bias, and crashed; a 0-d statistic of the scores crashed the
+    analysis. Now the scores are what a matmul produced, a term that is itself such a product
+    is no shared bias, and the global statistic reads the scores at full width."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(ExplicitScores(variant), torch.randn(3, 8, 32))
+    assert [g.name for g in sparse.groups] == groups
+    if variant != "global":
+        assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class SpatialSoftmax(nn.Module):
+    """A conv residual stream, then a softmax over the last (spatial) dim: no attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc = nn.Conv2d(8, 4, 1), nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(h + self.c2(F.relu(self.c1(h))))
+        return self.fc(self.pool(h).softmax(-1).sum(-1).flatten(1))
+
+
+def test_a_residual_stream_that_reaches_a_softmax_is_still_a_stream():
+    """A stream whose channel dim is not last and that reaches a softmax over its last dim
+    within a few ops was taken for attention scores: pruned though streams are dense by
+    default. Scores are a matmul's output."""
+    sparse = sparsefx.transform(SpatialSoftmax(), torch.randn(2, 3, 6, 6), density=0.5)
+    assert [g.name for g in sparse.groups] == ["c1", "pool"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert "writes into a residual stream" in reasons["conv2d"], reasons
+
+
+class MaskedRows(nn.Module):
+    """Bool masks as indices: over (tokens, channels), which reads channels, and over
+    (height, width) after an index of the batch dim, not adjacent to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(1, 3)
+        self.conv, self.fc3 = nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("tokens", torch.rand(5, 8, generator=generator) > 0.4)
+        self.register_buffer("pixels", torch.rand(5, 4, generator=generator) > 0.4)
+        self.register_buffer("first", torch.tensor([1]))
+
+    def forward(self, x, image):
+        a = self.fc2(F.relu(self.fc1(x))[:, self.tokens].sum(-1, keepdim=True))
+        return a + self.fc3(F.relu(self.conv(image))[self.first, :, self.pixels].sum(0))
+
+
+def test_a_bool_mask_index_counts_the_dims_it_indexes():
+    """A bool mask of k dims indexes k dims: one over the channel dim went unnoticed, and a
+    non-adjacent one moved the channel dim to the wrong place; both crashed at the first
+    step. Now the first scatters and the second stays compact."""
+    torch.manual_seed(0)
+    x, image = torch.randn(3, 5, 6), torch.randn(3, 3, 5, 4)
+    sparse = sparsefx.transform(copy.deepcopy(model := MaskedRows()), (x, image), density=0.5)
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x, image), _zeroed(model, sparse.groups, masks)(x, image))
+    assert [s.reason for s in sparse.analysis.scatters] == ["index along the channel dim"]

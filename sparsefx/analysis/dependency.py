@@ -454,6 +454,10 @@ class _Walk:
             return _Op(layout, zero_preserving=positive, chainable=True)
         if target in ops.INDEX:
             return _index(node, layout)
+        if target is aten.sym_size.int:  # a size a bool mask's index made data-dependent
+            if int(node.args[1]) % len(_shape(first)) == layout.dim:  # type: ignore[call-overload]
+                return "the size of the channel dim"
+            return _Op(None, zero_preserving=True)
         if target in ops.PADS:
             return _pad(node, layout)
         if target in ops.SPLITS:
@@ -599,6 +603,8 @@ class _Walk:
             scores = not gate and _scores(node, layout.dim)
             if scores:  # a compact per-head bias (a table, ALiBi) added to attention scores
                 for bias in compact:
+                    if _product_of_matmul(bias):
+                        continue  # the scores themselves, or another q @ k.T term (DeBERTa's)
                     if (shared := self._shared_bias(node, bias)) is not None:
                         return shared
             kind = "gate" if gate else "attention" if scores else "residual"
@@ -608,6 +614,10 @@ class _Walk:
             return _Op(layout, zero_preserving=True, zero_when=zero_when, couplings=couplings)
         (x,) = compact
         layout = self.flows[x].layout
+        if a is b:  # x + x, x * x: a function of x alone
+            if node.target in ops.DIV:
+                return f"{name} divides a compact tensor by itself (0 / 0 in dropped channels)"
+            return _Op(layout, zero_preserving=True, chainable=True)
         other = b if x is a else a
         if _is_tensor(other):
             shape = _shape(other)
@@ -644,13 +654,13 @@ class _Walk:
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
 
     def _divide(self, node: fx.Node, layout: Layout) -> _Op | str:
-        """A compact tensor divided by another (F.normalize's ``x / norm(x).clamp_min(eps)``)
-        is zero where the numerator is, provided the reference does not divide by zero
-        there: the denominator must hold values in dropped channels (the clamp's eps), not
-        zeros."""
+        """A compact tensor divided by another (F.normalize's ``x / norm(x).clamp_min(eps)``,
+        a softsign's ``x / (1 + |x|)``) is zero where the numerator is, provided the
+        reference does not divide by zero there: the denominator must be positive by how it
+        is computed (`_positive`), or its dropped channels might hold 0 and the quotient NaN."""
         a, b = node.args[:2]
-        if self.flows[b].zero is not False:  # type: ignore[index]
-            return f"{_op_name(node)} divides by a tensor that is zero in dropped channels"
+        if not _positive(b):  # type: ignore[arg-type]
+            return f"{_op_name(node)} divides by a tensor that may be zero in dropped channels"
         couplings = [
             (p.group, q.group, "gate")
             for p, q in zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
@@ -662,7 +672,11 @@ class _Walk:
         """``expand_as(x, other)`` reads other for its sizes: channel-wise in x where other
         is compact alike (the compact graph then reads the kept sizes)."""
         x, other = node.args[:2]
-        if compact != [x, other] or self.flows[x].layout != self.flows[other].layout:  # type: ignore[index]
+        if (
+            compact != [x, other]
+            or len(_shape(x)) != len(_shape(other))
+            or self.flows[x].layout != self.flows[other].layout  # type: ignore[index]
+        ):
             return "expand_as between tensors that are not compact alike"
         return _Op(self.flows[x].layout, zero_preserving=True, zero_when=0)  # type: ignore[index]
 
@@ -939,6 +953,8 @@ _STATE_INTO_DENSE = (
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
 pow, mean, add, rsqrt, mul)."""
+_SHAPE_OPS = ops.VIEWS | ops.EXPANDS | ops.EXPAND_AS | ops.UNSQUEEZES | ops.SQUEEZES | ops.PERMUTES
+"""Ops that move or repeat values without changing any (their sign included)."""
 _SCORES_REACH = 6
 """Ops between attention scores and their softmax (GPT-2's: a scale, the causal ``where``,
 the padding mask's add, a cast; Swinv2's shifted windows: a view into windows, the window
@@ -984,29 +1000,48 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
 
 
 def _scores(node: fx.Node, dim: int) -> bool:
-    """Whether the element-wise `node` computes attention scores, with heads at `dim`:
-    within a few ops that keep its last dim (a scale, a mask, a cast, Swinv2's view into
-    windows) it reaches a softmax over that last dim. A head dropped from q, k and v outputs
-    softmax(...) @ 0 = 0 whatever was added to its scores, so a per-head bias added here is
-    read at the kept heads only, and the add does not join a residual stream."""
+    """Whether the element-wise `node` computes attention scores, with heads at `dim`: an
+    input is a product ``q @ k.T`` (`_product_of_matmul`), and within a few ops that keep
+    the last dim (a scale, a mask, a cast, Swinv2's view into windows) it reaches a softmax
+    over that last dim. A head dropped from q, k and v outputs softmax(...) @ 0 = 0 whatever
+    was added to its scores, so a per-head bias added here is read at the kept heads only,
+    and the add does not join a residual stream."""
     shape = _shape(node)
-    if dim == len(shape) - 1:
+    if not shape or dim == len(shape) - 1:
         return False
-    frontier = [node]
+    inputs = [arg for arg in _flat_args(node) if _is_tensor(arg)]
+    if not any(_product_of_matmul(arg) for arg in inputs):
+        return False
+    return any(
+        n.target in ops.SOFTMAX and int(n.args[1]) % len(_shape(n)) == len(_shape(n)) - 1  # type: ignore[call-overload]
+        for n in _along_last_dim(node, shape[-1], lambda n: list(n.users))
+    )
+
+
+def _product_of_matmul(node: fx.Node) -> bool:
+    """Whether `node` is, within a few ops that keep its last dim, a matmul's output."""
+    last = _shape(node)[-1] if _shape(node) else None
+    return last is not None and any(
+        n.target in ops.MATMUL
+        for n in [node, *_along_last_dim(node, last, lambda n: _flat_args(n))]
+    )
+
+
+def _along_last_dim(start: fx.Node, last: object, step) -> list[fx.Node]:
+    """Tensors within `_SCORES_REACH` steps of `start` (its users or inputs, by `step`) that
+    keep a last dim of size `last`, not past a matmul: those attention scores pass on their
+    way from ``q @ k.T`` to the softmax."""
+    reached, frontier = [], [start]
     for _ in range(_SCORES_REACH):
         frontier = [
-            user
-            for n in frontier
-            for user in n.users
-            if _is_tensor(user) and same_size(_shape(user)[-1], shape[-1])
+            n
+            for f in frontier
+            if f is start or f.target not in ops.MATMUL
+            for n in step(f)
+            if _is_tensor(n) and _shape(n) and same_size(_shape(n)[-1], last)
         ]
-        for user in frontier:
-            if (
-                user.target in ops.SOFTMAX
-                and int(user.args[1]) % len(_shape(user)) == len(_shape(user)) - 1
-            ):  # type: ignore[call-overload]
-                return True
-    return False
+        reached += frontier
+    return reached
 
 
 def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int) -> _Op | None:
@@ -1025,6 +1060,25 @@ def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int)
         return None
     meta = {"gathered_arg": (node.args.index(other), other_dim)}
     return _Op(layout.at(dim), zero_preserving=product, meta=meta)
+
+
+def _positive(node: fx.Node, strict: bool = True) -> bool:
+    """Whether `node` is > 0 (`strict`) or >= 0 everywhere, by how it is computed: exp or
+    sigmoid; a clamp_min to a positive bound (F.normalize's eps); a positive constant plus
+    something non-negative (a softsign's 1 + |x|); through shape ops."""
+    while node.target in _SHAPE_OPS:
+        node = node.args[0]  # type: ignore[assignment]
+    if node.target in ops.POSITIVE or (not strict and node.target in ops.NONNEGATIVE):
+        return True
+    if node.target is aten.clamp_min.default:
+        bound = node.args[1]
+        return isinstance(bound, int | float) and (bound > 0 or (not strict and bound == 0))
+    if node.target is aten.add.Tensor and len(node.args) == 2:
+        a, b = node.args
+        constant, term = (a, b) if _is_scalar(a) else (b, a)
+        if isinstance(constant, int | float) and _is_tensor(term):
+            return constant > 0 and _positive(term, strict=False)  # type: ignore[arg-type]
+    return False
 
 
 def _view(node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str | int:
@@ -1200,9 +1254,18 @@ def _permute(node: fx.Node, layout: Layout) -> _Op:
 
 def _index(node: fx.Node, layout: Layout) -> _Op | str:
     """``x[idx]``: index tensors on other dims than the channel dim move it as advanced
-    indexing moves dims (the index's dims replace consecutive indexed dims, or come first)."""
+    indexing moves dims (the index's dims replace consecutive indexed dims, or come first).
+    A bool mask indexes as many dims as it has."""
     x, indices = node.args[:2]
-    indexed = [d for d, index in enumerate(indices) if index is not None]  # type: ignore[arg-type]
+    indexed: list[int] = []
+    dim = 0
+    for index in indices:  # type: ignore[union-attr]
+        span = 1
+        if _is_tensor(index) and index.meta["val"].dtype in (torch.bool, torch.uint8):  # type: ignore[union-attr]
+            span = index.meta["val"].ndim  # type: ignore[union-attr]
+        if index is not None:
+            indexed += range(dim, dim + span)
+        dim += span
     if layout.dim in indexed:
         return "index along the channel dim"
     index_dims = len(_shape(node)) - (len(_shape(x)) - len(indexed))

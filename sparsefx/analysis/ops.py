@@ -214,6 +214,14 @@ REDUCTIONS: dict[OpOverload, int] = {
 }
 """Reductions over given dims, and the position of their ``dim`` argument (``keepdim``
 follows it): channel-wise (and zero-preserving) unless they reduce the channel dim."""
+POSITIVE: frozenset[OpOverload] = frozenset(
+    {aten.exp.default, aten.sigmoid.default, aten.softplus.default}
+)
+"""f(x) > 0 for every x: a denominator they compute is never zero."""
+NONNEGATIVE: frozenset[OpOverload] = POSITIVE | frozenset(
+    {aten.abs.default, aten.square.default, aten.relu.default, aten.linalg_vector_norm.default}
+)
+"""f(x) >= 0 for every x (plus a positive constant, a denominator that is never zero)."""
 EXPAND_AS: frozenset[OpOverload] = frozenset({aten.expand_as.default})
 """``expand_as(x, other)``: channel-wise in x where other is compact alike (F.normalize
 expands a norm to its input)."""
