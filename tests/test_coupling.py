@@ -1780,3 +1780,30 @@ def test_a_bool_mask_index_counts_the_dims_it_indexes():
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x, image), _zeroed(model, sparse.groups, masks)(x, image))
     assert [s.reason for s in sparse.analysis.scatters] == ["index along the channel dim"]
+
+
+class BoolRowsIntoLayers(nn.Module):
+    """Rows a bool mask selects (a data-dependent count) read by further layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        keep = torch.rand(5, generator=torch.Generator().manual_seed(0)) > 0.4
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x))[:, self.keep])))
+
+
+@pytest.mark.parametrize("budget", ["channels", "flops"])
+def test_layers_after_a_bool_mask_index_are_costed_by_the_masks_bound(budget):
+    """The cost model read the example size of every dim, and a data-dependent one has
+    none: transform failed with a TypeError. Its upper bound stands in for it."""
+    torch.manual_seed(0)
+    model, x = BoolRowsIntoLayers(), torch.randn(3, 5, 6)
+    config = sparsefx.SparseConfig(density=0.5, budget=budget)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, config=config)
+    assert [g.name for g in sparse.groups] == ["fc1", "fc2"]
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))

@@ -132,5 +132,17 @@ def _positions(node: fx.Node, channels: int, batch: int) -> sympy.Rational:
 
 def _hint(size: int | torch.SymInt) -> int:
     """A size's example value: a symbolic size's is read without adding a guard (which would
-    specialise the graph's dynamic dims for every later reader)."""
-    return size if isinstance(size, int) else int(size.node.hint)
+    specialise the graph's dynamic dims for every later reader). A data-dependent size (the
+    rows a bool mask selects) has none; its upper bound stands in for it."""
+    if isinstance(size, int):
+        return size
+    if size.node.hint is not None:
+        return int(size.node.hint)
+    bound = size.node.shape_env.bound_sympy(size.node.expr).upper
+    if not bound.is_finite:
+        raise ValueError(
+            f"sparsefx cannot estimate the cost of a layer whose size {size} depends on data "
+            "without a bound; give the op that makes it a known size (index with integer "
+            "positions rather than a bool mask)"
+        )
+    return int(bound)
