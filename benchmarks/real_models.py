@@ -9,7 +9,10 @@ HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 im
 Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Gemma 2
 (post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise, and
 `torch-encoder`: the same sizes in PyTorch's own `nn.TransformerEncoder` (causal mask, MLP
-1024; `examples/models.py:TorchEncoderLM`).
+1024; `examples/models.py:TorchEncoderLM`). `t5` and `t5-eager`: T5 of that width, 4 + 4
+layers, its relative-position bias passed to SDPA or added to explicit scores (the labels
+are the decoder's 128 tokens); `swinv2`: Swinv2 (`examples/models.py:swinv2_model`) on a
+batch of 32 images.
 Every method runs the model's own loss (``model(x, labels=y).loss``) and an SGD step on all
 parameters. sparsefx methods: `sparsefx` (defaults: residual streams dense),
 `sparsefx-streams` (prune_streams=True), `-sg` (sparse_gradients=True), `sparsefx-flops`
@@ -56,6 +59,8 @@ from examples.models import (
     gpt2_model,
     hf_resnet_model,
     llama_model,
+    swinv2_model,
+    t5_model,
     torch_encoder_model,
 )
 
@@ -64,6 +69,11 @@ LR = 0.01
 
 def resnet() -> tuple[nn.Module, Tensor, Tensor]:
     model = hf_resnet_model()
+    return model, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+
+def swinv2() -> tuple[nn.Module, Tensor, Tensor]:
+    model = swinv2_model()
     return model, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
 
@@ -85,6 +95,9 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "gemma2": _decoder(gemma2_model),
     "falcon": _decoder(falcon_model),
     "torch-encoder": _decoder(torch_encoder_model),
+    "t5": _decoder(t5_model),
+    "t5-eager": _decoder(lambda: t5_model("eager")),
+    "swinv2": swinv2,
 }
 DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact")
 METHODS = {

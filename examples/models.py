@@ -146,6 +146,35 @@ def falcon_model() -> nn.Module:
     return transformers.FalconForCausalLM(config)
 
 
+def t5_model(attention: str = "sdpa") -> nn.Module:
+    """A small Hugging Face T5 (encoder-decoder) sized like `gpt2_model`: 4 + 4 layers of
+    width 256, 8 heads of 32, ReLU MLP 1024, each stack's relative-position bias shared by
+    its layers; ``attention="eager"`` adds the bias to explicit scores."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=512, d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8,
+        dropout_rate=0.0, use_cache=False, decoder_start_token_id=0, pad_token_id=0,
+        attn_implementation=attention,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def swinv2_model() -> nn.Module:
+    """A small Hugging Face Swinv2 for 32x32 images: patches of 2, width 64 then 128, 2 + 2
+    blocks (every second one shifted) with 4 then 8 heads, windows of 4 positions, cosine
+    attention whose per-head bias an MLP computes; 10 labels."""
+    import transformers
+
+    config = transformers.Swinv2Config(
+        image_size=32, patch_size=2, embed_dim=64, depths=[2, 2], num_heads=[4, 8],
+        window_size=4, num_labels=10, drop_path_rate=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Swinv2ForImageClassification(config)
+
+
 class LanguageModelOutput(NamedTuple):
     loss: Tensor
     logits: Tensor
