@@ -1621,8 +1621,13 @@ class DivisionByZeros(nn.Module):
 
 @pytest.mark.parametrize(
     "denominator",
-    [F.relu, lambda h: h.abs().clamp_min(0.0), lambda h: h.exp() - 1],
-    ids=["relu", "clamp_min(0)", "exp-1"],
+    [
+        F.relu,
+        lambda h: h.abs().clamp_min(0.0),
+        lambda h: h.exp() - 1,
+        lambda h: torch.add(h.abs(), 1, alpha=-1) + 1,  # 1 + (|h| - 1)
+    ],
+    ids=["relu", "clamp_min(0)", "exp-1", "alpha"],
 )
 def test_division_by_a_tensor_that_may_be_zero_in_dropped_channels_is_read_at_full_width(
     denominator,

@@ -1073,7 +1073,7 @@ def _positive(node: fx.Node, strict: bool = True) -> bool:
     if node.target is aten.clamp_min.default:
         bound = node.args[1]
         return isinstance(bound, int | float) and (bound > 0 or (not strict and bound == 0))
-    if node.target is aten.add.Tensor and len(node.args) == 2:
+    if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs:  # no alpha
         a, b = node.args
         constant, term = (a, b) if _is_scalar(a) else (b, a)
         if isinstance(constant, int | float) and _is_tensor(term):
@@ -1268,6 +1268,8 @@ def _index(node: fx.Node, layout: Layout) -> _Op | str:
         dim += span
     if layout.dim in indexed:
         return "index along the channel dim"
+    if not indexed:  # every index None: the tensor itself
+        return _Op(layout, zero_preserving=True, chainable=True)
     index_dims = len(_shape(node)) - (len(_shape(x)) - len(indexed))
     if indexed == list(range(indexed[0], indexed[-1] + 1)):
         dim = layout.dim if layout.dim < indexed[0] else layout.dim - len(indexed) + index_dims
