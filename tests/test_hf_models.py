@@ -682,13 +682,16 @@ def test_gpt2_with_its_cache_on_says_to_turn_it_off():
         )
 
 
+_SWIN_SIZES = dict(
+    image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=2,
+    mlp_ratio=2.0, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.0,
+)  # fmt: skip
+"""One stage of two blocks (the second shifted), two heads, windows of 2x2 patches."""
+
+
 def _swin() -> nn.Module:
-    config = transformers.SwinConfig(
-        image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=2,
-        mlp_ratio=2.0, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0,
-    )  # fmt: skip
-    return transformers.SwinForImageClassification(config)
+    return transformers.SwinForImageClassification(transformers.SwinConfig(**_SWIN_SIZES))
 
 
 def test_swin_prunes_heads_with_their_relative_position_bias():
@@ -713,21 +716,34 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
 
     masks = _random_masks(groups, seed=4)
     sparsefx.set_masks(sparse, masks)
-    out = sparse(x, labels=labels)
-    out.loss.backward()
     points = {}
     for group, block in zip(heads, blocks, strict=True):
         points |= {f"{block}.{p}_proj": _heads(masks[group.name]) for p in "qkv"}
         mlp = block.replace("attention", "mlp.fc1")
         points[mlp] = masks[mlp]
+    _assert_classifier_matches_and_exports(sparse, model, reference, (x, labels), points)
+
+
+def _assert_classifier_matches_and_exports(
+    sparse: nn.Module,
+    model: nn.Module,
+    reference: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    points: dict[str, Tensor],
+) -> None:
+    """An image classifier's sparse step (masks set) against `reference` with `points`
+    masked: logits and every gradient; then frozen and exported, the program computes the
+    frozen model's logits (run with grad enabled, as users call it; a bias read at the kept
+    heads is a sliced constant there)."""
+    x, labels = batch
+    out = sparse(x, labels=labels)
+    out.loss.backward()
     with _masked_features(reference, points):
         expected = reference(x, labels=labels)
     expected.loss.backward()
     torch.testing.assert_close(out.logits, expected.logits)
     for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
-
-    # exported, the bias is a sliced constant; run with grad enabled, as users call it
     sparsefx.freeze(sparse)
     program = sparsefx.export(sparse.eval(), (x,))
     with torch.no_grad():
@@ -737,12 +753,7 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
 
 
 def _swinv2() -> nn.Module:
-    config = transformers.Swinv2Config(
-        image_size=16, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=2,
-        mlp_ratio=2.0, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0,
-    )  # fmt: skip
-    return transformers.Swinv2ForImageClassification(config)
+    return transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**_SWIN_SIZES))
 
 
 def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
@@ -770,8 +781,6 @@ def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
 
     masks = _random_masks(groups, seed=4)
     sparsefx.set_masks(sparse, masks)
-    out = sparse(x, labels=labels)
-    out.loss.backward()
     points = {}
     for group, block in zip(heads, blocks, strict=True):
         points |= {
@@ -780,19 +789,7 @@ def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
         mlp = block.replace("attention", "intermediate.dense")
         bias_mlp = f"{block}.self.continuous_position_bias_mlp.0"
         points |= {mlp: masks[mlp], bias_mlp: masks[bias_mlp]}
-    with _masked_features(reference, points):
-        expected = reference(x, labels=labels)
-    expected.loss.backward()
-    torch.testing.assert_close(out.logits, expected.logits)
-    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=pname)
-
-    sparsefx.freeze(sparse)
-    program = sparsefx.export(sparse.eval(), (x,))
-    with torch.no_grad():
-        frozen = sparse(x).logits
-    (logits,) = torch.utils._pytree.tree_leaves(program.module()(x))
-    torch.testing.assert_close(logits, frozen)
+    _assert_classifier_matches_and_exports(sparse, model, reference, (x, labels), points)
 
 
 def _t5(layers: int, attention: str = "sdpa") -> nn.Module:
