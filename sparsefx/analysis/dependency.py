@@ -597,9 +597,10 @@ class _Walk:
             layout = _joined(node, self.flows[a].layout, self.flows[b].layout)  # type: ignore[index]
             if layout is None:
                 return f"{name} joins tensors whose channels are laid out differently"
-            if node.target in ops.DIV:
-                return self._divide(node, layout)
-            gate = node.target in ops.MUL
+            divide = node.target in ops.DIV
+            if divide and not _positive(b):  # type: ignore[arg-type]
+                return f"{name} divides by a tensor that may be zero in dropped channels"
+            gate = divide or node.target in ops.MUL
             scores = not gate and _scores(node, layout.dim)
             if scores:  # a compact per-head bias (a table, ALiBi) added to attention scores
                 for bias in compact:
@@ -610,7 +611,7 @@ class _Walk:
             kind = "gate" if gate else "attention" if scores else "residual"
             pieces = zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
             couplings = [(p.group, q.group, kind) for p, q in pieces if p.group and q.group]
-            zero_when = "any" if gate else "all"
+            zero_when = 0 if divide else "any" if gate else "all"
             return _Op(layout, zero_preserving=True, zero_when=zero_when, couplings=couplings)
         (x,) = compact
         layout = self.flows[x].layout
@@ -652,21 +653,6 @@ class _Walk:
         else:
             zero_preserving = False
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
-
-    def _divide(self, node: fx.Node, layout: Layout) -> _Op | str:
-        """A compact tensor divided by another (F.normalize's ``x / norm(x).clamp_min(eps)``,
-        a softsign's ``x / (1 + |x|)``) is zero where the numerator is, provided the
-        reference does not divide by zero there: the denominator must be positive by how it
-        is computed (`_positive`), or its dropped channels might hold 0 and the quotient NaN."""
-        a, b = node.args[:2]
-        if not _positive(b):  # type: ignore[arg-type]
-            return f"{_op_name(node)} divides by a tensor that may be zero in dropped channels"
-        couplings = [
-            (p.group, q.group, "gate")
-            for p, q in zip(self.flows[a].layout.pieces, self.flows[b].layout.pieces, strict=True)  # type: ignore[index]
-            if p.group and q.group
-        ]
-        return _Op(layout, zero_preserving=True, zero_when=0, couplings=couplings)
 
     def _expand_as(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """``expand_as(x, other)`` reads other for its sizes: channel-wise in x where other
@@ -1065,7 +1051,10 @@ def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int)
 def _positive(node: fx.Node, strict: bool = True) -> bool:
     """Whether `node` is > 0 (`strict`) or >= 0 everywhere, by how it is computed: exp or
     sigmoid; a clamp_min to a positive bound (F.normalize's eps); a positive constant plus
-    something non-negative (a softsign's 1 + |x|); through shape ops."""
+    something non-negative (a softsign's 1 + |x|); through shape ops. A compact tensor
+    divided by another (F.normalize's ``x / norm(x).clamp_min(eps)``) is zero where the
+    numerator is only if the reference never divides by zero there: where the denominator
+    may hold 0 in dropped channels, the quotient is NaN and the division reads a scatter."""
     while node.target in _SHAPE_OPS:
         node = node.args[0]  # type: ignore[assignment]
     if node.target in ops.POSITIVE or (not strict and node.target in ops.NONNEGATIVE):
