@@ -5,7 +5,7 @@ semantics under fixed random masks, and a training loss that falls."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -694,16 +694,25 @@ def _swin() -> nn.Module:
     return transformers.SwinForImageClassification(transformers.SwinConfig(**_SWIN_SIZES))
 
 
+def _transformed_swin(
+    build: Callable[[], nn.Module],
+) -> tuple[nn.Module, nn.Module, tuple[Tensor, Tensor], nn.Module]:
+    """A float64 Swin-family classifier, an untouched copy for the reference, a batch of
+    three images with labels, and the classifier transformed at density 0.5."""
+    torch.manual_seed(0)
+    model = build().double()
+    reference = copy.deepcopy(model)
+    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
+    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    return model, reference, (x, labels), sparse
+
+
 def test_swin_prunes_heads_with_their_relative_position_bias():
     """Swin adds a per-head bias to attention, its table read at each pair of window
     positions (``table[index]``), and the shifted block a window mask shared by the heads.
     The bias kept attention at full width; read as an embedding whose columns are heads it
     couples with q, k and v, and attention runs on the kept heads."""
-    torch.manual_seed(0)
-    model = _swin().double()
-    reference = copy.deepcopy(model)
-    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
-    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    model, reference, batch, sparse = _transformed_swin(_swin)
     groups = sparsefx.groups(sparse)
     blocks = [f"swin.encoder.layers.0.blocks.{b}.attention" for b in range(2)]
     heads = [g for g in groups if g.size == 2]
@@ -721,7 +730,7 @@ def test_swin_prunes_heads_with_their_relative_position_bias():
         points |= {f"{block}.{p}_proj": _heads(masks[group.name]) for p in "qkv"}
         mlp = block.replace("attention", "mlp.fc1")
         points[mlp] = masks[mlp]
-    _assert_classifier_matches_and_exports(sparse, model, reference, (x, labels), points)
+    _assert_classifier_matches_and_exports(sparse, model, reference, batch, points)
 
 
 def _assert_classifier_matches_and_exports(
@@ -763,11 +772,7 @@ def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
     and v were separate groups read at full width, and the MLP's output layer a group of its
     own. Now the attention's heads are one group with the bias MLP's output rows, the
     temperature is read at the kept heads, and nothing scatters."""
-    torch.manual_seed(0)
-    model = _swinv2().double()
-    reference = copy.deepcopy(model)
-    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 2, 1])
-    sparse = sparsefx.transform(model, (x,), example_kwargs={"labels": labels}, density=0.5)
+    model, reference, batch, sparse = _transformed_swin(_swinv2)
     groups = sparsefx.groups(sparse)
     blocks = [f"swinv2.encoder.layers.0.blocks.{b}.attention" for b in range(2)]
     heads = [g for g in groups if g.size == 2]
@@ -789,7 +794,7 @@ def test_swinv2_cosine_attention_prunes_heads_with_their_bias_mlp():
         mlp = block.replace("attention", "intermediate.dense")
         bias_mlp = f"{block}.self.continuous_position_bias_mlp.0"
         points |= {mlp: masks[mlp], bias_mlp: masks[bias_mlp]}
-    _assert_classifier_matches_and_exports(sparse, model, reference, (x, labels), points)
+    _assert_classifier_matches_and_exports(sparse, model, reference, batch, points)
 
 
 def _t5(layers: int, attention: str = "sdpa") -> nn.Module:
