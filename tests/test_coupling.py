@@ -859,13 +859,19 @@ def test_a_shared_table_bias_compiles_to_what_transform_computes():
     """Each layer prunes its own heads and reads the shared bias at them, compiled as in
     `transform` (tests/test_hf_models.py checks T5 itself against the reference)."""
     torch.manual_seed(0)
-    model = SharedTableBias()
-    twin = copy.deepcopy(model)
-    x = torch.randn(2, SharedTableBias.tokens, 16)
-    options = {"density": 0.5, "seed": 0}
-    eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
+    eager = _compiled_matches_transform(
+        SharedTableBias(), torch.randn(2, SharedTableBias.tokens, 16)
+    )
     assert [g.name for g in eager.groups] == ["layers.0.q", "layers.1.q"]
     assert not eager.analysis.scatters, eager.analysis.scatters
+
+
+def _compiled_matches_transform(model: nn.Module, x: Tensor) -> nn.Module:
+    """`model` compiled with the sparsefx backend computes what `transform` does under the
+    same random masks, every gradient included; returns the transformed one."""
+    twin = copy.deepcopy(model)
+    options = {"density": 0.5, "seed": 0}
+    eager = sparsefx.transform(model, (x,), config=sparsefx.SparseConfig(**options))
     compiled = torch.compile(twin, backend="sparsefx", options=options)
     compiled(x)  # compiles, so the runtime exists for set_masks
     masks = _random_masks(eager.groups, torch.Generator().manual_seed(1))
@@ -877,6 +883,7 @@ def test_a_shared_table_bias_compiles_to_what_transform_computes():
     expected.square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name, atol=1e-5, rtol=1e-4)
+    return eager
 
 
 class RotaryAttention(BiasedAttention):
@@ -1812,3 +1819,100 @@ def test_layers_after_a_bool_mask_index_are_costed_by_the_masks_bound(budget):
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+
+
+class GatedChunk(nn.Module):
+    """One layer's output chunked in two, one half through a sigmoid, concatenated again."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, -1)
+        return self.fc2(torch.cat((a, b.sigmoid()), -1))
+
+
+def test_each_part_of_a_split_continues_its_own_chain():
+    """A split ended its producer's chain, so the sigmoid ran past the mask point, where
+    sigmoid(0) = 1/2 in dropped channels: it read a scatter. Each part of a split of the
+    channel dim is its own chain now, and the mask point is after the sigmoid (DESIGN §2:
+    after the activation)."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(GatedChunk(), torch.randn(4, 6))
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    assert [(g.name, g.mask_points) for g in sparse.groups] == [
+        ("fc1#0", ["getitem"]),
+        ("fc1#1", ["sigmoid"]),
+    ]
+    assert all(("fc2.weight", 1) in g.members for g in sparse.groups)
+
+
+class MultiQueryAttention(nn.Module):
+    """Four query heads of 8 features read one key and value head: broadcast over the
+    heads (``broadcast``), by ``enable_gqa``, expanded to every head (``expand``,
+    GPTBigCode's form), or with rotary q (``rotary``: q read twice)."""
+
+    heads, dim = 4, 8
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.q, self.o = nn.Linear(32, self.heads * self.dim), nn.Linear(self.heads * self.dim, 32)
+        self.k, self.v = nn.Linear(32, self.dim), nn.Linear(32, self.dim)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q = self.q(x).view(b, t, self.heads, self.dim).transpose(1, 2)
+        k, v = (p(x).view(b, t, 1, self.dim).transpose(1, 2) for p in (self.k, self.v))
+        if self.form == "expand":
+            k, v = k.expand(-1, self.heads, -1, -1), v.expand(-1, self.heads, -1, -1)
+        if self.form == "rotary":
+            angle = torch.arange(t, dtype=x.dtype)[:, None] / self.dim
+            q = q * angle.cos() + _rotate_half(q) * angle.sin()
+        gqa = self.form == "enable_gqa"
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("form", ["broadcast", "enable_gqa", "expand"])
+def test_multi_query_attention_prunes_query_heads_with_the_output_columns(form):
+    """A zero q head outputs the mean of v, so with the mask point at q, attention read q at
+    full width and the output projection stayed dense. Each output head is a function of
+    its own q head, so attention continues q's chain: the mask point is its output, the
+    query heads' group prunes `o`'s columns, and k and v are read whole (at the kept heads
+    where expanded to every head). k's and v's features are groups of their own, scattered
+    for attention."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    sparse = _transformed_as_zeroed(MultiQueryAttention(form), x)
+    groups = {g.name: g for g in sparse.groups}
+    assert sorted(groups) == ["k", "q", "v"]
+    assert ("o.weight", 1) in groups["q"].members
+    assert groups["q"].mask_points == ["reshape"]
+    reason = "attention reads k and v whole: only its query heads are pruned"
+    assert [(s.op, s.reason) for s in sparse.analysis.scatters] == [
+        ("scaled_dot_product_attention.default", reason)
+    ] * 2
+    graph = sparse.runtime.graphs[0].compact.graph
+    reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
+    gathered = [n for n in reads if n.args[1] == 1]  # k and v at q's kept heads
+    assert len(gathered) == (2 if form == "expand" else 0)
+    sparse(x).sum().backward()
+
+
+def test_multi_query_attention_compiles_to_what_transform_computes():
+    torch.manual_seed(0)
+    eager = _compiled_matches_transform(MultiQueryAttention("expand"), torch.randn(2, 6, 32))
+    assert ("o.weight", 1) in next(g for g in eager.groups if g.name == "q").members
+
+
+def test_multi_query_attention_after_rotary_reads_q_at_full_width_and_says_why():
+    """Rotary embeddings read q twice, which ends its chain before attention: a dropped
+    head is then zero in q, not in attention's output, so attention reads q whole."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(MultiQueryAttention("rotary"), torch.randn(2, 6, 32))
+    assert ("o.weight", 1) not in next(g for g in sparse.groups if g.name == "q").members
+    reasons = {s.reason for s in sparse.analysis.scatters}
+    assert any("q's chain has ended" in r for r in reasons), reasons

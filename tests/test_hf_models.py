@@ -581,6 +581,45 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
 
 
+@pytest.mark.parametrize("multi_query", [True, False], ids=["multi-query", "multi-head"])
+def test_gpt_bigcode_prunes_query_heads_through_multi_query_attention(multi_query):
+    """GPTBigCode (StarCoder) computes one k and v head that every query head reads. Its
+    query heads were pruned in the fused c_attn only: zero at q, a dropped head still
+    output the mean of v, so attention read q at full width and c_proj stayed dense. Each
+    output head is a function of its own q head, so attention now continues q's chain: the
+    mask point is c_proj's input, and the query heads' group prunes c_proj's columns. k and
+    v's features are groups of their own, read at full width by attention."""
+    torch.manual_seed(0)
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+        multi_query=multi_query, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPTBigCodeForCausalLM(config).double()
+    reference = copy.deepcopy(model)
+    ids = _text_inputs()[0]
+    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    heads = [g for g in groups if any(m[0].endswith("attn.c_proj.weight") for m in g.members)]
+    assert [g.size for g in heads] == [4, 4]
+    assert len(groups) == (8 if multi_query else 4)  # + k's and v's features with one kv head
+    reads = {s.reason for s in sparse.analysis.scatters}
+    assert reads == (
+        {"attention reads k and v whole: only its query heads are pruned"} if multi_query else set()
+    )
+
+    masks = _random_masks(groups, seed=3)
+    sparsefx.set_masks(sparse, masks)
+    handles = []
+    for group in heads:  # the reference zeroes dropped heads at attention's output too
+        (_, _, keep), *_ = (e for e in group.expand(masks[group.name]) if e[1] == 1)
+        c_proj = reference.get_submodule(group.members[-1][0].removesuffix(".weight"))
+        handles.append(c_proj.register_forward_pre_hook(lambda m, args, k=keep: (args[0] * k,)))
+    points = _producer_points(groups, masks)
+    _assert_classifier_matches_and_exports(sparse, model, reference, (ids, ids), points)
+    for handle in handles:
+        handle.remove()
+
+
 def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each producer's kept output features, over the groups that own parts of them (q, k
     and v of a fused projection): the reference zeroes the rest at the producer's output."""

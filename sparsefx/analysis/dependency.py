@@ -131,7 +131,11 @@ class _Op:
     are (element-wise ops, add, cat), "any" is (mul, matmul) or the one at this index is
     (attention: probabilities times v, whatever its per-head bias holds)."""
     chainable: bool = False
-    """A unary channel-wise op: may extend a producer's chain (before its mask point)."""
+    """Channel-wise in its one compact input (others read whole or at the kept channels):
+    may extend a producer's chain (before its mask point)."""
+    full_width: dict[fx.Node, str] = field(default_factory=dict)
+    """Compact inputs the op reads at full width (a scatter), with why; it reads the rest
+    compactly (attention with pruned query heads reads k and v whole)."""
     members: list[tuple[str, Member]] = field(default_factory=list)
     couplings: list[tuple[str, str, str]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
@@ -227,6 +231,10 @@ class _Walk:
                 self._end_chain(arg)
                 self._full_width(arg, node, op)
         elif op is not None:
+            for arg, reason in op.full_width.items():
+                self._end_chain(arg)
+                self._full_width(arg, node, reason)
+            compact = [a for a in compact if a not in op.full_width]
             chained = op.chainable and len(compact) == 1 and self.flows[compact[0]].zero is None
             if not chained:
                 for arg in compact:
@@ -248,8 +256,21 @@ class _Walk:
         elif _is_grouped(node) and node not in self.flows:
             reason = "grouped convolution whose input is not compact: it follows its input's groups"
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
-        if node in self.flows and len(node.users) != 1:
+        if node in self.flows and len(node.users) != 1 and not self._split_into_parts(node):
             self._end_chain(node)
+
+    def _split_into_parts(self, node: fx.Node) -> bool:
+        """A split of the channel dim whose users each take a part of their own: the parts
+        hold disjoint spaces, so each part's chain goes on alone (q of a fused projection
+        to its attention, k and v to theirs)."""
+        parts = self.flows[node].parts
+        if parts is None or node.target not in ops.SPLITS:
+            return False
+        taken = [u.args[1] for u in node.users if u.target is operator.getitem]
+        if len(taken) != len(node.users) or len(set(taken)) != len(taken):
+            return False
+        spaces = [parts[i].groups for i in taken]  # type: ignore[index]
+        return len(set().union(*spaces)) == sum(len(s) for s in spaces)
 
     def _block_aliases(self, node: fx.Node) -> None:
         """An in-place dropout that capture left in place: a tensor sharing its input's
@@ -398,7 +419,7 @@ class _Walk:
             flow = self.flows[node.args[0]]  # type: ignore[index]
             if flow.parts is None:
                 return "getitem of a compact tensor"
-            return _Op(flow.parts[node.args[1]], zero_preserving=True)  # type: ignore[index]
+            return _Op(flow.parts[node.args[1]], zero_preserving=True, chainable=True)  # type: ignore[index]
         if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
             return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
@@ -690,7 +711,7 @@ class _Walk:
         """``x * p``, ``x / p``, ``x + p`` or ``x - p`` with a parameter of one value per
         channel is channel-wise: a layer scale (ConvNeXt, CaiT, DINOv2) or a bias added
         after a bias-free layer (Falcon's ``x @ W.T + b``). The parameter is a member,
-        gathered to the kept channels (meta ``gathered_arg``: its argument position and
+        gathered to the kept channels (meta ``gathered_args``: its argument position and
         channel dim), so the result stays compact and reaches what it joins (a stream, which
         decides its fate). Adding a bias is not zero-preserving, like BatchNorm's shift."""
         shape = _shape(param)
@@ -705,7 +726,7 @@ class _Walk:
         return _Op(
             layout, zero_preserving=node.target in ops.MUL or node.target in ops.DIV,
             chainable=True, members=self._members(layout, [(param, dim)]),
-            meta={"gathered_arg": (node.args.index(param), dim)},
+            meta={"gathered_args": [(node.args.index(param), dim)]},
         )  # fmt: skip
 
     def _cat(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
@@ -753,6 +774,8 @@ class _Walk:
         per_head = isinstance(mask, fx.Node) and mask in self.flows
         if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
             return shared
+        if q in compact and not per_head and not any(self._heads_compact(t) for t in (k, v)):
+            return self._query_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
         heads = len(_shape(q)) - 3
@@ -780,9 +803,45 @@ class _Walk:
             if p.group and r.group
         ]
         # a dense per-head mask is read at q's kept heads (rewrite_gathered_args)
-        meta = {"gathered_arg": (mask_at, len(shape) - 3)} if gathered else {}
+        meta = {"gathered_args": [(mask_at, len(shape) - 3)]} if gathered else {}
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
         return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)  # type: ignore[arg-type]
+
+    def _heads_compact(self, t: object) -> bool:
+        return t in self.flows and self.flows[t].layout.dim == len(_shape(t)) - 3  # type: ignore[index]
+
+    def _query_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """Attention with pruned query heads and k, v that no group prunes by head
+        (multi-query attention: one k/v head serves every q head). Each output head is a
+        function of its q head alone, so attention continues q's chain: its mask point moves
+        to the attention's output, where a dropped head is zero (at q it would output the
+        mean of v). k and v are read whole, at q's kept heads where they have one per q
+        head; features of theirs that a group prunes are scattered first."""
+        q, k, v = node.args[:3]
+        heads = len(_shape(q)) - 3
+        if not self._heads_compact(q):
+            return "attention whose q is not compact along the heads dim"
+        if self.flows[q].zero is not None:
+            return (
+                "attention with pruned query heads and k, v that no group prunes by head, "
+                "where q's chain has ended (several ops read q, as rotary embeddings do): a "
+                "head zero in q outputs the mean of v, so q is read at full width"
+            )
+        n_heads = _shape(q)[heads]
+        gathered = []
+        for position, t in ((1, k), (2, v), (3, _arg(node, 3, "attn_mask", None))):
+            shape = _shape(t) if isinstance(t, fx.Node) else ()
+            if len(shape) < 3 or same_size(shape[-3], 1):
+                continue  # no heads dim, or one that broadcasts over q's heads
+            if not same_size(shape[-3], n_heads):
+                return "attention whose k, v or mask heads are neither one nor q's heads"
+            at = position if len(node.args) > position else "attn_mask"
+            gathered.append((at, len(shape) - 3))
+        reason = "attention reads k and v whole: only its query heads are pruned"
+        full_width = {t: reason for t in compact if t is not q}
+        meta = {"gathered_args": gathered} if gathered else {}
+        layout = self.flows[q].layout
+        return _Op(layout, zero_preserving=False, chainable=True, full_width=full_width, meta=meta)
 
     def _shared_bias(self, node: fx.Node, bias: fx.Node) -> str | None:
         """A compact per-head bias that a second attention reads (T5 computes one for every
@@ -864,7 +923,8 @@ class _Walk:
                 self.refine.parts[space] = cut
             return "split waits for its spaces to be cut at the split's boundaries"
         parts = [Layout(dim, chunk) for chunk in pieces]
-        return _Op(layout, zero_preserving=True, parts=parts, meta={"split": parts})
+        meta = {"split": parts}
+        return _Op(layout, zero_preserving=True, chainable=True, parts=parts, meta=meta)
 
     def _slice(self, node: fx.Node, layout: Layout) -> _Op | str:
         """A range of the channel dim keeps the pieces inside it, like one output of a split
@@ -1034,7 +1094,7 @@ def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int)
     """Compact scores `x` plus a dense per-head bias (T5's, which every layer reads; ALiBi;
     the zeros of a cross-attention), or times a per-head temperature (Swinv2's), whose
     heads are `other_dim` of the other tensor: that tensor is read at the kept heads (meta
-    ``gathered_arg``). A product is zero in dropped heads, as is the other tensor's
+    ``gathered_args``). A product is zero in dropped heads, as is the other tensor's
     gradient there. A sum is not zero-preserving: a dropped head holds its bias until v
     zeros it, and where nothing does the walk asks for a scatter instead. (Outside scores,
     a gate by a full-width tensor reads a scatter: read compactly, it would block a
@@ -1044,7 +1104,7 @@ def _gathered_operand(node: fx.Node, x: fx.Node, layout: Layout, other_dim: int)
     product = node.target in ops.MUL or (node.target in ops.DIV and other is node.args[1])
     if (node.target in ops.DIV and not product) or not _scores(node, dim):
         return None
-    meta = {"gathered_arg": (node.args.index(other), other_dim)}
+    meta = {"gathered_args": [(node.args.index(other), other_dim)]}
     return _Op(layout.at(dim), zero_preserving=product, meta=meta)
 
 

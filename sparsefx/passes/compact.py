@@ -219,16 +219,14 @@ def rewrite_gathered_args(gm: fx.GraphModule) -> fx.GraphModule:
     indices = _Indices(gm)
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
-        if "gathered_arg" not in meta:
-            continue
-        position, dim = meta["gathered_arg"]
-        arg = node.args[position] if isinstance(position, int) else node.kwargs[position]
-        with gm.graph.inserting_before(node):
-            kept = gm.graph.call_function(select, (arg, dim, indices.of(meta["layout"])))
-        if isinstance(position, int):
-            node.update_arg(position, kept)
-        else:
-            node.update_kwarg(position, kept)
+        for position, dim in meta.get("gathered_args", ()):
+            arg = node.args[position] if isinstance(position, int) else node.kwargs[position]
+            with gm.graph.inserting_before(node):
+                kept = gm.graph.call_function(select, (arg, dim, indices.of(meta["layout"])))
+            if isinstance(position, int):
+                node.update_arg(position, kept)
+            else:
+                node.update_kwarg(position, kept)
     return gm
 
 
