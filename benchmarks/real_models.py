@@ -9,7 +9,8 @@ HF ResNet (basic blocks, 64/128/256/512, depths 2/2/2/2, 10 labels) on 32×32 im
 Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Gemma 2
 (post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise, and
 `torch-encoder`: the same sizes in PyTorch's own `nn.TransformerEncoder` (causal mask, MLP
-1024; `examples/models.py:TorchEncoderLM`). `t5` and `t5-eager`: T5 of that width, 4 + 4
+1024; `examples/models.py:TorchEncoderLM`); `gpt-bigcode`: GPTBigCode (StarCoder's multi-query
+attention: 8 query heads, one key/value head) of GPT-2's sizes. `t5` and `t5-eager`: T5 of that width, 4 + 4
 layers, its relative-position bias passed to SDPA or added to explicit scores (the labels
 are the decoder's 128 tokens); `swinv2`: Swinv2 (`examples/models.py:swinv2_model`) on a
 batch of 32 images.
@@ -57,6 +58,7 @@ from examples.models import (
     falcon_model,
     gemma2_model,
     gpt2_model,
+    gpt_bigcode_model,
     hf_resnet_model,
     llama_model,
     swinv2_model,
@@ -91,6 +93,7 @@ def _decoder(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, Te
 MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "resnet": resnet,
     "gpt2": _decoder(gpt2_model),
+    "gpt-bigcode": _decoder(gpt_bigcode_model),
     "llama": _decoder(llama_model),
     "gemma2": _decoder(gemma2_model),
     "falcon": _decoder(falcon_model),

@@ -103,6 +103,19 @@ def gpt2_model() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def gpt_bigcode_model() -> nn.Module:
+    """A small Hugging Face GPTBigCode (StarCoder's architecture) sized like `gpt2_model`:
+    multi-query attention, 8 query heads reading one key/value head."""
+    import transformers
+
+    config = transformers.GPTBigCodeConfig(
+        vocab_size=512, n_embd=256, n_layer=4, n_head=8, n_positions=128, use_cache=False,
+        multi_query=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPTBigCodeForCausalLM(config)
+
+
 def llama_model() -> nn.Module:
     """A small Hugging Face Llama with grouped-query attention (8 query heads share 4
     key/value heads), sized like `gpt2_model`: vocab 512, hidden 256, MLP 704, 4 layers."""
