@@ -1851,7 +1851,8 @@ def test_each_part_of_a_split_continues_its_own_chain():
 class MultiQueryAttention(nn.Module):
     """Four query heads of 8 features read one key and value head: broadcast over the
     heads (``broadcast``), by ``enable_gqa``, expanded to every head (``expand``,
-    GPTBigCode's form), or with rotary q (``rotary``: q read twice)."""
+    GPTBigCode's form), after rotary q (``rotary``: two branches of q that meet again), or
+    with q also read by a layer (``leaky``: a third branch, which leaves q's chain)."""
 
     heads, dim = 4, 8
 
@@ -1860,15 +1861,17 @@ class MultiQueryAttention(nn.Module):
         self.form = form
         self.q, self.o = nn.Linear(32, self.heads * self.dim), nn.Linear(self.heads * self.dim, 32)
         self.k, self.v = nn.Linear(32, self.dim), nn.Linear(32, self.dim)
-        self.head = nn.Linear(32, 4)
+        self.head, self.side = nn.Linear(32, 4), nn.Linear(self.heads * self.dim, 32)
 
     def forward(self, x):
         b, t = x.shape[:2]
         q = self.q(x).view(b, t, self.heads, self.dim).transpose(1, 2)
+        if self.form == "leaky":
+            x = x + self.side(q.transpose(1, 2).reshape(b, t, -1))
         k, v = (p(x).view(b, t, 1, self.dim).transpose(1, 2) for p in (self.k, self.v))
         if self.form == "expand":
             k, v = k.expand(-1, self.heads, -1, -1), v.expand(-1, self.heads, -1, -1)
-        if self.form == "rotary":
+        if self.form in ("rotary", "leaky"):
             angle = torch.arange(t, dtype=x.dtype)[:, None] / self.dim
             q = q * angle.cos() + _rotate_half(q) * angle.sin()
         gqa = self.form == "enable_gqa"
@@ -1876,14 +1879,15 @@ class MultiQueryAttention(nn.Module):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-@pytest.mark.parametrize("form", ["broadcast", "enable_gqa", "expand"])
+@pytest.mark.parametrize("form", ["broadcast", "enable_gqa", "expand", "rotary"])
 def test_multi_query_attention_prunes_query_heads_with_the_output_columns(form):
     """A zero q head outputs the mean of v, so with the mask point at q, attention read q at
     full width and the output projection stayed dense. Each output head is a function of
     its own q head, so attention continues q's chain: the mask point is its output, the
     query heads' group prunes `o`'s columns, and k and v are read whole (at the kept heads
     where expanded to every head). k's and v's features are groups of their own, scattered
-    for attention."""
+    for attention. Rotary q's two branches (``q * cos`` and ``rotate_half(q) * sin``) ended
+    the chain where they forked; it now goes on to the add where they meet."""
     torch.manual_seed(0)
     x = torch.randn(2, 6, 32)
     sparse = _transformed_as_zeroed(MultiQueryAttention(form), x)
@@ -1908,11 +1912,39 @@ def test_multi_query_attention_compiles_to_what_transform_computes():
     assert ("o.weight", 1) in next(g for g in eager.groups if g.name == "q").members
 
 
-def test_multi_query_attention_after_rotary_reads_q_at_full_width_and_says_why():
-    """Rotary embeddings read q twice, which ends its chain before attention: a dropped
-    head is then zero in q, not in attention's output, so attention reads q whole."""
+def test_a_chain_whose_branch_leaves_before_they_meet_ends_at_the_fork():
+    """q is also read by a layer: the chain cannot run through every branch of q to where
+    they meet, so the next walk ends it where q forks, and attention reads q at full width,
+    saying why."""
     torch.manual_seed(0)
-    sparse = _transformed_as_zeroed(MultiQueryAttention("rotary"), torch.randn(2, 6, 32))
-    assert ("o.weight", 1) not in next(g for g in sparse.groups if g.name == "q").members
+    sparse = _transformed_as_zeroed(MultiQueryAttention("leaky"), torch.randn(2, 6, 32))
+    q = next(g for g in sparse.groups if g.name == "q")
+    assert ("o.weight", 1) not in q.members and ("side.weight", 1) in q.members
+    assert q.mask_points == ["transpose"]
     reasons = {s.reason for s in sparse.analysis.scatters}
     assert any("q's chain has ended" in r for r in reasons), reasons
+
+
+class WrittenOutSwish(nn.Module):
+    """``h * sigmoid(h)`` written out (two branches of h that meet again), then a sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2((h * h.sigmoid()).sigmoid())
+
+
+def test_a_chain_goes_through_branches_that_meet_again():
+    """The chain ended where h forked, so the last sigmoid ran past the mask point (1/2 in
+    dropped channels) and read a scatter. Every path from h meets again at the product, so
+    the chain now goes on to the last sigmoid, the mask point (DESIGN §2: after the
+    activation), and fc2 reads its kept columns."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(WrittenOutSwish(), torch.randn(4, 6))
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    (group,) = sparse.groups
+    assert group.mask_points == ["sigmoid_1"]
+    assert ("fc2.weight", 1) in group.members

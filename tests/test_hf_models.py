@@ -550,7 +550,10 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
     """Falcon's `FalconLinear` computes ``x @ W.T (+ b)``: sparsefx found nothing to prune
     and trained Falcon dense. Its MLP neurons are groups now (bias folded in), and its
     heads are pruned in the fused qkv projection, compact through attention (its split of
-    q, k and v is an ``unbind``/``select`` of another dim), except with a single kv head.
+    q, k and v is an ``unbind``/``select`` of another dim). With a single kv head, its query
+    heads were pruned in the projection only: rotary q ended their chain, and attention read
+    q at full width. The chain now goes through rotary's branches to where they meet, and
+    on through attention (`test_gpt_bigcode_prunes_query_heads_through_multi_query_attention`).
     ALiBi's per-head bias (a dense mask of every head) is read at the kept heads."""
     torch.manual_seed(0)
     config = transformers.FalconConfig(
@@ -566,14 +569,21 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
     assert len(mlp) == 2 and all(g.size == 128 for g in mlp)
     assert all(g.name.split("#")[0].endswith("query_key_value") for g in groups if g not in mlp)
     assert (("transformer.h.0.mlp.dense_h_to_4h.bias", 0) in mlp[0].members) == ("bias" in options)
-    if options:  # multi-query attention (one kv head) is read at full width
+    heads = [g for g in groups if ("transformer.h.0.self_attention.dense.weight", 1) in g.members]
+    assert len(heads) == 1  # the first layer's query heads prune its output projection
+    if options:
         assert not sparse.analysis.scatters, sparse.analysis.scatters
+    else:  # one kv head, cut into a group of its own that keeps it, reshaped whole
+        assert {s.op for s in sparse.analysis.scatters} == {"reshape.default"}
 
     masks = _random_masks(groups, seed=3)
     sparsefx.set_masks(sparse, masks)
     out = sparse(ids, labels=ids)
     out.loss.backward()
-    with _masked_features(reference, _producer_points(groups, masks)):
+    with (
+        _masked_features(reference, _producer_points(groups, masks)),
+        _masked_inputs(reference, _consumer_points(groups, masks)),
+    ):
         expected = reference(ids, labels=ids)
     expected.loss.backward()
     torch.testing.assert_close(out.logits, expected.logits)
@@ -609,15 +619,9 @@ def test_gpt_bigcode_prunes_query_heads_through_multi_query_attention(multi_quer
 
     masks = _random_masks(groups, seed=3)
     sparsefx.set_masks(sparse, masks)
-    handles = []
-    for group in heads:  # the reference zeroes dropped heads at attention's output too
-        (_, _, keep), *_ = (e for e in group.expand(masks[group.name]) if e[1] == 1)
-        c_proj = reference.get_submodule(group.members[-1][0].removesuffix(".weight"))
-        handles.append(c_proj.register_forward_pre_hook(lambda m, args, k=keep: (args[0] * k,)))
     points = _producer_points(groups, masks)
-    _assert_classifier_matches_and_exports(sparse, model, reference, (ids, ids), points)
-    for handle in handles:
-        handle.remove()
+    with _masked_inputs(reference, _consumer_points(groups, masks)):
+        _assert_classifier_matches_and_exports(sparse, model, reference, (ids, ids), points)
 
 
 def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -633,6 +637,38 @@ def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> 
             if name == f"{module}.weight" and dim == 0:
                 points[module] = points.get(module, torch.ones_like(keep)) & (keep | ~mine)
     return points
+
+
+def _consumer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each consumer's kept input features (dim 1 of an ``nn.Linear`` weight that a group
+    owns outside its producer): where attention continues a query chain, the reference
+    zeroes dropped heads at the output projection's input, not at q."""
+    points: dict[str, Tensor] = {}
+    for group in groups:
+        producer = group.name.split("#")[0]
+        owned = group.expand(torch.ones(group.size, dtype=torch.bool))
+        for (name, dim, mine), (_, _, keep) in zip(
+            owned, group.expand(masks[group.name]), strict=True
+        ):
+            module = name.removesuffix(".weight")
+            if dim == 1 and module != producer and name.endswith(".weight"):
+                points[module] = points.get(module, torch.ones_like(keep)) & (keep | ~mine)
+    return points
+
+
+@contextmanager
+def _masked_inputs(model: nn.Module, points: dict[str, Tensor]) -> Iterator:
+    """Dropped features zeroed (last dim) at the input of each consumer in `points`."""
+
+    def zero(mask: Tensor):
+        return lambda module, args: (args[0] * mask.to(args[0].dtype), *args[1:])
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(zero(k)) for n, k in points.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _hf_cases() -> dict[str, tuple]:

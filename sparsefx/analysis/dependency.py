@@ -10,8 +10,9 @@ spaces to one index set; a ``cat`` along the channel dim does not (it concatenat
 sets with offsets). The coupling groups are the connected components (see groups.py).
 
 Each value is also tracked for the reference semantics (DESIGN §2): inside a producer's
-single-user chain of channel-wise ops dropped channels still hold values (*pending*); the
-chain's last node is the space's **mask point**, after which they are exactly zero. An op
+chain of channel-wise ops (single users, the parts of a split, or branches that all meet
+again) dropped channels still hold values (*pending*); the chain's last node is the space's
+**mask point**, after which they are exactly zero. An op
 that is not zero-preserving (BatchNorm's shift, sigmoid) may run compactly inside a chain
 only; past the mask point it reads a full-width scatter instead.
 """
@@ -82,6 +83,8 @@ class _Flow:
     not zero-preserving)."""
     parts: list[Layout] | None = None
     """For a split: the layout of each output."""
+    region: fx.Node | None = None
+    """Inside a chain: the fork whose branches it is on, until they rejoin."""
 
 
 @dataclass
@@ -99,6 +102,9 @@ class Refinements:
     dense: dict[str, str] = field(default_factory=dict)
     """Space -> why its producer is left dense, on its own and not its component (a per-head
     bias that several attentions read, each at its own kept heads)."""
+    forks: set[str] = field(default_factory=set)
+    """Nodes inside a chain whose branches did not all stay in it until they rejoined: the
+    chain ends at them."""
 
     def update(self, other: Refinements) -> bool:
         """Merge `other` in; whether anything was new. A walk that learnt new parts or
@@ -115,8 +121,9 @@ class Refinements:
         self.dense.update(other.dense)
         if cut:
             return True
-        new = not other.scatter_at <= self.scatter_at
+        new = not (other.scatter_at <= self.scatter_at and other.forks <= self.forks)
         self.scatter_at |= other.scatter_at
+        self.forks |= other.forks
         return new
 
 
@@ -202,6 +209,7 @@ class _Walk:
         self.result = Propagation({}, nx.Graph(), {}, {}, [], [])
         self.bias_readers: dict[str, fx.Node] = {}
         """Per-head bias space -> the attention whose heads it was pruned with."""
+        self.post_dominators: dict[fx.Node, fx.Node] | None = None
 
     def run(self, gm: fx.GraphModule) -> Propagation:
         for node in gm.graph.nodes:
@@ -235,10 +243,11 @@ class _Walk:
                 self._end_chain(arg)
                 self._full_width(arg, node, reason)
             compact = [a for a in compact if a not in op.full_width]
-            chained = op.chainable and len(compact) == 1 and self.flows[compact[0]].zero is None
+            chained = self._chained(op, compact)
             if not chained:
                 for arg in compact:
-                    self._end_chain(arg)
+                    if _reads_values(node, arg):
+                        self._end_chain(arg)
             if not (chained or op.zero_preserving) and node.name in self.refined.scatter_at:
                 for arg in compact:
                     self._full_width(
@@ -257,7 +266,54 @@ class _Walk:
             reason = "grouped convolution whose input is not compact: it follows its input's groups"
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         if node in self.flows and len(node.users) != 1 and not self._split_into_parts(node):
+            self._fork(node)
+
+    def _chained(self, op: _Op, compact: list[fx.Node]) -> bool:
+        """Whether `op` continues a chain: channel-wise in one pending input, or joining
+        branches of one fork (rotary's ``q * cos + rotate_half(q) * sin``) in a layout
+        they all share."""
+        flows = [self.flows[a] for a in compact]
+        if not flows or any(f.zero is not None for f in flows):
+            return False
+        if len(flows) == 1:
+            return op.chainable
+        first = flows[0]
+        return (
+            first.region is not None
+            and op.layout is not None
+            and op.layout.pieces == first.layout.pieces
+            and all(f.region is first.region and f.layout == first.layout for f in flows)
+        )
+
+    def _fork(self, node: fx.Node) -> None:
+        """A chain's value with several users (or none). Where every path from it meets
+        again at one node (its immediate post-dominator), the chain goes on through the
+        branches to that join, which is then its mask point; if a branch leaves the chain
+        first, `_end_chain` records the fork and the next walk ends the chain here."""
+        flow = self.flows[node]
+        if flow.zero is not None:
+            return
+        if flow.region is None:
+            if node.name in self.refined.forks or self._join(node) is None or not node.users:
+                self._end_chain(node)
+                return
+            flow.region = node
+        elif not node.users:
             self._end_chain(node)
+
+    def _join(self, node: fx.Node) -> fx.Node | None:
+        """Where every path from `node` to the graph's output meets again (None: only at
+        the output). Reading a size or dtype is not a path."""
+        if self.post_dominators is None:
+            graph = nx.DiGraph()
+            for n in node.graph.nodes:
+                graph.add_node(n)
+                for user in n.users:
+                    if _reads_values(user, n):
+                        graph.add_edge(user, n)
+            self.post_dominators = nx.immediate_dominators(graph, self.view.output)
+        join = self.post_dominators.get(node)
+        return None if join is None or join is self.view.output else join
 
     def _split_into_parts(self, node: fx.Node) -> bool:
         """A split of the channel dim whose users each take a part of their own: the parts
@@ -308,7 +364,10 @@ class _Walk:
         meta.setdefault("role", "channelwise")
         meta["layout"] = op.layout
         if chained:
-            self.flows[node] = _Flow(op.layout, None, parts=op.parts)
+            region = self.flows[compact[0]].region
+            if region is not None and self._join(region) is node:
+                region = None  # the branches have met again
+            self.flows[node] = _Flow(op.layout, None, parts=op.parts, region=region)
             return
         flows = [self.flows[a] for a in compact]
         zeros = [f.zero for f in flows]
@@ -329,6 +388,8 @@ class _Walk:
     def _end_chain(self, node: fx.Node) -> None:
         """`node` is the last of its producer's chain: the mask point of its spaces."""
         flow = self.flows[node]
+        if flow.zero is None and flow.region is not None:
+            self.refine.forks.add(flow.region.name)  # a branch left before the join
         if flow.zero is None:
             flow.zero = True
             couplings = self.result.couplings
@@ -774,7 +835,7 @@ class _Walk:
         per_head = isinstance(mask, fx.Node) and mask in self.flows
         if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
             return shared
-        if q in compact and not per_head and not any(self._heads_compact(t) for t in (k, v)):
+        if q in compact and not per_head and not any(self._heads_compact(t, 2) for t in (k, v)):
             return self._query_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
@@ -807,8 +868,11 @@ class _Walk:
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
         return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)  # type: ignore[arg-type]
 
-    def _heads_compact(self, t: object) -> bool:
-        return t in self.flows and self.flows[t].layout.dim == len(_shape(t)) - 3  # type: ignore[index]
+    def _heads_compact(self, t: object, at_least: int = 1) -> bool:
+        """Whether `t` is compact along attention's heads dim, with `at_least` heads."""
+        if t not in self.flows or self.flows[t].layout.dim != len(_shape(t)) - 3:  # type: ignore[index]
+            return False
+        return not same_size(_shape(t)[-3], 1) or at_least == 1
 
     def _query_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """Attention with pruned query heads and k, v that no group prunes by head
@@ -915,7 +979,8 @@ class _Walk:
             sizes = [min(sizes, full - start) for start in range(0, full, sizes)]
         if dim != layout.dim:
             parts = [layout for _ in sizes]  # type: ignore[union-attr]
-            return _Op(layout, zero_preserving=True, parts=parts, meta={"split": None})
+            meta = {"split": None}
+            return _Op(layout, zero_preserving=True, chainable=True, parts=parts, meta=meta)
         bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]  # type: ignore[index]
         pieces = _cut(layout, bounds)
         if isinstance(pieces, dict):
@@ -933,7 +998,7 @@ class _Walk:
         ndim = len(_shape(x))
         dim = int(_arg(node, 1, "dim", 0)) % ndim  # type: ignore[call-overload]
         if dim != layout.dim:
-            return _Op(layout, zero_preserving=True)
+            return _Op(layout, zero_preserving=True, chainable=True)
         full = int(_shape(x)[dim])
         if node.target is aten.narrow.default:
             start, length = int(node.args[2]), int(node.args[3])  # type: ignore[call-overload]
@@ -1043,6 +1108,13 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
     if not moved[0].same_shape(moved[1]):
         return None
     return moved[0]
+
+
+def _reads_values(user: fx.Node, arg: fx.Node) -> bool:
+    """Whether `user` reads `arg`'s values, not only its size or dtype."""
+    if user.target is aten.sym_size.int:
+        return False
+    return user.target not in ops.TYPE_AS or user.args[0] is arg
 
 
 def _scores(node: fx.Node, dim: int) -> bool:
