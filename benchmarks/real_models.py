@@ -10,7 +10,8 @@ Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Ge
 (post-norms, eager attention) and Falcon (fused qkv, `x @ W.T` layers, MLP 1024) likewise, and
 `torch-encoder`: the same sizes in PyTorch's own `nn.TransformerEncoder` (causal mask, MLP
 1024; `examples/models.py:TorchEncoderLM`); `gpt-bigcode`: GPTBigCode (StarCoder's multi-query
-attention: 8 query heads, one key/value head) of GPT-2's sizes. `t5` and `t5-eager`: T5 of that width, 4 + 4
+attention: 8 query heads, one key/value head) of GPT-2's sizes; `falcon-mq`: Falcon with
+Falcon-7B's multi-query layout (one key/value head, rotary q). `t5` and `t5-eager`: T5 of that width, 4 + 4
 layers, its relative-position bias passed to SDPA or added to explicit scores (the labels
 are the decoder's 128 tokens); `swinv2`: Swinv2 (`examples/models.py:swinv2_model`) on a
 batch of 32 images.
@@ -97,6 +98,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "llama": _decoder(llama_model),
     "gemma2": _decoder(gemma2_model),
     "falcon": _decoder(falcon_model),
+    "falcon-mq": _decoder(lambda: falcon_model(multi_query=True)),
     "torch-encoder": _decoder(torch_encoder_model),
     "t5": _decoder(t5_model),
     "t5-eager": _decoder(lambda: t5_model("eager")),

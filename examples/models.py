@@ -145,15 +145,18 @@ def gemma2_model() -> nn.Module:
     return transformers.Gemma2ForCausalLM(config)
 
 
-def falcon_model() -> nn.Module:
+def falcon_model(multi_query: bool = False) -> nn.Module:
     """A small Hugging Face Falcon (its newer layout: 8 query heads share 4 key/value heads
-    in one fused projection) sized like `llama_model`, its MLP 4x the hidden size; its
-    layers compute ``x @ W.T``."""
+    in one fused projection; with `multi_query`, Falcon-7B's layout: one key/value head)
+    sized like `llama_model`, its MLP 4x the hidden size; its layers compute ``x @ W.T``."""
     import transformers
 
+    layout = {"num_kv_heads": 4, "new_decoder_architecture": True}
+    if multi_query:
+        layout = {"multi_query": True}
     config = transformers.FalconConfig(
         vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-        num_kv_heads=4, new_decoder_architecture=True, use_cache=False,
+        use_cache=False, **layout,
     )  # fmt: skip
     torch.manual_seed(0)
     return transformers.FalconForCausalLM(config)
