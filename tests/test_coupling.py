@@ -1906,9 +1906,10 @@ def test_multi_query_attention_prunes_query_heads_with_the_output_columns(form):
     sparse(x).sum().backward()
 
 
-def test_multi_query_attention_compiles_to_what_transform_computes():
+@pytest.mark.parametrize("form", ["expand", "rotary"])
+def test_multi_query_attention_compiles_to_what_transform_computes(form):
     torch.manual_seed(0)
-    eager = _compiled_matches_transform(MultiQueryAttention("expand"), torch.randn(2, 6, 32))
+    eager = _compiled_matches_transform(MultiQueryAttention(form), torch.randn(2, 6, 32))
     assert ("o.weight", 1) in next(g for g in eager.groups if g.name == "q").members
 
 
