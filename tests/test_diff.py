@@ -440,3 +440,28 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
         assert f"<b>{group.name}</b>" in dom
         assert f'data-k="{group.symbol}"' in dom
     assert dom.count('<tr class="chg"') > 0 and dom.count('<tr class="add"') > 0
+
+
+class ScoresWithBias(torch.nn.Module):
+    """``baddbmm`` with a bias broadcast over the batch: its meta kernel fails on a symbolic
+    batch size, so the listing's shapes stop there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(5, 3)
+        self.bias = torch.nn.Parameter(torch.zeros(1, 5, 5))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(torch.baddbmm(self.bias, h, h.transpose(1, 2)))
+
+
+def test_explain_says_where_shapes_stop_without_logging_the_fake_tensor_error(caplog):
+    """Fake tensors logged the failing meta kernel as an error with its traceback, twice,
+    on stderr of an `explain` that then reported it in one line."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(ScoresWithBias(), torch.randn(3, 5, 6), density=0.5)
+    with caplog.at_level("DEBUG"):
+        text = sparsefx.explain(sparse)
+    assert "note: compact graph: shapes stop at baddbmm, which failed on fake tensors" in text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

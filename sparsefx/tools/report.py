@@ -16,7 +16,9 @@ rewritten graph on fake tensors whose index inputs have symbolic lengths.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -423,7 +425,7 @@ class _FakeShapes:
     ) -> Listing:
         interpreter = fx.Interpreter(gm, garbage_collect_values=False)
         problem = None
-        with self.mode, torch.no_grad():
+        with self.mode, torch.no_grad(), _silenced(logging.getLogger(FakeTensorMode.__module__)):
             args = [self._input(node) for node in gm.graph.find_nodes(op="placeholder")]
             try:
                 interpreter.run(*args)
@@ -434,6 +436,17 @@ class _FakeShapes:
                     f"{type(error).__name__}: {first_line(error)}"
                 )
         return _listing(title, gm, interpreter.env, self.names, notes, problem)
+
+
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger):
+    """Fake tensors log an op whose meta kernel fails (baddbmm's, with a symbolic batch) as
+    an error with its traceback; the listing says where shapes stop instead."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _hint(size: int, density: float) -> int:
