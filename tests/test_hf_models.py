@@ -576,19 +576,7 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
     else:  # one kv head, cut into a group of its own that keeps it, reshaped whole
         assert {s.op for s in sparse.analysis.scatters} == {"reshape.default"}
 
-    masks = _random_masks(groups, seed=3)
-    sparsefx.set_masks(sparse, masks)
-    out = sparse(ids, labels=ids)
-    out.loss.backward()
-    with (
-        _masked_features(reference, _producer_points(groups, masks)),
-        _masked_inputs(reference, _consumer_points(groups, masks)),
-    ):
-        expected = reference(ids, labels=ids)
-    expected.loss.backward()
-    torch.testing.assert_close(out.logits, expected.logits)
-    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=pname)
+    _assert_lm_matches_reference(sparse, model, reference, ids)
 
 
 @pytest.mark.parametrize("multi_query", [True, False], ids=["multi-query", "multi-head"])
@@ -622,6 +610,47 @@ def test_gpt_bigcode_prunes_query_heads_through_multi_query_attention(multi_quer
     points = _producer_points(groups, masks)
     with _masked_inputs(reference, _consumer_points(groups, masks)):
         _assert_classifier_matches_and_exports(sparse, model, reference, (ids, ids), points)
+
+
+def test_llama_with_one_kv_head_prunes_query_heads_with_o_proj():
+    """Llama with one key/value head (multi-query): rotary q's two branches meet again and
+    attention continues the query heads' chain, so `o_proj`'s columns are theirs. The single
+    k head's rotary halves are pruned per feature and read at full width (it was so before)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16,
+        use_cache=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).double()
+    reference = copy.deepcopy(model)
+    ids = _text_inputs()[0]
+    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    groups = sparsefx.groups(sparse)
+    (heads,) = [g for g in groups if ("model.layers.0.self_attn.o_proj.weight", 1) in g.members]
+    assert heads.name == "model.layers.0.self_attn.q_proj" and heads.size == 4
+    _assert_lm_matches_reference(sparse, model, reference, ids)
+
+
+def _assert_lm_matches_reference(
+    sparse: nn.Module, model: nn.Module, reference: nn.Module, ids: Tensor
+) -> None:
+    """A causal LM's sparse step under random masks against `reference` zeroed at its
+    producers' outputs and its consumers' inputs: logits and every gradient."""
+    groups = sparsefx.groups(sparse)
+    masks = _random_masks(groups, seed=3)
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(ids, labels=ids)
+    out.loss.backward()
+    with (
+        _masked_features(reference, _producer_points(groups, masks)),
+        _masked_inputs(reference, _consumer_points(groups, masks)),
+    ):
+        expected = reference(ids, labels=ids)
+    expected.loss.backward()
+    torch.testing.assert_close(out.logits, expected.logits)
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=pname)
 
 
 def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
