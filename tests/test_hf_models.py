@@ -264,14 +264,18 @@ def _vit_points(masks: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @contextmanager
-def _masked_features(model: nn.Module, points: dict[str, Tensor]) -> Iterator:
+def _masked_features(model: nn.Module, points: dict[str, Tensor], inputs: bool = False) -> Iterator:
     """The reference semantics for transformers: dropped features zeroed (last dim) at the
-    output of each producer (GELU(0) = 0, so this equals masking after the activation)."""
+    output of each producer (GELU(0) = 0, so this equals masking after the activation), or
+    with `inputs` at the input of each consumer in `points`."""
 
     def zero(mask: Tensor):
+        if inputs:
+            return lambda module, args: (args[0] * mask.to(args[0].dtype), *args[1:])
         return lambda module, inputs, output: output * mask.to(output.dtype)
 
-    handles = [model.get_submodule(n).register_forward_hook(zero(m)) for n, m in points.items()]
+    register = "register_forward_pre_hook" if inputs else "register_forward_hook"
+    handles = [getattr(model.get_submodule(n), register)(zero(m)) for n, m in points.items()]
     try:
         yield
     finally:
@@ -560,10 +564,7 @@ def test_falcon_layers_written_as_matmuls_train_sparse_and_match_reference(optio
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         use_cache=False, **options,
     )  # fmt: skip
-    model = transformers.FalconForCausalLM(config).double()
-    reference = copy.deepcopy(model)
-    ids = _text_inputs()[0]
-    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    model, reference, ids, sparse = _transformed_lm(transformers.FalconForCausalLM(config))
     groups = sparsefx.groups(sparse)
     mlp = [g for g in groups if g.name.endswith("dense_h_to_4h")]
     assert len(mlp) == 2 and all(g.size == 128 for g in mlp)
@@ -592,10 +593,7 @@ def test_gpt_bigcode_prunes_query_heads_through_multi_query_attention(multi_quer
         vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
         multi_query=multi_query, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
-    model = transformers.GPTBigCodeForCausalLM(config).double()
-    reference = copy.deepcopy(model)
-    ids = _text_inputs()[0]
-    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    model, reference, ids, sparse = _transformed_lm(transformers.GPTBigCodeForCausalLM(config))
     groups = sparsefx.groups(sparse)
     heads = [g for g in groups if any(m[0].endswith("attn.c_proj.weight") for m in g.members)]
     assert [g.size for g in heads] == [4, 4]
@@ -608,7 +606,7 @@ def test_gpt_bigcode_prunes_query_heads_through_multi_query_attention(multi_quer
     masks = _random_masks(groups, seed=3)
     sparsefx.set_masks(sparse, masks)
     points = _producer_points(groups, masks)
-    with _masked_inputs(reference, _consumer_points(groups, masks)):
+    with _masked_features(reference, _consumer_points(groups, masks), inputs=True):
         _assert_classifier_matches_and_exports(sparse, model, reference, (ids, ids), points)
 
 
@@ -622,14 +620,21 @@ def test_llama_with_one_kv_head_prunes_query_heads_with_o_proj():
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16,
         use_cache=False,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).double()
-    reference = copy.deepcopy(model)
-    ids = _text_inputs()[0]
-    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    model, reference, ids, sparse = _transformed_lm(transformers.LlamaForCausalLM(config))
     groups = sparsefx.groups(sparse)
     (heads,) = [g for g in groups if ("model.layers.0.self_attn.o_proj.weight", 1) in g.members]
     assert heads.name == "model.layers.0.self_attn.q_proj" and heads.size == 4
     _assert_lm_matches_reference(sparse, model, reference, ids)
+
+
+def _transformed_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, Tensor, nn.Module]:
+    """A causal LM in float64, its reference copy, token ids, and it transformed with
+    `labels=` at density 0.5."""
+    model = model.double()
+    reference = copy.deepcopy(model)
+    ids = _text_inputs()[0]
+    sparse = sparsefx.transform(model, (ids,), example_kwargs={"labels": ids}, density=0.5)
+    return model, reference, ids, sparse
 
 
 def _assert_lm_matches_reference(
@@ -644,7 +649,7 @@ def _assert_lm_matches_reference(
     out.loss.backward()
     with (
         _masked_features(reference, _producer_points(groups, masks)),
-        _masked_inputs(reference, _consumer_points(groups, masks)),
+        _masked_features(reference, _consumer_points(groups, masks), inputs=True),
     ):
         expected = reference(ids, labels=ids)
     expected.loss.backward()
@@ -656,22 +661,19 @@ def _assert_lm_matches_reference(
 def _producer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each producer's kept output features, over the groups that own parts of them (q, k
     and v of a fused projection): the reference zeroes the rest at the producer's output."""
-    points: dict[str, Tensor] = {}
-    for group in groups:
-        module = group.name.split("#")[0]
-        owned = group.expand(torch.ones(group.size, dtype=torch.bool))
-        for (name, dim, mine), (_, _, keep) in zip(
-            owned, group.expand(masks[group.name]), strict=True
-        ):
-            if name == f"{module}.weight" and dim == 0:
-                points[module] = points.get(module, torch.ones_like(keep)) & (keep | ~mine)
-    return points
+    return _kept_features(groups, masks, inputs=False)
 
 
 def _consumer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each consumer's kept input features (dim 1 of an ``nn.Linear`` weight that a group
     owns outside its producer): where attention continues a query chain, the reference
     zeroes dropped heads at the output projection's input, not at q."""
+    return _kept_features(groups, masks, inputs=True)
+
+
+def _kept_features(
+    groups: list[sparsefx.Group], masks: dict[str, Tensor], inputs: bool
+) -> dict[str, Tensor]:
     points: dict[str, Tensor] = {}
     for group in groups:
         producer = group.name.split("#")[0]
@@ -680,24 +682,9 @@ def _consumer_points(groups: list[sparsefx.Group], masks: dict[str, Tensor]) -> 
             owned, group.expand(masks[group.name]), strict=True
         ):
             module = name.removesuffix(".weight")
-            if dim == 1 and module != producer and name.endswith(".weight"):
+            if name.endswith(".weight") and (module != producer) == inputs and dim == inputs:
                 points[module] = points.get(module, torch.ones_like(keep)) & (keep | ~mine)
     return points
-
-
-@contextmanager
-def _masked_inputs(model: nn.Module, points: dict[str, Tensor]) -> Iterator:
-    """Dropped features zeroed (last dim) at the input of each consumer in `points`."""
-
-    def zero(mask: Tensor):
-        return lambda module, args: (args[0] * mask.to(args[0].dtype), *args[1:])
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(zero(k)) for n, k in points.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _hf_cases() -> dict[str, tuple]:
