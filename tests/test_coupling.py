@@ -1949,3 +1949,27 @@ def test_a_chain_goes_through_branches_that_meet_again():
     (group,) = sparse.groups
     assert group.mask_points == ["sigmoid_1"]
     assert ("fc2.weight", 1) in group.members
+
+
+class CastBack(nn.Module):
+    """A layer's output cast to float for an activation and back with ``type_as`` of it
+    (Gemma's norms): the second reader of h reads only its dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h.float().sigmoid().type_as(h))
+
+
+def test_a_value_read_only_for_its_dtype_is_not_a_branch_of_its_chain():
+    """`type_as(h)` counted h as a compact input that stayed in its chain for good, so the
+    cast looked non-zero where no scatter could fix it, and the step crashed (review). The
+    dtype is not an input: the chain runs on to the cast, and fc2 reads its kept columns."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(CastBack(), torch.randn(5, 6))
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    assert [g.mask_points for g in sparse.groups] == [["type_as"]]
+    sparse(torch.randn(5, 6)).sum().backward()

@@ -213,7 +213,8 @@ class _Walk:
 
     def run(self, gm: fx.GraphModule) -> Propagation:
         for node in gm.graph.nodes:
-            compact = [a for a in dict.fromkeys(_flat_args(node)) if a in self.flows]
+            args = dict.fromkeys(_flat_args(node))
+            compact = [a for a in args if a in self.flows and not _dtype_only(node, a)]
             if node.op == "output":
                 for arg in compact:
                     self._full_width(arg, node, "model output")
@@ -492,9 +493,7 @@ class _Walk:
             return f"{_op_name(node)} normalises across all features and reads them at full width"
         if target in ops.WHERE:
             return self._where(node, compact)
-        if target in ops.TYPE_AS:
-            if first not in compact:  # only the other tensor's dtype is read
-                return _Op(None, zero_preserving=True)
+        if target in ops.TYPE_AS:  # the other tensor's dtype is not a compact input (run)
             return _Op(self.flows[first].layout, zero_preserving=True, chainable=True)  # type: ignore[index]
         if target in ops.EXPAND_AS:
             return self._expand_as(node, compact)
@@ -1112,9 +1111,12 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
 
 def _reads_values(user: fx.Node, arg: fx.Node) -> bool:
     """Whether `user` reads `arg`'s values, not only its size or dtype."""
-    if user.target is aten.sym_size.int:
-        return False
-    return user.target not in ops.TYPE_AS or user.args[0] is arg
+    return user.target is not aten.sym_size.int and not _dtype_only(user, arg)
+
+
+def _dtype_only(user: fx.Node, arg: fx.Node) -> bool:
+    """``x.type_as(arg)`` reads only arg's dtype: arg is not one of its compact inputs."""
+    return user.target in ops.TYPE_AS and user.args[0] is not arg
 
 
 def _scores(node: fx.Node, dim: int) -> bool:
