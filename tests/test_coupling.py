@@ -1848,6 +1848,31 @@ def test_each_part_of_a_split_continues_its_own_chain():
     assert all(("fc2.weight", 1) in g.members for g in sparse.groups)
 
 
+class UnreadPart(nn.Module):
+    """A three-way split of one layer's output whose third part nothing reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        p, q, _ = self.fc(x).split([4, 4, 4], -1)
+        return self.out(p.sigmoid() * q)
+
+
+def test_a_split_part_that_nothing_reads_ends_its_chain_at_the_split():
+    """Its chain never ended, so its group named a mask point that is no node of the graph
+    (review: the space's own name)."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(UnreadPart(), torch.randn(5, 6))
+    nodes = {n.name for n in sparse.runtime.graphs[0].captured.gm.graph.nodes}
+    assert [(g.name, g.mask_points) for g in sparse.groups] == [
+        ("fc#0", ["sigmoid", "getitem_1"]),
+        ("fc#1", ["split_with_sizes"]),
+    ]
+    assert {p for g in sparse.groups for p in g.mask_points} <= nodes
+
+
 class MultiQueryAttention(nn.Module):
     """Four query heads of 8 features read one key and value head: broadcast over the
     heads (``broadcast``), by ``enable_gqa``, expanded to every head (``expand``,

@@ -266,8 +266,24 @@ class _Walk:
         elif _is_grouped(node) and node not in self.flows:
             reason = "grouped convolution whose input is not compact: it follows its input's groups"
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
+        if node in self.flows and self.flows[node].parts and self.flows[node].zero is None:
+            self._end_unread_parts(node)
         if node in self.flows and len(node.users) != 1 and not self._split_into_parts(node):
             self._fork(node)
+
+    def _end_unread_parts(self, node: fx.Node) -> None:
+        """A part of a split in a chain that no op reads ends its chain at the split."""
+        taken = {u.args[1] for u in node.users if u.target is operator.getitem}
+        unread = [
+            space
+            for i, part in enumerate(self.flows[node].parts)  # type: ignore[arg-type]
+            if i not in taken
+            for space in part.groups
+        ]
+        for space in unread:
+            self.result.spaces[space].mask_point = node.name
+        if unread:
+            self._meta(node)["mask_point"] = unread
 
     def _chained(self, op: _Op, compact: list[fx.Node]) -> bool:
         """Whether `op` continues a chain: channel-wise in one pending input, or joining
