@@ -903,8 +903,9 @@ class _Walk:
         if self.flows[q].zero is not None:
             return (
                 "attention with pruned query heads and k, v that no group prunes by head, "
-                "where q's chain has ended (several ops read q, as rotary embeddings do): a "
-                "head zero in q outputs the mean of v, so q is read at full width"
+                "where q's chain has ended (another op reads q on a branch that does not "
+                "reach attention): a head zero in q outputs the mean of v, so q is read at "
+                "full width"
             )
         n_heads = _shape(q)[heads]
         gathered = []
