@@ -280,10 +280,8 @@ class _Walk:
             if i not in taken
             for space in part.groups
         ]
-        for space in unread:
-            self.result.spaces[space].mask_point = node.name
         if unread:
-            self._meta(node)["mask_point"] = unread
+            self._mask_point(node, unread)
 
     def _chained(self, op: _Op, compact: list[fx.Node]) -> bool:
         """Whether `op` continues a chain: channel-wise in one pending input, or joining
@@ -409,16 +407,19 @@ class _Walk:
             self.refine.forks.add(flow.region.name)  # a branch left before the join
         if flow.zero is None:
             flow.zero = True
-            couplings = self.result.couplings
-            for space in flow.layout.groups:
-                fused = [
-                    other
-                    for other, edge in couplings.adj[space].items()
-                    if "fused projection" in edge.get("kinds", ())
-                ]  # k and v of a fused layout that names q's space only
-                for each in (space, *fused):
-                    self.result.spaces[each].mask_point = node.name
-            self._meta(node)["mask_point"] = flow.layout.groups
+            self._mask_point(node, flow.layout.groups)
+
+    def _mask_point(self, node: fx.Node, spaces: list[str]) -> None:
+        couplings = self.result.couplings
+        for space in spaces:
+            fused = [
+                other
+                for other, edge in couplings.adj[space].items()
+                if "fused projection" in edge.get("kinds", ())
+            ]  # k and v of a fused layout that names q's space only
+            for each in (space, *fused):
+                self.result.spaces[each].mask_point = node.name
+        self._meta(node)["mask_point"] = spaces
 
     def _full_width(self, node: fx.Node, user: fx.Node, reason: str) -> None:
         if not self._zero([node]):
@@ -850,7 +851,10 @@ class _Walk:
         per_head = isinstance(mask, fx.Node) and mask in self.flows
         if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
             return shared
-        if q in compact and not per_head and not any(self._heads_compact(t, 2) for t in (k, v)):
+        # a k or v of one head that a group holds (cut from a fused projection) is a group
+        # of one channel, never pruned: attention prunes by q's heads alone
+        by_head = [self._heads_compact(t) and not same_size(_shape(t)[-3], 1) for t in (k, v)]
+        if q in compact and not per_head and not any(by_head):
             return self._query_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
@@ -883,11 +887,9 @@ class _Walk:
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
         return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)  # type: ignore[arg-type]
 
-    def _heads_compact(self, t: object, at_least: int = 1) -> bool:
-        """Whether `t` is compact along attention's heads dim, with `at_least` heads."""
-        if t not in self.flows or self.flows[t].layout.dim != len(_shape(t)) - 3:  # type: ignore[index]
-            return False
-        return not same_size(_shape(t)[-3], 1) or at_least == 1
+    def _heads_compact(self, t: object) -> bool:
+        """Whether `t` is compact along attention's heads dim."""
+        return t in self.flows and self.flows[t].layout.dim == len(_shape(t)) - 3  # type: ignore[index]
 
     def _query_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """Attention with pruned query heads and k, v that no group prunes by head
@@ -897,7 +899,6 @@ class _Walk:
         mean of v). k and v are read whole, at q's kept heads where they have one per q
         head; features of theirs that a group prunes are scattered first."""
         q, k, v = node.args[:3]
-        heads = len(_shape(q)) - 3
         if not self._heads_compact(q):
             return "attention whose q is not compact along the heads dim"
         if self.flows[q].zero is not None:
@@ -907,7 +908,7 @@ class _Walk:
                 "reach attention): a head zero in q outputs the mean of v, so q is read at "
                 "full width"
             )
-        n_heads = _shape(q)[heads]
+        n_heads = _shape(q)[-3]
         gathered = []
         for position, t in ((1, k), (2, v), (3, _arg(node, 3, "attn_mask", None))):
             shape = _shape(t) if isinstance(t, fx.Node) else ()
