@@ -1951,6 +1951,84 @@ def test_a_chain_whose_branch_leaves_before_they_meet_ends_at_the_fork():
     assert any("q's chain has ended" in r for r in reasons), reasons
 
 
+class NormalisedQueryAttention(nn.Module):
+    """Attention whose q is normalised across all heads by a written-out RMSNorm (OLMo 2's
+    q norm; ``qk``: k too, by layer_norm), optionally with a dense per-head mask
+    (``qk-mask``), or with eight query heads that ``enable_gqa`` shares among four k and v
+    heads (``gqa``)."""
+
+    kv_heads, dim, tokens = 4, 8, 6
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        width = self.kv_heads * self.dim
+        q_width = 2 * width if form == "gqa" else width
+        self.q, self.o = nn.Linear(32, q_width), nn.Linear(q_width, 32)
+        self.k, self.v = nn.Linear(32, width), nn.Linear(32, width)
+        self.bias = nn.Parameter(torch.randn(1, self.kv_heads, self.tokens, self.tokens))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.form.startswith("qk"):
+            k = F.layer_norm(k, k.shape[-1:])
+        q, k, v = (h.view(b, t, -1, self.dim).transpose(1, 2) for h in (q, k, v))
+        mask = self.bias if self.form == "qk-mask" else None
+        gqa = self.form == "gqa"
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("form", ["q", "qk", "qk-mask"])
+def test_attention_with_a_normalised_q_is_pruned_by_v_heads(form):
+    """A q normalised across all heads cannot be pruned by head, and attention tied v's
+    heads (and k's) to it, so the whole attention stayed dense. q (and k where normalised
+    too) is now left dense on its own, saying why, and attention is pruned by v's heads
+    with `o`'s columns: output head h is a function of v's head h, zero where v's is. q,
+    and a dense k or per-head mask, are read at v's kept heads; a k that is not normalised
+    is pruned with v."""
+    torch.manual_seed(0)
+    x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
+    sparse = _transformed_as_zeroed(NormalisedQueryAttention(form), x)
+    (group,) = sparse.groups
+    assert group.name == ("k" if form == "q" else "v")
+    assert ("v.weight", 0) in group.members and ("o.weight", 1) in group.members
+    assert (("k.weight", 0) in group.members) == (form == "q")
+    assert not sparse.analysis.scatters
+    dense = {op.node: op.reason for op in sparse.analysis.dense}
+    assert dense["linear"].endswith(
+        "left dense on its own, so that attention is pruned by v's heads"
+    )
+    assert dense.get("linear_1", "").startswith("normalised across features by layer_norm") == (
+        form != "q"
+    )
+    graph = sparse.runtime.graphs[0].compact.graph
+    reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
+    assert len([n for n in reads if n.args[1] == 1]) == {"q": 1, "qk": 2, "qk-mask": 3}[form]
+    sparse(x).sum().backward()
+
+
+def test_attention_with_a_normalised_q_is_pruned_by_v_heads_when_compiled():
+    torch.manual_seed(0)
+    x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
+    eager = _compiled_matches_transform(NormalisedQueryAttention("qk-mask"), x)
+    assert [g.name for g in eager.groups] == ["v"]
+
+
+def test_attention_with_a_normalised_q_and_fewer_kv_heads_reads_v_at_full_width():
+    """With enable_gqa, q has more heads than v: it cannot be read at v's kept heads by one
+    gather, so attention reads v at full width and says why (`o` stays dense)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
+    sparse = _transformed_as_zeroed(NormalisedQueryAttention("gqa"), x)
+    assert all(("o.weight", 1) not in g.members for g in sparse.groups)
+    reasons = {s.reason for s in sparse.analysis.scatters}
+    assert "attention whose q, k or mask heads are neither one nor v's heads" in reasons
+
+
 class WrittenOutSwish(nn.Module):
     """``h * sigmoid(h)`` written out (two branches of h that meet again), then a sigmoid."""
 

@@ -856,6 +856,10 @@ class _Walk:
         by_head = [self._heads_compact(t) and not same_size(_shape(t)[-3], 1) for t in (k, v)]
         if q in compact and not per_head and not any(by_head):
             return self._query_heads(node, compact)
+        if self._leave_normalised_dense(q, k, v, compact):
+            return "attention waits for its q and k, normalised across heads, to be left dense"
+        if q not in compact and v in compact and not per_head:
+            return self._value_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
         heads = len(_shape(q)) - 3
@@ -923,6 +927,59 @@ class _Walk:
         meta = {"gathered_args": gathered} if gathered else {}
         layout = self.flows[q].layout
         return _Op(layout, zero_preserving=False, chainable=True, full_width=full_width, meta=meta)
+
+    def _leave_normalised_dense(self, q: object, k: object, v: object, compact: list) -> bool:
+        """Whether q or k is pruned by heads that attention shares with v, but blocked (OLMo
+        2 normalises q and k across all heads): blocked, they would keep v dense too. They
+        are left dense on their own for the next walk, and attention is pruned by v's heads
+        (`_value_heads`)."""
+        if v not in compact or any(s in self.result.blocked for s in self.flows[v].layout.groups):  # type: ignore[index]
+            return False
+        left = False
+        for t in (q, k):
+            spaces = self.flows[t].layout.groups if t in compact else []  # type: ignore[index]
+            reasons = [r for s in spaces for r in self.result.blocked.get(s, [])]
+            for space in spaces if reasons else []:
+                self.refine.dense[space] = (
+                    f"{reasons[0]}; left dense on its own, so that attention is pruned by v's heads"
+                )
+                left = True
+        return left
+
+    def _value_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """Attention with pruned v heads and a q that no group prunes (left dense where it
+        is normalised across heads, `_leave_normalised_dense`). Output head h is a function
+        of v's head h, weighted by q's and k's head h: channel-wise in v's heads, and zero
+        where v is. q, and k or a mask with one head per v head, are read at v's kept
+        heads; a k pruned with v (by the same heads) is read compact."""
+        q, k, v = node.args[:3]
+        if not self._heads_compact(v) or (k in compact and not self._heads_compact(k)):
+            return "attention whose k or v is not compact along the heads dim"
+        couplings = []
+        if k in compact:
+            layout_k, layout_v = self.flows[k].layout, self.flows[v].layout  # type: ignore[index]
+            reason = self._heads_aligned(layout_k, layout_v, 1)
+            if reason is not None:
+                return f"attention: {reason}"
+            pairs = zip(layout_k.pieces, layout_v.pieces, strict=True)
+            couplings = [(p.group, r.group, "attention") for p, r in pairs if p.group and r.group]
+        n_heads = _shape(v)[-3]
+        gathered = []
+        for position, t in ((0, q), (1, k), (3, _arg(node, 3, "attn_mask", None))):
+            shape = _shape(t) if isinstance(t, fx.Node) and t not in compact else ()
+            if len(shape) < 3 or same_size(shape[-3], 1):
+                continue  # compact, no heads dim, or one that broadcasts over v's heads
+            if not same_size(shape[-3], n_heads):
+                return "attention whose q, k or mask heads are neither one nor v's heads"
+            at = position if len(node.args) > position else "attn_mask"
+            gathered.append((at, len(shape) - 3))
+        meta = {"gathered_args": gathered} if gathered else {}
+        layout = self.flows[v].layout  # type: ignore[index]
+        zero_when = compact.index(v)  # type: ignore[arg-type]
+        return _Op(
+            layout, zero_preserving=True, zero_when=zero_when, chainable=True,
+            couplings=couplings, meta=meta,
+        )  # fmt: skip
 
     def _shared_bias(self, node: fx.Node, bias: fx.Node) -> str | None:
         """A compact per-head bias that a second attention reads (T5 computes one for every
