@@ -1955,7 +1955,7 @@ class NormalisedQueryAttention(nn.Module):
     """Attention whose q is normalised across all heads by a written-out RMSNorm (OLMo 2's
     q norm; ``qk``: k too, by layer_norm), optionally with a dense per-head mask
     (``qk-mask``), or with eight query heads that ``enable_gqa`` shares among four k and v
-    heads (``gqa``)."""
+    heads (``gqa``); ``-explicit``: as matmul, softmax, matmul."""
 
     kv_heads, dim, tokens = 4, 8, 6
 
@@ -1977,37 +1977,40 @@ class NormalisedQueryAttention(nn.Module):
             k = F.layer_norm(k, k.shape[-1:])
         q, k, v = (h.view(b, t, -1, self.dim).transpose(1, 2) for h in (q, k, v))
         mask = self.bias if self.form == "qk-mask" else None
-        gqa = self.form == "gqa"
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if self.form.endswith("explicit"):
+            a = (q @ k.transpose(-1, -2) / self.dim**0.5).softmax(-1) @ v
+        else:
+            gqa = self.form == "gqa"
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-@pytest.mark.parametrize("form", ["q", "qk", "qk-mask"])
+@pytest.mark.parametrize("form", ["q", "qk", "qk-mask", "q-explicit", "qk-explicit"])
 def test_attention_with_a_normalised_q_is_pruned_by_v_heads(form):
     """A q normalised across all heads cannot be pruned by head, and attention tied v's
     heads (and k's) to it, so the whole attention stayed dense. q (and k where normalised
     too) is now left dense on its own, saying why, and attention is pruned by v's heads
     with `o`'s columns: output head h is a function of v's head h, zero where v's is. q,
-    and a dense k or per-head mask, are read at v's kept heads; a k that is not normalised
-    is pruned with v."""
+    and a dense k or per-head mask, are read at v's kept heads (in the explicit form: q at
+    k's, or the probabilities at v's); a k that is not normalised is pruned with v."""
     torch.manual_seed(0)
     x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
     sparse = _transformed_as_zeroed(NormalisedQueryAttention(form), x)
     (group,) = sparse.groups
-    assert group.name == ("k" if form == "q" else "v")
+    q_only = form.startswith("q-") or form == "q"
+    assert group.name == ("k" if q_only else "v")
     assert ("v.weight", 0) in group.members and ("o.weight", 1) in group.members
-    assert (("k.weight", 0) in group.members) == (form == "q")
+    assert (("k.weight", 0) in group.members) == q_only
     assert not sparse.analysis.scatters
     dense = {op.node: op.reason for op in sparse.analysis.dense}
-    assert dense["linear"].endswith(
-        "left dense on its own, so that attention is pruned by v's heads"
-    )
+    assert "left dense on its own, so that attention is pruned by" in dense["linear"]
     assert dense.get("linear_1", "").startswith("normalised across features by layer_norm") == (
-        form != "q"
+        not q_only
     )
     graph = sparse.runtime.graphs[0].compact.graph
     reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
-    assert len([n for n in reads if n.args[1] == 1]) == {"q": 1, "qk": 2, "qk-mask": 3}[form]
+    gathers = {"q": 1, "qk": 2, "qk-mask": 3, "q-explicit": 1, "qk-explicit": 1}[form]
+    assert len([n for n in reads if n.args[1] == 1]) == gathers
     sparse(x).sum().backward()
 
 

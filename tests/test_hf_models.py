@@ -627,18 +627,22 @@ def test_llama_with_one_kv_head_prunes_query_heads_with_o_proj():
     _assert_lm_matches_reference(sparse, model, reference, ids)
 
 
-@pytest.mark.parametrize("family", ["Olmo2", "Olmo3"])
-def test_olmo_prunes_value_heads_with_o_proj_while_its_normalised_q_and_k_stay_dense(family):
+@pytest.mark.parametrize(
+    ("family", "attention"), [("Olmo2", "sdpa"), ("Olmo3", "sdpa"), ("Olmo2", "eager")]
+)
+def test_olmo_prunes_value_heads_with_o_proj_while_its_normalised_q_and_k_stay_dense(
+    family, attention
+):
     """OLMo 2 and 3 normalise q and k across all heads (an RMSNorm over the projection's
     features), so q and k cannot be pruned by head, and attention tied v's heads to them:
     the whole attention was dense. q and k are now left dense on their own and attention
-    is pruned by v's heads (read at them in q and k, after repeat_kv), with o_proj's
-    columns."""
+    is pruned by v's heads (read at them in q and k after repeat_kv, or in the
+    probabilities of the eager matmul form), with o_proj's columns."""
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-        use_cache=False,
+        use_cache=False, attn_implementation=attention,
     )  # fmt: skip
     lm = getattr(transformers, f"{family}ForCausalLM")(config)
     model, reference, ids, sparse = _transformed_lm(lm)
@@ -648,7 +652,7 @@ def test_olmo_prunes_value_heads_with_o_proj_while_its_normalised_q_and_k_stay_d
         heads = groups[f"{attention}.v_proj"]
         assert heads.size == 2 and (f"{attention}.o_proj.weight", 1) in heads.members
     dense = {op.node: op.reason for op in sparse.analysis.dense}
-    assert "so that attention is pruned by v's heads" in dense["linear"]  # layer 0's q_proj
+    assert "left dense on its own, so that attention is pruned by" in dense["linear"]  # q_proj
     assert not sparse.analysis.scatters
     _assert_lm_matches_reference(sparse, model, reference, ids)
 

@@ -856,8 +856,9 @@ class _Walk:
         by_head = [self._heads_compact(t) and not same_size(_shape(t)[-3], 1) for t in (k, v)]
         if q in compact and not per_head and not any(by_head):
             return self._query_heads(node, compact)
-        if self._leave_normalised_dense(q, k, v, compact):
-            return "attention waits for its q and k, normalised across heads, to be left dense"
+        pruned = [t for t in (q, k) if t in compact]
+        if v in compact and pruned and self._leave_blocked_dense(pruned, v, "v's heads"):  # type: ignore[arg-type]
+            return "attention waits for its blocked q and k to be left dense"
         if q not in compact and v in compact and not per_head:
             return self._value_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
@@ -928,27 +929,32 @@ class _Walk:
         layout = self.flows[q].layout
         return _Op(layout, zero_preserving=False, chainable=True, full_width=full_width, meta=meta)
 
-    def _leave_normalised_dense(self, q: object, k: object, v: object, compact: list) -> bool:
-        """Whether q or k is pruned by heads that attention shares with v, but blocked (OLMo
-        2 normalises q and k across all heads): blocked, they would keep v dense too. They
-        are left dense on their own for the next walk, and attention is pruned by v's heads
-        (`_value_heads`)."""
-        if v not in compact or any(s in self.result.blocked for s in self.flows[v].layout.groups):  # type: ignore[index]
+    def _leave_blocked_dense(self, tensors: list[fx.Node], other: fx.Node, by: str) -> bool:
+        """Whether attention meets `tensors` whose heads are blocked (OLMo 2 normalises q
+        and k across all heads) and `other` whose heads are not: coupled, they would keep
+        `other` dense too. The blocked spaces are left dense on their own for the next walk,
+        which prunes attention by `other`'s heads (`_value_heads`, or `_matmul` reading the
+        dense operand at them)."""
+        if self._blocked(other):
             return False
-        left = False
-        for t in (q, k):
-            spaces = self.flows[t].layout.groups if t in compact else []  # type: ignore[index]
-            reasons = [r for s in spaces for r in self.result.blocked.get(s, [])]
-            for space in spaces if reasons else []:
-                self.refine.dense[space] = (
-                    f"{reasons[0]}; left dense on its own, so that attention is pruned by v's heads"
-                )
-                left = True
-        return left
+        blocked = self._blocked(*tensors)
+        for space, reason in blocked.items():
+            self.refine.dense[space] = (
+                f"{reason}; left dense on its own, so that attention is pruned by {by}"
+            )
+        return bool(blocked)
+
+    def _blocked(self, *tensors: fx.Node) -> dict[str, str]:
+        """The blocked spaces, with a reason, of the components `tensors` belong to so far."""
+        spaces = {space for t in tensors for space in self.flows[t].layout.groups}
+        reached = set().union(
+            *(nx.node_connected_component(self.result.couplings, s) for s in spaces)
+        )
+        return {s: self.result.blocked[s][0] for s in reached if s in self.result.blocked}
 
     def _value_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """Attention with pruned v heads and a q that no group prunes (left dense where it
-        is normalised across heads, `_leave_normalised_dense`). Output head h is a function
+        is normalised across heads, `_leave_blocked_dense`). Output head h is a function
         of v's head h, weighted by q's and k's head h: channel-wise in v's heads, and zero
         where v is. q, and k or a mask with one head per v head, are read at v's kept
         heads; a k pruned with v (by the same heads) is read compact."""
@@ -1019,7 +1025,10 @@ class _Walk:
         return None if aligned else "waits for the query heads to be grouped by key/value head"
 
     def _matmul(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
-        """A batched matmul is channel-wise in a batch dim (attention's explicit form)."""
+        """A batched matmul is channel-wise in a batch dim (attention's explicit form). A
+        dense operand with one batch per channel is read at the kept channels (probabilities
+        of q and k normalised across heads, times v's pruned heads: `_value_heads`'s
+        explicit form)."""
         a, b = node.args[:2]
         ndim = len(_shape(node))
         if len(_shape(a)) != ndim or len(_shape(b)) != ndim:  # type: ignore[arg-type]
@@ -1028,11 +1037,18 @@ class _Walk:
         dim = layouts[0].dim
         if dim >= ndim - 2 or any(la.dim != dim for la in layouts):
             return "matmul over the channel dim"
+        if len(compact) == 2:
+            for x, y in (compact, compact[::-1]):
+                if self._leave_blocked_dense([x], y, "the heads of the tensor it multiplies"):
+                    return "matmul waits for its blocked operand to be left dense"
         reason = self._heads_aligned(layouts[0], layouts[-1], 1)
         if reason is not None:
             return f"matmul: {reason}"
-        if len(compact) == 1 and int(_shape(b if compact == [a] else a)[dim]) != 1:  # type: ignore[arg-type]
-            return "matmul with a full-width batch of another tensor"
+        if len(compact) == 1:
+            position = 1 if compact == [a] else 0
+            if int(_shape(node.args[position])[dim]) != 1:  # type: ignore[arg-type]
+                meta = {"gathered_args": [(position, dim)]}
+                return _Op(layouts[0], zero_preserving=True, meta=meta)
         couplings = [
             (p.group, r.group, "attention")
             for p, r in zip(layouts[0].pieces, layouts[-1].pieces, strict=True)

@@ -216,8 +216,9 @@ def rewrite_gathered_args(gm: fx.GraphModule) -> fx.GraphModule:
     """A full-width argument of a compact op is read at its kept channels: a per-channel
     parameter (a layer scale, a bias added after a bias-free layer), attention's dense
     per-head bias (T5's shared position bias, as SDPA's mask or added to explicit scores),
-    multi-query attention's k and v where expanded to every query head (GPTBigCode), or
-    a dense q and k where attention is pruned by v's heads (OLMo 2)."""
+    multi-query attention's k and v where expanded to every query head (GPTBigCode), a
+    dense q and k where attention is pruned by v's heads (OLMo 2), or a batched matmul's
+    dense operand (its explicit form)."""
     indices = _Indices(gm)
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
