@@ -11,7 +11,8 @@ Llama (the same sizes, 8 query heads on 4 key/value heads, `--models llama`), Ge
 `torch-encoder`: the same sizes in PyTorch's own `nn.TransformerEncoder` (causal mask, MLP
 1024; `examples/models.py:TorchEncoderLM`); `gpt-bigcode`: GPTBigCode (StarCoder's multi-query
 attention: 8 query heads, one key/value head) of GPT-2's sizes; `falcon-mq`: Falcon with
-Falcon-7B's multi-query layout (one key/value head, rotary q). `t5` and `t5-eager`: T5 of that width, 4 + 4
+Falcon-7B's multi-query layout (one key/value head, rotary q); `olmo2`: OLMo 2 of Llama's
+sizes (q and k normalised across heads). `t5` and `t5-eager`: T5 of that width, 4 + 4
 layers, its relative-position bias passed to SDPA or added to explicit scores (the labels
 are the decoder's 128 tokens); `swinv2`: Swinv2 (`examples/models.py:swinv2_model`) on a
 batch of 32 images.
@@ -26,7 +27,10 @@ A `-via-ops` suffix, another diagnostic, runs the eager programs through sparsef
 ops as the graph records show them, where sparsefx runs their bodies directly: what the
 dispatcher and torch.library's autograd wrapper cost per step. A `-never-exact` suffix, a
 third, never runs a sampled mask's exact-count graph (recurring counts keep the rounded
-shapes): what `sparsefx.runtime.RecurringCounts` saves, with `--trajectory`.
+shapes): what `sparsefx.runtime.RecurringCounts` saves, with `--trajectory`. A `-frozen`
+suffix freezes the top-budget masks at transform (s is still the density everywhere): the
+fine-tune phase's step, one forward with fixed kept counts, where a searching step runs a
+second forward whenever its K masks differ (`sparsefx.runtime.samples_agree`).
 
 Every method first runs `--warmup` untimed steps (200): a searching step gets faster over
 its first few hundred (oneDNN's primitive cache fills, s polarises and kept counts recur, which
@@ -62,12 +66,14 @@ from examples.models import (
     gpt_bigcode_model,
     hf_resnet_model,
     llama_model,
+    olmo2_model,
     swinv2_model,
     t5_model,
     torch_encoder_model,
 )
 
 LR = 0.01
+FLOP_STEPS = 20
 
 
 def resnet() -> tuple[nn.Module, Tensor, Tensor]:
@@ -99,12 +105,13 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor, Tensor]]] = {
     "gemma2": _decoder(gemma2_model),
     "falcon": _decoder(falcon_model),
     "falcon-mq": _decoder(lambda: falcon_model(multi_query=True)),
+    "olmo2": _decoder(olmo2_model),
     "torch-encoder": _decoder(torch_encoder_model),
     "t5": _decoder(t5_model),
     "t5-eager": _decoder(lambda: t5_model("eager")),
     "swinv2": swinv2,
 }
-DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact")
+DIAGNOSTICS = ("-same-masks", "-via-ops", "-never-exact", "-frozen")
 METHODS = {
     "sparsefx": {},
     "sparsefx-sg": {"sparse_gradients": True},
@@ -202,6 +209,8 @@ def steps_for(
                 steps[method] = _reusing_masks(steps[method], sparse.structure)
             if method.endswith("-never-exact"):
                 steps[method] = _never_exact(steps[method])
+            if method.endswith("-frozen"):
+                sparsefx.freeze(sparse)
     return steps, groups
 
 
@@ -310,8 +319,10 @@ def main() -> None:
                 print(_trajectory(warmup, args.trajectory), flush=True)
         # Dynamo skips a frame called under a TorchDispatchMode such as FlopCounterMode, and
         # then runs that code eagerly for good: compiled steps report their eager twin's FLOPs.
+        # A sparse step runs one forward where its K masks agree and K where they do not
+        # (`sparsefx.runtime.samples_agree`): its FLOPs are a mean over FLOP_STEPS steps.
         flops = {
-            m: count_flops(s, min_steps=2, min_seconds=0.0)
+            m: count_flops(s, min_steps=2 if m == "dense" else FLOP_STEPS, min_seconds=0.0)
             for m, s in steps.items()
             if not m.endswith("-compiled")
         }

@@ -130,6 +130,20 @@ def llama_model() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def olmo2_model() -> nn.Module:
+    """A small Hugging Face OLMo 2 sized like `llama_model`: q and k normalised across all
+    heads (an RMSNorm over each projection), so attention is pruned by v's heads."""
+    import transformers
+
+    config = transformers.Olmo2Config(
+        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+        use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Olmo2ForCausalLM(config)
+
+
 def gemma2_model() -> nn.Module:
     """A small Hugging Face Gemma 2 sized like `llama_model` (head dim 32): its blocks
     normalise their outputs before the stream (post-norms) and soft-cap attention logits,
