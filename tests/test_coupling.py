@@ -1953,9 +1953,10 @@ def test_a_chain_whose_branch_leaves_before_they_meet_ends_at_the_fork():
 
 class NormalisedQueryAttention(nn.Module):
     """Attention whose q is normalised across all heads by a written-out RMSNorm (OLMo 2's
-    q norm; ``qk``: k too, by layer_norm), optionally with a dense per-head mask
-    (``qk-mask``), or with eight query heads that ``enable_gqa`` shares among four k and v
-    heads (``gqa``); ``-explicit``: as matmul, softmax, matmul."""
+    q norm; ``qk``: k too, by layer_norm; ``k``: k alone, written out), optionally with a
+    dense per-head mask (``qk-mask``), with k and v read from a learned memory without a
+    batch dim (``memory``), or with eight query heads that ``enable_gqa`` shares among four
+    k and v heads (``gqa``); ``-explicit``: as matmul, softmax, matmul."""
 
     kv_heads, dim, tokens = 4, 8, 6
 
@@ -1967,15 +1968,20 @@ class NormalisedQueryAttention(nn.Module):
         self.q, self.o = nn.Linear(32, q_width), nn.Linear(q_width, 32)
         self.k, self.v = nn.Linear(32, width), nn.Linear(32, width)
         self.bias = nn.Parameter(torch.randn(1, self.kv_heads, self.tokens, self.tokens))
+        self.memory = nn.Parameter(torch.randn(5, 32))
         self.head = nn.Linear(32, 4)
 
     def forward(self, x):
         b, t = x.shape[:2]
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        source = self.memory if self.form == "memory" else x
+        q, k, v = self.q(x), self.k(source), self.v(source)
+        if self.form == "k":
+            k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
+        else:
+            q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
         if self.form.startswith("qk"):
             k = F.layer_norm(k, k.shape[-1:])
-        q, k, v = (h.view(b, t, -1, self.dim).transpose(1, 2) for h in (q, k, v))
+        q, k, v = (h.unflatten(-1, (-1, self.dim)).transpose(-3, -2) for h in (q, k, v))
         mask = self.bias if self.form == "qk-mask" else None
         if self.form.endswith("explicit"):
             a = (q @ k.transpose(-1, -2) / self.dim**0.5).softmax(-1) @ v
@@ -1985,32 +1991,48 @@ class NormalisedQueryAttention(nn.Module):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-@pytest.mark.parametrize("form", ["q", "qk", "qk-mask", "q-explicit", "qk-explicit"])
+# form: (the group's name, its producers, the producer left dense on its own, gathers of
+# a dense operand along the heads dim)
+NORMALISED_FORMS = {
+    "q": ("k", ["k", "v"], "q", 1),
+    "k": ("q", ["q", "v"], "k", 1),
+    "qk": ("v", ["v"], "q", 2),
+    "qk-mask": ("v", ["v"], "q", 3),
+    "memory": ("k", ["k", "v"], "q", 1),
+    "q-explicit": ("k", ["k", "v"], "q", 1),
+    "qk-explicit": ("v", ["v"], "q", 1),
+}
+
+
+@pytest.mark.parametrize("form", list(NORMALISED_FORMS))
 def test_attention_with_a_normalised_q_is_pruned_by_v_heads(form):
     """A q normalised across all heads cannot be pruned by head, and attention tied v's
     heads (and k's) to it, so the whole attention stayed dense. q (and k where normalised
     too) is now left dense on its own, saying why, and attention is pruned by v's heads
-    with `o`'s columns: output head h is a function of v's head h, zero where v's is. q,
-    and a dense k or per-head mask, are read at v's kept heads (in the explicit form: q at
-    k's, or the probabilities at v's); a k that is not normalised is pruned with v."""
+    with `o`'s columns: output head h is a function of v's head h, zero where v's is. A
+    dense q or k, or a per-head mask, is read at v's kept heads (in the explicit form: q
+    at k's, or the probabilities at v's); one that is not normalised is pruned with v.
+    (Gradients against the reference: the OLMo tests in test_hf_models.py.)"""
     torch.manual_seed(0)
+    name, producers, left, gathers = NORMALISED_FORMS[form]
     x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
     sparse = _transformed_as_zeroed(NormalisedQueryAttention(form), x)
     (group,) = sparse.groups
-    q_only = form.startswith("q-") or form == "q"
-    assert group.name == ("k" if q_only else "v")
-    assert ("v.weight", 0) in group.members and ("o.weight", 1) in group.members
-    assert (("k.weight", 0) in group.members) == q_only
+    assert group.name == name and ("o.weight", 1) in group.members
+    rows = {
+        fqn.removesuffix(".weight") for fqn, dim in group.members if fqn.endswith("t") and not dim
+    }
+    assert rows == set(producers)
     assert not sparse.analysis.scatters
-    dense = {op.node: op.reason for op in sparse.analysis.dense}
-    assert "left dense on its own, so that attention is pruned by" in dense["linear"]
-    assert dense.get("linear_1", "").startswith("normalised across features by layer_norm") == (
-        not q_only
-    )
     graph = sparse.runtime.graphs[0].compact.graph
+    layers = {
+        n.args[1].name: n.name for n in graph.nodes if n.target is torch.ops.aten.linear.default
+    }
+    reasons = {op.node: op.reason for op in sparse.analysis.dense}
+    alone = [node for node, reason in reasons.items() if "left dense on its own" in reason]
+    assert alone == [layers[f"p_{left}_weight"]]
     reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
-    gathers = {"q": 1, "qk": 2, "qk-mask": 3, "q-explicit": 1, "qk-explicit": 1}[form]
-    assert len([n for n in reads if n.args[1] == 1]) == gathers
+    assert len([n for n in reads if n.args[1] == 1]) == gathers  # the heads dim
     sparse(x).sum().backward()
 
 
@@ -2021,15 +2043,39 @@ def test_attention_with_a_normalised_q_is_pruned_by_v_heads_when_compiled():
     assert [g.name for g in eager.groups] == ["v"]
 
 
-def test_attention_with_a_normalised_q_and_fewer_kv_heads_reads_v_at_full_width():
-    """With enable_gqa, q has more heads than v: it cannot be read at v's kept heads by one
-    gather, so attention reads v at full width and says why (`o` stays dense)."""
+def test_attention_with_a_normalised_q_and_fewer_kv_heads_stays_dense():
+    """With enable_gqa, q has more heads than v: one gather at v's kept heads cannot read
+    it, so q is not left dense on its own (k and v would be pruned only to be read at full
+    width): the whole attention stays dense with the norm's reason, as before."""
     torch.manual_seed(0)
     x = torch.randn(2, NormalisedQueryAttention.tokens, 32)
-    sparse = _transformed_as_zeroed(NormalisedQueryAttention("gqa"), x)
-    assert all(("o.weight", 1) not in g.members for g in sparse.groups)
-    reasons = {s.reason for s in sparse.analysis.scatters}
-    assert "attention whose q, k or mask heads are neither one nor v's heads" in reasons
+    sparse = sparsefx.transform(NormalisedQueryAttention("gqa"), x, density=0.5)
+    assert not sparse.groups and not sparse.analysis.scatters
+    reasons = {op.reason for op in sparse.analysis.dense if op.op == "linear.default"}
+    assert all("left dense on its own" not in r for r in reasons)
+    assert any(r.startswith("normalised across features by a decomposed norm") for r in reasons)
+
+
+class SelfProduct(nn.Module):
+    """A batched matmul of a compact tensor with itself (square feature maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c2(h @ h)
+
+
+def test_a_matmul_of_a_compact_tensor_with_itself_is_channel_wise():
+    """``h @ h`` has one compact input, read twice: it was taken for a compact operand times
+    a dense one and the "dense" h gathered again, out of bounds. Each channel's product is
+    its own, so it runs compact and c2 reads its kept columns."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(SelfProduct(), torch.randn(2, 3, 5, 5))
+    (group,) = sparse.groups
+    assert ("c2.weight", 1) in group.members and not sparse.analysis.scatters
 
 
 class WrittenOutSwish(nn.Module):

@@ -856,11 +856,12 @@ class _Walk:
         by_head = [self._heads_compact(t) and not same_size(_shape(t)[-3], 1) for t in (k, v)]
         if q in compact and not per_head and not any(by_head):
             return self._query_heads(node, compact)
-        pruned = [t for t in (q, k) if t in compact]
-        if v in compact and pruned and self._leave_blocked_dense(pruned, v, "v's heads"):  # type: ignore[arg-type]
-            return "attention waits for its blocked q and k to be left dense"
-        if q not in compact and v in compact and not per_head:
-            return self._value_heads(node, compact)
+        if v in compact and not per_head and _heads_match(v, q, k):
+            pruned = [t for t in (q, k) if t in compact]
+            if self._leave_blocked_dense(pruned, v):  # type: ignore[arg-type]
+                return "attention waits for its blocked q and k to be left dense"
+            if len(pruned) < 2:
+                return self._value_heads(node, compact)
         if compact != [q, k, v, mask][: 4 if per_head else 3]:
             return "attention with q, k and v not all from pruned heads"
         heads = len(_shape(q)) - 3
@@ -890,7 +891,8 @@ class _Walk:
         # a dense per-head mask is read at q's kept heads (rewrite_gathered_args)
         meta = {"gathered_args": [(mask_at, len(shape) - 3)]} if gathered else {}
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
-        return _Op(first, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)  # type: ignore[arg-type]
+        layout = first.at(len(_shape(node)) - 3)  # q, k or v may broadcast over batch dims
+        return _Op(layout, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)
 
     def _heads_compact(self, t: object) -> bool:
         """Whether `t` is compact along attention's heads dim."""
@@ -926,21 +928,23 @@ class _Walk:
         reason = "attention reads k and v whole: only its query heads are pruned"
         full_width = {t: reason for t in compact if t is not q}
         meta = {"gathered_args": gathered} if gathered else {}
-        layout = self.flows[q].layout
+        layout = self.flows[q].layout.at(len(_shape(node)) - 3)
         return _Op(layout, zero_preserving=False, chainable=True, full_width=full_width, meta=meta)
 
-    def _leave_blocked_dense(self, tensors: list[fx.Node], other: fx.Node, by: str) -> bool:
-        """Whether attention meets `tensors` whose heads are blocked (OLMo 2 normalises q
-        and k across all heads) and `other` whose heads are not: coupled, they would keep
-        `other` dense too. The blocked spaces are left dense on their own for the next walk,
-        which prunes attention by `other`'s heads (`_value_heads`, or `_matmul` reading the
-        dense operand at them)."""
+    def _leave_blocked_dense(self, tensors: list[fx.Node], other: fx.Node) -> bool:
+        """Whether attention or a batched matmul meets `tensors` whose heads are blocked
+        (OLMo 2 normalises q and k across all heads) and `other` whose heads are not:
+        coupled, they would keep `other` dense too. The blocked spaces are left dense on
+        their own for the next walk, which prunes by `other`'s heads (`_value_heads`, or
+        `_matmul` reading the dense operand at them). Only a block found before this op
+        counts: a statistic later in the graph still keeps the whole component dense."""
         if self._blocked(other):
             return False
         blocked = self._blocked(*tensors)
         for space, reason in blocked.items():
             self.refine.dense[space] = (
-                f"{reason}; left dense on its own, so that attention is pruned by {by}"
+                f"{reason}; left dense on its own, not with the heads that attention or a "
+                "matmul ties it to"
             )
         return bool(blocked)
 
@@ -953,38 +957,32 @@ class _Walk:
         return {s: self.result.blocked[s][0] for s in reached if s in self.result.blocked}
 
     def _value_heads(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
-        """Attention with pruned v heads and a q that no group prunes (left dense where it
-        is normalised across heads, `_leave_blocked_dense`). Output head h is a function
-        of v's head h, weighted by q's and k's head h: channel-wise in v's heads, and zero
-        where v is. q, and k or a mask with one head per v head, are read at v's kept
-        heads; a k pruned with v (by the same heads) is read compact."""
+        """Attention with pruned v heads and a q or k that no group prunes (left dense where
+        normalised across heads, `_leave_blocked_dense`). Output head h is a function of
+        v's head h, weighted by q's and k's head h: channel-wise in v's heads, and zero
+        where v is. A dense q or k, or a mask with one head per v head, is read at v's kept
+        heads; one pruned by the same heads as v is read compact, coupled with v."""
         q, k, v = node.args[:3]
-        if not self._heads_compact(v) or (k in compact and not self._heads_compact(k)):
-            return "attention whose k or v is not compact along the heads dim"
+        if any(not self._heads_compact(t) for t in compact):
+            return "attention whose q, k or v is not compact along the heads dim"
+        layout = self.flows[v].layout  # type: ignore[index]
         couplings = []
-        if k in compact:
-            layout_k, layout_v = self.flows[k].layout, self.flows[v].layout  # type: ignore[index]
-            reason = self._heads_aligned(layout_k, layout_v, 1)
+        for t in compact:
+            reason = self._heads_aligned(self.flows[t].layout, layout, 1)
             if reason is not None:
                 return f"attention: {reason}"
-            pairs = zip(layout_k.pieces, layout_v.pieces, strict=True)
-            couplings = [(p.group, r.group, "attention") for p, r in pairs if p.group and r.group]
-        n_heads = _shape(v)[-3]
+            pairs = zip(self.flows[t].layout.pieces, layout.pieces, strict=True)
+            couplings += [(p.group, r.group, "attention") for p, r in pairs if p.group and r.group]
         gathered = []
         for position, t in ((0, q), (1, k), (3, _arg(node, 3, "attn_mask", None))):
             shape = _shape(t) if isinstance(t, fx.Node) and t not in compact else ()
-            if len(shape) < 3 or same_size(shape[-3], 1):
-                continue  # compact, no heads dim, or one that broadcasts over v's heads
-            if not same_size(shape[-3], n_heads):
-                return "attention whose q, k or mask heads are neither one nor v's heads"
-            at = position if len(node.args) > position else "attn_mask"
-            gathered.append((at, len(shape) - 3))
+            if len(shape) >= 3 and not same_size(shape[-3], 1):  # else: broadcast over heads
+                at = position if len(node.args) > position else "attn_mask"
+                gathered.append((at, len(shape) - 3))
         meta = {"gathered_args": gathered} if gathered else {}
-        layout = self.flows[v].layout  # type: ignore[index]
-        zero_when = compact.index(v)  # type: ignore[arg-type]
         return _Op(
-            layout, zero_preserving=True, zero_when=zero_when, chainable=True,
-            couplings=couplings, meta=meta,
+            layout.at(len(_shape(node)) - 3), zero_preserving=True,
+            zero_when=compact.index(v), chainable=True, couplings=couplings, meta=meta,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def _shared_bias(self, node: fx.Node, bias: fx.Node) -> str | None:
@@ -1039,12 +1037,12 @@ class _Walk:
             return "matmul over the channel dim"
         if len(compact) == 2:
             for x, y in (compact, compact[::-1]):
-                if self._leave_blocked_dense([x], y, "the heads of the tensor it multiplies"):
+                if self._leave_blocked_dense([x], y):
                     return "matmul waits for its blocked operand to be left dense"
         reason = self._heads_aligned(layouts[0], layouts[-1], 1)
         if reason is not None:
             return f"matmul: {reason}"
-        if len(compact) == 1:
+        if len(compact) == 1 and a is not b:  # h @ h: one compact input, read twice
             position = 1 if compact == [a] else 0
             if int(_shape(node.args[position])[dim]) != 1:  # type: ignore[arg-type]
                 meta = {"gathered_args": [(position, dim)]}
@@ -1198,6 +1196,14 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
     if not moved[0].same_shape(moved[1]):
         return None
     return moved[0]
+
+
+def _heads_match(v: fx.Node, *others: object) -> bool:
+    """Whether every tensor in `others` has v's heads (dim -3), one head, or no heads dim:
+    then it can be read at v's kept heads (`_value_heads`; not with enable_gqa, where q
+    has several heads per v head)."""
+    shapes = [_shape(t) for t in others if isinstance(t, fx.Node)]
+    return all(len(s) < 3 or same_size(s[-3], 1) or same_size(s[-3], _shape(v)[-3]) for s in shapes)
 
 
 def _reads_values(user: fx.Node, arg: fx.Node) -> bool:
