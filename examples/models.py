@@ -116,18 +116,20 @@ def gpt_bigcode_model() -> nn.Module:
     return transformers.GPTBigCodeForCausalLM(config)
 
 
+DECODER_SIZES = dict(
+    vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128, use_cache=False,
+)  # fmt: skip
+"""The Llama-style decoders' sizes: 8 query heads on 4 key/value heads, hidden 256, MLP 704."""
+
+
 def llama_model() -> nn.Module:
     """A small Hugging Face Llama with grouped-query attention (8 query heads share 4
     key/value heads), sized like `gpt2_model`: vocab 512, hidden 256, MLP 704, 4 layers."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
-        use_cache=False,
-    )  # fmt: skip
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER_SIZES))
 
 
 def olmo2_model() -> nn.Module:
@@ -135,13 +137,8 @@ def olmo2_model() -> nn.Module:
     heads (an RMSNorm over each projection), so attention is pruned by v's heads."""
     import transformers
 
-    config = transformers.Olmo2Config(
-        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
-        use_cache=False,
-    )  # fmt: skip
     torch.manual_seed(0)
-    return transformers.Olmo2ForCausalLM(config)
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**DECODER_SIZES))
 
 
 def gemma2_model() -> nn.Module:
@@ -150,11 +147,7 @@ def gemma2_model() -> nn.Module:
     which needs its eager attention."""
     import transformers
 
-    config = transformers.Gemma2Config(
-        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=128,
-        use_cache=False, attn_implementation="eager",
-    )  # fmt: skip
+    config = transformers.Gemma2Config(head_dim=32, attn_implementation="eager", **DECODER_SIZES)
     torch.manual_seed(0)
     return transformers.Gemma2ForCausalLM(config)
 
