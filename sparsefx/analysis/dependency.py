@@ -856,7 +856,11 @@ class _Walk:
         by_head = [self._heads_compact(t) and not same_size(_shape(t)[-3], 1) for t in (k, v)]
         if q in compact and not per_head and not any(by_head):
             return self._query_heads(node, compact)
-        if v in compact and not per_head and _heads_match(v, q, k):
+        if (
+            v in compact
+            and not per_head
+            and _per_head_args(node, (0, 1), _shape(v)[-3]) is not None
+        ):
             pruned = [t for t in (q, k) if t in compact]
             if self._leave_blocked_dense(pruned, v):  # type: ignore[arg-type]
                 return "attention waits for its blocked q and k to be left dense"
@@ -905,7 +909,7 @@ class _Walk:
         to the attention's output, where a dropped head is zero (at q it would output the
         mean of v). k and v are read whole, at q's kept heads where they have one per q
         head; features of theirs that a group prunes are scattered first."""
-        q, k, v = node.args[:3]
+        q = node.args[0]
         if not self._heads_compact(q):
             return "attention whose q is not compact along the heads dim"
         if self.flows[q].zero is not None:
@@ -915,16 +919,9 @@ class _Walk:
                 "reach attention): a head zero in q outputs the mean of v, so q is read at "
                 "full width"
             )
-        n_heads = _shape(q)[-3]
-        gathered = []
-        for position, t in ((1, k), (2, v), (3, _arg(node, 3, "attn_mask", None))):
-            shape = _shape(t) if isinstance(t, fx.Node) else ()
-            if len(shape) < 3 or same_size(shape[-3], 1):
-                continue  # no heads dim, or one that broadcasts over q's heads
-            if not same_size(shape[-3], n_heads):
-                return "attention whose k, v or mask heads are neither one nor q's heads"
-            at = position if len(node.args) > position else "attn_mask"
-            gathered.append((at, len(shape) - 3))
+        gathered = _per_head_args(node, (1, 2, 3), _shape(q)[-3])
+        if gathered is None:
+            return "attention whose k, v or mask heads are neither one nor q's heads"
         reason = "attention reads k and v whole: only its query heads are pruned"
         full_width = {t: reason for t in compact if t is not q}
         meta = {"gathered_args": gathered} if gathered else {}
@@ -962,7 +959,7 @@ class _Walk:
         v's head h, weighted by q's and k's head h: channel-wise in v's heads, and zero
         where v is. A dense q or k, or a mask with one head per v head, is read at v's kept
         heads; one pruned by the same heads as v is read compact, coupled with v."""
-        q, k, v = node.args[:3]
+        v = node.args[2]
         if any(not self._heads_compact(t) for t in compact):
             return "attention whose q, k or v is not compact along the heads dim"
         layout = self.flows[v].layout  # type: ignore[index]
@@ -973,12 +970,9 @@ class _Walk:
                 return f"attention: {reason}"
             pairs = zip(self.flows[t].layout.pieces, layout.pieces, strict=True)
             couplings += [(p.group, r.group, "attention") for p, r in pairs if p.group and r.group]
-        gathered = []
-        for position, t in ((0, q), (1, k), (3, _arg(node, 3, "attn_mask", None))):
-            shape = _shape(t) if isinstance(t, fx.Node) and t not in compact else ()
-            if len(shape) >= 3 and not same_size(shape[-3], 1):  # else: broadcast over heads
-                at = position if len(node.args) > position else "attn_mask"
-                gathered.append((at, len(shape) - 3))
+        gathered = _per_head_args(node, (0, 1, 3), _shape(v)[-3], read_compact=compact)
+        if gathered is None:
+            return "attention whose mask heads are neither one nor v's heads"
         meta = {"gathered_args": gathered} if gathered else {}
         return _Op(
             layout.at(len(_shape(node)) - 3), zero_preserving=True,
@@ -1198,12 +1192,29 @@ def _joined(node: fx.Node, la: Layout, lb: Layout) -> Layout | None:
     return moved[0]
 
 
-def _heads_match(v: fx.Node, *others: object) -> bool:
-    """Whether every tensor in `others` has v's heads (dim -3), one head, or no heads dim:
-    then it can be read at v's kept heads (`_value_heads`; not with enable_gqa, where q
-    has several heads per v head)."""
-    shapes = [_shape(t) for t in others if isinstance(t, fx.Node)]
-    return all(len(s) < 3 or same_size(s[-3], 1) or same_size(s[-3], _shape(v)[-3]) for s in shapes)
+def _per_head_args(
+    attention: fx.Node, positions: tuple[int, ...], heads: object, read_compact: list = ()
+) -> list[tuple[int | str, int]] | None:
+    """Attention's dense arguments at `positions` (3: the mask) with one head per kept
+    head, each to be read at the kept heads (`gathered_args`: position or keyword, heads
+    dim); arguments in `read_compact`, or with no heads dim or one head, are read as they
+    are. None if one has a number of heads other than one or `heads` (enable_gqa's q
+    against pruned k and v heads)."""
+    gathered: list[tuple[int | str, int]] = []
+    for position in positions:
+        t = (
+            _arg(attention, position, "attn_mask", None)
+            if position == 3
+            else attention.args[position]
+        )
+        shape = _shape(t) if isinstance(t, fx.Node) and t not in read_compact else ()
+        if len(shape) < 3 or same_size(shape[-3], 1):
+            continue
+        if not same_size(shape[-3], heads):  # type: ignore[arg-type]
+            return None
+        at = position if len(attention.args) > position else "attn_mask"
+        gathered.append((at, len(shape) - 3))
+    return gathered
 
 
 def _reads_values(user: fx.Node, arg: fx.Node) -> bool:
