@@ -49,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from common import count_flops, environment, format_table, summarize, time_interleaved
@@ -56,6 +57,8 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 import sparsefx
+import sparsefx.compiled
+import sparsefx.runtime
 from sparsefx.runtime import StructureState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
@@ -232,6 +235,24 @@ def _minor_faults(step: Callable[[], Tensor], steps: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
+@contextlib.contextmanager
+def _agreements() -> Iterator[list[bool]]:
+    """Records, per sampled step, whether its K masks agreed (`sparsefx.runtime.samples_agree`:
+    the step then runs one forward instead of K), eager and compiled alike."""
+    agreed: list[bool] = []
+    samples_agree = sparsefx.runtime.samples_agree
+
+    def recorded(masks: Tensor) -> bool:
+        agreed.append(samples_agree(masks))
+        return agreed[-1]
+
+    with (
+        mock.patch.object(sparsefx.compiled, "samples_agree", recorded),
+        mock.patch.object(sparsefx.runtime, "samples_agree", recorded),
+    ):
+        yield agreed
+
+
 def _time_steps(step: Callable[[], Tensor], steps: int) -> list[float]:
     """Seconds of each of `steps` calls of `step`."""
     seconds = []
@@ -242,13 +263,17 @@ def _time_steps(step: Callable[[], Tensor], steps: int) -> list[float]:
     return seconds
 
 
-def _trajectory(seconds: list[float], chunk: int) -> str:
-    """'steps a-b: median ms' for each `chunk` consecutive steps."""
-    return "\n".join(
-        f"  steps {i:4d}-{i + len(part) - 1:4d}: {1e3 * statistics.median(part):7.1f}"
-        for i in range(0, len(seconds), chunk)
-        for part in [seconds[i : i + chunk]]
-    )
+def _trajectory(seconds: list[float], agreed: list[bool], chunk: int) -> str:
+    """'steps a-b: median ms' for each `chunk` consecutive steps, and in how many of them a
+    sampled step's K masks agreed (where the method samples)."""
+    lines = []
+    for i in range(0, len(seconds), chunk):
+        part = seconds[i : i + chunk]
+        line = f"  steps {i:4d}-{i + len(part) - 1:4d}: {1e3 * statistics.median(part):7.1f}"
+        if agreed:
+            line += f"   masks agreed in {sum(agreed[i : i + chunk])}/{len(part)}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _gflop(flops: float | None) -> str:
@@ -285,7 +310,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="K",
-        help="print each method's median step time over every K warm-up steps",
+        help="print each method's median step time over every K warm-up steps, and in how "
+        "many of them its K masks agreed (one forward instead of K)",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds × 2 steps")
     parser.add_argument(
@@ -313,10 +339,11 @@ def main() -> None:
     for name in args.models.split(","):
         steps, groups = steps_for(name, args.density, args.methods.split(","))
         for method, step in steps.items():  # steady state: cached conv shapes, recurring counts
-            warmup = _time_steps(step, args.warmup)
+            with _agreements() as agreed:
+                warmup = _time_steps(step, args.warmup)
             if args.trajectory:
                 print(f"{name}/{method} warm-up, median ms per {args.trajectory} steps:")
-                print(_trajectory(warmup, args.trajectory), flush=True)
+                print(_trajectory(warmup, agreed, args.trajectory), flush=True)
         # Dynamo skips a frame called under a TorchDispatchMode such as FlopCounterMode, and
         # then runs that code eagerly for good: compiled steps report their eager twin's FLOPs.
         # A sparse step runs one forward where its K masks agree and K where they do not
