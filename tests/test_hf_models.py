@@ -648,9 +648,9 @@ def test_olmo_prunes_value_heads_with_o_proj_while_its_normalised_q_and_k_stay_d
     model, reference, ids, sparse = _transformed_lm(lm)
     groups = {g.name: g for g in sparsefx.groups(sparse)}
     for layer in range(2):
-        attention = f"model.layers.{layer}.self_attn"
-        heads = groups[f"{attention}.v_proj"]
-        assert heads.size == 2 and (f"{attention}.o_proj.weight", 1) in heads.members
+        block = f"model.layers.{layer}.self_attn"
+        heads = groups[f"{block}.v_proj"]
+        assert heads.size == 2 and (f"{block}.o_proj.weight", 1) in heads.members
     dense = {op.node: op.reason for op in sparse.analysis.dense}
     assert "left dense on its own" in dense["linear"]  # q_proj
     assert not sparse.analysis.scatters
