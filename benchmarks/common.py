@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 __all__ = [
     "MODELS",
@@ -183,8 +189,8 @@ def summarize(seconds: Sequence[float]) -> Summary:
 
 
 def count_flops(step: Step, min_steps: int = 2, min_seconds: float = 1.0) -> float:
-    """Mean FLOPs of one step, counted by torch's FlopCounterMode (matmuls and convolutions,
-    forward and backward; custom ops count through their registered formulas).
+    """Mean FLOPs of one step, counted by torch's FlopCounterMode (matmuls, convolutions and
+    attention, forward and backward; custom ops count through their registered formulas).
 
     Sparse methods sample a different mask every step and their FLOPs vary with the product of
     consecutive layers' kept counts, so cheap steps are averaged over at least `min_seconds`
@@ -197,6 +203,42 @@ def count_flops(step: Step, min_steps: int = 2, min_seconds: float = 1.0) -> flo
         total += counter.get_total_flops()
         count += 1
     return total / count
+
+
+def _as_query_heads(query_shape: torch.Size, shape: torch.Size) -> tuple[int, ...]:
+    """k or v broadcast to the query's heads, as grouped-query attention runs them (torch
+    2.11's `sdpa_flop_count` asserts equal heads)."""
+    return (shape[0], query_shape[1], *shape[2:])
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(
+        query_shape,
+        _as_query_heads(query_shape, key_shape),
+        _as_query_heads(query_shape, value_shape),
+    )
+
+
+def _cpu_sdpa_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(
+        grad_out_shape,
+        query_shape,
+        _as_query_heads(query_shape, key_shape),
+        _as_query_heads(query_shape, value_shape),
+    )
+
+
+# FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU one that
+# F.scaled_dot_product_attention dispatches to (torch 2.11-2.13), so attention counted zero
+# FLOPs on CPU and every transformer's GFLOP column missed it. The formulas are torch's own.
+for _op, _formula in [
+    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, _cpu_sdpa_flop),
+    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, _cpu_sdpa_backward_flop),
+]:
+    if _op not in flop_registry:
+        register_flop_formula(_op)(_formula)
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -20,3 +25,34 @@ def test_no_benchmark_script_shadows_an_installed_module():
         if spec is not None or script.stem in sys.builtin_module_names:
             shadowed[script.name] = spec.origin if spec else "built in"
     assert not shadowed, f"rename these benchmark scripts, they shadow modules: {shadowed}"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_benchmarks_count_cpu_attention_flops(kv_heads):
+    """CPU SDPA counted zero FLOPs under FlopCounterMode, so every transformer's GFLOP column
+    missed attention. The benchmarks' formulas count what the explicit form's matmuls count
+    (k and v broadcast to the query's heads), and the backward's five matmuls (the scores
+    recomputed, then four gradients), as torch counts its CUDA kernels."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import count_flops
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, kv_heads, 16, 8, requires_grad=True).unbind(0)
+
+    def attention() -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != 4)
+
+    def explicit() -> Tensor:
+        keys, values = (t.repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))
+        return (q @ keys.transpose(-1, -2) / 8**0.5).softmax(-1) @ values
+
+    torch.testing.assert_close(attention(), explicit())
+    forward = count_flops(lambda: explicit().detach(), min_steps=1, min_seconds=0.0)
+    assert forward == 2 * (2 * 2 * 4 * 16 * 16 * 8)
+    with torch.no_grad():
+        assert count_flops(attention, min_steps=1, min_seconds=0.0) == forward
+    step = count_flops(lambda: attention().sum().backward(), min_steps=1, min_seconds=0.0)
+    assert step == forward + forward * 5 // 2
