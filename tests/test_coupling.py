@@ -1456,10 +1456,11 @@ class SpatialAttention(nn.Module):
 def test_channel_statistics_that_feed_a_layer_are_read_not_taken_for_a_norm():
     """A reduction over the channel dim that keeps it blocks its spaces only when it comes
     back onto them within a few ops (a norm); here a conv reads it first, so `conv` stays
-    prunable (through a scatter into the statistics)."""
+    prunable (through a scatter into the statistics). The gate's one output channel is no
+    group (`policy.keep_minimum` would always keep it): it gates `conv` from a dense tensor."""
     torch.manual_seed(0)
     sparse = _transformed_as_zeroed(SpatialAttention(), torch.randn(2, 3, 8, 8))
-    assert {g.name for g in sparse.groups} == {"conv", "gate", "head"}
+    assert {g.name for g in sparse.groups} == {"conv", "head"}
     assert not [d for d in sparse.analysis.dense if "norm" in d.reason], sparse.analysis.dense
 
 
@@ -1761,6 +1762,45 @@ def test_a_residual_stream_that_reaches_a_softmax_is_still_a_stream():
     assert [g.name for g in sparse.groups] == ["c1", "pool"]
     reasons = {d.node: d.reason for d in sparse.analysis.dense}
     assert "writes into a residual stream" in reasons["conv2d"], reasons
+
+
+class FeatureSoftmax(nn.Module):
+    """``mid``'s features go through a softmax or log-softmax over them (a router's, an
+    attention pool's); a conv's channels through a log-softmax over its width, pooled."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.up, self.mid, self.down = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+        self.pool = nn.Sequential(nn.LogSoftmax(-1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.norm = getattr(torch, norm)
+
+    def forward(self, x, image):
+        routed = self.down(self.norm(self.mid(F.relu(self.up(x))), -1))
+        return routed + self.fc(self.pool(self.conv(image)))
+
+
+@pytest.mark.parametrize("norm", ["softmax", "log_softmax"])
+def test_a_softmax_over_the_features_keeps_what_it_reads_dense(norm):
+    """A softmax over the channel dim normalises across the channels as a LayerNorm does:
+    a dropped channel's exp(0) stays in every kept channel's denominator. It read its
+    producer through a scatter, a group that saved only the producer's rows (a router's,
+    while changing its routing); the producer now stays dense with that reason, as before
+    a LayerNorm. A log-softmax over another dim was refused and scattered; it is
+    channel-wise now, as softmax there is (not zero-preserving: the conv's mask point is
+    after it, where the reference zeroes the pooled channels)."""
+    torch.manual_seed(0)
+    model, x, image = FeatureSoftmax(norm), torch.randn(4, 6), torch.randn(4, 3, 2, 5)
+    sparse = sparsefx.transform(copy.deepcopy(model), (x, image), density=0.5)
+    assert sorted(g.name for g in sparse.groups) == ["conv", "up"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert reasons["linear_1"] == f"normalised across features by {norm}.int ({norm})"
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    reference = _zeroed(model, sparse.groups, masks)
+    reference.pool.register_forward_hook(lambda m, a, out: out * masks["conv"])
+    torch.testing.assert_close(sparse(x, image), reference(x, image))
 
 
 class MaskedRows(nn.Module):

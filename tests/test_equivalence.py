@@ -34,7 +34,8 @@ specs = st.builds(
 
 
 def _masks(draw, sizes: list[int]) -> list[torch.Tensor]:
-    """Random masks with at least one kept channel per group (sparsefx's invariant)."""
+    """Random masks with at least one kept channel per block (sparsefx's invariant): a
+    block of one channel always keeps it, as sparsefx leaves such a layer dense."""
     masks = [torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n))) for n in sizes]
     for mask in masks:
         mask[draw(st.integers(0, mask.numel() - 1))] = True
@@ -57,6 +58,7 @@ def _pair(spec: Spec, dtype: torch.dtype, batch: int, seed: int):
     reference = copy.deepcopy(model)
     x = example_input(spec, batch, dtype)
     # 0.5, or more where the groups' two-channel minimum (policy.keep_minimum) costs more
+    # (counting the one-channel layers, which are no groups, only raises it)
     widths = [*spec.conv_widths, *spec.linear_widths]
     density = max(0.5, sum(min(2, w) for w in widths) / sum(widths))
     config = sparsefx.SparseConfig(density=density, seed=seed)
@@ -64,13 +66,18 @@ def _pair(spec: Spec, dtype: torch.dtype, batch: int, seed: int):
     return model, reference, ends, sparse, x
 
 
+def _pruned(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks of the blocks that are groups: a layer of one output channel is none."""
+    return [m for m in masks if m.numel() > 1]
+
+
 @given(cases())
 def test_training_step_matches_reference(case):
     spec, dtype, batch, masks, seed = case
     model, reference, ends, sparse, x = _pair(spec, dtype, batch, seed)
     groups = sparsefx.groups(sparse)
-    assert [g.size for g in groups] == [m.numel() for m in masks]
-    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, masks, strict=True)})
+    assert [g.size for g in groups] == [m.numel() for m in _pruned(masks)]
+    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, _pruned(masks), strict=True)})
 
     out = sparse(x)
     out.float().square().mean().backward()
@@ -92,10 +99,10 @@ def test_dropped_weights_get_exactly_zero_gradient(case):
     spec, dtype, batch, masks, seed = case
     model, _, _, sparse, x = _pair(spec, dtype, batch, seed)
     groups = sparsefx.groups(sparse)
-    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, masks, strict=True)})
+    sparsefx.set_masks(sparse, {g.name: m for g, m in zip(groups, _pruned(masks), strict=True)})
     sparse(x).sum().backward()
     params = dict(model.named_parameters())
-    for group, mask in zip(groups, masks, strict=True):
+    for group, mask in zip(groups, _pruned(masks), strict=True):
         for name, dim in group.members:
             grad = params[name].grad
             dropped = grad.index_select(dim, (~mask).nonzero().squeeze(1)) if dim == 0 else None
@@ -115,9 +122,11 @@ def test_eval_matches_reference_with_deterministic_mask(case):
     out = sparse(x)
     chosen = list(sparsefx.probabilities(sparse))
     mask = sparse.structure.deterministic_mask()
-    masks = sparse.structure.split(mask)
-    assert len(masks) == len(chosen)
-    with masked(reference, ends, list(masks)):
+    pruned = iter(sparse.structure.split(mask))
+    assert len(sparse.structure.split(mask)) == len(chosen)
+    widths = [*spec.conv_widths, *spec.linear_widths]
+    masks = [next(pruned) if w > 1 else torch.ones(1, dtype=torch.bool) for w in widths]
+    with masked(reference, ends, masks):
         expected = reference(x)
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 

@@ -657,6 +657,40 @@ def test_olmo_prunes_value_heads_with_o_proj_while_its_normalised_q_and_k_stay_d
     _assert_lm_matches_reference(sparse, model, reference, ids)
 
 
+@pytest.mark.parametrize("family", ["Olmoe", "Qwen2Moe"])
+def test_moe_routers_and_one_channel_gates_stay_dense(family):
+    """A router's softmax over the experts normalises across them like a LayerNorm (a
+    dropped expert's logit 0 stays in the denominator and may still win the top-k): the
+    router was a group of its own that saved only its rows and changed the routing; it
+    now stays dense with that reason. Qwen2-MoE's shared-expert gate (one output channel)
+    was a group that could never drop its channel, and its per-token broadcast made the
+    shared expert's down_proj scatter into the stream as a group of its own; the gate is
+    dense now, so down_proj stays dense like any stream writer."""
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, use_cache=False,
+        experts_implementation="batched_mm",  # grouped_mm (the default) has no float64
+    )  # fmt: skip
+    lm = getattr(transformers, f"{family}ForCausalLM")(config)
+    model, reference, ids, sparse = _transformed_lm(lm)
+    names = sorted(g.name for g in sparsefx.groups(sparse))
+    layers = ("model.layers.0", "model.layers.1")
+    if family == "Olmoe":  # q and k normalised across heads: attention pruned by v's heads
+        assert names == [f"{a}.self_attn.v_proj" for a in layers]
+    else:
+        assert names == [
+            f"{a}.{p}" for a in layers for p in ("mlp.shared_expert.gate_proj", "self_attn.q_proj")
+        ]
+    reasons = [op.reason for op in sparse.analysis.dense]
+    assert sum(r.startswith("normalised across features by softmax") for r in reasons) == 2
+    assert reasons.count("one output channel: nothing to prune") == (family == "Qwen2Moe") * 2
+    assert not sparse.analysis.scatters
+    _assert_lm_matches_reference(sparse, model, reference, ids)
+
+
 def _transformed_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, Tensor, nn.Module]:
     """A causal LM in float64, its reference copy, token ids, and it transformed with
     `labels=` at density 0.5."""

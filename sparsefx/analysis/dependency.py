@@ -544,7 +544,10 @@ class _Walk:
             return op
         if target in ops.SOFTMAX:
             if int(node.args[1]) % len(_shape(node)) == layout.dim:  # type: ignore[call-overload]
-                return "softmax over the channel dim"
+                self._block(first, f"normalised across features by {_op_name(node)} ({node.name})")
+                return (
+                    f"{_op_name(node)} normalises across all features and reads them at full width"
+                )
             return _Op(layout, zero_preserving=False, chainable=True)
         if target in ops.POW:
             exponent = node.args[1]
@@ -1575,6 +1578,11 @@ def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
         return "bias is not a parameter used by this op alone"
     if _reaches_output(node, view):
         return "output layer: its channels reach the model output or loss"
+    if int(_shape(node)[_channel_dim(node)]) == 1:
+        # policy.keep_minimum always keeps a one-channel group's channel, so as a group it
+        # would only spend budget, and its broadcast (a per-token gate) would scatter the
+        # tensor it multiplies
+        return "one output channel: nothing to prune"
     return None
 
 

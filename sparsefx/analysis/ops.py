@@ -201,8 +201,12 @@ WHERE: frozenset[OpOverload] = frozenset(
 )
 """``where(cond, x, y)``: channel-wise where the condition and the other value broadcast
 over the channel dim."""
-SOFTMAX: frozenset[OpOverload] = frozenset({aten.softmax.int, aten._softmax.default})
-"""Softmax over one dim: channel-wise (not zero-preserving) unless it is the channel dim."""
+SOFTMAX: frozenset[OpOverload] = frozenset(
+    {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
+)
+"""Softmax or log-softmax over one dim: channel-wise (not zero-preserving) unless it is the
+channel dim, which it normalises across like a LayerNorm (a dropped channel's exp(0) stays
+in every kept channel's denominator), so what it reads there stays dense."""
 ATTENTION: frozenset[OpOverload] = frozenset({aten.scaled_dot_product_attention.default})
 MATMUL: frozenset[OpOverload] = frozenset({aten.matmul.default})
 POW: frozenset[OpOverload] = frozenset({aten.pow.Tensor_Scalar})
