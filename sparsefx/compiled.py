@@ -815,6 +815,7 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
     walks the traceback with a generator, which under this fullgraph compile's frame hook
     raised "Attempt to trace generator" in place of any error the compiled code raised."""
     _alpha_as_mul(graph)
+    _avg_pool_divisors_as_window_counts(graph)
     graph.recompile()
     compiled = torch.compile(
         graph.forward, backend="inductor", fullgraph=True, options={"layout_optimization": False}
@@ -853,6 +854,68 @@ def _alpha_as_mul(graph: fx.GraphModule) -> None:
         with graph.graph.inserting_before(node):
             scaled = graph.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[1], alpha))
         node.args, node.kwargs = (node.args[0], scaled), {}
+
+
+_AVG_POOLS = {  # the op and its spatial dims
+    torch.ops.aten.avg_pool1d.default: 1,
+    torch.ops.aten.avg_pool2d.default: 2,
+    torch.ops.aten.avg_pool3d.default: 3,
+}
+
+
+def _avg_pool_divisors_as_window_counts(graph: fx.GraphModule) -> None:
+    """Average pools with ``ceil_mode`` and ``count_include_pad`` (the pairing that
+    `nn.AvgPool2d(k, ceil_mode=True)` defaults to) as ``count_include_pad=False`` where there
+    is no padding, which then counts the same elements. Inductor's backward divides a window
+    that ceil_mode lets overhang the input by the whole kernel instead of the clipped window
+    (pytorch/pytorch#198119, torch 2.11 to 2.13, pools of 1 to 3 dims): compiled, HF
+    EfficientNet's `AvgPool2d(640, ceil_mode=True)` on an 8x8 map trained on gradients
+    6400x too small. With padding the two flags differ, so such a pool that may overhang
+    is refused, with what to change."""
+    for node in graph.graph.nodes:
+        if node.target not in _AVG_POOLS:
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        args = {a.name: a.default_value for a in node.target._schema.arguments}
+        args.update(zip(names, node.args, strict=False), **node.kwargs)
+        if not args["ceil_mode"] or not args["count_include_pad"]:
+            continue
+        if args.get("divisor_override") is not None:
+            continue
+        if any(_per_dim(args["padding"], 1)) and _may_overhang(node, args):
+            raise CaptureError(
+                f"{node.name}: an average pool with ceil_mode=True, count_include_pad=True and "
+                "padding, whose last window may overhang the input: Inductor computes its "
+                "gradient wrong (pytorch/pytorch#198119), so the compiled path refuses it. "
+                "Use sparsefx.transform(model, example_inputs), or count_include_pad=False or "
+                "ceil_mode=False on this pool"
+            )
+        args["count_include_pad"] = False
+        node.args, node.kwargs = tuple(args[name] for name in names), {}
+
+
+def _per_dim(value: int | Sequence[int], dims: int) -> list[int]:
+    """A pool argument per spatial dim (aten takes one value for all)."""
+    values = [value] if isinstance(value, int) else list(value)
+    return values * dims if len(values) == 1 else values
+
+
+def _may_overhang(node: fx.Node, args: dict[str, Any]) -> bool:
+    """Whether a ceil_mode pool's last window in some dim may reach past the padded input
+    (sizes that are not plain ints count as may)."""
+    dims = _AVG_POOLS[node.target]  # type: ignore[index]
+    kernel = _per_dim(args["kernel_size"], dims)
+    stride = _per_dim(args["stride"] or kernel, dims)
+    padding = _per_dim(args["padding"], dims)
+    inputs = node.args[0].meta["val"].shape[-dims:]  # type: ignore[union-attr]
+    outputs = node.meta["val"].shape[-dims:]
+    for d in range(dims):
+        size, out = inputs[d], outputs[d]
+        if not isinstance(size, int) or not isinstance(out, int):
+            return True
+        if (out - 1) * stride[d] + kernel[d] > size + 2 * padding[d]:
+            return True
+    return False
 
 
 @functools.cache

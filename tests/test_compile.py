@@ -965,3 +965,43 @@ def test_add_and_sub_with_an_alpha_compile_to_what_eager_computes():
     torch.testing.assert_close(cmodel(x), model(x))
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+class CeilPool(nn.Module):
+    """EfficientNet's head pool, `AvgPool2d(k, ceil_mode=True)`, with windows that overhang."""
+
+    def __init__(self, padding: int = 0):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+        self.pool = nn.AvgPool2d(5 - 2 * padding, 3 - padding, padding, ceil_mode=True)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pool(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.head(h.flatten(1))
+
+
+def test_an_average_pool_whose_windows_overhang_compiles_to_eager_gradients():
+    """Inductor's backward of such a pool divides an overhanging window by the whole kernel
+    (pytorch/pytorch#198119): compiled, every gradient before it was too small (1/6400 in
+    HF EfficientNet). The backend hands Inductor ``count_include_pad=False``, the same
+    average without padding; with padding it refuses the pool instead."""
+    torch.manual_seed(0)
+    model, x = CeilPool(), torch.randn(4, 3, 6, 6)
+    model(x)  # the lazy head's size
+    twin = copy.deepcopy(model)
+    cmodel = compiled(twin)
+    cmodel(x)
+    sparsefx.set_masks(
+        cmodel, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(cmodel)}
+    )
+    twin.zero_grad()
+    cmodel(x).square().sum().backward()
+    model(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+    padded = CeilPool(padding=1)
+    padded(x)
+    with pytest.raises(sparsefx.CaptureError, match=r"pytorch/pytorch#198119.*transform"):
+        compiled(padded)(x)
