@@ -488,6 +488,13 @@ def _runtime(model: Any) -> SparseRuntime:
     runtime = compiled.runtime_of(model) if isinstance(model, nn.Module) else None
     if runtime is not None:
         return runtime
+    if hasattr(model, "_orig_mod") and compiled.received_graph_of(model._orig_mod):
+        raise RuntimeError(
+            f"{type(model._orig_mod).__name__} is compiled with sparsefx but has nothing to "
+            "prune: every graph it compiled stayed dense (its first call warned why; "
+            "sparsefx.diff(model, example_inputs, mode='compile') shows each layer's reason), "
+            "so it has no groups, masks or probabilities"
+        )
     if hasattr(model, "_orig_mod"):
         raise RuntimeError(
             f"{type(model._orig_mod).__name__} is compiled but has no sparsefx graph yet: "

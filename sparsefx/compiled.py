@@ -140,7 +140,7 @@ def checked_criterion(model: Any, criterion: Callable[..., Tensor]) -> Callable[
         nonlocal received
         model = target()
         if not received and model is not None and model.training:
-            received = _received_graph_of(model)
+            received = received_graph_of(model)
             if not received:
                 raise RuntimeError(
                     f"{type(model).__name__} ran without sparsefx: the sparsefx backend never "
@@ -154,7 +154,7 @@ def checked_criterion(model: Any, criterion: Callable[..., Tensor]) -> Callable[
     return sparse_criterion
 
 
-def _received_graph_of(model: nn.Module) -> bool:
+def received_graph_of(model: nn.Module) -> bool:
     """Whether the backend rewrote a graph rooted at `model`, at a module inside it, or at
     one that holds it."""
     inside = set(map(id, model.modules()))

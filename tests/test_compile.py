@@ -739,6 +739,17 @@ def test_a_graph_with_nothing_to_prune_warns_for_that_graph_only():
     assert sparsefx.groups(cmodel)
 
 
+def test_inspecting_a_compiled_model_with_nothing_to_prune_says_so():
+    """It said the model had no sparsefx graph yet and to run a forward, after one had run."""
+    cmodel = compiled(nn.Sequential(nn.Linear(8, 3)))
+    with pytest.raises(RuntimeError, match="no sparsefx graph yet: .* run one forward"):
+        sparsefx.groups(cmodel)
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        cmodel(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="has nothing to prune: every graph it compiled"):
+        sparsefx.groups(cmodel)
+
+
 def test_sizes_dynamo_made_dynamic_compile_once_in_the_inner_graphs():
     """At the second batch size Dynamo recompiles the frame with a symbolic batch; the
     graphs sparsefx compiles inside start symbolic too, so a third size compiles nothing
