@@ -742,7 +742,7 @@ def test_a_graph_with_nothing_to_prune_warns_for_that_graph_only():
 def test_inspecting_a_compiled_model_with_nothing_to_prune_says_so():
     """It said the model had no sparsefx graph yet and to run a forward, after one had run."""
     cmodel = compiled(nn.Sequential(nn.Linear(8, 3)))
-    with pytest.raises(RuntimeError, match="no sparsefx graph yet: .* run one forward"):
+    with pytest.raises(RuntimeError, match=r"no sparsefx graph yet: .* run one forward"):
         sparsefx.groups(cmodel)
     with pytest.warns(UserWarning, match="nothing to prune"):
         cmodel(torch.randn(4, 8))

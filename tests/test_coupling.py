@@ -1389,19 +1389,25 @@ class OneHeadTimmAttention(TimmAttention):
     heads, dim = 1, 16
 
 
-def test_a_fused_projection_of_one_head_is_not_cut():
-    """With one head there is nothing to prune per head: cut into q, k and v regrained to
-    one head each, the three were single-channel groups that density 0.8 could not hold.
-    They stay one group of three (q, k, v), as before the cut, exact."""
+def test_a_fused_projection_of_one_head_stays_dense():
+    """With one head there is nothing to prune per head. Cut into q, k and v regrained to
+    one head each, the three were single-channel groups that density 0.8 could not hold;
+    then the fused projection was one group of three channels, q, k and v themselves, read
+    through a scatter at their unbind, so a mask could drop all of k. An unbind or select
+    of the channel dim reads each channel as a tensor of its own (a role, not one of a set
+    of interchangeable channels), so it now keeps the projection dense."""
     torch.manual_seed(0)
     model = OneHeadTimmAttention("unbind")
     x = torch.randn(2, model.tokens, 32)
-    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.8)
-    (group,) = sparse.groups
-    assert group.size == 3
-    masks = {group.name: torch.tensor([True, False, True])}
-    sparsefx.set_masks(sparse, masks)
-    torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
+    with pytest.warns(UserWarning, match=r"nothing to prune .*unbind.int of the channel dim"):
+        sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.8)
+    assert not sparse.groups
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert (
+        reasons["linear"]
+        == "each channel read as a tensor of its own by unbind.int of the channel dim"
+    )
+    torch.testing.assert_close(sparse(x), model(x))
 
 
 class ConcatUnflattened(nn.Module):

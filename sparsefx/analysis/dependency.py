@@ -566,7 +566,10 @@ class _Walk:
         if target in ops.SLICES:
             return self._slice(node, layout)
         if target in ops.SELECTS:
-            return _select(node, layout)
+            op = _select(node, layout)
+            if isinstance(op, str):  # each channel a tensor of its own: roles, not a set
+                self._block(first, f"each channel read as a tensor of its own by {op}")
+            return op
         if target is aten.roll.default:  # Swin's shifted windows roll the spatial dims
             dims = [int(d) % len(_shape(first)) for d in _arg(node, 2, "dims", [])]  # type: ignore[union-attr]
             if dims and layout.dim not in dims:
