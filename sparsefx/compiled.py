@@ -902,13 +902,15 @@ def _per_dim(value: int | Sequence[int], dims: int) -> list[int]:
 
 def _may_overhang(node: fx.Node, args: dict[str, Any]) -> bool:
     """Whether a ceil_mode pool's last window in some dim may reach past the padded input
-    (sizes that are not plain ints count as may)."""
+    (sizes that are not plain ints, or not recorded, count as may)."""
     dims = _AVG_POOLS[node.target]  # type: ignore[index]
     kernel = _per_dim(args["kernel_size"], dims)
     stride = _per_dim(args["stride"] or kernel, dims)
     padding = _per_dim(args["padding"], dims)
-    inputs = node.args[0].meta["val"].shape[-dims:]  # type: ignore[union-attr]
-    outputs = node.meta["val"].shape[-dims:]
+    values = node.args[0].meta.get("val"), node.meta.get("val")  # type: ignore[union-attr]
+    if any(v is None for v in values):
+        return True
+    inputs, outputs = (v.shape[-dims:] for v in values)
     for d in range(dims):
         size, out = inputs[d], outputs[d]
         if not isinstance(size, int) or not isinstance(out, int):
