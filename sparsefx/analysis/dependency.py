@@ -505,9 +505,7 @@ class _Walk:
             per_channel = self._norm_within_channels(node, compact)
             if per_channel is not None:
                 return per_channel
-            for arg in compact:
-                self._block(arg, f"normalised across features by {_op_name(node)} ({node.name})")
-            return f"{_op_name(node)} normalises across all features and reads them at full width"
+            return self._normalises_across_features(node, compact)
         if target in ops.WHERE:
             return self._where(node, compact)
         if target in ops.TYPE_AS:  # the other tensor's dtype is not a compact input (run)
@@ -544,10 +542,7 @@ class _Walk:
             return op
         if target in ops.SOFTMAX:
             if int(node.args[1]) % len(_shape(node)) == layout.dim:  # type: ignore[call-overload]
-                self._block(first, f"normalised across features by {_op_name(node)} ({node.name})")
-                return (
-                    f"{_op_name(node)} normalises across all features and reads them at full width"
-                )
+                return self._normalises_across_features(node, [first])  # type: ignore[list-item]
             return _Op(layout, zero_preserving=False, chainable=True)
         if target in ops.POW:
             exponent = node.args[1]
@@ -575,6 +570,13 @@ class _Walk:
             if dims and layout.dim not in dims:
                 return _Op(layout, zero_preserving=True, chainable=True)
         return f"{_op_name(node)} mixes channels or is not supported on compact tensors"
+
+    def _normalises_across_features(self, node: fx.Node, tensors: list[fx.Node]) -> str:
+        """A norm (or a softmax) over the channel dim needs every feature it reads: blocks
+        them (their producers stay dense next walk), and reads them at full width."""
+        for tensor in tensors:
+            self._block(tensor, f"normalised across features by {_op_name(node)} ({node.name})")
+        return f"{_op_name(node)} normalises across all features and reads them at full width"
 
     def _norm_within_channels(self, node: fx.Node, compact: list[fx.Node]) -> _Op | None:
         """A layer_norm or rms_norm over dims after the channel dim (timm's per-head q and k
