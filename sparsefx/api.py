@@ -141,6 +141,8 @@ def masks(model: nn.Module) -> dict[str, Tensor]:
     sparse = _runtime(model)
     structure = sparse.structure
     mask = structure.fixed if structure.fixed is not None else structure.last
+    if not sparse.groups:
+        return {}
     if mask is None:
         raise RuntimeError(
             "no training forward has run yet, so there are no sampled masks; "
@@ -274,16 +276,20 @@ def stats(model: nn.Module) -> dict[str, float]:
     structure = sparse.structure
     s = structure.probabilities.detach()
     mask = sparse.current_mask()
-    total = float(structure.costs.sum()) or 1.0
     kept = [float(m.sum()) for m in structure.split(mask)]
     expected = structure.expected_counts()
     cost = sparse.cost_model
+
+    def fraction(part: float, whole: float) -> float:
+        return part / whole if whole else 1.0  # nothing to prune: every channel is kept
+
+    total = float(structure.costs.sum())
     return {
         "density": sparse.config.density,
-        "budget_density": structure.budget / total,
-        "expected_density": float(structure.costs @ s + structure.top_up_cost()) / total,
-        "sampled_density": float(structure.costs @ mask.float()) / total,
-        "channel_density": sum(kept) / max(sum(g.size for g in sparse.groups), 1),
+        "budget_density": fraction(structure.budget, total),
+        "expected_density": fraction(float(structure.costs @ s + structure.top_up_cost()), total),
+        "sampled_density": fraction(float(structure.costs @ mask.float()), total),
+        "channel_density": fraction(sum(kept), sum(g.size for g in sparse.groups)),
         "flops_fraction": cost.fraction("flops", kept),
         "params_fraction": cost.fraction("params", kept),
         "expected_flops_fraction": cost.fraction("flops", expected),
@@ -309,7 +315,7 @@ def load_structure_state(model: nn.Module, state: dict[str, Any]) -> None:
     """Load what :func:`structure_state` returned. A model compiled with sparsefx that has
     not been called yet keeps it until its first compile, so a resumed run continues with
     the checkpoint's masks from its first step."""
-    if compiled.runtime_of(model) is None and hasattr(model, "_orig_mod"):
+    if hasattr(model, "_orig_mod") and not compiled.records_of(model):
         compiled.load_structure_state_later(model, state)
         return
     _runtime(model).structure.load_state_dict(state)
@@ -486,6 +492,8 @@ def _runtime(model: Any) -> SparseRuntime:
     if isinstance(model, SparseModule):
         return model.runtime
     runtime = compiled.runtime_of(model) if isinstance(model, nn.Module) else None
+    if runtime is None and isinstance(model, nn.Module):
+        runtime = compiled.empty_runtime_of(model)
     if runtime is not None:
         return runtime
     if hasattr(model, "_orig_mod") and compiled.received_graph_of(model._orig_mod):

@@ -80,6 +80,8 @@ _LIMIT_HITS: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDi
 _FUNCTION_LIMIT_HITS: list[str] = []
 """Functions compiled with sparsefx, called outside any sparse model's forward (a compiled
 training step), where Dynamo hit its recompile limit."""
+_EMPTY_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, SparseRuntime] = weakref.WeakKeyDictionary()
+"""Model whose compiled graphs all stayed dense -> a runtime without groups (`empty_runtime_of`)."""
 _LOSS_AFTER_BREAK: weakref.WeakSet[SparseRuntime] = weakref.WeakSet()
 """Runtimes whose loss a graph after a graph break has computed (from outputs' counterparts)."""
 
@@ -111,6 +113,24 @@ def runtime_of(model: Any) -> SparseRuntime | None:
     """The runtime of a model compiled with the sparsefx backend (the OptimizedModule or the
     model itself), or None if no graph of it has been compiled yet."""
     return _RUNTIMES.get(_unwrap(model))
+
+
+def empty_runtime_of(model: Any) -> SparseRuntime | None:
+    """A runtime without groups for a model whose compiled graphs all stayed dense (None if
+    none compiled yet), so that `sparsefx.groups`, `stats`, `freeze` and the rest read as they
+    do for a transformed model with nothing to prune: a training loop written for one entry
+    point runs on the other."""
+    model = _unwrap(model)
+    records = _RECORDS.get(model)
+    if not records or model in _RUNTIMES:
+        return None
+    if model not in _EMPTY_RUNTIMES:
+        first = records[0]
+        assert first.config is not None and not first.analysis.groups
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        cost_model = build_cost_model(first.captured.gm, first.captured.inputs, [])
+        _EMPTY_RUNTIMES[model] = SparseRuntime(first.analysis, cost_model, first.config, device)
+    return _EMPTY_RUNTIMES[model]
 
 
 def records_of(model: Any) -> list[GraphRecord]:

@@ -739,15 +739,34 @@ def test_a_graph_with_nothing_to_prune_warns_for_that_graph_only():
     assert sparsefx.groups(cmodel)
 
 
-def test_inspecting_a_compiled_model_with_nothing_to_prune_says_so():
-    """It said the model had no sparsefx graph yet and to run a forward, after one had run."""
+def test_a_compiled_model_with_nothing_to_prune_reads_like_a_transformed_one():
+    """Before its first call it has no sparsefx graph and says to run one; after it, the
+    public API answers as for a transformed model with nothing to prune (it raised, so a
+    training loop written for transform crashed at its first stats() or freeze() when
+    compiled), and its densities read 1.0: every channel is kept (they read 0.0)."""
+    x = torch.randn(4, 8)
     cmodel = compiled(nn.Sequential(nn.Linear(8, 3)))
     with pytest.raises(RuntimeError, match=r"no sparsefx graph yet: .* run one forward"):
         sparsefx.groups(cmodel)
     with pytest.warns(UserWarning, match="nothing to prune"):
-        cmodel(torch.randn(4, 8))
-    with pytest.raises(RuntimeError, match="has nothing to prune: every graph it compiled"):
-        sparsefx.groups(cmodel)
+        cmodel(x).sum().backward()
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        smodel = sparsefx.transform(nn.Sequential(nn.Linear(8, 3)), (x,), density=0.5)
+    smodel(x).sum().backward()
+    for model in (cmodel, smodel):
+        assert sparsefx.groups(model) == []
+        assert sparsefx.probabilities(model) == {} and sparsefx.masks(model) == {}
+        stats = sparsefx.stats(model)
+        for key in ("budget_density", "expected_density", "sampled_density", "channel_density"):
+            assert stats[key] == 1.0, (key, stats)
+        assert stats["flops_fraction"] == stats["params_fraction"] == 1.0
+        sparsefx.freeze(model)
+        assert sparsefx.stats(model)["frozen"] == 1.0
+        sparsefx.unfreeze(model)
+        sparsefx.load_structure_state(model, sparsefx.structure_state(model))
+    other = sparsefx.transform(Net(), (data()[0],), density=0.5)
+    with pytest.raises(ValueError, match="this structure state is another model's"):
+        sparsefx.load_structure_state(cmodel, sparsefx.structure_state(other))
 
 
 def test_sizes_dynamo_made_dynamic_compile_once_in_the_inner_graphs():
