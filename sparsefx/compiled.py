@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from sparsefx.analysis import Analysis, DenseOp, analyze, build_cost_model
 from sparsefx.capture import CapturedGraph, CaptureError, TensorSignature, capture_graph
@@ -44,6 +45,7 @@ from sparsefx.passes import (
     shared_noise_count,
 )
 from sparsefx.runtime import (
+    DensityError,
     GraphRecord,
     RecurringCounts,
     SampledStep,
@@ -329,10 +331,15 @@ class _DynamoFrame:
     """Positions of Python floats passed as 0-d tensors (a Dropout's p that changed between
     calls), inlined as constants: one program per value (`CompiledGraph._program`)."""
     roots: list[nn.Module]
-    """The modules whose parameters the graph reads (the model; several for a closure)."""
+    """The models whose parameters the graph reads (several for a closure): the compiled
+    model where the frame is one of its submodules' (`_compiled_model_holding`)."""
+    modules: list[nn.Module]
+    """The modules the frame itself reads parameters from (their train/eval flag counts)."""
     name: str
     graph_break: str | None
     """Where the graph ends at a graph break ("file:line (reason)"), None if it does not."""
+    broken_off: str | None
+    """Where a submodule's frame, compiled on its own after a break, starts (same form)."""
 
     @classmethod
     def current(cls, gm: fx.GraphModule, example_inputs: list[Any]) -> _DynamoFrame:
@@ -358,7 +365,18 @@ class _DynamoFrame:
                         root = root[int(i)]
                     roots[key] = root
                     _guard_identity(node.meta["grapharg"].source, _INDEX.findall(key[2]))
-        prefix = len(roots) > 1  # several models in one graph: qualify names by variable
+        frame_modules = [r for r in roots.values() if isinstance(r, nn.Module)]
+        owners = {key: _compiled_model_holding(root) for key, root in roots.items()}
+        broken_off = None
+        for key, owner in owners.items():
+            if owner is not None:
+                broken_off = (
+                    f"{tx.f_code.co_filename}:{tx.f_code.co_firstlineno} "
+                    f"({type(roots[key]).__name__}'s forward, which Dynamo compiles on its "
+                    "own after a graph break)"
+                )
+                roots[key] = owner[0]
+        prefix = len({id(r) for r in roots.values()}) > 1  # several models: qualify names
         inputs, dropped, scalars = [], [], []
         for position, (node, match, value) in enumerate(
             zip(placeholders, matches, example_inputs, strict=True)
@@ -371,6 +389,9 @@ class _DynamoFrame:
                 inputs.append((InputKind.USER_INPUT, node.name))
             else:
                 parts = [*_MODULE_STEP.findall(match["path"]), match["leaf"]]
+                owner = owners[(match["root"], match["name"], match["index"])]
+                if owner is not None and owner[1]:
+                    parts.insert(0, owner[1])
                 if prefix:
                     parts.insert(0, match["name"] + "".join(_INDEX.findall(match["index"])))
                 kind = InputKind.PARAMETER if match["kind"] == "parameters" else InputKind.BUFFER
@@ -381,9 +402,39 @@ class _DynamoFrame:
             where = reason.user_stack[-1] if reason.user_stack else None
             location = f"{where.filename}:{where.lineno}" if where else "unknown location"
             graph_break = f"{location} ({str(reason.reason).strip().splitlines()[0]})"
-        module_roots = [r for r in roots.values() if isinstance(r, nn.Module)]
+        module_roots = list({id(r): r for r in roots.values() if isinstance(r, nn.Module)}.values())
         name = type(module_roots[0]).__name__ if module_roots else tx.f_code.co_name
-        return cls(inputs, dropped, scalars, module_roots, name, graph_break)
+        return cls(
+            inputs, dropped, scalars, module_roots, frame_modules, name, graph_break, broken_off
+        )
+
+
+def _compiled_model_holding(module: Any) -> tuple[nn.Module, str] | None:
+    """The model that torch.compile wrapped and `module`'s path in it, where `module` is a
+    submodule whose frame Dynamo compiles on its own (after a graph break inside its
+    forward, such as the ``ContextVar.get`` of transformers' output-capturing hooks): read
+    from the innermost compiled model whose call is on the Python stack. Its graph then
+    belongs to that model, so its layers count in the model's one budget and structure;
+    taken as a model of its own, it got a second structure that `sparsefx.groups`,
+    `set_masks` and `freeze` on the compiled model never reached."""
+    if not isinstance(module, nn.Module):
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(caller, OptimizedModule):
+            model = caller._orig_mod
+            if model is module:
+                return None
+            path = next(
+                (p for p, m in model.named_modules(remove_duplicate=False) if m is module), None
+            )
+            if path is not None:
+                return model, path
+        frame = frame.f_back
+    return None
 
 
 def _guard_identity(state_source: Any, indices: list[str]) -> None:
@@ -428,8 +479,9 @@ def _runtime_for(
 ) -> SparseRuntime | None:
     """The model's runtime: shared by all its graphs, created by the first one with groups."""
     for root in frame.roots:
-        if frame.graph_break is not None:
-            _BREAKS.setdefault(root, []).append(frame.graph_break)
+        for where in (frame.graph_break, frame.broken_off):
+            if where is not None and where not in _BREAKS.setdefault(root, []):
+                _BREAKS[root].append(where)
     existing = next((_RUNTIMES[r] for r in frame.roots if r in _RUNTIMES), None)
     if not analysis.groups:
         if existing is None and analysis.dense:
@@ -455,9 +507,19 @@ def _runtime_for(
         check_same_groups(analysis.groups, existing.groups)
         return existing
     device = next((p.device for r in frame.roots for p in r.parameters()), torch.device("cpu"))
-    runtime = SparseRuntime(
-        analysis, build_cost_model(captured.gm, captured.inputs, analysis.groups), config, device
-    )
+    cost_model = build_cost_model(captured.gm, captured.inputs, analysis.groups)
+    try:
+        runtime = SparseRuntime(analysis, cost_model, config, device)
+    except DensityError as error:
+        breaks = [b for r in frame.roots for b in _BREAKS.get(r, [])]
+        if not breaks:
+            raise
+        raise DensityError(
+            f"{error}. It counted only the layers of one of {frame.name}'s graphs, which a "
+            f"graph break ({'; '.join(breaks)}) separates from the others: if the break splits "
+            "its prunable layers, remove it (torch._dynamo.explain(model)(*inputs) lists "
+            "breaks), or use sparsefx.transform(model, example_inputs)"
+        ) from error
     for root in frame.roots:
         _RUNTIMES[root] = runtime
         if root in _CRITERIA:
@@ -624,6 +686,7 @@ class CompiledGraph:
         self.runtime = runtime
         self.config = config
         self._roots = [weakref.ref(r) for r in frame.roots]
+        self._modules = [weakref.ref(m) for m in frame.modules]
         skipped = {*frame.dropped, *frame.scalars}
         count = len(frame.inputs) + len(skipped)
         self._keep = [i for i in range(count) if i not in skipped]
@@ -693,8 +756,8 @@ class CompiledGraph:
 
     @property
     def training(self) -> bool:
-        roots = [r() for r in self._roots]
-        return any(r.training for r in roots if r is not None)
+        modules = [m() for m in self._modules]
+        return any(m.training for m in modules if m is not None)
 
     def __call__(self, *args: Any) -> Any:
         flat = [args[i] for i in self._keep]
@@ -822,7 +885,8 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
 
     While Dynamo compiles a frame it marks the code of every GraphModule generated meanwhile
     as never-to-trace (so that it does not trace its own output); a graph rewritten inside the
-    backend is such a module, so it is regenerated here, outside that compile.
+    backend is such a module, and so are the bodies of its higher-order ops (HF M2M100's
+    ``@torch.no_grad()`` positions), so they are regenerated here, outside that compile.
 
     Layout optimization is off: on CPU Inductor turns it on for any graph with a convolution
     (a dense stem or shortcut), and AOTAutograd then restrides the backward's inputs to the
@@ -836,7 +900,11 @@ def _inductor(graph: fx.GraphModule) -> Callable[..., Any]:
     raised "Attempt to trace generator" in place of any error the compiled code raised."""
     _alpha_as_mul(graph)
     _avg_pool_divisors_as_window_counts(graph)
-    graph.recompile()
+    for module in graph.modules():  # with the bodies of higher-order ops (a no_grad region)
+        if isinstance(module, _LazyGraphModule):
+            module.real_recompile()  # a lazy module's forward is a function Dynamo skips
+        elif isinstance(module, fx.GraphModule):
+            module.recompile()
     compiled = torch.compile(
         graph.forward, backend="inductor", fullgraph=True, options={"layout_optimization": False}
     )

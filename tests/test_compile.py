@@ -364,6 +364,149 @@ def test_graph_break_between_prunable_layers_fails_at_compile_time_naming_it():
         cmodel(*data())
 
 
+class BreakingBlock(nn.Module):
+    """A submodule whose forward breaks the graph first, as transformers' output-capturing
+    hooks do (their ``ContextVar.get``) in Wav2Vec2, HuBERT, WavLM and LED."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, width), nn.Linear(width, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch._dynamo.graph_break()
+        return self.down(F.relu(self.up(x)))
+
+
+class BlockThenHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = BreakingBlock(), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.block(x)))
+
+
+class LayersAroundBlock(BlockThenHead):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.block, self.mlp1, self.mlp2 = BreakingBlock(width), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.block(x)
+        return self.head(F.relu(self.mlp2(F.relu(self.mlp1(h)))))
+
+
+def test_a_graph_break_inside_a_submodule_keeps_its_layers_in_the_models_structure():
+    """Dynamo compiles the submodule's frame after the break on its own, with the submodule
+    as ``L['self']``. sparsefx took it for a model of its own, with a second structure that
+    `groups`, `set_masks` and `freeze` on the compiled model never reached: with every mask
+    set to ones, the compiled model still pruned the block."""
+    torch.manual_seed(0)
+    model, x = BlockThenHead().eval(), torch.randn(6, 8)
+    eager = sparsefx.transform(copy.deepcopy(model), (x,), density=0.5).eval()
+    cmodel = compiled(model)
+    with torch.no_grad():
+        cmodel(x)
+    assert [(g.name, g.size) for g in sparsefx.groups(cmodel)] == [("block.up", 16)]
+    masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(eager)}
+    masks["block.up"] = torch.arange(16) % 3 == 0
+    sparsefx.set_masks(cmodel, {"block.up": masks["block.up"]})
+    sparsefx.set_masks(eager, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(cmodel(x), eager(x))
+        sparsefx.set_masks(cmodel, {"block.up": torch.ones(16, dtype=torch.bool)})
+        torch.testing.assert_close(cmodel(x), model(x))
+
+
+@pytest.mark.parametrize("width", [2, 16])
+def test_a_graph_break_inside_a_submodule_that_splits_the_layers_says_so(width):
+    """Layers before and after it: the model's structure would span two graphs, which the
+    compiled path refuses; with a block of two channels the first graph's budget alone
+    cannot hold them, and the density error now names the break."""
+    cmodel = compiled(LayersAroundBlock(width).eval())
+    expected = r"graph break splits LayersAroundBlock" if width > 2 else r"density.*graph break"
+    with pytest.raises(Exception, match=expected), torch.no_grad():
+        cmodel(torch.randn(6, 8))
+
+
+def _relative_positions(n: int) -> Tensor:
+    torch._dynamo.graph_break()  # DeBERTa builds its relative positions after a `.item()`
+    return (torch.arange(n)[:, None] - torch.arange(n)[None, :]).float()
+
+
+class PositionsAfterABreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(12, 32), nn.Linear(32, 12), nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + _relative_positions(x.shape[1]).sum(0)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(h)))))
+
+
+def test_a_graph_without_inputs_compiles():
+    """The graph after the break reads no input (it builds a tensor from Python ints):
+    adding the index inputs failed on it with an IndexError (HF DeBERTa, FSMT)."""
+    torch.manual_seed(0)
+    model, x = PositionsAfterABreak(), torch.randn(6, 12)
+    eager = sparsefx.transform(copy.deepcopy(model), (x,), density=0.5)
+    cmodel = compiled(model)
+    criterion = sparsefx.wrap_loss(cmodel, F.cross_entropy)
+    criterion(cmodel(x), torch.randint(0, 3, (6,))).backward()
+    assert [g.name for g in sparsefx.groups(cmodel)] == [g.name for g in sparsefx.groups(eager)]
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in sparsefx.groups(eager)}
+    sparsefx.set_masks(cmodel, masks)
+    sparsefx.set_masks(eager, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(cmodel.eval()(x), eager.eval()(x))
+
+
+class NoGradPositions(nn.Module):
+    """A learned table read under ``@torch.no_grad()``, as HF M2M100's position embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(16, 8))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        return self.table[: x.shape[1]] * 2
+
+
+class WithNoGradRegion(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = NoGradPositions()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + self.positions(x)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(h)))).mean(1))
+
+
+def test_a_no_grad_region_compiles_and_its_parameters_get_no_gradient():
+    """Dynamo hands over the region as a ``wrap_with_set_grad_enabled`` higher-order op whose
+    body is a lazily generated graph module: the inner compile refused to trace it."""
+    torch.manual_seed(0)
+    model, x = WithNoGradRegion(), torch.randn(4, 6, 8)
+    twin = copy.deepcopy(model)
+    eager = sparsefx.transform(model, (x,), density=0.5)
+    cmodel = compiled(twin)
+    cmodel(x)
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in sparsefx.groups(eager)}
+    sparsefx.set_masks(cmodel, masks)
+    sparsefx.set_masks(eager, masks)
+    out = cmodel(x)
+    out.square().sum().backward()
+    expected = eager(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert twin.positions.table.grad is None and model.positions.table.grad is None
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
 def test_compiled_conv_net_runs_exact_counts_when_sampled_counts_recur(monkeypatch):
     """As eager programs do (`runtime.RecurringCounts`): a sampled mask whose kept counts were
     sampled RECURRING = 2 times before runs the exact-count graph, others the rounded one."""

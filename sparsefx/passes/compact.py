@@ -67,10 +67,15 @@ class _Indices:
 
 
 def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
-    """Append one placeholder per group: its sorted kept channel indices (int64)."""
-    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    """Append one placeholder per group: its sorted kept channel indices (int64). A graph
+    may have no inputs (one between graph breaks that builds a tensor from Python ints):
+    there they come first."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    last = placeholders[-1] if placeholders else None
     for group in groups:
-        with gm.graph.inserting_after(last):
+        # fx: inserting_before(None) inserts at the graph's start, inserting_after(None) at its end
+        where = gm.graph.inserting_after(last) if last else gm.graph.inserting_before(None)
+        with where:
             last = gm.graph.placeholder(f"idx_{_identifier(group.name)}")
         last.meta[META] = {"index_of": group.name}
     return gm
