@@ -139,10 +139,10 @@ def masks(model: nn.Module) -> dict[str, Tensor]:
     every forward now uses, even before the next one runs), else the mask the last training
     forward sampled."""
     sparse = _runtime(model)
-    structure = sparse.structure
-    mask = structure.fixed if structure.fixed is not None else structure.last
     if not sparse.groups:
         return {}
+    structure = sparse.structure
+    mask = structure.fixed if structure.fixed is not None else structure.last
     if mask is None:
         raise RuntimeError(
             "no training forward has run yet, so there are no sampled masks; "

@@ -482,6 +482,7 @@ def _runtime_for(
         for where in (frame.graph_break, frame.broken_off):
             if where is not None and where not in _BREAKS.setdefault(root, []):
                 _BREAKS[root].append(where)
+    breaks = list(dict.fromkeys(b for r in frame.roots for b in _BREAKS.get(r, [])))
     existing = next((_RUNTIMES[r] for r in frame.roots if r in _RUNTIMES), None)
     if not analysis.groups:
         if existing is None and analysis.dense:
@@ -493,17 +494,13 @@ def _runtime_for(
                 f"{frame.name} is already compiled with sparsefx options {existing.config}; "
                 f"compile each model with one set of options (got {config})"
             )
-        if [g.name for g in analysis.groups] != [g.name for g in existing.groups]:
-            breaks = [b for r in frame.roots for b in _BREAKS.get(r, [])]
-            if breaks and not set(g.name for g in analysis.groups) & set(
-                g.name for g in existing.groups
-            ):
-                raise CaptureError(
-                    f"a graph break splits {frame.name}'s prunable layers over several graphs "
-                    f"(break at {'; '.join(breaks)}). sparsefx samples one structure per step "
-                    "from one graph: remove the break (torch._dynamo.explain(model)(*inputs) "
-                    "lists them), or use sparsefx.transform(model, example_inputs)"
-                )
+        if breaks and not {g.name for g in analysis.groups} & {g.name for g in existing.groups}:
+            raise CaptureError(
+                f"a graph break splits {frame.name}'s prunable layers over several graphs "
+                f"(break at {'; '.join(breaks)}). sparsefx samples one structure per step "
+                "from one graph: remove the break (torch._dynamo.explain(model)(*inputs) "
+                "lists them), or use sparsefx.transform(model, example_inputs)"
+            )
         check_same_groups(analysis.groups, existing.groups)
         return existing
     device = next((p.device for r in frame.roots for p in r.parameters()), torch.device("cpu"))
@@ -511,7 +508,6 @@ def _runtime_for(
     try:
         runtime = SparseRuntime(analysis, cost_model, config, device)
     except DensityError as error:
-        breaks = [b for r in frame.roots for b in _BREAKS.get(r, [])]
         if not breaks:
             raise
         raise DensityError(
