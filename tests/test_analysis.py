@@ -340,3 +340,102 @@ def test_a_table_read_by_indexing_keeps_negative_indices():
     torch.testing.assert_close(sparse(x), model(x))
     expected = torch.autograd.grad(model(x).sum(), model.table)[0]
     torch.testing.assert_close(torch.autograd.grad(sparse(x).sum(), model.table)[0], expected)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: half the channels pass, half go through a branch, and a channel
+    shuffle (view [B, 2, C/2, ...], transpose, view) interleaves them, so each half is read
+    as one block of C/2 features: one channel."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        h = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x, masks=None):
+        m = masks or {}
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        x2 = x2 * m.get("stem#1", 1)
+        b = self.branch[6:](self.branch[5](self.branch[:5](x2) * m.get("branch.0", 1)))
+        y = torch.cat((x1, b), dim=1)
+        y = y.view(y.shape[0], 2, -1, *y.shape[2:]).transpose(1, 2).reshape(y.shape)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_one_channel_component_whose_producers_have_no_other_part_is_left_dense():
+    """The branch's last conv is one channel (its features are read as one block): as a
+    group the sampler would always keep it, so it is dense. The stem's first half is one
+    channel too, but its second half is a group that prunes, and leaving one part dense
+    leaves the whole producer dense: it stays a group."""
+    torch.manual_seed(0)
+    model = ShuffleUnit().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    sparse = sparsefx.transform(model, (x,), density=0.6)
+    assert [(g.name, g.size) for g in sparsefx.groups(sparse)] == [
+        ("stem#0", 1), ("stem#1", 4), ("branch.0", 4),
+    ]  # fmt: skip
+    (branch_out,) = [
+        d for d in sparse.analysis.dense if d.reason.startswith("one channel (its features")
+    ]
+    assert branch_out.op.startswith("conv")  # the branch's last conv, of the groups above
+    # the shuffle reads the stem's one-channel half at full width; the branch's is dense
+    assert len(sparse.analysis.scatters) == 1
+
+    masks = {"stem#0": torch.tensor([True]), "stem#1": torch.tensor([1, 0, 0, 1]).bool()}
+    masks["branch.0"] = torch.tensor([0, 1, 1, 0]).bool()
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x)
+    out.sum().backward()
+    expected = reference(x, {k: v[:, None, None].float() for k, v in masks.items()})
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+class GatedBias(nn.Module):
+    """WavLM's gated relative-position bias: a Linear(d, 8) read as two gates of 4 summed
+    features, ``a * (b * c - 1) + 2`` multiplying the hidden state."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.fc = nn.Linear(12, d)
+        self.gate = nn.Linear(d, 8)
+        self.scale = nn.Parameter(torch.ones(1, 1, 1))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x, masks=None):
+        h = self.fc(x) * (masks or {}).get("fc", 1)
+        a, b = self.gate(h).view(*h.shape[:-1], 2, 4).sum(-1).sigmoid().chunk(2, dim=-1)
+        return self.head(h * (a * (b * self.scale - 1.0) + 2.0))
+
+
+def test_a_one_channel_gate_split_in_two_is_left_dense_and_not_scattered():
+    """Both halves of the gate are one channel, coupled in one component: it was a group of
+    size 1 that the sampler always kept and whose ``+ 2`` scattered it to full width."""
+    torch.manual_seed(0)
+    model = GatedBias()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 5, 12)
+    sparse = sparsefx.transform(model, (x,), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["fc"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert reasons["linear_1"].startswith("one channel (its features are read as one block)")
+    assert not sparse.analysis.scatters
+
+    masks = {"fc": torch.arange(16) % 3 == 0}
+    sparsefx.set_masks(sparse, masks)
+    out = sparse(x)
+    out.sum().backward()
+    expected = reference(x, {"fc": masks["fc"].float()})
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)

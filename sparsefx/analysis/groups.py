@@ -4,8 +4,8 @@
 the edges that tie spaces together (residual adds, gating muls, concats along other dims)
 and the reasons a space cannot be pruned. A group is one connected component: its channels
 are kept or dropped together in every member. A component stays dense, with its reason in
-the report, when one of its spaces is blocked (an output layer, a norm across features) or
-when it is a residual stream and streams are not pruned (the default: a stream touches
+the report, when one of its spaces is blocked (an output layer, a norm across features),
+when it is one channel that the sampler would always keep, or when it is a residual stream and streams are not pruned (the default: a stream touches
 every block, and pruning it is a separate choice, ``SparseConfig(prune_streams=True)``).
 Removing a component can change what its neighbours read, so the walk is repeated until
 the set of dense components is stable (at most once per component).
@@ -145,6 +145,7 @@ def _dense_components(
 ) -> dict[str, str]:
     """Spaces whose component must stay dense, with the reason."""
     dense: dict[str, str] = {}
+    one_channel = _one_channel_producers(walk)
     for component in _components(walk):
         reasons = [r for space in component for r in walk.blocked.get(space, [])]
         members = [m.fqn for space in component for m in walk.spaces[space].members]
@@ -152,6 +153,12 @@ def _dense_components(
             reasons = [
                 "no linear or convolution reads its channels (such as a table read as an "
                 "attention bias): pruning it would spend the budget and save no compute"
+            ]
+        if not reasons and all(_producer(space) in one_channel for space in component):
+            reasons = [
+                "one channel (its features are read as one block): policy.keep_minimum "
+                "always keeps a group's first channel, so as a group it would spend budget "
+                "and prune nothing"
             ]
         if len(component) > 1:
             producers = ", ".join(component)
@@ -164,6 +171,22 @@ def _dense_components(
         if reasons:
             dense.update(dict.fromkeys(component, reasons[0]))
     return dense
+
+
+def _producer(space: str) -> str:
+    """The producer node of a space: sub-spaces of a split are named ``producer#i``."""
+    return space.split("#", 1)[0]
+
+
+def _one_channel_producers(walk: Propagation) -> set[str]:
+    """Producers every space of which is one channel (a whole branch's output that a
+    channel shuffle reads as one block, a gate's head-sized parts): leaving their
+    components dense gives up no choice the sampler has, since leaving a space dense
+    leaves its whole producer dense."""
+    sizes: dict[str, set[int]] = {}
+    for name, space in walk.spaces.items():
+        sizes.setdefault(_producer(name), set()).add(space.size)
+    return {producer for producer, found in sizes.items() if found == {1}}
 
 
 def _groups(gm: fx.GraphModule, walk: Propagation) -> tuple[list[Group], dict[str, str]]:
