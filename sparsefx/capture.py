@@ -240,7 +240,9 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
         ):
             raise CaptureError(f"unsupported graph input {target!r} of kind {kind.name}")
     return CapturedGraph(
-        gm=without_metadata_asserts(out_of_place_dropout(explicit_conv_padding(ep.graph_module))),
+        gm=without_metadata_asserts(
+            out_of_place_dropout(explicit_shapes(explicit_conv_padding(ep.graph_module)))
+        ),
         inputs=inputs,
         in_spec=ep.call_spec.in_spec,
         out_spec=ep.call_spec.out_spec,
@@ -280,6 +282,33 @@ def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
         node.args = (args["input"], args["weight"], args["bias"], args["stride"], padding,
                      dilation, args["groups"])  # fmt: skip
         node.kwargs = {}
+    gm.recompile()
+    return gm
+
+
+_SHAPED_AS: dict[OpOverload, OpOverload] = {
+    torch.ops.aten.reshape_as.default: torch.ops.aten.reshape.default,
+    torch.ops.aten.view_as.default: torch.ops.aten.view.default,
+}
+
+
+def explicit_shapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with ``x.reshape_as(y)`` and ``x.view_as(y)`` as a reshape or view to y's sizes
+    (symbolic ones read with ``sym_size``): y is read for its shape only, where the analysis
+    took it for a compact input read whole (RoFormer's rotary embedding reshapes a rotated
+    copy of q as q, which left q and k dense)."""
+    for node in [n for n in gm.graph.nodes if n.target in _SHAPED_AS]:
+        x, like = node.args
+        sizes: list[Any] = []
+        with gm.graph.inserting_before(node):
+            for i, size in enumerate(like.meta["val"].shape):
+                if isinstance(size, torch.SymInt):
+                    read = gm.graph.call_function(torch.ops.aten.sym_size.int, (like, i))
+                    read.meta["val"] = size
+                    size = read
+                sizes.append(size)
+        node.target = _SHAPED_AS[node.target]
+        node.args = (x, sizes)
     gm.recompile()
     return gm
 

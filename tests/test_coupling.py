@@ -906,6 +906,28 @@ class RotaryAttention(BiasedAttention):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
+class InterleavedRotaryAttention(BiasedAttention):
+    """RoFormer's rotary embedding: rotates pairs of adjacent features, ``stack((-x[1::2],
+    x[::2]), -1).reshape_as(x)``, and joins the heads back with ``view_as``."""
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        angle = torch.arange(t, dtype=x.dtype)[:, None] * torch.arange(self.dim, dtype=x.dtype)
+        cos, sin = angle.cos(), angle.sin()
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+
+        def rotate(h: Tensor) -> Tensor:
+            pairs = torch.stack([-h[..., 1::2], h[..., ::2]], dim=-1)
+            return h * cos + pairs.reshape_as(h) * sin
+
+        v = self.v(x)
+        q, k = rotate(split(self.q(x))), rotate(split(self.k(x)))
+        a = F.scaled_dot_product_attention(q, k, split(v))
+        return self.head(x + self.o(a.transpose(1, 2).contiguous().view_as(v)))
+
+
 class SpatialPadding(nn.Module):
     """TF-style explicit spatial padding before a depthwise and a pointwise convolution
     (Hugging Face MobileNetV2's default ``tf_padding``)."""
@@ -1117,14 +1139,22 @@ class HeadNormTypeAs(BiasedAttention):
         return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
 
 
-@pytest.mark.parametrize("model_cls", [RotaryAttention, HeadNormTypeAs], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "model_cls",
+    [RotaryAttention, InterleavedRotaryAttention, HeadNormTypeAs],
+    ids=lambda c: c.__name__,
+)
 def test_heads_stay_compact_through_rotary_embeddings_and_head_norms(model_cls):
     """``neg`` was not known to preserve zeros: rotate_half's cat(-x2, x1) scattered q and
     k to full width and left q_proj and k_proj dense with a wrong reason (a residual
     stream). ``type_as`` (a per-head norm's cast back) was read as taking its second
-    argument as a weight. In both, q, k, v and o now share one head group."""
+    argument as a weight, and ``reshape_as``/``view_as`` (RoFormer's interleaved rotation)
+    as reading theirs whole: they read only its shape. In each, q, k, v and o now share one
+    head group, in eager and compiled training."""
     torch.manual_seed(0)
-    sparse = _transformed_as_zeroed(model_cls(), torch.randn(2, model_cls.tokens, 32))
+    x = torch.randn(2, model_cls.tokens, 32)
+    _compiled_matches_transform(model_cls(), x)
+    sparse = _transformed_as_zeroed(model_cls(), x)
     (heads,) = [g for g in sparse.groups if g.size == model_cls.heads]
     assert {name for name, _ in heads.members} >= {"q.weight", "k.weight", "v.weight", "o.weight"}
     assert not sparse.analysis.scatters, sparse.analysis.scatters
