@@ -39,6 +39,20 @@ def test_add_into_an_unpruned_stream_keeps_the_writer_dense():
     assert not sparse.analysis.scatters
 
 
+def test_a_join_with_a_whole_read_of_its_own_channels_names_the_reader():
+    """fc1's output added to its own flip: the other operand is full width because flip read
+    fc1's channels whole, not a stream from an unpruned source (RoFormer's rotary embedding
+    was reported so: the reason pointed at the wrong place)."""
+    flipped = JoinWithInput(lambda h, x: h + h.flip(-1))
+    sparse = sparsefx.transform(flipped, torch.randn(4, 6), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["fc1"]
+    reasons = {d.node: d.reason for d in sparse.analysis.dense}
+    assert reasons["linear_1"].startswith(
+        "add.Tensor (add) joins it with a full-width tensor made from compact channels that "
+        "flip.default (flip) reads whole (flip.default mixes channels"
+    )
+
+
 def test_gate_by_an_unpruned_tensor_is_scattered_to_full_width_and_exact():
     torch.manual_seed(0)
     model = JoinWithInput(torch.mul)

@@ -210,6 +210,9 @@ class _Walk:
         self.bias_readers: dict[str, fx.Node] = {}
         """Per-head bias space -> the attention whose heads it was pruned with."""
         self.post_dominators: dict[fx.Node, fx.Node] | None = None
+        self.read_whole: dict[fx.Node, str] = {}
+        """Ops that read a compact input at full width, with why: a join of a compact
+        tensor with their (full-width) output names them (`_into_dense`)."""
 
     def run(self, gm: fx.GraphModule) -> Propagation:
         for node in gm.graph.nodes:
@@ -236,11 +239,13 @@ class _Walk:
             self._block_aliases(node)
         op = self._decide(node, compact) if compact else None
         if isinstance(op, str):
+            self.read_whole[node] = op
             for arg in compact:
                 self._end_chain(arg)
                 self._full_width(arg, node, op)
         elif op is not None:
             for arg, reason in op.full_width.items():
+                self.read_whole[node] = reason
                 self._end_chain(arg)
                 self._full_width(arg, node, reason)
             compact = [a for a in compact if a not in op.full_width]
@@ -264,7 +269,10 @@ class _Walk:
         if ops.is_weight_op(node.target) and not _is_grouped(node):
             self._source(node)
         elif _is_grouped(node) and node not in self.flows:
-            reason = "grouped convolution whose input is not compact: it follows its input's groups"
+            reason = (
+                "grouped convolution whose input is dense: it is pruned in whole conv groups "
+                "with its input's channels, not as a producer of its own"
+            )
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
         if node in self.flows and self.flows[node].parts and self.flows[node].zero is None:
             self._end_unread_parts(node)
@@ -737,9 +745,14 @@ class _Walk:
                     return op
                 if node.target not in ops.MUL and node.target not in ops.DIV:
                     fqn = self.view.state_fqn(other)
-                    kind = "parameter" if self.view.param(other) else "buffer"
-                    reason = _INTO_DENSE if fqn is None else _STATE_INTO_DENSE
-                    self._block(x, reason.format(op=name, node=node.name, state=f"{kind} {fqn}"))
+                    if fqn is None:
+                        reason = self._into_dense(name, node, x, [other])
+                    else:
+                        kind = "parameter" if self.view.param(other) else "buffer"
+                        reason = _STATE_INTO_DENSE.format(
+                            op=name, node=node.name, state=f"{kind} {fqn}"
+                        )
+                    self._block(x, reason)
                 return f"{name} with a full-width tensor that is not pruned alongside"
         elif not _is_scalar(other):
             return f"{name} with an argument sparsefx does not understand"
@@ -835,8 +848,9 @@ class _Walk:
         first = layouts[0]
         name = "stack" if stack else "cat"
         if first is None or any(la is None or not first.same_shape(la) for la in layouts):
+            dense = [t for t in tensors if t not in compact]  # type: ignore[union-attr]
             for tensor in compact:
-                self._block(tensor, _INTO_DENSE.format(op=name, node=node.name))
+                self._block(tensor, self._into_dense(name, node, tensor, dense))
             return f"{name} of compact and dense tensors along another dim"
         couplings = [
             (p.group, q.group, "concat")
@@ -846,6 +860,28 @@ class _Walk:
         ]
         out = first.at(first.dim + (dim <= first.dim)) if stack else first
         return _Op(out, zero_preserving=True, couplings=couplings)
+
+    def _into_dense(self, op: str, node: fx.Node, x: fx.Node, dense: list[fx.Node]) -> str:
+        """Why compact `x` joined with `dense` full-width tensors stays dense: they are a
+        stream from an unpruned source, or were made from x's own channels by an op that
+        read them whole (Wav2Vec2 adds its feature projection to a positional convolution
+        of it whose weight is computed), which names what to support."""
+        groups = set(self.flows[x].layout.groups)
+        seen, frontier = set(dense), list(dense)
+        for _ in range(_WHOLE_REACH):
+            for tensor in frontier:
+                read = [a for a in tensor.all_input_nodes if a in self.flows]
+                if tensor in self.read_whole and any(
+                    groups.intersection(self.flows[a].layout.groups) for a in read
+                ):
+                    return _FROM_WHOLE.format(
+                        op=op, node=node.name, reader=_op_name(tensor), at=tensor.name,
+                        why=self.read_whole[tensor],
+                    )  # fmt: skip
+            frontier = [
+                a for t in frontier for a in t.all_input_nodes if a not in seen and not seen.add(a)
+            ]
+        return _INTO_DENSE.format(op=op, node=node.name)
 
     def _attention(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """scaled_dot_product_attention: heads (dim -3 of q, k, v) are independent, so q,
@@ -1146,6 +1182,13 @@ _INTO_DENSE = (
     "from an unpruned source such as the input or an embedding): pruning it would zero "
     "features of that stream"
 )
+_FROM_WHOLE = (
+    "{op} ({node}) joins it with a full-width tensor made from compact channels that "
+    "{reader} ({at}) reads whole ({why}): the join needs every channel"
+)
+_WHOLE_REACH = 6
+"""Ops a join's full-width operand is traced back through for a whole read (a rotary
+embedding's rotated copy: mul, reshape, stack)."""
 _STATE_INTO_DENSE = (
     "{op} ({node}) joins it with {state}, which is not gathered with its channels (only a "
     "parameter of one value per channel, used by this op alone and not broadcasting the "
