@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -413,28 +414,46 @@ def _compiled_model_holding(module: Any) -> tuple[nn.Module, str] | None:
     """The model that torch.compile wrapped and `module`'s path in it, where `module` is a
     submodule whose frame Dynamo compiles on its own (after a graph break inside its
     forward, such as the ``ContextVar.get`` of transformers' output-capturing hooks): read
-    from the innermost compiled model whose call is on the Python stack. Its graph then
-    belongs to that model, so its layers count in the model's one budget and structure;
-    taken as a model of its own, it got a second structure that `sparsefx.groups`,
-    `set_masks` and `freeze` on the compiled model never reached."""
+    from the innermost compiled model whose call is on the Python stack, or in a compiled
+    function (a training step), the outermost module that holds it inside the function's
+    compiled call. Its graph then belongs to that model, so its layers count in the model's
+    one budget and structure; taken as a model of its own, it got a second structure that
+    `sparsefx.groups`, `set_masks` and `freeze` on the compiled model never reached."""
     if not isinstance(module, nn.Module):
         return None
     from torch._dynamo.eval_frame import OptimizedModule
 
+    outermost = None
     frame = sys._getframe(1)
     while frame is not None:
         caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(caller, OptimizedModule):
-            model = caller._orig_mod
-            if model is module:
+            if caller._orig_mod is module:
                 return None
-            path = next(
-                (p for p, m in model.named_modules(remove_duplicate=False) if m is module), None
-            )
-            if path is not None:
-                return model, path
+            if (found := _path_to(caller._orig_mod, module)) is not None:
+                return found
+        elif _compile_entry(frame):
+            break
+        elif isinstance(caller, nn.Module) and caller is not module:
+            outermost = _path_to(caller, module) or outermost
         frame = frame.f_back
-    return None
+    return outermost
+
+
+def _path_to(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str] | None:
+    path = next((p for p, m in model.named_modules(remove_duplicate=False) if m is module), None)
+    return None if path is None else (model, path)
+
+
+def _compile_entry(frame: Any) -> bool:
+    """Whether `frame` is where a `torch.compile`d callable starts (its ``compile_wrapper``,
+    torch 2.11 to 2.13): a model calling the function compiled with sparsefx, from outside,
+    is not the function's model. A compiled training step reads its model from a closure,
+    so the outermost module on the stack inside the entry is the step's model."""
+    code = frame.f_code
+    return code.co_name == "compile_wrapper" and code.co_filename.endswith(
+        os.path.join("_dynamo", "eval_frame.py")
+    )
 
 
 def _guard_identity(state_source: Any, indices: list[str]) -> None:

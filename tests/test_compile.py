@@ -418,6 +418,43 @@ def test_a_graph_break_inside_a_submodule_keeps_its_layers_in_the_models_structu
         torch.testing.assert_close(cmodel(x), model(x))
 
 
+def test_a_compiled_step_whose_model_breaks_inside_a_submodule_keeps_one_structure():
+    """The same break under a compiled function (a training step reading its model from a
+    closure): no compiled model is on the stack, so the block's frame became a model of its
+    own and `sparsefx.groups(model)` refused the model. Its graph now belongs to the outermost
+    module inside the function's compiled call; a function compiled with sparsefx that an
+    eager model calls from its forward still owns only what it reads (`block`)."""
+    torch.manual_seed(0)
+    model, x = BlockThenHead().eval(), torch.randn(6, 8)
+    eager = sparsefx.transform(copy.deepcopy(model), (x,), density=0.5).eval()
+    step = torch.compile(lambda x: model(x), backend="sparsefx", options={"density": 0.5})
+    with torch.no_grad():
+        step(x)
+    assert [(g.name, g.size) for g in sparsefx.groups(model)] == [("block.up", 16)]
+    masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in sparsefx.groups(eager)}
+    masks["block.up"] = torch.arange(16) % 3 == 0  # block.down ends the block's graph
+    sparsefx.set_masks(model, {"block.up": masks["block.up"]})
+    sparsefx.set_masks(eager, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(step(x), eager(x))
+
+    class CallsACompiledBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = BreakingBlock()
+            self.run = torch.compile(
+                lambda x: self.block(x), backend="sparsefx", options={"density": 0.5}
+            )
+
+        def forward(self, x):
+            return self.run(x)
+
+    outer = CallsACompiledBlock().eval()
+    with torch.no_grad():
+        outer(x)
+    assert [g.name for g in sparsefx.groups(outer.block)] == ["up"]
+
+
 @pytest.mark.parametrize("width", [2, 16])
 def test_a_graph_break_inside_a_submodule_that_splits_the_layers_says_so(width):
     """Layers before and after it: the model's structure would span two graphs, which the
