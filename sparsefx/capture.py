@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
+from sparsefx.einsums import einsum_matmuls
 from sparsefx.reshapes import traced_call, unmerged_reshapes
 
 __all__ = [
@@ -241,7 +242,9 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
             raise CaptureError(f"unsupported graph input {target!r} of kind {kind.name}")
     return CapturedGraph(
         gm=without_metadata_asserts(
-            out_of_place_dropout(explicit_shapes(explicit_conv_padding(ep.graph_module)))
+            out_of_place_dropout(
+                einsum_matmuls(explicit_shapes(explicit_conv_padding(ep.graph_module)))
+            )
         ),
         inputs=inputs,
         in_spec=ep.call_spec.in_spec,

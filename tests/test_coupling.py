@@ -897,35 +897,48 @@ class RotaryAttention(BiasedAttention):
         def split(h: Tensor) -> Tensor:
             return h.view(b, t, self.heads, self.dim).transpose(1, 2)
 
-        def rotate(h: Tensor) -> Tensor:
-            half = h.shape[-1] // 2
-            return h * cos + torch.cat([-h[..., half:], h[..., :half]], dim=-1) * sin
+        v = self.v(x)
+        q, k = (split(h) * cos + self.rotated(split(h)) * sin for h in (self.q(x), self.k(x)))
+        a = F.scaled_dot_product_attention(q, k, split(v))
+        return self.head(x + self.o(self.merged(a, v)))
 
-        q, k = rotate(split(self.q(x))), rotate(split(self.k(x)))
-        a = F.scaled_dot_product_attention(q, k, split(self.v(x)))
-        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+    @staticmethod
+    def rotated(h: Tensor) -> Tensor:
+        half = h.shape[-1] // 2
+        return torch.cat([-h[..., half:], h[..., :half]], dim=-1)
+
+    @staticmethod
+    def merged(a: Tensor, v: Tensor) -> Tensor:
+        return a.transpose(1, 2).flatten(2)
 
 
-class InterleavedRotaryAttention(BiasedAttention):
+class InterleavedRotaryAttention(RotaryAttention):
     """RoFormer's rotary embedding: rotates pairs of adjacent features, ``stack((-x[1::2],
     x[::2]), -1).reshape_as(x)``, and joins the heads back with ``view_as``."""
 
+    @staticmethod
+    def rotated(h: Tensor) -> Tensor:
+        return torch.stack([-h[..., 1::2], h[..., ::2]], dim=-1).reshape_as(h)
+
+    @staticmethod
+    def merged(a: Tensor, v: Tensor) -> Tensor:
+        return a.transpose(1, 2).contiguous().view_as(v)
+
+
+class EinsumAttention(BiasedAttention):
+    """Attention written as einsum: torchvision MaxViT's (spaces between letters), then
+    Funnel's (heads at dim 2 of q and k, dim 1 of the scores), probabilities times v."""
+
     def forward(self, x):
         b, t = x.shape[:2]
-        angle = torch.arange(t, dtype=x.dtype)[:, None] * torch.arange(self.dim, dtype=x.dtype)
-        cos, sin = angle.cos(), angle.sin()
 
         def split(h: Tensor) -> Tensor:
-            return h.view(b, t, self.heads, self.dim).transpose(1, 2)
+            return h.view(b, t, self.heads, self.dim)
 
-        def rotate(h: Tensor) -> Tensor:
-            pairs = torch.stack([-h[..., 1::2], h[..., ::2]], dim=-1)
-            return h * cos + pairs.reshape_as(h) * sin
-
-        v = self.v(x)
-        q, k = rotate(split(self.q(x))), rotate(split(self.k(x)))
-        a = F.scaled_dot_product_attention(q, k, split(v))
-        return self.head(x + self.o(a.transpose(1, 2).contiguous().view_as(v)))
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.einsum("bind,bjnd->bnij", q, k) / self.dim**0.5
+        a = torch.einsum("B H I J, B J H D -> B I H D", scores.softmax(-1), v)
+        return self.head(x + self.o(a.reshape(b, t, -1)))
 
 
 class SpatialPadding(nn.Module):
@@ -1141,16 +1154,17 @@ class HeadNormTypeAs(BiasedAttention):
 
 @pytest.mark.parametrize(
     "model_cls",
-    [RotaryAttention, InterleavedRotaryAttention, HeadNormTypeAs],
+    [RotaryAttention, InterleavedRotaryAttention, HeadNormTypeAs, EinsumAttention],
     ids=lambda c: c.__name__,
 )
-def test_heads_stay_compact_through_rotary_embeddings_and_head_norms(model_cls):
+def test_heads_stay_compact_through_rotary_embeddings_head_norms_and_einsum(model_cls):
     """``neg`` was not known to preserve zeros: rotate_half's cat(-x2, x1) scattered q and
     k to full width and left q_proj and k_proj dense with a wrong reason (a residual
     stream). ``type_as`` (a per-head norm's cast back) was read as taking its second
-    argument as a weight, and ``reshape_as``/``view_as`` (RoFormer's interleaved rotation)
-    as reading theirs whole: they read only its shape. In each, q, k, v and o now share one
-    head group, in eager and compiled training."""
+    argument as a weight, ``reshape_as``/``view_as`` (RoFormer's interleaved rotation) as
+    reading theirs whole (they read only its shape), and einsum as reading its operands
+    whole (it is a batched matmul over the heads). In each, q, k, v and o now share one head
+    group, in eager and compiled training."""
     torch.manual_seed(0)
     x = torch.randn(2, model_cls.tokens, 32)
     _compiled_matches_transform(model_cls(), x)
