@@ -414,6 +414,39 @@ def test_grouped_convolution_prunes_whole_conv_groups():
     assert "grouped" not in [d.node for d in sparse.analysis.dense]
 
 
+class GroupedConvWithGate(nn.Module):
+    """RegNetY's block: a grouped conv (conv groups of 4 channels) whose output a
+    squeeze-and-excitation gate of one channel per feature multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.squeeze, self.excite = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.expand = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.grouped(F.relu(self.reduce(x))))
+        gate = self.excite(F.relu(self.squeeze(h.mean((2, 3), keepdim=True)))).sigmoid()
+        return self.fc(F.relu(self.expand(h * gate)).mean((2, 3)))
+
+
+def test_a_gate_of_finer_channels_than_what_it_multiplies_is_cut_alike():
+    """The gate's channels are single features, the grouped conv's are conv groups of 4:
+    the multiply joined two layouts that did not line up, and both were scattered to full
+    width. The gate's conv is now pruned in blocks of 4, in the conv groups' group."""
+    torch.manual_seed(0)
+    model, x = GroupedConvWithGate(), torch.randn(2, 3, 6, 6)
+    sparse = _compiled_matches_transform(copy.deepcopy(model), x)
+    sparse = _transformed_as_zeroed(model, x)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    (conv_groups,) = [g for g in sparse.groups if g.name == "reduce"]
+    assert conv_groups.size == 4 and ("excite.weight", 0) in conv_groups.members
+    kept = {n: dims for n, dim, dims in conv_groups.expand(torch.tensor([1, 0, 0, 1]).bool())}
+    assert kept["excite.weight"].nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA mask needs a CUDA GPU")
 def test_expand_keeps_a_cuda_mask_on_its_device():
     sparse = sparsefx.transform(ResNeXtStyle(), torch.randn(2, 3, 4, 4), density=0.5)

@@ -709,6 +709,8 @@ class _Walk:
         a, b = node.args[0], node.args[1]
         if len(compact) == 2:
             layout = _joined(node, self.flows[a].layout, self.flows[b].layout)  # type: ignore[index]
+            if layout is None and self._cut_alike(node):
+                return f"{name} waits for its operands' channels to be cut alike"
             if layout is None:
                 return f"{name} joins tensors whose channels are laid out differently"
             divide = node.target in ops.DIV
@@ -772,6 +774,32 @@ class _Walk:
         else:
             zero_preserving = False
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
+
+    def _cut_alike(self, node: fx.Node) -> bool:
+        """Whether the element-wise join `node` of two compact tensors whose pieces cover
+        the same features, one cut into finer channels than the other, coarsened the finer
+        spaces to the other's channels for the next walk (RegNetY's squeeze-and-excitation
+        gate, one channel per feature, times a grouped conv's output pruned in conv groups:
+        both were scattered; now the gate is pruned in the conv's groups, which it joins)."""
+        a, b = node.args[0], node.args[1]
+        la, lb = self.flows[a].layout, self.flows[b].layout  # type: ignore[index]
+        if la.dim - len(_shape(a)) != lb.dim - len(_shape(b)) or len(la.pieces) != len(lb.pieces):
+            return False
+        cuts = {}
+        for p, q in zip(la.pieces, lb.pieces, strict=True):
+            if p.features != q.features:
+                return False
+            if p.block == q.block:
+                continue
+            fine, coarse = sorted((p, q), key=lambda piece: piece.block)
+            if fine.group is None or coarse.group is None or fine.group == coarse.group:
+                return False
+            factor, rest = divmod(coarse.block, fine.block)
+            if rest or self.result.spaces[fine.group].size % factor:
+                return False
+            cuts[fine.group] = self.result.spaces[fine.group].grain * factor
+        self.refine.grain.update(cuts)
+        return bool(cuts)
 
     def _expand_as(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """``expand_as(x, other)`` reads other for its sizes: channel-wise in x where other
