@@ -1253,8 +1253,9 @@ def test_a_norm_written_out_keeps_the_features_it_normalises_dense_like_rms_norm
 
 class LayerScale(nn.Module):
     """Learned per-channel factors (ConvNeXt's and CaiT's layer scale): one on a block's
-    hidden channels (shaped [C, 1, 1]), one on what the block adds into its stream, and one
-    on a linear's features (shaped [C], channels last)."""
+    hidden channels (shaped [C, 1, 1]), one on what the block adds into its stream (shaped
+    [C], unsqueezed twice as PoolFormer's), and one on a linear's features (shaped [C],
+    channels last)."""
 
     def __init__(self):
         super().__init__()
@@ -1262,21 +1263,23 @@ class LayerScale(nn.Module):
         self.project, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 12)
         self.head = nn.Linear(12, 3)
         self.hidden = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
-        self.block = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.block = nn.Parameter(torch.rand(8) + 0.5)
         self.features = nn.Parameter(torch.rand(12) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.stem(x)
-        h = h + self.block * self.project(F.relu(self.expand(h)) * self.hidden)
+        scale = self.block.unsqueeze(-1).unsqueeze(-1)
+        h = h + scale * self.project(F.relu(self.expand(h)) * self.hidden)
         return self.head(F.relu(self.fc(h.mean((2, 3)))) * self.features)
 
 
 @pytest.mark.parametrize("prune_streams", [False, True], ids=["streams-dense", "streams-pruned"])
 def test_layer_scales_are_gathered_with_the_channels_they_scale(prune_streams):
     """A per-channel parameter multiplied in was read at full width (a scatter before it),
-    and a block writing into a dense stream through one became a group of its own. It is
-    now a member of its channels' group: gathered, compact, and the stream decides whether
-    the block's last layer is pruned."""
+    and a block writing into a dense stream through one became a group of its own (until
+    2026-12-07 still so where the parameter was unsqueezed first: PoolFormer). It is now a
+    member of its channels' group: gathered, compact, and the stream decides whether the
+    block's last layer is pruned."""
     torch.manual_seed(0)
     model, x = LayerScale(), torch.randn(4, 3, 6, 6)
     twin = copy.deepcopy(model)

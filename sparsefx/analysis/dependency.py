@@ -839,11 +839,14 @@ class _Walk:
         after a bias-free layer (Falcon's ``x @ W.T + b``). The parameter is a member,
         gathered to the kept channels (meta ``gathered_args``: its argument position and
         channel dim), so the result stays compact and reaches what it joins (a stream, which
-        decides its fate). Adding a bias is not zero-preserving, like BatchNorm's shift."""
+        decides its fate). Adding a bias is not zero-preserving, like BatchNorm's shift.
+        The parameter may be unsqueezed to the channel dim first (PoolFormer's
+        ``layer_scale.unsqueeze(-1).unsqueeze(-1) * x``)."""
         shape = _shape(param)
+        source, source_dim = _unsqueezed(param, dim)
         if (
             (node.target in ops.DIV and param is not node.args[1])
-            or self.view.own_param(param) is None
+            or self.view.own_param(source) is None
             or any(int(size) != 1 for d, size in enumerate(shape) if d != dim)
             or _shape(x) != _shape(node)
         ):
@@ -851,7 +854,7 @@ class _Walk:
         layout = self.flows[x].layout
         return _Op(
             layout, zero_preserving=node.target in ops.MUL or node.target in ops.DIV,
-            chainable=True, members=self._members(layout, [(param, dim)]),
+            chainable=True, members=self._members(layout, [(source, source_dim)]),
             meta={"gathered_args": [(node.args.index(param), dim)]},
         )  # fmt: skip
 
@@ -1508,6 +1511,17 @@ def _slice_of_another_dim(node: fx.Node, layout: Layout) -> _Op | str:
         and (end is None or (isinstance(end, int) and same_size(min(end, size), size)))
     )  # an end that is a size node: not known to be whole
     return _Op(layout, zero_preserving=True) if whole else "a slice of the dim"
+
+
+def _unsqueezed(node: fx.Node, dim: int) -> tuple[fx.Node, int]:
+    """What `node` unsqueezes (through unsqueezes that only it reads), and which of its dims
+    is `node`'s `dim`."""
+    while node.target in ops.UNSQUEEZES and len(node.users) == 1:
+        inserted = int(node.args[1]) % len(_shape(node))  # type: ignore[call-overload]
+        if inserted == dim:
+            break
+        node, dim = node.args[0], dim - (inserted < dim)  # type: ignore[assignment]
+    return node, dim
 
 
 def _unsqueeze(node: fx.Node, layout: Layout) -> _Op:
