@@ -5,8 +5,9 @@ the edges that tie spaces together (residual adds, gating muls, concats along ot
 and the reasons a space cannot be pruned. A group is one connected component: its channels
 are kept or dropped together in every member. A component stays dense, with its reason in
 the report, when one of its spaces is blocked (an output layer, a norm across features),
-when it is one channel that the sampler would always keep, or when it is a residual stream and streams are not pruned (the default: a stream touches
-every block, and pruning it is a separate choice, ``SparseConfig(prune_streams=True)``).
+when it is one channel that the sampler would always keep, or when it is a residual stream
+and streams are not pruned (the default: a stream touches every block, and pruning it is a
+separate choice, ``SparseConfig(prune_streams=True)``).
 Removing a component can change what its neighbours read, so the walk is repeated until
 the set of dense components is stable (at most once per component).
 
