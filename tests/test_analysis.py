@@ -383,7 +383,7 @@ class ShuffleUnit(nn.Module):
 
 
 def test_a_one_channel_component_whose_producers_have_no_other_part_is_left_dense():
-    """The branch's last conv is one channel (its features are read as one block): as a
+    """The branch's last conv is one channel (a view reads its features as one block): as a
     group the sampler would always keep it, so it is dense. The stem's first half is one
     channel too, but its second half is a group that prunes, and leaving one part dense
     leaves the whole producer dense: it stays a group."""
@@ -396,7 +396,7 @@ def test_a_one_channel_component_whose_producers_have_no_other_part_is_left_dens
         ("stem#0", 1), ("stem#1", 4), ("branch.0", 4),
     ]  # fmt: skip
     (branch_out,) = [
-        d for d in sparse.analysis.dense if d.reason.startswith("one channel (its features")
+        d for d in sparse.analysis.dense if d.reason.startswith("one channel: policy.keep_minimum")
     ]
     assert branch_out.op.startswith("conv")  # the branch's last conv, of the groups above
     # the shuffle reads the stem's one-channel half at full width; the branch's is dense
@@ -441,7 +441,7 @@ def test_a_one_channel_gate_split_in_two_is_left_dense_and_not_scattered():
     sparse = sparsefx.transform(model, (x,), density=0.5)
     assert [g.name for g in sparsefx.groups(sparse)] == ["fc"]
     reasons = {d.node: d.reason for d in sparse.analysis.dense}
-    assert reasons["linear_1"].startswith("one channel (its features are read as one block)")
+    assert reasons["linear_1"].startswith("one channel: policy.keep_minimum")
     assert not sparse.analysis.scatters
 
     masks = {"fc": torch.arange(16) % 3 == 0}

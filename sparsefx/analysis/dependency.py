@@ -909,9 +909,8 @@ class _Walk:
                         op=op, node=node.name, reader=_op_name(tensor), at=tensor.name,
                         why=self.read_whole[tensor],
                     )  # fmt: skip
-            frontier = [
-                a for t in frontier for a in t.all_input_nodes if a not in seen and not seen.add(a)
-            ]
+            frontier = [a for t in frontier for a in t.all_input_nodes if a not in seen]
+            seen.update(frontier)
         return _INTO_DENSE.format(op=op, node=node.name)
 
     def _attention(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
@@ -1218,8 +1217,8 @@ _FROM_WHOLE = (
     "{reader} ({at}) reads whole ({why}): the join needs every channel"
 )
 _WHOLE_REACH = 6
-"""Ops a join's full-width operand is traced back through for a whole read (a rotary
-embedding's rotated copy: mul, reshape, stack)."""
+"""Ops a join's full-width operand is traced back through for a whole read (Wav2Vec2's
+positional convolution reaches its add through a slice, gelu and transpose)."""
 _STATE_INTO_DENSE = (
     "{op} ({node}) joins it with {state}, which is not gathered with its channels (only a "
     "parameter of one value per channel, used by this op alone and not broadcasting the "
@@ -1668,11 +1667,6 @@ def _source_blocker(node: fx.Node, view: GraphView) -> str | None:
         return "bias is not a parameter used by this op alone"
     if _reaches_output(node, view):
         return "output layer: its channels reach the model output or loss"
-    if int(_shape(node)[_channel_dim(node)]) == 1:
-        # policy.keep_minimum always keeps a one-channel group's channel, so as a group it
-        # would only spend budget, and its broadcast (a per-token gate) would scatter the
-        # tensor it multiplies
-        return "one output channel: nothing to prune"
     return None
 
 

@@ -157,9 +157,8 @@ def _dense_components(
             ]
         if not reasons and all(_producer(space) in one_channel for space in component):
             reasons = [
-                "one channel (its features are read as one block): policy.keep_minimum "
-                "always keeps a group's first channel, so as a group it would spend budget "
-                "and prune nothing"
+                "one channel: policy.keep_minimum always keeps a group's first channel, so as "
+                "a group it would spend budget and prune nothing"
             ]
         if len(component) > 1:
             producers = ", ".join(component)
@@ -180,8 +179,9 @@ def _producer(space: str) -> str:
 
 
 def _one_channel_producers(walk: Propagation) -> set[str]:
-    """Producers every space of which is one channel (a whole branch's output that a
-    channel shuffle reads as one block, a gate's head-sized parts): leaving their
+    """Producers every space of which is one channel (a layer of one output feature, such
+    as a per-token gate; a whole branch's output that a channel shuffle reads as one block;
+    a gate's parts read as one block each): leaving their
     components dense gives up no choice the sampler has, since leaving a space dense
     leaves its whole producer dense."""
     sizes: dict[str, set[int]] = {}
