@@ -2251,3 +2251,130 @@ def test_a_value_read_only_for_its_dtype_is_not_a_branch_of_its_chain():
     assert not sparse.analysis.scatters, sparse.analysis.scatters
     assert [g.mask_points for g in sparse.groups] == [["type_as"]]
     sparse(torch.randn(5, 6)).sum().backward()
+
+
+class OneHeadAttention(nn.Module):
+    """Attention with one head (the first stage of CvT, PVT and SegFormer), as SDPA or as
+    matmul, softmax, matmul (``explicit``); ``dense-k``: k is a slice of the input, which
+    no group prunes; ``normalised-q``: q normalised across its features (a qk norm);
+    ``shared-qk``: k is q (Reformer's shared-QK attention)."""
+
+    tokens, width = 6, 16
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.q, self.k, self.v = (nn.Linear(32, self.width) for _ in range(3))
+        self.o, self.head = nn.Linear(self.width, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.form == "dense-k":
+            k = x[..., : self.width]
+        if self.form == "normalised-q":
+            q = F.layer_norm(q, q.shape[-1:])
+        q, k, v = (h.view(b, t, 1, self.width).transpose(1, 2) for h in (q, k, v))
+        if self.form == "shared-qk":
+            k = q
+        if self.form == "explicit":
+            a = (q @ k.transpose(-2, -1) / self.width**0.5).softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+# form: the scores' group and the producers whose rows it prunes
+ONE_HEAD_FORMS = {
+    "sdpa": ("q", {"q", "k"}),
+    "explicit": ("q", {"q", "k"}),
+    "dense-k": ("q", {"q"}),
+    "normalised-q": ("k", {"k"}),
+    "shared-qk": ("q", {"q"}),
+}
+
+
+@pytest.mark.parametrize("form", list(ONE_HEAD_FORMS))
+def test_one_head_attention_prunes_the_features_its_scores_sum_over(form):
+    """With one head, q, k and v are compact along each head's features, and attention
+    scattered all three to full width ("matmul over the channel dim", or "q is not compact
+    along the heads dim" for SDPA): the projections were pruned, attention was not. The
+    scores sum over q's and k's features, so q and k are now one group and attention runs
+    on the kept features (a dense k, or a q normalised across them and left dense, is read
+    at the other's kept features); each output feature is v's alone, so v is pruned with
+    o's columns. SDPA is given the dense width's scale. Forward and gradients equal zeroing
+    the dropped rows."""
+    torch.manual_seed(0)
+    model = OneHeadAttention(form).double()
+    x = torch.randn(2, model.tokens, 32, dtype=torch.float64, requires_grad=True)
+    sparse = sparsefx.transform(copy.deepcopy(model), x, density=0.5)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    rows = {
+        g.name: {
+            fqn.removesuffix(".weight") for fqn, dim in g.members if fqn.endswith("t") and not dim
+        }
+        for g in sparse.groups
+    }
+    scores, producers = ONE_HEAD_FORMS[form]
+    assert rows == {scores: producers, "v": {"v"}}
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    reference = _zeroed(model, sparse.groups, masks)
+    out, expected = sparse(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0])
+    graph = sparse.runtime.graphs[0].compact.graph
+    if form != "explicit":
+        (attention,) = graph.find_nodes(
+            op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default
+        )
+        assert attention.kwargs["scale"] == model.width**-0.5
+    reads = [n for n in graph.nodes if n.target is torch.ops.aten.index_select.default]
+    gathered = [n for n in reads if n.args[1] == 3]  # the features dim of q or k
+    assert len(gathered) == (form in ("dense-k", "normalised-q"))
+
+
+def test_one_head_attention_compiles_to_what_transform_computes():
+    torch.manual_seed(0)
+    x = torch.randn(2, OneHeadAttention.tokens, 32)
+    eager = _compiled_matches_transform(OneHeadAttention("sdpa"), x)
+    assert [g.name for g in eager.groups] == ["q", "v"]
+
+
+class GraphConvolution(nn.Module):
+    """Two graph convolutions (Kipf & Welling): features mixed by a layer, then nodes by the
+    adjacency matrix, ``adj @ h`` (``rows``: ``(h.T @ adj.T).T``, the features as rows)."""
+
+    nodes = 5
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.layer1, self.layer2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor, adj: Tensor) -> Tensor:
+        h = self.layer1(x)
+        if self.form == "rows":
+            h = (h.transpose(1, 2) @ adj.transpose(1, 2)).transpose(1, 2)
+        else:
+            h = adj @ h
+        return self.layer2(torch.relu(h))
+
+
+@pytest.mark.parametrize("form", ["columns", "rows"])
+def test_a_matmul_keeps_the_channels_of_its_left_rows_or_right_columns(form):
+    """A matmul with compact channels in a matrix dim was read at full width ("matmul over
+    the channel dim"). Each output column of ``adj @ h`` is ``adj`` times h's column, so
+    channels in the right operand's columns (or the left one's rows) stay compact, and the
+    next layer reads its kept columns."""
+    torch.manual_seed(0)
+    model = GraphConvolution(form)
+    x, adj = torch.randn(2, model.nodes, 8), torch.rand(2, model.nodes, model.nodes)
+    sparse = sparsefx.transform(copy.deepcopy(model), (x, adj), density=0.5)
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    (group,) = sparse.groups
+    assert ("layer2.weight", 1) in group.members
+    masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
+    sparsefx.set_masks(sparse, masks)
+    torch.testing.assert_close(sparse(x, adj), _zeroed(model, sparse.groups, masks)(x, adj))

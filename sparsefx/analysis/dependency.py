@@ -262,7 +262,7 @@ class _Walk:
                         f"{_op_name(node)} is not zero-preserving and its output in dropped "
                         "channels is read by an op that needs them zero",
                     )
-            elif "in_layout" not in op.meta or self._zero(compact):
+            elif not op.meta.keys() & {"in_layout", "contracted"} or self._zero(compact):
                 self._accept(node, op, chained, compact)
             # else: a weight consumer reading non-zero dropped channels; the refinement pass
             # put a scatter upstream of it, so it is not a compact consumer
@@ -923,6 +923,8 @@ class _Walk:
         mask_at: int | str = 3 if len(node.args) > 3 else "attn_mask"
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         per_head = isinstance(mask, fx.Node) and mask in self.flows
+        if all(self.flows[t].layout.dim == len(_shape(t)) - 1 for t in compact):
+            return self._head_features(node, compact)
         if per_head and (shared := self._shared_bias(node, mask)) is not None:  # type: ignore[arg-type]
             return shared
         # a k or v of one head that a group holds (cut from a fused projection) is a group
@@ -971,6 +973,43 @@ class _Walk:
         # zeros follow v (compact[2]): a dropped head's probabilities times a zero v
         layout = first.at(len(_shape(node)) - 3)  # q, k or v may broadcast over batch dims
         return _Op(layout, zero_preserving=True, zero_when=2, couplings=couplings, meta=meta)
+
+    def _head_features(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """scaled_dot_product_attention with q, k or v compact along each head's features
+        (dim -1: one-head attention, whose projections are pruned per feature). The scores
+        sum over q's and k's features (`_contraction`); each output feature is a function of
+        v's alone, so the output is compact where v is, and zero in its dropped features.
+        SDPA's default scale, 1/sqrt(E), is given at the dense E (meta ``scale``). Where
+        another input is compact along the heads (multi-query attention's q, against k and
+        v of one head) this does not apply: attention prunes by q's heads alone."""
+        q, k, v = node.args[:3]
+        if any(t not in (q, k, v) for t in compact):
+            return "attention with a mask compact along its last dim"
+        scored = [t for t in compact if t is not v]
+        couplings: list[tuple[str, str, str]] = []
+        meta: dict = {}
+        if scored:
+            if len(scored) == 2 and any(
+                self._leave_blocked_dense([x], y) for x, y in (scored, scored[::-1])
+            ):
+                return "attention waits for its blocked q or k to be left dense"
+            summed = {t: len(_shape(t)) - 1 for t in (q, k)}
+            contraction = self._contraction(node, summed, scored)  # type: ignore[arg-type]
+            if isinstance(contraction, str):
+                return contraction
+            couplings, meta = contraction
+            width = static_size(_shape(q)[-1])
+            if not isinstance(width, int):
+                return "attention over features whose dense width is symbolic"
+            if node.kwargs.get("scale") is None:
+                meta["scale"] = 1 / math.sqrt(width)
+        if v not in compact:
+            return _Op(None, zero_preserving=True, couplings=couplings, meta=meta)
+        layout = self.flows[v].layout.at(len(_shape(node)) - 1)  # type: ignore[index]
+        return _Op(
+            layout, zero_preserving=True, zero_when=compact.index(v), chainable=not scored,  # type: ignore[arg-type]
+            couplings=couplings, meta=meta,
+        )  # fmt: skip
 
     def _heads_compact(self, t: object) -> bool:
         """Whether `t` is compact along attention's heads dim."""
@@ -1101,8 +1140,10 @@ class _Walk:
             return "matmul that broadcasts its operands"
         layouts = [self.flows[t].layout for t in compact]
         dim = layouts[0].dim
+        if all(la.dim >= ndim - 2 for la in layouts):
+            return self._matrix_dims(node, compact)
         if dim >= ndim - 2 or any(la.dim != dim for la in layouts):
-            return "matmul over the channel dim"
+            return "matmul over the channel dim of one operand and a batch dim of the other"
         if len(compact) == 2:
             for x, y in (compact, compact[::-1]):
                 if self._leave_blocked_dense([x], y):
@@ -1121,6 +1162,61 @@ class _Walk:
             if p.group and r.group
         ]
         return _Op(layouts[0], zero_preserving=True, zero_when="any", couplings=couplings)
+
+    def _matrix_dims(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """A matmul with channels in its operands' matrix dims (one-head attention: ``q @
+        k.T``, then ``probs @ v``). Channels in the rows of `a` or the columns of `b` stay
+        the output's, each row or column computed from its own: channel-wise, zero where
+        the operand is. Channels across the contraction are summed over, so the output is
+        dense: compact on both sides they are coupled (q's and k's features share one
+        mask) and the kept ones alone give the sum; a dense operand across from a compact
+        one is read at its kept channels."""
+        a, b = node.args[:2]
+        ndim = len(_shape(node))
+        if a is b:
+            return "matmul of a tensor with itself over its channel dim"
+        # per operand: its matrix dim that the matmul sums over
+        summed = {a: ndim - 1, b: ndim - 2}
+        contracted = [t for t in compact if self.flows[t].layout.dim == summed[t]]
+        if not contracted:
+            if len(compact) == 2:
+                return "matmul whose rows and columns are both compact channels"
+            return _Op(self.flows[compact[0]].layout, zero_preserving=True, chainable=True)
+        if len(contracted) != len(compact):
+            return "matmul that sums over the channels of one operand and keeps the other's"
+        if len(compact) == 2:
+            for x, y in (compact, compact[::-1]):
+                if self._leave_blocked_dense([x], y):
+                    return "matmul waits for its blocked operand to be left dense"
+        contraction = self._contraction(node, summed, compact)
+        if isinstance(contraction, str):
+            return contraction
+        couplings, meta = contraction
+        return _Op(None, zero_preserving=True, couplings=couplings, meta=meta)
+
+    def _contraction(
+        self, node: fx.Node, summed: dict[fx.Node, int], compact: list[fx.Node]
+    ) -> tuple[list[tuple[str, str, str]], dict] | str:
+        """Couplings and meta of an op that sums over the channels of its two operands
+        `summed` (operand -> the dim it sums over; attention's q and k, a matmul's a and b),
+        one or both of them `compact` there (one tensor read as both: shared-QK attention).
+        Both compact, they are coupled piece by piece; one dense, it is read at the other's
+        kept channels (`gathered_args`). Dropped channels must be zero (meta
+        ``contracted``, which `_visit` checks)."""
+        layout = self.flows[compact[0]].layout
+        meta: dict = {"contracted": layout}
+        if len(summed) == 1:
+            return [], meta
+        if len(compact) == 1:
+            (dense,) = [t for t in summed if t is not compact[0]]
+            meta["gathered_args"] = [(node.args.index(dense), summed[dense])]
+            return [], meta
+        other = self.flows[compact[1]].layout
+        reason = self._heads_aligned(layout, other, 1)
+        if reason is not None:
+            return f"{_op_name(node)} over channels: {reason}"
+        pairs = zip(layout.pieces, other.pieces, strict=True)
+        return [(p.group, r.group, "contraction") for p, r in pairs if p.group and r.group], meta
 
     def _split(self, node: fx.Node, layout: Layout) -> _Op | str:
         """A split along the channel dim hands each output its pieces; a boundary inside a

@@ -13,6 +13,7 @@ from sparsefx.passes.compact import (
     extract_score_graph,
     insert_scatters,
     opaque_compact_convolutions,
+    rewrite_attention_scales,
     rewrite_batch_norms,
     rewrite_gathered_args,
     rewrite_splits,
@@ -52,7 +53,7 @@ def rewrite_compact(
     gm = add_index_inputs(gm, groups)
     for rewrite in (
         insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms,
-        rewrite_gathered_args,
+        rewrite_gathered_args, rewrite_attention_scales,
     ):  # fmt: skip
         gm = rewrite(gm)
     gm = rewrite_weight_ops(gm, sparse_gradients=sparse_gradients)

@@ -24,6 +24,7 @@ __all__ = [
     "extract_score_graph",
     "insert_scatters",
     "opaque_compact_convolutions",
+    "rewrite_attention_scales",
     "rewrite_batch_norms",
     "rewrite_gathered_args",
     "rewrite_splits",
@@ -227,14 +228,26 @@ def rewrite_gathered_args(gm: fx.GraphModule) -> fx.GraphModule:
     indices = _Indices(gm)
     for node in list(gm.graph.nodes):
         meta = node.meta.get(META, {})
+        # across a contraction, at the summed channels; elsewhere at the op's own
+        layout = meta.get("contracted") or meta.get("layout")
         for position, dim in meta.get("gathered_args", ()):
             arg = node.args[position] if isinstance(position, int) else node.kwargs[position]
             with gm.graph.inserting_before(node):
-                kept = gm.graph.call_function(select, (arg, dim, indices.of(meta["layout"])))
+                kept = gm.graph.call_function(select, (arg, dim, indices.of(layout)))
             if isinstance(position, int):
                 node.update_arg(position, kept)
             else:
                 node.update_kwarg(position, kept)
+    return gm
+
+
+def rewrite_attention_scales(gm: fx.GraphModule) -> fx.GraphModule:
+    """Attention over compact features (one head's q and k pruned per feature) would scale
+    its scores by 1/sqrt of the kept width: it is given the dense one (meta ``scale``)."""
+    for node in gm.graph.nodes:
+        scale = node.meta.get(META, {}).get("scale")
+        if scale is not None:
+            node.update_kwarg("scale", scale)
     return gm
 
 

@@ -568,6 +568,8 @@ class _Notes:
             parts.append(f"prunable producer of {self.symbols[meta['group']]}")
         if "in_layout" in meta:
             parts.append(f"gathers input columns of {self._layout(meta['in_layout'])}")
+        if "contracted" in meta:
+            parts.append(f"sums over the kept features of {self._layout(meta['contracted'])}")
         if meta.get("grouped"):
             parts.append("grouped conv: gathers the rows of kept conv groups, one group each")
         if role == "channelwise" and "layout" in meta:
@@ -602,7 +604,7 @@ class _Notes:
     def _groups_of(self, meta: dict) -> Iterable[str]:
         if "group" in meta:
             yield self.symbols[meta["group"]]
-        for key in ("layout", "in_layout"):
+        for key in ("layout", "in_layout", "contracted"):
             if isinstance(meta.get(key), Layout):
                 yield from (self.symbols[g] for g in meta[key].groups)
         for key in ("groups", "mask_point"):
