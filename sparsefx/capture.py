@@ -292,14 +292,16 @@ def explicit_conv_padding(gm: fx.GraphModule) -> fx.GraphModule:
 _SHAPED_AS: dict[OpOverload, OpOverload] = {
     torch.ops.aten.reshape_as.default: torch.ops.aten.reshape.default,
     torch.ops.aten.view_as.default: torch.ops.aten.view.default,
+    torch.ops.aten.expand_as.default: torch.ops.aten.expand.default,
 }
 
 
 def explicit_shapes(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` with ``x.reshape_as(y)`` and ``x.view_as(y)`` as a reshape or view to y's sizes
-    (symbolic ones read with ``sym_size``): y is read for its shape only, where the analysis
-    took it for a compact input read whole (RoFormer's rotary embedding reshapes a rotated
-    copy of q as q, which left q and k dense)."""
+    """`gm` with ``x.reshape_as(y)``, ``x.view_as(y)`` and ``x.expand_as(y)`` as a reshape,
+    view or expand to y's sizes (symbolic ones read with ``sym_size``): y is read for its
+    shape only, where the analysis took it for a compact input read whole (RoFormer's rotary
+    embedding reshapes a rotated copy of q as q, which left q and k dense; MobileViTv2
+    expands its context vector, pruned with k, as v, which scattered both)."""
     for node in [n for n in gm.graph.nodes if n.target in _SHAPED_AS]:
         x, like = node.args
         sizes: list[Any] = []

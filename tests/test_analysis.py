@@ -375,34 +375,36 @@ class ShuffleUnit(nn.Module):
     def forward(self, x, masks=None):
         m = masks or {}
         x1, x2 = self.stem(x).chunk(2, dim=1)
-        x2 = x2 * m.get("stem#1", 1)
+        x2 = x2 * m.get("stem", 1)
         b = self.branch[6:](self.branch[5](self.branch[:5](x2) * m.get("branch.0", 1)))
         y = torch.cat((x1, b), dim=1)
         y = y.view(y.shape[0], 2, -1, *y.shape[2:]).transpose(1, 2).reshape(y.shape)
         return self.head(y.mean((2, 3)))
 
 
-def test_a_one_channel_component_whose_producers_have_no_other_part_is_left_dense():
+def test_a_one_channel_component_is_left_dense_and_a_one_channel_part_of_a_producer_too():
     """The branch's last conv is one channel (a view reads its features as one block): as a
     group the sampler would always keep it, so it is dense. The stem's first half is one
-    channel too, but its second half is a group that prunes, and leaving one part dense
-    leaves the whole producer dense: it stays a group."""
+    channel too, and its second half a group that prunes: it was a group of one channel,
+    read at full width by the shuffle, since leaving a part dense left its whole producer
+    dense. It is now dense features of the stem's layout, always kept, and the second half
+    prunes alone: nothing is scattered."""
     torch.manual_seed(0)
     model = ShuffleUnit().train()
     reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 6, 6)
     sparse = sparsefx.transform(model, (x,), density=0.6)
-    assert [(g.name, g.size) for g in sparsefx.groups(sparse)] == [
-        ("stem#0", 1), ("stem#1", 4), ("branch.0", 4),
-    ]  # fmt: skip
-    (branch_out,) = [
-        d for d in sparse.analysis.dense if d.reason.startswith("one channel: policy.keep_minimum")
+    assert [(g.name, g.size) for g in sparsefx.groups(sparse)] == [("stem", 4), ("branch.0", 4)]
+    one_channel = [
+        (d.op, d.reason.split(": ", 1)[0])
+        for d in sparse.analysis.dense
+        if "one channel: policy.keep_minimum" in d.reason
     ]
-    assert branch_out.op.startswith("conv")  # the branch's last conv, of the groups above
-    # the shuffle reads the stem's one-channel half at full width; the branch's is dense
-    assert len(sparse.analysis.scatters) == 1
+    # the stem's first half, then the branch's last conv, of the groups above
+    assert one_channel == [("conv2d.default", "features 0..3"), ("conv2d.default", "one channel")]
+    assert not sparse.analysis.scatters
 
-    masks = {"stem#0": torch.tensor([True]), "stem#1": torch.tensor([1, 0, 0, 1]).bool()}
+    masks = {"stem": torch.tensor([1, 0, 0, 1]).bool()}
     masks["branch.0"] = torch.tensor([0, 1, 1, 0]).bool()
     sparsefx.set_masks(sparse, masks)
     out = sparse(x)

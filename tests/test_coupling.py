@@ -2378,3 +2378,112 @@ def test_a_matmul_keeps_the_channels_of_its_left_rows_or_right_columns(form):
     masks = _random_masks(sparse.groups, torch.Generator().manual_seed(1))
     sparsefx.set_masks(sparse, masks)
     torch.testing.assert_close(sparse(x, adj), _zeroed(model, sparse.groups, masks)(x, adj))
+
+
+class FocalModulation(nn.Module):
+    """FocalNet's modulation: one projection computes q, a context and one gate per focal
+    level (plus a global one), split along the channels; each level's context, gated by its
+    one-channel gate, is summed from 0; the global context (a mean over pixels) is gated
+    too; q times a 1x1 conv of the sum is the output."""
+
+    dim, levels = 8, 2
+
+    def __init__(self):
+        super().__init__()
+        d = self.dim
+        self.projection_in = nn.Conv2d(3, 2 * d + self.levels + 1, 1)
+        self.focal = nn.ModuleList(
+            nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False) for _ in range(self.levels)
+        )
+        self.context, self.head = nn.Conv2d(d, d, 1), nn.Conv2d(d, 3, 1)
+
+    def forward(self, x):
+        q, ctx, gates = self.projection_in(x).split((self.dim, self.dim, self.levels + 1), 1)
+        ctx_all = 0
+        for level, focal in enumerate(self.focal):
+            ctx = F.gelu(focal(ctx))
+            ctx_all = ctx_all + ctx * gates[:, level : level + 1]
+        ctx_global = F.gelu(ctx.mean(2, keepdim=True).mean(3, keepdim=True))
+        ctx_all = ctx_all + ctx_global * gates[:, self.levels :]
+        return self.head(q * self.context(ctx_all))
+
+
+def test_one_channel_parts_of_a_producer_are_dense_features_of_its_layout():
+    """The gates were groups of one channel that the sampler always kept, and each gate's
+    multiply (one channel broadcast over the context's) was refused as a join of tensors
+    laid out differently, so the context and the gates were scattered at every level.
+    A part of one channel is now left dense on its own, as features of the projection's
+    layout that are always kept, while q and the context prune; a gate read from them is a
+    dense tensor broadcast over the channels, the global context (one value per channel)
+    broadcast over the pixels is channel-wise too, and a sum that starts from 0 keeps the
+    dropped channels zero."""
+    torch.manual_seed(0)
+    model = FocalModulation()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    sparse = _transformed_as_zeroed(model, x)
+    reference = _zeroed(model, sparse.groups, sparsefx.masks(sparse))
+    (grad,) = torch.autograd.grad(sparse(x).square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference(x).square().sum(), x)[0])
+    assert [(g.name, g.size) for g in sparse.groups] == [
+        ("projection_in#0", FocalModulation.dim), ("projection_in#1", FocalModulation.dim),
+    ]  # fmt: skip
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    reasons = [d.reason.split(": policy")[0] for d in sparse.analysis.dense if d.node == "conv2d"]
+    assert reasons == [f"features {i}..{i}: one channel" for i in (16, 17, 18)]  # the gates
+
+
+class SeparableAttention(nn.Module):
+    """MobileViTv2's separable self-attention: a 1x1 conv computes one query channel, k and
+    v; the query's softmax over the patches weights k into a context vector, which
+    ``expand_as(v)`` broadcasts to gate v; a 1x1 conv projects the result."""
+
+    dim = 8
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Conv2d(3, 1 + 2 * self.dim, 1), nn.Conv2d(self.dim, 3, 1)
+
+    def forward(self, x):
+        query, key, value = self.qkv(x).split((1, self.dim, self.dim), 1)
+        scores = query.softmax(-1)
+        context = (key * scores).sum(-1, keepdim=True)
+        return self.out(F.relu(value) * context.expand_as(value))
+
+
+def test_a_context_expanded_as_values_it_gates_couples_them():
+    """``expand_as`` took its second argument for a compact input, and refused k's context
+    expanded as v (pruned by another group): both were scattered, and the query was a group
+    of one channel. expand_as is now an expand to v's sizes, so k and v share one group
+    through the gate, and the query is dense features of the projection."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5)
+    sparse = _transformed_as_zeroed(SeparableAttention(), x)
+    assert [(g.name, g.size) for g in sparse.groups] == [("qkv", SeparableAttention.dim)]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class Patches(nn.Module):
+    """Feature maps unfolded into patches (``F.unfold``: each channel's patch is a block of
+    features), scaled per patch position, and folded back (``F.fold``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+        self.position = nn.Parameter(torch.randn(9))
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        patches = F.unfold(h, 2, stride=2)  # [B, 8 * 4, L]
+        patches = patches * self.position.sigmoid()  # one weight per patch
+        return self.conv2(F.fold(patches, h.shape[-2:], 2, stride=2))
+
+
+def test_unfold_and_fold_keep_each_channels_patch_as_its_block():
+    """im2col and col2im were not understood and read their input at full width. Channel
+    c's patch is features ``c*k .. c*k+k-1`` of the unfolded dim, so both are channel-wise:
+    the layout's blocks grow by the kernel's size, and shrink back."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    sparse = _transformed_as_zeroed(Patches(), x)
+    assert [g.name for g in sparse.groups] == ["conv1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters

@@ -447,12 +447,14 @@ class _Walk:
 
     def _source(self, node: fx.Node) -> None:
         """A weight op's output channels become a space (or several, where a split cuts
-        them), unless it is left dense."""
+        them), unless it is left dense. A part left dense while others are not (a gate of
+        one channel cut from a projection whose other parts prune) is a dense piece of the
+        producer's layout: its features are always kept."""
         leaves = self._leaves(node.name, int(_shape(node)[_channel_dim(node)]))
         dense = self.dense_spaces | self.refined.dense
-        reason = _source_blocker(node, self.view) or next(
-            (dense[name] for name, _, _ in leaves if name in dense), None
-        )
+        reason = _source_blocker(node, self.view)
+        if reason is None and all(name in dense for name, _, _ in leaves):
+            reason = dense[leaves[0][0]]
         if reason is not None:
             self.result.dense.append(DenseOp(node.name, _op_name(node), reason))
             self._meta(node)["dense_reason"] = reason
@@ -461,6 +463,12 @@ class _Walk:
         out_dim = ops.weight_operands(node).out_dim
         pieces, offset, full = [], 0, int(_shape(node)[_channel_dim(node)])
         for name, size, grain in leaves:
+            if name in dense:  # a part left dense: features of the layout always kept
+                part = f"features {offset}..{offset + size * grain - 1}: {dense[name]}"
+                self.result.dense.append(DenseOp(node.name, _op_name(node), part))
+                pieces.append(Piece(None, size * grain))
+                offset += size * grain
+                continue
             space = Space(name, self.view.param(weight), size, grain)  # type: ignore[arg-type]
             space.members.append(Member(space.weight, out_dim, offset, grain, full))
             if bias is not None:
@@ -470,7 +478,7 @@ class _Walk:
             pieces.append(Piece(name, size, grain))
             offset += size * grain
         layout = Layout(_channel_dim(node), tuple(pieces))
-        self._meta(node).update(role="producer", group=leaves[0][0], layout=layout)
+        self._meta(node).update(role="producer", group=layout.groups[0], layout=layout)
         self.flows[node] = _Flow(layout, None)
 
     def _leaves(self, name: str, features: int, grain: int = 1) -> list[tuple[str, int, int]]:
@@ -506,7 +514,10 @@ class _Walk:
             flow = self.flows[node.args[0]]  # type: ignore[index]
             if flow.parts is None:
                 return "getitem of a compact tensor"
-            return _Op(flow.parts[node.args[1]], zero_preserving=True, chainable=True)  # type: ignore[index]
+            part = flow.parts[node.args[1]]  # type: ignore[index]
+            if not part.groups:  # dense pieces only: a dense tensor
+                return _Op(None, zero_preserving=True)
+            return _Op(part, zero_preserving=True, chainable=True)
         if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
             return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
@@ -518,8 +529,6 @@ class _Walk:
             return self._where(node, compact)
         if target in ops.TYPE_AS:  # the other tensor's dtype is not a compact input (run)
             return _Op(self.flows[first].layout, zero_preserving=True, chainable=True)  # type: ignore[index]
-        if target in ops.EXPAND_AS:
-            return self._expand_as(node, compact)
         if compact != [first] or not isinstance(first, fx.Node):
             return f"{_op_name(node)} reads the compact tensor as a weight or extra argument"
         layout = self.flows[first].layout
@@ -573,6 +582,8 @@ class _Walk:
             if isinstance(op, str):  # each channel a tensor of its own: roles, not a set
                 self._block(first, f"each channel read as a tensor of its own by {op}")
             return op
+        if target in (aten.im2col.default, aten.col2im.default):
+            return _patches(node, layout)
         if target is aten.roll.default:  # Swin's shifted windows roll the spatial dims
             dims = [int(d) % len(_shape(first)) for d in _arg(node, 2, "dims", [])]  # type: ignore[union-attr]
             if dims and layout.dim not in dims:
@@ -759,20 +770,20 @@ class _Walk:
         elif not _is_scalar(other):
             return f"{name} with an argument sparsefx does not understand"
         if _shape(x) != _shape(node):
-            if node.target in ops.MUL or node.target in ops.DIV:
-                return f"{name} broadcasts the compact tensor to a larger shape"
-            # a dense tensor of one value per channel position (Swin's window mask added
-            # to a per-head bias): the sum is channel-wise, on the output's dims
-            dim = layout.dim + len(_shape(node)) - len(_shape(x))
-            return _Op(layout.at(dim), zero_preserving=False)
+            # the other tensor has one value per channel position: each output channel is
+            # this channel's, broadcast (FocalNet's global context times a per-pixel gate)
+            layout = layout.at(layout.dim + len(_shape(node)) - len(_shape(x)))
+            if node.target not in ops.MUL and node.target not in ops.DIV:
+                # a sum (Swin's window mask added to a per-head bias) is not zero-preserving
+                return _Op(layout, zero_preserving=False)
         if node.target in ops.MUL:
             zero_preserving = True
         elif node.target in ops.DIV:
             if x is not a:
                 return f"{name} divides by a compact tensor"
             zero_preserving = True
-        else:
-            zero_preserving = False
+        else:  # a sum that starts from 0 (FocalNet's ``ctx_all = 0; ctx_all + ...``)
+            zero_preserving = isinstance(other, int | float) and other == 0
         return _Op(layout, zero_preserving=zero_preserving, chainable=True)
 
     def _cut_alike(self, node: fx.Node) -> bool:
@@ -800,18 +811,6 @@ class _Walk:
             cuts[fine.group] = self.result.spaces[fine.group].grain * factor
         self.refine.grain.update(cuts)
         return bool(cuts)
-
-    def _expand_as(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
-        """``expand_as(x, other)`` reads other for its sizes: channel-wise in x where other
-        is compact alike (the compact graph then reads the kept sizes)."""
-        x, other = node.args[:2]
-        if (
-            compact != [x, other]
-            or len(_shape(x)) != len(_shape(other))
-            or self.flows[x].layout != self.flows[other].layout  # type: ignore[index]
-        ):
-            return "expand_as between tensors that are not compact alike"
-        return _Op(self.flows[x].layout, zero_preserving=True, zero_when=0)  # type: ignore[index]
 
     def _where(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
         """``where(cond, x, y)`` with one compact value, and a condition and other value of
@@ -1271,9 +1270,9 @@ class _Walk:
         if not pieces:
             return "a slice of the channel dim that cuts a channel or a dense stretch"
         before, kept = (pieces[0], pieces[1]) if start > 0 else ((), pieces[0])
-        if all(p.group is None for p in kept):
-            return "a slice of the channel dim that keeps no pruned channel"
         slice_ = (Layout(dim, before) if before else None, Layout(dim, kept))
+        if all(p.group is None for p in kept):  # dense features, at their compact offset
+            return _Op(None, zero_preserving=True, meta={"slice": slice_})
         return _Op(Layout(dim, kept), zero_preserving=True, meta={"slice": slice_})
 
     def _view(self, node: fx.Node, x: fx.Node, layout: Layout) -> _Op | str:
@@ -1323,7 +1322,7 @@ _STATE_INTO_DENSE = (
 _NORM_REACH = 6
 """Ops a norm's statistic passes before it scales its features (LayerNorm's variance: sub,
 pow, mean, add, rsqrt, mul)."""
-_SHAPE_OPS = ops.VIEWS | ops.EXPANDS | ops.EXPAND_AS | ops.UNSQUEEZES | ops.SQUEEZES | ops.PERMUTES
+_SHAPE_OPS = ops.VIEWS | ops.EXPANDS | ops.UNSQUEEZES | ops.SQUEEZES | ops.PERMUTES
 """Ops that move or repeat values without changing any (their sign included)."""
 _SCORES_REACH = 6
 """Ops between attention scores and their softmax (GPT-2's: a scale, the causal ``where``,
@@ -1695,6 +1694,22 @@ def _index(node: fx.Node, layout: Layout) -> _Op | str:
     else:
         dim = index_dims + layout.dim - sum(d < layout.dim for d in indexed)
     return _Op(layout.at(dim), zero_preserving=True, chainable=True)
+
+
+def _patches(node: fx.Node, layout: Layout) -> _Op | str:
+    """``F.unfold`` (im2col) lays each channel's patch out as its block of ``prod(kernel)``
+    features, channel after channel; ``F.fold`` (col2im) sums each block back into its
+    channel's positions (MobileViT's patches). Both are channel-wise and zero-preserving."""
+    x = node.args[0]
+    unfold = node.target is aten.im2col.default
+    spatial = 2 if unfold else 1  # dims after the channel dim: [H, W] in, [L] out
+    if layout.dim != len(_shape(x)) - 1 - spatial:
+        return f"{_op_name(node)} over the channel dim"
+    kernel = math.prod(node.args[1 if unfold else 2])  # type: ignore[arg-type]
+    out = layout.scaled(kernel) if unfold else layout.divided(kernel)
+    if out is None:
+        return "col2im of channels that do not hold whole patches"
+    return _Op(out, zero_preserving=True, chainable=True)
 
 
 def _pad(node: fx.Node, layout: Layout) -> _Op | str:

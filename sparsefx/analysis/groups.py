@@ -5,7 +5,8 @@ the edges that tie spaces together (residual adds, gating muls, concats along ot
 and the reasons a space cannot be pruned. A group is one connected component: its channels
 are kept or dropped together in every member. A component stays dense, with its reason in
 the report, when one of its spaces is blocked (an output layer, a norm across features),
-when it is one channel that the sampler would always keep, or when it is a residual stream
+when it is one channel that the sampler would always keep (a part of a producer whose
+other parts prune is left dense as features of its layout), or when it is a residual stream
 and streams are not pruned (the default: a stream touches every block, and pruning it is a
 separate choice, ``SparseConfig(prune_streams=True)``).
 Removing a component can change what its neighbours read, so the walk is repeated until
@@ -141,12 +142,29 @@ def _computing_weights(gm: fx.GraphModule, view: GraphView) -> set[str]:
     }
 
 
+_ONE_CHANNEL = (
+    "one channel: policy.keep_minimum always keeps a group's first channel, so as a group it "
+    "would spend budget and prune nothing"
+)
+
+
 def _dense_components(
     walk: Propagation, prune_streams: bool, computing: set[str]
 ) -> dict[str, str]:
-    """Spaces whose component must stay dense, with the reason."""
+    """Spaces whose component must stay dense, with the reason. One-channel components go
+    first, on their own: a part of a producer left dense is read as dense features, so what
+    the walk blocked because it met one of them as a group (a gate of one channel scattered
+    where it multiplied a context: FocalNet) is walked again."""
     dense: dict[str, str] = {}
-    one_channel = _one_channel_producers(walk)
+    one_channel = {
+        space: _ONE_CHANNEL
+        for component in _components(walk)
+        if walk.spaces[component[0]].size == 1
+        and not any(walk.blocked.get(space) for space in component)
+        for space in component
+    }
+    if one_channel:
+        return one_channel
     for component in _components(walk):
         reasons = [r for space in component for r in walk.blocked.get(space, [])]
         members = [m.fqn for space in component for m in walk.spaces[space].members]
@@ -154,11 +172,6 @@ def _dense_components(
             reasons = [
                 "no linear or convolution reads its channels (such as a table read as an "
                 "attention bias): pruning it would spend the budget and save no compute"
-            ]
-        if not reasons and all(_producer(space) in one_channel for space in component):
-            reasons = [
-                "one channel: policy.keep_minimum always keeps a group's first channel, so as "
-                "a group it would spend budget and prune nothing"
             ]
         if len(component) > 1:
             producers = ", ".join(component)
@@ -171,23 +184,6 @@ def _dense_components(
         if reasons:
             dense.update(dict.fromkeys(component, reasons[0]))
     return dense
-
-
-def _producer(space: str) -> str:
-    """The producer node of a space: sub-spaces of a split are named ``producer#i``."""
-    return space.split("#", 1)[0]
-
-
-def _one_channel_producers(walk: Propagation) -> set[str]:
-    """Producers every space of which is one channel (a layer of one output feature, such
-    as a per-token gate; a whole branch's output that a channel shuffle reads as one block;
-    a gate's parts read as one block each): leaving their
-    components dense gives up no choice the sampler has, since leaving a space dense
-    leaves its whole producer dense."""
-    sizes: dict[str, set[int]] = {}
-    for name, space in walk.spaces.items():
-        sizes.setdefault(_producer(name), set()).add(space.size)
-    return {producer for producer, found in sizes.items() if found == {1}}
 
 
 def _groups(gm: fx.GraphModule, walk: Propagation) -> tuple[list[Group], dict[str, str]]:
@@ -225,14 +221,19 @@ def _annotate(gm: fx.GraphModule, walk: Propagation, names: dict[str, str]) -> N
             if isinstance(value, Layout):
                 value = value.renamed(names)  # type: ignore[arg-type]
             elif key == "split" and value is not None:
-                value = [part.renamed(names) for part in value]
+                value = [_renamed(part, names) for part in value]
             elif key == "slice":
                 before, kept = value
-                dense = None if before is None else Layout(before.dim, (Piece(None, before.full),))
-                value = (before and (before.renamed(names) or dense), kept.renamed(names))
+                value = (before and _renamed(before, names), _renamed(kept, names))
             elif key == "group":
                 value = names[value]
             elif key == "mask_point":
                 value = list(dict.fromkeys(names[space] for space in value))
             renamed[key] = value
         node.meta[META] = renamed
+
+
+def _renamed(layout: Layout, names: dict[str, str]) -> Layout:
+    """`layout` renamed to groups, where one of dense features only stays a layout: a split
+    or slice still needs its size along the dim (rewrite_splits)."""
+    return layout.renamed(names) or Layout(layout.dim, (Piece(None, layout.full),))  # type: ignore[arg-type]

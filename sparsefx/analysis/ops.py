@@ -226,9 +226,6 @@ NONNEGATIVE: frozenset[OpOverload] = POSITIVE | frozenset(
     {aten.abs.default, aten.square.default, aten.relu.default, aten.linalg_vector_norm.default}
 )
 """f(x) >= 0 for every x (plus a positive constant, a denominator that is never zero)."""
-EXPAND_AS: frozenset[OpOverload] = frozenset({aten.expand_as.default})
-"""``expand_as(x, other)``: channel-wise in x where other is compact alike (F.normalize
-expands a norm to its input)."""
 INDEX: frozenset[OpOverload] = frozenset({aten.index.Tensor})
 """``x[idx]``: channel-wise where no index tensor indexes the channel dim (Swinv2's bias
 table, computed by an MLP, read at each pair of window positions)."""
