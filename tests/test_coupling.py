@@ -2487,3 +2487,89 @@ def test_unfold_and_fold_keep_each_channels_patch_as_its_block():
     sparse = _transformed_as_zeroed(Patches(), x)
     assert [g.name for g in sparse.groups] == ["conv1"]
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class PerChannelGather(nn.Module):
+    """``torch.gather`` along positions with an index expanded to every channel (DeBERTa's
+    relative positions, gathered per head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(3, 8, 1), nn.Conv1d(8, 3, 1)
+        self.register_buffer("order", torch.tensor([[[3, 0, 4, 1, 2, 2]]]))
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        return self.conv2(torch.gather(h, -1, self.order.expand(h.shape[0], h.shape[1], -1)))
+
+
+def test_a_gather_along_positions_reads_its_index_at_the_kept_channels():
+    """gather was not understood and read its input at full width. Along another dim than
+    the channels, each channel picks among its own values: the gather runs compact, with
+    its index read at the kept channels."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(PerChannelGather(), torch.randn(2, 3, 5))
+    assert [g.name for g in sparse.groups] == ["conv1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    graph = sparse.runtime.graphs[0].compact.graph
+    (gather,) = graph.find_nodes(op="call_function", target=torch.ops.aten.gather.default)
+    assert gather.args[2].target is torch.ops.aten.index_select.default
+
+
+class RelativeScores(nn.Module):
+    """DeBERTa's disentangled attention: scores of q against relative-position keys and of
+    k against relative-position queries (per head), each gathered along the positions into
+    scores of tokens (``torch.gather`` with an index expanded to every head), added to
+    ``q @ k.T``."""
+
+    heads, dim, tokens = 4, 4, 5
+
+    def __init__(self):
+        super().__init__()
+        width = self.heads * self.dim
+        self.q, self.k, self.v, self.o = (nn.Linear(16, width) for _ in range(4))
+        self.o = nn.Linear(width, 16)
+        self.pos_k, self.pos_q = nn.Linear(16, width), nn.Linear(16, width)
+        self.positions = nn.Parameter(torch.randn(1, 2 * self.tokens - 1, 16))
+        t = torch.arange(self.tokens)
+        self.register_buffer("relative", (t[:, None] - t[None, :] + self.tokens - 1)[None, None])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+
+        def split(h: Tensor) -> Tensor:
+            return h.view(h.shape[0], h.shape[1], self.heads, self.dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        pos_k, pos_q = split(self.pos_k(self.positions)), split(self.pos_q(self.positions))
+        index = self.relative.expand(b, self.heads, t, t)
+        c2p = torch.gather(q @ pos_k.transpose(-1, -2), -1, index)
+        p2c = torch.gather(k @ pos_q.transpose(-1, -2), -1, index).transpose(-1, -2)
+        scores = q @ k.transpose(-1, -2) + (c2p + p2c)
+        a = scores.softmax(-1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_relative_position_scores_gathered_per_head_prune_with_the_heads():
+    """Each gather read its scores at full width, so the relative-position projections were
+    pruned by head only to be scattered; read compact, the sum of the two gathered scores
+    was taken for a residual stream (a join not known to be scores), which left the whole
+    attention dense. A product gathered along its last dim is still scores: q, k, v, both
+    position projections and o's columns are one group of heads, with no scatter."""
+    torch.manual_seed(0)
+    model = RelativeScores()
+    sparse = _transformed_as_zeroed(model, torch.randn(2, model.tokens, 16))
+    (heads,) = sparse.groups
+    assert heads.size == model.heads
+    rows = {
+        fqn.removesuffix(".weight") for fqn, dim in heads.members if fqn.endswith("t") and not dim
+    }
+    assert rows == {"q", "k", "v", "pos_k", "pos_q"}
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+def test_relative_position_scores_compile_to_what_transform_computes():
+    torch.manual_seed(0)
+    eager = _compiled_matches_transform(RelativeScores(), torch.randn(2, RelativeScores.tokens, 16))
+    assert [g.name for g in eager.groups] == ["q"]

@@ -582,6 +582,8 @@ class _Walk:
             if isinstance(op, str):  # each channel a tensor of its own: roles, not a set
                 self._block(first, f"each channel read as a tensor of its own by {op}")
             return op
+        if target is aten.gather.default:
+            return _gather(node, layout)
         if target in (aten.im2col.default, aten.col2im.default):
             return _patches(node, layout)
         if target is aten.roll.default:  # Swin's shifted windows roll the spatial dims
@@ -1423,10 +1425,13 @@ def _scores(node: fx.Node, dim: int) -> bool:
 
 
 def _product_of_matmul(node: fx.Node) -> bool:
-    """Whether `node` is, within a few ops that keep its last dim, a matmul's output."""
+    """Whether `node` is, within a few ops that keep its last dim, a matmul's output, or
+    one gathered along that dim (DeBERTa's scores of relative positions, gathered into
+    scores of keys)."""
     last = _shape(node)[-1] if _shape(node) else None
     return last is not None and any(
         n.target in ops.MATMUL
+        or (n.target is aten.gather.default and _product_of_matmul(n.args[0]))  # type: ignore[arg-type]
         for n in [node, *_along_last_dim(node, last, lambda n: _flat_args(n))]
     )
 
@@ -1694,6 +1699,22 @@ def _index(node: fx.Node, layout: Layout) -> _Op | str:
     else:
         dim = index_dims + layout.dim - sum(d < layout.dim for d in indexed)
     return _Op(layout.at(dim), zero_preserving=True, chainable=True)
+
+
+def _gather(node: fx.Node, layout: Layout) -> _Op | str:
+    """``torch.gather(x, dim, index)`` along another dim than the channels picks, in each
+    channel, among that channel's own values (DeBERTa's relative positions, per head): its
+    index, one row per channel, is read at the kept channels."""
+    x, dim, index = node.args[:3]
+    ndim = len(_shape(x))
+    if int(dim) % ndim == layout.dim:  # type: ignore[call-overload]
+        return "gather along the channel dim"
+    if ndim != len(_shape(index)) or not same_size(
+        _shape(index)[layout.dim], _shape(x)[layout.dim]
+    ):
+        return "gather whose index does not cover every channel"
+    meta = {"gathered_args": [(2, layout.dim)]}
+    return _Op(layout, zero_preserving=True, chainable=True, meta=meta)
 
 
 def _patches(node: fx.Node, layout: Layout) -> _Op | str:
