@@ -243,7 +243,9 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
     return CapturedGraph(
         gm=without_metadata_asserts(
             out_of_place_dropout(
-                einsum_matmuls(explicit_shapes(explicit_conv_padding(ep.graph_module)))
+                einsum_matmuls(
+                    explicit_shapes(explicit_conv_padding(canonical_aliases(ep.graph_module)))
+                )
             )
         ),
         inputs=inputs,
@@ -259,6 +261,32 @@ def _captured(ep: ExportedProgram, *, training: bool) -> CapturedGraph:
             if kind == InputKind.USER_INPUT
         ],
     )
+
+
+_aten = torch.ops.aten
+_ALIASES: dict[OpOverload, OpOverload] = {
+    _aten.multiply.Tensor: _aten.mul.Tensor,
+    _aten.multiply.Scalar: _aten.mul.Scalar,
+    _aten.divide.Tensor: _aten.div.Tensor,
+    _aten.divide.Scalar: _aten.div.Scalar,
+    _aten.true_divide.Tensor: _aten.div.Tensor,
+    _aten.true_divide.Scalar: _aten.div.Scalar,
+    _aten.subtract.Tensor: _aten.sub.Tensor,
+    _aten.subtract.Scalar: _aten.sub.Scalar,
+    _aten.negative.default: _aten.neg.default,
+    _aten.absolute.default: _aten.abs.default,
+    _aten.clip.default: _aten.clamp.default,
+}
+"""ATen's aliases (same schema) that export keeps: ``torch.multiply`` (ConvBERT's gate)."""
+
+
+def canonical_aliases(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with each aliased op as the op it aliases, the only one the analysis reads
+    (ConvBERT's ``torch.multiply`` of two compact tensors was read at full width)."""
+    for node in [n for n in gm.graph.nodes if n.target in _ALIASES]:
+        node.target = _ALIASES[node.target]
+    gm.recompile()
+    return gm
 
 
 _EXPLICIT_PADDING: dict[OpOverload, OpOverload] = {

@@ -2573,3 +2573,25 @@ def test_relative_position_scores_compile_to_what_transform_computes():
     torch.manual_seed(0)
     eager = _compiled_matches_transform(RelativeScores(), torch.randn(2, RelativeScores.tokens, 16))
     assert [g.name for g in eager.groups] == ["q"]
+
+
+class AliasedOps(nn.Module):
+    """Two layers gated by ``torch.multiply`` and negated by ``torch.negative`` (ConvBERT
+    gates its convolution's key with ``torch.multiply``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.negative(torch.multiply(self.fc1(x), self.fc2(x))))
+
+
+def test_aliases_of_element_wise_ops_are_read_as_the_ops_they_alias():
+    """Export keeps ATen's aliases (``multiply``, ``negative``), which the analysis did not
+    know: the gate read both layers at full width. Capture now writes them as the ops they
+    alias, so the gate couples the two layers into one group."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(AliasedOps(), torch.randn(4, 6))
+    assert [g.producers for g in sparse.groups] == [["linear", "linear_1"]]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
