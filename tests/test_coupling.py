@@ -2595,3 +2595,27 @@ def test_aliases_of_element_wise_ops_are_read_as_the_ops_they_alias():
     sparse = _transformed_as_zeroed(AliasedOps(), torch.randn(4, 6))
     assert [g.producers for g in sparse.groups] == [["linear", "linear_1"]]
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class PooledByMax(nn.Module):
+    """Max and min over positions written as reductions that also return indices (Hiera
+    pools its query and its stage transition with ``view(...).max(dim=1).values``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        pooled = h.max(dim=-1).values + torch.min(h, dim=-1, keepdim=True).values.squeeze(-1)
+        return self.conv2(pooled)
+
+
+def test_max_and_min_over_positions_with_their_indices_are_channel_wise():
+    """``max.dim`` and ``min.dim`` were not understood and read their input at full width.
+    Over another dim than the channels they are reductions like ``amax``: their values
+    (and indices) stay compact."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(PooledByMax(), torch.randn(2, 3, 4, 5))
+    assert [g.name for g in sparse.groups] == ["conv1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters

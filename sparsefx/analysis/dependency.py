@@ -1777,8 +1777,10 @@ def _reduction(node: fx.Node, layout: Layout) -> _Op | str:
     dims = [int(d) % ndim for d in ([dims] if isinstance(dims, int) else dims)]  # type: ignore[union-attr]
     if layout.dim in dims:
         return f"{_op_name(node)} reduces over the channel dim"
-    new_dim = layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in dims)
-    return _Op(layout.at(new_dim), zero_preserving=True, chainable=True)
+    out = layout.at(layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in dims))
+    # values and indices alike: a dropped channel's zeros have their max (and its index) 0
+    parts = [out, out] if node.target in ops.WITH_INDICES else None
+    return _Op(out, zero_preserving=True, chainable=True, parts=parts)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

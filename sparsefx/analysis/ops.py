@@ -214,10 +214,14 @@ REDUCTIONS: dict[OpOverload, int] = {
     aten.mean.dim: 1,
     aten.sum.dim_IntList: 1,
     aten.amax.default: 1,
+    aten.max.dim: 1,
+    aten.min.dim: 1,
     aten.linalg_vector_norm.default: 2,  # F.normalize: Swinv2's cosine attention
 }
 """Reductions over given dims, and the position of their ``dim`` argument (``keepdim``
 follows it): channel-wise (and zero-preserving) unless they reduce the channel dim."""
+WITH_INDICES: frozenset[OpOverload] = frozenset({aten.max.dim, aten.min.dim})
+"""Reductions that return (values, indices): Hiera's ``x.view(...).max(dim=1).values``."""
 POSITIVE: frozenset[OpOverload] = frozenset(
     {aten.exp.default, aten.sigmoid.default, aten.softplus.default}
 )
