@@ -9,6 +9,7 @@ reference is written independently of sparsefx's analysis.
 from __future__ import annotations
 
 import copy
+import math
 from typing import ClassVar
 
 import pytest
@@ -2618,4 +2619,25 @@ def test_max_and_min_over_positions_with_their_indices_are_channel_wise():
     torch.manual_seed(0)
     sparse = _transformed_as_zeroed(PooledByMax(), torch.randn(2, 3, 4, 5))
     assert [g.name for g in sparse.groups] == ["conv1"]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class WrittenOutErfGelu(nn.Module):
+    """GELU written with erf, as ESM writes it: ``x * 0.5 * (1 + erf(x / sqrt(2)))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))))
+
+
+def test_erf_is_channel_wise():
+    """erf was not among the element-wise ops the analysis knows, so ESM's GELU read its
+    intermediate layer at full width; erf is channel-wise and zero at zero."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(WrittenOutErfGelu(), torch.randn(4, 6))
+    assert [g.name for g in sparse.groups] == ["fc1"]
     assert not sparse.analysis.scatters, sparse.analysis.scatters

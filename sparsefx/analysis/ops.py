@@ -75,6 +75,18 @@ ZERO_PRESERVING_UNARY: frozenset[OpOverload] = frozenset(
         aten.mish.default,
         aten.elu.default,
         aten.selu.default,
+        aten.erf.default,  # GELU written out: ESM's x * 0.5 * (1 + erf(x / sqrt(2)))
+        aten.erfinv.default,
+        aten.sin.default,
+        aten.sinh.default,
+        aten.asinh.default,
+        aten.tan.default,
+        aten.atan.default,
+        aten.atanh.default,
+        aten.expm1.default,
+        aten.log1p.default,
+        aten.sign.default,
+        aten.sgn.default,
         aten.dropout.default,
         aten.feature_dropout.default,
         aten.clone.default,
@@ -97,6 +109,8 @@ OTHER_CHANNELWISE_UNARY: frozenset[OpOverload] = frozenset(
         aten.softplus.default,
         aten.exp.default,
         aten.cos.default,
+        aten.cosh.default,
+        aten.erfc.default,
         aten.rsqrt.default,  # RMSNorm's rsqrt(mean(x^2) + eps), per head in Qwen3's q/k norms
         aten.clamp_min.default,  # F.normalize's norm clamped to eps
         aten.alpha_dropout.default,  # a dropped element becomes a negative saturation value
