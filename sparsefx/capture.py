@@ -17,6 +17,7 @@ import inspect
 import math
 import sysconfig
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -164,13 +165,45 @@ def capture(
     _check_initialized(model)
     _check_no_cumulative_batch_norm(model)
     args, kwargs = distinct_inputs(args, kwargs)
-    with _disable_current_modes():
+    with _disable_current_modes(), _applied_functions() as functions:
         ep, guards = _export(model, args, kwargs)
+    if functions:
+        warnings.warn(_FUNCTIONS_TRACED.format(names=", ".join(sorted(functions))), stacklevel=4)
     captured = replace(_captured(ep, training=training), size_guards=guards)
     captured.gm = unmerged_reshapes(
         embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
     )
     return captured
+
+
+_FUNCTIONS_TRACED = (
+    "sparsefx.transform traces the custom torch.autograd.Function {names} through its "
+    "forward: torch.export records the forward's ops, so training differentiates them and "
+    "never calls the Function's backward. Where that backward is the forward's exact "
+    "gradient nothing changes; where it is something else (a straight-through estimator, a "
+    "gradient reversal, an approximate gradient) the gradients differ from eager PyTorch's: "
+    "write it as differentiable ops instead (a straight-through estimator as "
+    "x + (f(x) - x).detach())"
+)
+
+
+@contextlib.contextmanager
+def _applied_functions() -> Iterator[set[str]]:
+    """Names of the custom torch.autograd.Functions (not torch's or sparsefx's) that the
+    model applies while export traces it, which inlines their forward."""
+    found: set[str] = set()
+    apply = torch.autograd.Function.__dict__["apply"]
+
+    def recording(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith(("torch.", "sparsefx.")):
+            found.add(f"{cls.__module__}.{cls.__qualname__}")
+        return apply.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(recording)  # type: ignore[method-assign, assignment]
+    try:
+        yield found
+    finally:
+        torch.autograd.Function.apply = apply  # type: ignore[method-assign]
 
 
 def distinct_inputs(
@@ -488,7 +521,8 @@ def capture_graph(
             "the compiled graph calls a custom torch.autograd.Function, which sparsefx's "
             "compiled path cannot rewrite with its backward intact (re-exported, its gradient "
             "would not reach the layers before it): use sparsefx.transform(model, "
-            "example_inputs), which runs it"
+            "example_inputs), which differentiates its forward instead of calling its "
+            "backward (the same gradient where the backward is the forward's exact one)"
         )
     scalars = tuple(float(example_inputs[i]) for i in scalar_inputs)
     gm = _inline_scalar_inputs(gm, scalar_inputs, scalars)
