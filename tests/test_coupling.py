@@ -2641,3 +2641,30 @@ def test_erf_is_channel_wise():
     sparse = _transformed_as_zeroed(WrittenOutErfGelu(), torch.randn(4, 6))
     assert [g.name for g in sparse.groups] == ["fc1"]
     assert not sparse.analysis.scatters, sparse.analysis.scatters
+
+
+class SlicedGate(nn.Module):
+    """A projection whose last feature is a gate, sliced off (``h[..., -1:]``) rather than
+    split: the slice keeps only that one-channel part."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 9), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h[..., :-1] * torch.sigmoid(h[..., -1:]))
+
+
+def test_a_slice_that_keeps_only_dense_features_reads_them_at_their_compact_offset():
+    """The gate is a part of one channel, left dense: a slice keeping only it was refused
+    ("keeps no pruned channel") and read the projection at full width. It is now a dense
+    tensor, sliced at the compact offset after the kept channels before it."""
+    torch.manual_seed(0)
+    sparse = _transformed_as_zeroed(SlicedGate(), torch.randn(4, 6))
+    assert [(g.name, g.size) for g in sparse.groups] == [("fc1", 8)]
+    assert not sparse.analysis.scatters, sparse.analysis.scatters
+    graph = sparse.runtime.graphs[0].compact.graph
+    slices = graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor)
+    (gate,) = [n for n in slices if [u.target for u in n.users] == [torch.ops.aten.sigmoid.default]]
+    assert isinstance(gate.args[2], torch.fx.Node)  # starts after the kept channels
