@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from sparsefx import compiled
 from sparsefx.analysis import Group, analyze
+from sparsefx.autograd_functions import autograd_function, inlined_autograd_function
 from sparsefx.capture import capture, distinct_inputs, eval_mode
 from sparsefx.config import SparseConfig, check_int, resolve_config
 from sparsefx.kernels import compact
@@ -358,7 +359,10 @@ def export(
     graph = fold_constants(inline_state(graph, captured.inputs, state, kept))
     program = torch.export.export(_CompactInference(graph, captured.out_spec), args, kwargs)
     return program.run_decompositions(
-        {torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_functional}
+        {
+            torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_functional,
+            autograd_function._opoverload: inlined_autograd_function,
+        }
     )
 
 

@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
+from sparsefx.autograd_functions import custom_functions
 from sparsefx.einsums import einsum_matmuls
 from sparsefx.reshapes import traced_call, unmerged_reshapes
 
@@ -165,10 +166,10 @@ def capture(
     _check_initialized(model)
     _check_no_cumulative_batch_norm(model)
     args, kwargs = distinct_inputs(args, kwargs)
-    with _disable_current_modes(), _applied_functions() as functions:
+    with _disable_current_modes(), custom_functions() as inlined:
         ep, guards = _export(model, args, kwargs)
-    if functions:
-        warnings.warn(_FUNCTIONS_TRACED.format(names=", ".join(sorted(functions))), stacklevel=4)
+    if inlined:
+        warnings.warn(_FUNCTIONS_TRACED.format(names=", ".join(sorted(inlined))), stacklevel=4)
     captured = replace(_captured(ep, training=training), size_guards=guards)
     captured.gm = unmerged_reshapes(
         embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
@@ -178,32 +179,14 @@ def capture(
 
 _FUNCTIONS_TRACED = (
     "sparsefx.transform traces the custom torch.autograd.Function {names} through its "
-    "forward: torch.export records the forward's ops, so training differentiates them and "
-    "never calls the Function's backward. Where that backward is the forward's exact "
-    "gradient nothing changes; where it is something else (a straight-through estimator, a "
-    "gradient reversal, an approximate gradient) the gradients differ from eager PyTorch's: "
-    "write it as differentiable ops instead (a straight-through estimator as "
-    "x + (f(x) - x).detach())"
+    "forward: its backward is not the forward's gradient, and sparsefx cannot run the "
+    "Function itself here (an argument that is an object other than a tensor or a plain "
+    "constant, an output that is not a tensor, a forward that writes into its inputs or "
+    "draws random numbers). Training differentiates the forward's ops and never calls the "
+    "Function's backward, so the gradients differ from eager PyTorch's: pass the Function "
+    "tensors and constants only, or write it as differentiable ops (a straight-through "
+    "estimator as x + (f(x) - x).detach())"
 )
-
-
-@contextlib.contextmanager
-def _applied_functions() -> Iterator[set[str]]:
-    """Names of the custom torch.autograd.Functions (not torch's or sparsefx's) that the
-    model applies while export traces it, which inlines their forward."""
-    found: set[str] = set()
-    apply = torch.autograd.Function.__dict__["apply"]
-
-    def recording(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if not cls.__module__.startswith(("torch.", "sparsefx.")):
-            found.add(f"{cls.__module__}.{cls.__qualname__}")
-        return apply.__func__(cls, *args, **kwargs)
-
-    torch.autograd.Function.apply = classmethod(recording)  # type: ignore[method-assign, assignment]
-    try:
-        yield found
-    finally:
-        torch.autograd.Function.apply = apply  # type: ignore[method-assign]
 
 
 def distinct_inputs(
@@ -521,8 +504,7 @@ def capture_graph(
             "the compiled graph calls a custom torch.autograd.Function, which sparsefx's "
             "compiled path cannot rewrite with its backward intact (re-exported, its gradient "
             "would not reach the layers before it): use sparsefx.transform(model, "
-            "example_inputs), which differentiates its forward instead of calling its "
-            "backward (the same gradient where the backward is the forward's exact one)"
+            "example_inputs), which runs the Function's own backward"
         )
     scalars = tuple(float(example_inputs[i]) for i in scalar_inputs)
     gm = _inline_scalar_inputs(gm, scalar_inputs, scalars)

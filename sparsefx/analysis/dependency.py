@@ -501,6 +501,8 @@ class _Walk:
             return self._binary(node, compact)
         if target in ops.CAT:
             return self._cat(node, compact)
+        if target is ops.AUTOGRAD_FUNCTION:
+            return "a custom autograd.Function, run whole for its own backward, reads its inputs"
         if ops.is_weight_op(target):
             x = ops.weight_args(node)[0]
             if compact != [x]:

@@ -25,6 +25,8 @@ import torch
 from torch import fx
 from torch._ops import OpOverload
 
+from sparsefx import autograd_functions
+
 aten = torch.ops.aten
 
 LINEAR: frozenset[OpOverload] = frozenset({aten.linear.default})
@@ -122,6 +124,10 @@ tracked as non-zero (it must not reach an op that needs zeros there)."""
 TYPE_AS: frozenset[OpOverload] = frozenset({aten.type_as.default})
 """A cast to another tensor's dtype (Gemma's norms): channel-wise in its first argument; the
 second one is read for its dtype only."""
+
+AUTOGRAD_FUNCTION: OpOverload = autograd_functions.autograd_function._opoverload
+"""A custom autograd.Function whose backward is not its forward's gradient, run whole so
+that its backward runs (capture): it reads its inputs at full width."""
 
 IN_PLACE_DROPOUT: dict[OpOverload, OpOverload] = {
     aten.dropout_.default: aten.dropout.default,
