@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
 from sparsefx.autograd_functions import custom_functions
 from sparsefx.einsums import einsum_matmuls
-from sparsefx.reshapes import traced_call, unmerged_reshapes
+from sparsefx.reshapes import traced_call, unmerged_batch_matmuls, unmerged_reshapes
 
 __all__ = [
     "CaptureError",
@@ -171,10 +171,15 @@ def capture(
     if inlined:
         warnings.warn(_FUNCTIONS_TRACED.format(names=", ".join(sorted(inlined))), stacklevel=4)
     captured = replace(_captured(ep, training=training), size_guards=guards)
-    captured.gm = unmerged_reshapes(
-        embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
-    )
+    captured.gm = _normalised(captured.gm, captured.inputs)
     return captured
+
+
+def _normalised(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
+    """The captured graph in the forms the analysis reads: linears, embedding lookups,
+    reshapes one dim at a time, and batched matmuls over unmerged dims."""
+    gm = embedding_lookups(linear_matmuls(gm, inputs), inputs)
+    return unmerged_batch_matmuls(unmerged_reshapes(gm))
 
 
 _FUNCTIONS_TRACED = (
@@ -540,9 +545,7 @@ def capture_graph(
         next(given) if kind == InputKind.USER_INPUT else (kind, target)
         for kind, target in captured.inputs
     ]
-    captured.gm = unmerged_reshapes(
-        embedding_lookups(linear_matmuls(captured.gm, captured.inputs), captured.inputs)
-    )
+    captured.gm = _normalised(captured.gm, captured.inputs)
     return captured
 
 

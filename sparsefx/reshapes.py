@@ -9,6 +9,10 @@ dims. Both are rewritten here as the same values computed by steps on *atoms*: t
 sizes that both shapes of a reshape are products of (T, B, H, D above). Sizes may be
 symbolic (a dynamic batch); a quotient counts only where it is whole for every value of the
 symbols.
+
+A ``bmm`` over heads merged into the batch (DeBERTa's ``probs.view(B * H, T, T) @
+v.view(B * H, T, d)``) becomes a matmul of the unmerged tensors, for the same reason: the
+heads keep a dim of their own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch.utils._sympy.functions import FloorDiv, Mod
 
 from sparsefx.analysis.sizes import equal, folded, proves, whole_quotient
 
-__all__ = ["traced_call", "unmerged_reshapes"]
+__all__ = ["traced_call", "unmerged_batch_matmuls", "unmerged_reshapes"]
 
 aten = torch.ops.aten
 
@@ -42,6 +46,61 @@ def unmerged_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def unmerged_batch_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with each ``bmm`` of two tensors that merge the same two leading dims into its
+    batch dim (DeBERTa's ``probs.view(B * H, T, T) @ v.view(B * H, T, D)``) computed as a
+    matmul of the unmerged tensors, and its merged result by a flatten of that matmul, which
+    an unflatten of the same two dims reads directly: the heads a merge hides in the batch
+    stay a dim of their own, where the analysis can keep them compact."""
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.bmm.default)):
+        sources = [_merge_source(arg) for arg in node.args[:2]]
+        if None in sources:
+            continue
+        x, y = sources
+        env = _shape_env(x, y, node)
+        if not all(equal(a, b, env) for a, b in zip(_sizes(x)[:2], _sizes(y)[:2], strict=True)):
+            continue
+        with gm.graph.inserting_before(node):
+            product = traced_call(gm, node, aten.matmul.default, (x, y))
+            merged = traced_call(gm, node, aten.flatten.using_ints, (product, 0, 1))
+        node.replace_all_uses_with(merged)
+        for user in list(merged.users):
+            if _splits(user, product, env):
+                user.replace_all_uses_with(product)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _merge_source(node: object) -> fx.Node | None:
+    """The rank-4 tensor a reshape or flatten `node` merges the first two dims of into one."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is aten.flatten.using_ints and tuple(node.args[1:]) != (0, 1):
+        return None
+    if node.target not in (*_RESHAPES, aten.flatten.using_ints):
+        return None
+    source, sizes = node.args[0], _sizes(node)
+    source_sizes = _sizes(source)
+    if len(source_sizes) != 4 or len(sizes) != 3:
+        return None
+    env = _shape_env(source, node)
+    merged = [source_sizes[0] * source_sizes[1], *source_sizes[2:]]
+    if not all(equal(a, b, env) for a, b in zip(merged, sizes, strict=True)):
+        return None
+    return source  # type: ignore[return-value]
+
+
+def _splits(node: fx.Node, product: fx.Node, env: ShapeEnv | None) -> bool:
+    """Whether reshape `node` of `product`'s flatten gives `product`'s sizes back."""
+    sizes, product_sizes = _sizes(node), _sizes(product)
+    return (
+        node.target in _RESHAPES
+        and len(sizes) == len(product_sizes)
+        and all(equal(a, b, env) for a, b in zip(sizes, product_sizes, strict=True))
+    )
 
 
 def _rewrite_chain(gm: fx.GraphModule, last: fx.Node) -> bool:

@@ -215,3 +215,52 @@ def test_a_window_partition_stays_compact_when_the_image_size_turns_dynamic(cont
         x = torch.randn(2, size, size, 8)
         torch.testing.assert_close(compiled(x), eager(x))
         assert [(g.name, g.members) for g in sparsefx.groups(compiled)] == [("fc1", fc1.members)]
+
+
+class BatchMergedAttention(nn.Module):
+    """DeBERTa's attention: heads merged into the batch (``view(B * H, T, d)``) for each bmm,
+    the scores split back to add a mask and softmax, merged again for ``probs @ v``. The
+    scores come from the input (DeBERTa's q and k are dense: their weights also project the
+    relative positions), so v's heads are the only group."""
+
+    def __init__(self):
+        super().__init__()
+        self.v, self.o, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def merged(y):
+            return y.view(b, t, 4, 2).permute(0, 2, 1, 3).contiguous().view(-1, t, 2)
+
+        q = merged(x)
+        scores = torch.bmm(q, q.transpose(-1, -2)).view(-1, 4, t, t) + mask
+        probs = torch.softmax(scores, -1).view(-1, t, t)
+        context = torch.bmm(probs, merged(self.v(x))).view(-1, 4, t, 2)
+        return self.head(x + self.o(context.permute(0, 2, 1, 3).reshape(b, t, 8)))
+
+
+def test_a_bmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
+    """``probs.view(B * H, T, T) @ v.view(B * H, T, d)`` merged v's kept heads with the batch,
+    where a layout cannot hold them: v was scattered to full width for the bmm (DeBERTa-v2
+    and v3, 2 scatters in two layers). Capture now computes the bmm as a matmul of the
+    unmerged tensors, whose split result the analysis reads as attention's ``probs @ v``:
+    no scatter, and the values of the masked dense model."""
+    torch.manual_seed(0)
+    model = BatchMergedAttention().eval()
+    x, mask = torch.randn(3, 5, 8), torch.zeros(3, 1, 5, 5)
+    mask[0, ..., 3:] = -1e4
+    sparse = sparsefx.transform(copy.deepcopy(model), (x, mask), density=0.5)
+    (heads,) = sparsefx.groups(sparse)
+    assert heads.name == "v" and heads.size == 4 and not sparse.analysis.scatters
+    kept = torch.tensor([True, False, False, True])
+    compiled = torch.compile(copy.deepcopy(model), backend="sparsefx", options={"density": 0.5})
+    compiled(x, mask)
+    assert sparsefx.groups(compiled) == [heads]
+    for smodel in (sparse, compiled):
+        sparsefx.set_masks(smodel, {"v": kept})
+    model.v.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
+    x = torch.randn(4, 6, 8)  # another batch and length: the sizes stay symbolic
+    mask = torch.zeros(4, 1, 6, 6)
+    torch.testing.assert_close(sparse(x, mask), model(x, mask))
+    torch.testing.assert_close(compiled(x, mask), model(x, mask))
