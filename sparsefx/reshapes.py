@@ -10,9 +10,9 @@ sizes that both shapes of a reshape are products of (T, B, H, D above). Sizes ma
 symbolic (a dynamic batch); a quotient counts only where it is whole for every value of the
 symbols.
 
-A ``bmm`` over heads merged into the batch (DeBERTa's ``probs.view(B * H, T, T) @
-v.view(B * H, T, d)``) becomes a matmul of the unmerged tensors, for the same reason: the
-heads keep a dim of their own.
+A ``bmm`` or ``baddbmm`` over heads merged into the batch (DeBERTa's ``probs.view(B * H,
+T, T) @ v.view(B * H, T, d)``, BLOOM's alibi scores) becomes a matmul of the unmerged
+tensors, for the same reason: the heads keep a dim of their own.
 """
 
 from __future__ import annotations
@@ -49,21 +49,31 @@ def unmerged_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def unmerged_batch_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` with each ``bmm`` of two tensors that merge the same two leading dims into its
-    batch dim (DeBERTa's ``probs.view(B * H, T, T) @ v.view(B * H, T, D)``) computed as a
+    """`gm` with each ``bmm`` or ``baddbmm`` of two tensors that merge the same two leading
+    dims into their batch dim (DeBERTa's ``probs.view(B * H, T, T) @ v.view(B * H, T, D)``,
+    BLOOM's ``alibi.baddbmm(q.reshape(B * H, T, D), k.reshape(B * H, D, T))``) computed as a
     matmul of the unmerged tensors, and its merged result by a flatten of that matmul, which
     an unflatten of the same two dims reads directly: the heads a merge hides in the batch
     stay a dim of their own, where the analysis can keep them compact."""
-    for node in list(gm.graph.find_nodes(op="call_function", target=aten.bmm.default)):
-        sources = [_merge_source(arg) for arg in node.args[:2]]
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _BATCH_MATMULS:
+            continue
+        added = node.target is aten.baddbmm.default
+        sources = [_merge_source(arg) for arg in node.args[added : added + 2]]
         if None in sources:
             continue
-        x, y = sources
+        (x, _), (y, _) = sources
         env = _shape_env(x, y, node)
-        if not all(equal(a, b, env) for a, b in zip(_sizes(x)[:2], _sizes(y)[:2], strict=True)):
+        leading = _sizes(x)[:2]
+        if not all(equal(a, b, env) for a, b in zip(leading, _sizes(y)[:2], strict=True)):
+            continue
+        if added and not _unflattens_by(node.args[0], leading, env):
             continue
         with gm.graph.inserting_before(node):
+            x, y = (_transposed(gm, node, *source) for source in sources)
             product = traced_call(gm, node, aten.matmul.default, (x, y))
+            if added:
+                product = _scaled_sum(gm, node, product, int(leading[1]))
             merged = traced_call(gm, node, aten.flatten.using_ints, (product, 0, 1))
         node.replace_all_uses_with(merged)
         for user in list(merged.users):
@@ -74,10 +84,40 @@ def unmerged_batch_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _merge_source(node: object) -> fx.Node | None:
-    """The rank-4 tensor a reshape or flatten `node` merges the first two dims of into one."""
+_BATCH_MATMULS = (aten.bmm.default, aten.baddbmm.default)
+
+
+def _unflattens_by(added: object, leading: list[sympy.Expr], env: ShapeEnv | None) -> bool:
+    """Whether baddbmm's added tensor has the merged batch dim (a static count of heads
+    inside it), so that unflattening it gives the unmerged product's leading dims."""
+    sizes = _sizes(added)
+    return (
+        len(sizes) == 3 and leading[1].is_Integer and equal(sizes[0], leading[0] * leading[1], env)
+    )
+
+
+def _scaled_sum(gm: fx.GraphModule, node: fx.Node, product: fx.Node, heads: int) -> fx.Node:
+    """baddbmm's ``beta * added + alpha * product`` on unmerged dims."""
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    if alpha != 1:
+        product = traced_call(gm, node, aten.mul.Tensor, (product, alpha))
+    if beta == 0:  # the added tensor is ignored (torch.empty in GPT-2's upcast path)
+        return product
+    added = traced_call(gm, node, aten.unflatten.int, (node.args[0], 0, [-1, heads]))
+    if beta != 1:
+        added = traced_call(gm, node, aten.mul.Tensor, (added, beta))
+    return traced_call(gm, node, aten.add.Tensor, (added, product))
+
+
+def _merge_source(node: object) -> tuple[fx.Node, bool] | None:
+    """The rank-4 tensor a reshape or flatten `node` merges the first two dims of into one,
+    and whether `node` transposes the merge's last two dims after it (``k.reshape(B * H, T,
+    D).transpose(-1, -2)``)."""
     if not isinstance(node, fx.Node):
         return None
+    if node.target is aten.transpose.int and {d % 3 for d in node.args[1:3]} == {1, 2}:  # type: ignore[operator]
+        merged = _merge_source(node.args[0])
+        return None if merged is None or merged[1] else (merged[0], True)
     if node.target is aten.flatten.using_ints and tuple(node.args[1:]) != (0, 1):
         return None
     if node.target not in (*_RESHAPES, aten.flatten.using_ints):
@@ -90,7 +130,13 @@ def _merge_source(node: object) -> fx.Node | None:
     merged = [source_sizes[0] * source_sizes[1], *source_sizes[2:]]
     if not all(equal(a, b, env) for a, b in zip(merged, sizes, strict=True)):
         return None
-    return source  # type: ignore[return-value]
+    return source, False  # type: ignore[return-value]
+
+
+def _transposed(gm: fx.GraphModule, node: fx.Node, source: fx.Node, transpose: bool) -> fx.Node:
+    if not transpose:
+        return source
+    return traced_call(gm, node, aten.transpose.int, (source, -2, -1))
 
 
 def _splits(node: fx.Node, product: fx.Node, env: ShapeEnv | None) -> bool:

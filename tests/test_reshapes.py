@@ -264,3 +264,44 @@ def test_a_bmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
     mask = torch.zeros(4, 1, 6, 6)
     torch.testing.assert_close(sparse(x, mask), model(x, mask))
     torch.testing.assert_close(compiled(x, mask), model(x, mask))
+
+
+class AlibiAttention(nn.Module):
+    """BLOOM's attention: ``alibi.baddbmm(q, k)`` with the heads merged into the batch and k
+    transposed after its merge (``k.reshape(B * H, T, d).transpose(-1, -2)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, alibi: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def heads(y):
+            return y.view(b, t, 4, 2).transpose(1, 2)
+
+        q = heads(self.q(x)).reshape(b * 4, t, 2)
+        k = heads(self.k(x)).reshape(b * 4, t, 2).transpose(-1, -2)
+        scores = alibi.baddbmm(q, k, beta=1.0, alpha=0.5).view(b, 4, t, t)
+        context = torch.softmax(scores, -1) @ heads(self.v(x))
+        return self.head(x + self.o(context.transpose(1, 2).reshape(b, t, 8)))
+
+
+def test_a_baddbmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
+    """q and k merged their heads into the batch for ``alibi.baddbmm``, so both scattered
+    (BLOOM: 6 scatters in two layers, with the ``probs @ v`` bmm). Capture now computes it
+    as ``alibi.unflatten(0, (-1, H)) + alpha * (q @ k.T)`` on unmerged dims: q, k and v
+    prune their heads together, compactly, with the masked dense model's values."""
+    torch.manual_seed(0)
+    model = AlibiAttention().eval()
+    x, alibi = torch.randn(3, 5, 8), torch.randn(12, 1, 5)
+    sparse = sparsefx.transform(copy.deepcopy(model), (x, alibi), density=0.5)
+    (heads,) = sparsefx.groups(sparse)
+    assert heads.size == 4 and ("k.weight", 0) in heads.members and not sparse.analysis.scatters
+    kept = torch.tensor([False, True, True, False])
+    sparsefx.set_masks(sparse, {heads.name: kept})
+    for layer in (model.q, model.k, model.v):
+        layer.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
+    x, alibi = torch.randn(2, 7, 8), torch.randn(8, 1, 7)
+    torch.testing.assert_close(sparse(x, alibi), model(x, alibi))
