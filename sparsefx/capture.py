@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
-from sparsefx.autograd_functions import custom_functions
+from sparsefx.autograd_functions import custom_functions, dynamo_functions
 from sparsefx.einsums import einsum_matmuls
 from sparsefx.reshapes import traced_call, unmerged_batch_matmuls, unmerged_reshapes
 
@@ -502,14 +502,15 @@ def capture_graph(
     `scalar_inputs` (Python floats passed as 0-d tensors, inlined as constants). Dims that
     Dynamo made dynamic are exported as dynamic.
     """
-    if any(
-        node.target is torch.ops.higher_order.autograd_function_apply for node in gm.graph.nodes
-    ):
+    refused = dynamo_functions(gm)
+    if refused:
         raise CaptureError(
-            "the compiled graph calls a custom torch.autograd.Function, which sparsefx's "
-            "compiled path cannot rewrite with its backward intact (re-exported, its gradient "
-            "would not reach the layers before it): use sparsefx.transform(model, "
-            "example_inputs), which runs the Function's own backward"
+            f"the compiled graph calls a custom torch.autograd.Function ({', '.join(refused)}) "
+            "that sparsefx cannot run whole here: its forward draws random numbers (a "
+            "backward that ran it again would draw others) or writes in place, or it takes "
+            "a non-tensor argument that the graph computes. Use sparsefx.transform(model, "
+            "example_inputs), which runs it whole or, where it cannot, differentiates its "
+            "forward with a warning"
         )
     scalars = tuple(float(example_inputs[i]) for i in scalar_inputs)
     gm = _inline_scalar_inputs(gm, scalar_inputs, scalars)

@@ -664,40 +664,6 @@ def test_changed_dropout_p_and_batch_norm_momentum_compile_anew():
     torch.testing.assert_close(model[1].running_mean, model[0](x).mean(0))
 
 
-class _SigmoidGelu(torch.autograd.Function):
-    """A custom autograd.Function in the model, as Bloom's GeLU in training."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        return grad * (s + 1.702 * x * s * (1 - s))
-
-
-class FunctionNet(Net):
-    def logits(self, x):
-        return self.head(F.relu(self.fc2(_SigmoidGelu.apply(self.bn(self.fc1(x))))))
-
-
-def test_a_custom_autograd_function_is_refused_pointing_to_transform():
-    """Dynamo keeps it as a higher-order op whose re-export loses the path of its gradient
-    (the layers before it got none, silently, once the inner compile accepted it); the
-    compiled path refuses it, and transform runs it (tests/test_autograd_functions.py)."""
-    x, y = data()
-    with pytest.raises(
-        torch._dynamo.exc.BackendCompilerFailed, match=r"autograd\.Function.*sparsefx\.transform"
-    ):
-        compiled(FunctionNet())(x, y)
-    sparse = sparsefx.transform(FunctionNet(), (x, y), config=sparsefx.SparseConfig(**OPTIONS))
-    sparse(x, y).backward()
-    assert sparse.model.fc1.weight.grad is not None
-
-
 def test_copies_of_a_compiled_model_carry_its_structure():
     """deepcopy (and AveragedModel, which deep-copies) of a compiled model used to start the
     copy's structure from scratch at its first call: an EMA model evaluated with another
