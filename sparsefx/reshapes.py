@@ -70,7 +70,7 @@ def unmerged_batch_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
         if added and not _unflattens_by(node.args[0], leading, env):
             continue
         with gm.graph.inserting_before(node):
-            x, y = (_transposed(gm, node, *source) for source in sources)
+            x, y = (_emit(gm, node, source, steps) for source, steps in sources)
             product = traced_call(gm, node, aten.matmul.default, (x, y))
             if added:
                 product = _scaled_sum(gm, node, product, int(leading[1]))
@@ -109,15 +109,21 @@ def _scaled_sum(gm: fx.GraphModule, node: fx.Node, product: fx.Node, heads: int)
     return traced_call(gm, node, aten.add.Tensor, (added, product))
 
 
-def _merge_source(node: object) -> tuple[fx.Node, bool] | None:
+def _merge_source(node: object) -> tuple[fx.Node, list[tuple]] | None:
     """The rank-4 tensor a reshape or flatten `node` merges the first two dims of into one,
-    and whether `node` transposes the merge's last two dims after it (``k.reshape(B * H, T,
-    D).transpose(-1, -2)``)."""
+    and the steps that `node` takes after the merge, to be taken on the unmerged tensor
+    instead: a transpose of the last two dims (``k.reshape(B * H, T, D).transpose(-1, -2)``)
+    and a scaling by a scalar (DeBERTa's ``k.T / sqrt(d)``)."""
     if not isinstance(node, fx.Node):
         return None
     if node.target is aten.transpose.int and {d % 3 for d in node.args[1:3]} == {1, 2}:  # type: ignore[operator]
         merged = _merge_source(node.args[0])
-        return None if merged is None or merged[1] else (merged[0], True)
+        if merged is None or any(step[0] is aten.transpose.int for step in merged[1]):
+            return None
+        return merged[0], [*merged[1], (aten.transpose.int, -2, -1)]
+    if node.target in _SCALINGS and _is_scalar(node.args[1]):
+        merged = _merge_source(node.args[0])
+        return None if merged is None else (merged[0], [*merged[1], (node.target, node.args[1])])
     if node.target is aten.flatten.using_ints and tuple(node.args[1:]) != (0, 1):
         return None
     if node.target not in (*_RESHAPES, aten.flatten.using_ints):
@@ -130,13 +136,18 @@ def _merge_source(node: object) -> tuple[fx.Node, bool] | None:
     merged = [source_sizes[0] * source_sizes[1], *source_sizes[2:]]
     if not all(equal(a, b, env) for a, b in zip(merged, sizes, strict=True)):
         return None
-    return source, False  # type: ignore[return-value]
+    return source, []  # type: ignore[return-value]
 
 
-def _transposed(gm: fx.GraphModule, node: fx.Node, source: fx.Node, transpose: bool) -> fx.Node:
-    if not transpose:
-        return source
-    return traced_call(gm, node, aten.transpose.int, (source, -2, -1))
+_SCALINGS = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
+
+
+def _is_scalar(value: object) -> bool:
+    """A Python number or a 0-d tensor: it scales a merged tensor as it scales the unmerged."""
+    if isinstance(value, (int, float)):
+        return True
+    val = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
 def _splits(node: fx.Node, product: fx.Node, env: ShapeEnv | None) -> bool:

@@ -305,3 +305,46 @@ def test_a_baddbmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
         layer.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
     x, alibi = torch.randn(2, 7, 8), torch.randn(8, 1, 7)
     torch.testing.assert_close(sparse(x, alibi), model(x, alibi))
+
+
+class MaskedScoresAttention(nn.Module):
+    """DeBERTa without relative attention: ``bmm(q, k.T / s)`` on heads merged into the
+    batch, split back and masked by ``masked_fill``, merged again for ``probs @ v``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def merged(y):
+            return y.view(b, t, 4, 2).permute(0, 2, 1, 3).contiguous().view(-1, t, 2)
+
+        k = merged(self.k(x)).transpose(-1, -2) / math.sqrt(2)
+        scores = torch.bmm(merged(self.q(x)), k).view(-1, 4, t, t)
+        probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(x.dtype).min), -1)
+        context = torch.bmm(probs.view(-1, t, t), merged(self.v(x))).view(-1, 4, t, 2)
+        return self.head(x + self.o(context.permute(0, 2, 1, 3).reshape(b, t, 8)))
+
+
+def test_a_scaled_transposed_merge_and_a_masked_fill_keep_the_heads_compact():
+    """DeBERTa-v2 without relative attention: ``k.T / s`` after the merge kept the bmm
+    merged (q and k scattered at their merges, 4 scatters in two layers), and the mask's
+    ``masked_fill`` was not known to be channel-wise. Now q, k and v prune heads together
+    with no scatter, with the masked dense model's values."""
+    torch.manual_seed(0)
+    model = MaskedScoresAttention().eval()
+    mask = torch.ones(3, 1, 5, 5, dtype=torch.bool)
+    mask[0, ..., 3:] = False
+    sparse = sparsefx.transform(copy.deepcopy(model), (torch.randn(3, 5, 8), mask), density=0.5)
+    (heads,) = sparsefx.groups(sparse)
+    assert heads.size == 4 and ("k.weight", 0) in heads.members and not sparse.analysis.scatters
+    kept = torch.tensor([True, False, True, False])
+    sparsefx.set_masks(sparse, {heads.name: kept})
+    for layer in (model.q, model.k, model.v):
+        layer.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
+    x, mask = torch.randn(2, 6, 8), torch.rand(2, 1, 6, 6) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(sparse(x, mask), model(x, mask))

@@ -529,6 +529,8 @@ class _Walk:
             return self._normalises_across_features(node, compact)
         if target in ops.WHERE:
             return self._where(node, compact)
+        if target in ops.MASKED_FILL:
+            return self._masked_fill(node, compact)
         if target in ops.TYPE_AS:  # the other tensor's dtype is not a compact input (run)
             return _Op(self.flows[first].layout, zero_preserving=True, chainable=True)  # type: ignore[index]
         if compact != [first] or not isinstance(first, fx.Node):
@@ -835,6 +837,20 @@ class _Walk:
                 return "where with a full-width condition or other value"
         zero = isinstance(other, int | float) and other == 0
         return _Op(layout.at(dim), zero_preserving=zero)
+
+    def _masked_fill(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str:
+        """``x.masked_fill(mask, value)`` of a compact x with a mask of one value per channel
+        position: channel-wise, as `_where` (DeBERTa's attention mask on its per-head
+        scores); zero-preserving if the value is 0."""
+        x, mask, value = node.args[:3]
+        if compact != [x]:
+            return "masked_fill with a compact mask or value"
+        layout = self.flows[x].layout
+        shape = _shape(mask)
+        at = layout.dim - len(_shape(x)) + len(shape)
+        if at >= 0 and not same_size(shape[at], 1):
+            return "masked_fill with a full-width mask"
+        return _Op(layout, zero_preserving=isinstance(value, int | float) and value == 0)
 
     def _channel_parameter(self, node: fx.Node, x: fx.Node, param: fx.Node, dim: int) -> _Op | None:
         """``x * p``, ``x / p``, ``x + p`` or ``x - p`` with a parameter of one value per

@@ -221,6 +221,8 @@ WHERE: frozenset[OpOverload] = frozenset(
 )
 """``where(cond, x, y)``: channel-wise where the condition and the other value broadcast
 over the channel dim."""
+MASKED_FILL: frozenset[OpOverload] = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
+"""``x.masked_fill(mask, value)``, which is ``where(mask, value, x)``."""
 SOFTMAX: frozenset[OpOverload] = frozenset(
     {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
 )
