@@ -1948,12 +1948,16 @@ def test_layers_after_a_bool_mask_index_are_costed_by_the_masks_bound(budget):
     torch.testing.assert_close(sparse(x), _zeroed(model, sparse.groups, masks)(x))
 
 
-class GatedChunk(nn.Module):
-    """One layer's output chunked in two, one half through a sigmoid, concatenated again."""
+class _TwoLinears(nn.Module):
+    """fc1 (6 -> 8) and fc2 (8 -> 3), for a forward to put channel-wise ops between."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+
+class GatedChunk(_TwoLinears):
+    """One layer's output chunked in two, one half through a sigmoid, concatenated again."""
 
     def forward(self, x):
         a, b = self.fc1(x).chunk(2, -1)
@@ -2205,12 +2209,8 @@ def test_a_matmul_of_a_compact_tensor_with_itself_is_channel_wise():
     assert ("c2.weight", 1) in group.members and not sparse.analysis.scatters
 
 
-class WrittenOutSwish(nn.Module):
+class WrittenOutSwish(_TwoLinears):
     """``h * sigmoid(h)`` written out (two branches of h that meet again), then a sigmoid."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.fc1(x)
@@ -2230,13 +2230,9 @@ def test_a_chain_goes_through_branches_that_meet_again():
     assert ("fc2.weight", 1) in group.members
 
 
-class CastBack(nn.Module):
+class CastBack(_TwoLinears):
     """A layer's output cast to float for an activation and back with ``type_as`` of it
     (Gemma's norms): the second reader of h reads only its dtype."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.fc1(x)
@@ -2622,12 +2618,8 @@ def test_max_and_min_over_positions_with_their_indices_are_channel_wise():
     assert not sparse.analysis.scatters, sparse.analysis.scatters
 
 
-class WrittenOutErfGelu(nn.Module):
+class WrittenOutErfGelu(_TwoLinears):
     """GELU written with erf, as ESM writes it: ``x * 0.5 * (1 + erf(x / sqrt(2)))``."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.fc1(x)

@@ -266,14 +266,18 @@ def test_a_bmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
     torch.testing.assert_close(compiled(x, mask), model(x, mask))
 
 
-class AlibiAttention(nn.Module):
-    """BLOOM's attention: ``alibi.baddbmm(q, k)`` with the heads merged into the batch and k
-    transposed after its merge (``k.reshape(B * H, T, d).transpose(-1, -2)``)."""
+class _ProjectedAttention(nn.Module):
+    """q, k and v projections of 4 heads of 2 features, an output projection and a head."""
 
     def __init__(self):
         super().__init__()
         self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
         self.o, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+
+class AlibiAttention(_ProjectedAttention):
+    """BLOOM's attention: ``alibi.baddbmm(q, k)`` with the heads merged into the batch and k
+    transposed after its merge (``k.reshape(B * H, T, d).transpose(-1, -2)``)."""
 
     def forward(self, x: torch.Tensor, alibi: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -294,27 +298,28 @@ def test_a_baddbmm_over_heads_merged_into_the_batch_keeps_the_heads_compact():
     as ``alibi.unflatten(0, (-1, H)) + alpha * (q @ k.T)`` on unmerged dims: q, k and v
     prune their heads together, compactly, with the masked dense model's values."""
     torch.manual_seed(0)
-    model = AlibiAttention().eval()
-    x, alibi = torch.randn(3, 5, 8), torch.randn(12, 1, 5)
-    sparse = sparsefx.transform(copy.deepcopy(model), (x, alibi), density=0.5)
+    example = (torch.randn(3, 5, 8), torch.randn(12, 1, 5))
+    _prunes_heads_together(AlibiAttention(), example, (torch.randn(2, 7, 8), torch.randn(8, 1, 7)))
+
+
+def _prunes_heads_together(model: _ProjectedAttention, example: tuple, inputs: tuple) -> None:
+    """q, k and v of `model` form one group of 4 heads with no scatter, and with two heads
+    kept the transformed model computes the dense model's values with the dropped heads'
+    q, k and v zeroed, on `inputs` of other sizes than `example`."""
+    model.eval()
+    sparse = sparsefx.transform(copy.deepcopy(model), example, density=0.5)
     (heads,) = sparsefx.groups(sparse)
     assert heads.size == 4 and ("k.weight", 0) in heads.members and not sparse.analysis.scatters
     kept = torch.tensor([False, True, True, False])
     sparsefx.set_masks(sparse, {heads.name: kept})
     for layer in (model.q, model.k, model.v):
         layer.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
-    x, alibi = torch.randn(2, 7, 8), torch.randn(8, 1, 7)
-    torch.testing.assert_close(sparse(x, alibi), model(x, alibi))
+    torch.testing.assert_close(sparse(*inputs), model(*inputs))
 
 
-class MaskedScoresAttention(nn.Module):
+class MaskedScoresAttention(_ProjectedAttention):
     """DeBERTa without relative attention: ``bmm(q, k.T / s)`` on heads merged into the
     batch, split back and masked by ``masked_fill``, merged again for ``probs @ v``."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-        self.o, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -335,16 +340,9 @@ def test_a_scaled_transposed_merge_and_a_masked_fill_keep_the_heads_compact():
     ``masked_fill`` was not known to be channel-wise. Now q, k and v prune heads together
     with no scatter, with the masked dense model's values."""
     torch.manual_seed(0)
-    model = MaskedScoresAttention().eval()
-    mask = torch.ones(3, 1, 5, 5, dtype=torch.bool)
-    mask[0, ..., 3:] = False
-    sparse = sparsefx.transform(copy.deepcopy(model), (torch.randn(3, 5, 8), mask), density=0.5)
-    (heads,) = sparsefx.groups(sparse)
-    assert heads.size == 4 and ("k.weight", 0) in heads.members and not sparse.analysis.scatters
-    kept = torch.tensor([True, False, True, False])
-    sparsefx.set_masks(sparse, {heads.name: kept})
-    for layer in (model.q, model.k, model.v):
-        layer.register_forward_hook(lambda m, i, out: out * kept.repeat_interleave(2))
-    x, mask = torch.randn(2, 6, 8), torch.rand(2, 1, 6, 6) > 0.3
+    example = torch.ones(3, 1, 5, 5, dtype=torch.bool)
+    example[0, ..., 3:] = False
+    mask = torch.rand(2, 1, 6, 6) > 0.3
     mask[..., 0] = True
-    torch.testing.assert_close(sparse(x, mask), model(x, mask))
+    model = MaskedScoresAttention()
+    _prunes_heads_together(model, (torch.randn(3, 5, 8), example), (torch.randn(2, 6, 8), mask))
