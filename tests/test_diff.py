@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sparsefx
+from sparsefx.tools import report
 from sparsefx.tools.cli import main
 from tests import diff_models
 
@@ -443,8 +444,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
 
 
 class ScoresWithBias(torch.nn.Module):
-    """``baddbmm`` with a bias broadcast over the batch: its meta kernel fails on a symbolic
-    batch size, so the listing's shapes stop there."""
+    """``baddbmm`` with a bias broadcast over the batch: its C++ meta kernel fails on a
+    symbolic batch size, so the listing runs the Python dispatcher's decomposition."""
 
     def __init__(self):
         super().__init__()
@@ -456,11 +457,26 @@ class ScoresWithBias(torch.nn.Module):
         return self.fc2(torch.baddbmm(self.bias, h, h.transpose(1, 2)))
 
 
-def test_explain_says_where_shapes_stop_without_logging_the_fake_tensor_error(caplog):
-    """Fake tensors logged the failing meta kernel as an error with its traceback, twice,
-    on stderr of an `explain` that then reported it in one line."""
+def test_explain_lists_shapes_through_a_baddbmm_with_a_symbolic_batch():
     torch.manual_seed(0)
     sparse = sparsefx.transform(ScoresWithBias(), torch.randn(3, 5, 6), density=0.5)
+    text = sparsefx.explain(sparse)
+    assert "baddbmm: f32[s0, 5, 5] = aten.baddbmm(" in text and "shapes stop" not in text
+
+
+def test_explain_says_where_shapes_stop_without_logging_the_fake_tensor_error(caplog, monkeypatch):
+    """Fake tensors logged a failing meta kernel as an error with its traceback, twice, on
+    stderr of an `explain` that then reported it in one line. Here a bias made not to
+    broadcast over the batch fails baddbmm's meta kernel."""
+    torch.manual_seed(0)
+    sparse = sparsefx.transform(ScoresWithBias(), torch.randn(3, 5, 6), density=0.5)
+    fake_input = report._FakeShapes._input
+
+    def bias_of_two_rows(self, node):
+        value = fake_input(self, node)
+        return torch.empty(2, 5, 5) if node.name == "p_bias" else value
+
+    monkeypatch.setattr(report._FakeShapes, "_input", bias_of_two_rows)
     with caplog.at_level("DEBUG"):
         text = sparsefx.explain(sparse)
     assert "note: compact graph: shapes stop at baddbmm, which failed on fake tensors" in text

@@ -29,6 +29,7 @@ import networkx as nx
 import sympy
 import torch
 from torch import Tensor, fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export.graph_signature import InputKind
@@ -425,7 +426,15 @@ class _FakeShapes:
     ) -> Listing:
         interpreter = fx.Interpreter(gm, garbage_collect_values=False)
         problem = None
-        with self.mode, torch.no_grad(), _silenced(logging.getLogger(FakeTensorMode.__module__)):
+        # The Python dispatcher runs composite ops through their symbolic-size decompositions,
+        # as export does: torch 2.11's C++ matmul asks a transposed 3-D input of symbolic
+        # size for its numel (nn.MultiheadAttention's in-projections).
+        with (
+            self.mode,
+            enable_python_dispatcher(),
+            torch.no_grad(),
+            _silenced(logging.getLogger(FakeTensorMode.__module__)),
+        ):
             args = [self._input(node) for node in gm.graph.find_nodes(op="placeholder")]
             try:
                 interpreter.run(*args)
