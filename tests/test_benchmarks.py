@@ -6,6 +6,7 @@ benchmarks/kernels.py once replaced, breaking real_models.py)."""
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import sys
 from pathlib import Path
 
@@ -56,3 +57,44 @@ def test_benchmarks_count_cpu_attention_flops(kv_heads):
         assert count_flops(attention, min_steps=1, min_seconds=0.0) == forward
     step = count_flops(lambda: attention().sum().backward(), min_steps=1, min_seconds=0.0)
     assert step == forward + forward * 5 // 2
+
+
+def test_model_sweep_checks_a_text_and_a_vision_model_and_compares_structures():
+    """benchmarks/model_sweep.py, in process, on DistilBERT (half BERT's time here) and a
+    ResNet (BatchNorms, residual streams): both transform into groups and pass every check
+    that runs without torch.compile (float64), their results survive JSON, and `--compare`
+    reports what an earlier sweep had differently: a group it lacked, a dense op it had, a
+    check that mismatched."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import model_sweep
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    options = model_sweep.Options()
+    results = {name: model_sweep.run_case(name, options) for name in ("distilbert", "resnet")}
+    for name, result in results.items():
+        stages = result["stages"]
+        assert {key: s["status"] for key, s in stages.items()} == {
+            key: "ok" for key in ("build", "structure", "eval", "grads", "dropped", "train")
+        }, f"{name}: {stages}"
+        assert len(stages["structure"]["groups"]) > 0
+        assert stages["grads"]["grad_rel"] <= model_sweep.RTOL["float64"]
+        assert stages["dropped"]["dropped_features"] > 0
+    assert "  structure: 2 ok" in model_sweep.report(results, options)
+
+    old = json.loads(json.dumps(results))
+    lost = old["distilbert"]["stages"]["structure"]["groups"].pop()
+    old["distilbert"]["stages"]["structure"]["dense"].append(
+        ["linear_99", "linear.default", "weight is used by several ops (shared weights ...)"]
+    )
+    old["resnet"]["stages"]["eval"] = {"status": "mismatch", "summary": "logits rel 1.0e-03"}
+    changes = model_sweep.compare(old, results).splitlines()
+    assert changes == [
+        "distilbert:",
+        f"  groups + {lost[0]} ({lost[1]}{', stream' * lost[2]})",
+        "  dense - linear_99 (linear.default): weight is used by several ops",
+        "resnet:",
+        "  eval: MISMATCH logits rel 1.0e-03 -> ok",
+        "0 of 2 models unchanged",
+    ]
+    assert model_sweep.compare(results, results) == "2 of 2 models unchanged"
