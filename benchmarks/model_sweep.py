@@ -131,6 +131,15 @@ _w2v = dict(
     apply_spec_augment=False,
 )
 _vit = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+_pyramid = dict(
+    num_encoder_blocks=2,
+    depths=[1, 1],
+    hidden_sizes=[16, 32],
+    patch_sizes=[7, 3],
+    strides=[4, 2],
+    num_attention_heads=[1, 2],
+    mlp_ratios=[2, 2],
+)  # PVT, PVTv2 and SegFormer: two stages of one block
 _swin = dict(
     image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=2
 )
@@ -449,46 +458,10 @@ CASES: dict[str, Case] = {
     ),
     "pvt": Case(
         "vision",
-        dict(
-            image_size=32,
-            num_encoder_blocks=2,
-            depths=[1, 1],
-            sequence_reduction_ratios=[2, 1],
-            hidden_sizes=[16, 32],
-            patch_sizes=[4, 2],
-            strides=[4, 2],
-            num_attention_heads=[1, 2],
-            mlp_ratios=[2, 2],
-        ),
+        dict(_pyramid, image_size=32, sequence_reduction_ratios=[2, 1], patch_sizes=[4, 2]),
     ),
-    "pvt_v2": Case(
-        "vision",
-        dict(
-            image_size=32,
-            num_encoder_blocks=2,
-            depths=[1, 1],
-            sr_ratios=[2, 1],
-            hidden_sizes=[16, 32],
-            patch_sizes=[7, 3],
-            strides=[4, 2],
-            num_attention_heads=[1, 2],
-            mlp_ratios=[2, 2],
-        ),
-    ),
-    "segformer": Case(
-        "vision",
-        dict(
-            num_encoder_blocks=2,
-            depths=[1, 1],
-            sr_ratios=[2, 1],
-            hidden_sizes=[16, 32],
-            patch_sizes=[7, 3],
-            strides=[4, 2],
-            num_attention_heads=[1, 2],
-            mlp_ratios=[2, 2],
-            decoder_hidden_size=32,
-        ),
-    ),
+    "pvt_v2": Case("vision", dict(_pyramid, image_size=32, sr_ratios=[2, 1])),
+    "segformer": Case("vision", dict(_pyramid, sr_ratios=[2, 1], decoder_hidden_size=32)),
     "focalnet": Case(
         "vision",
         dict(
@@ -792,6 +765,13 @@ def verdict(ok: bool, mismatch: str, **numbers: Any) -> dict[str, Any]:
     return {"status": "ok" if ok else "mismatch", "summary": "" if ok else mismatch, **numbers}
 
 
+def equal_verdict(logits_rel: float, grads: dict[str, Any], rtol: float) -> dict[str, Any]:
+    """The record of a check that logits and every gradient equal a reference's."""
+    ok = logits_rel <= rtol and grads["grad_rel"] <= rtol
+    summary = f"grad rel {grads['grad_rel']:.1e} at {grads['grad_rel_param']}"
+    return verdict(ok, f"{summary}, logits rel {logits_rel:.1e}", logits_rel=logits_rel, **grads)
+
+
 def all_ones(groups: list[Any]) -> dict[str, Tensor]:
     """Masks that keep every channel: the transformed model must be the model."""
     return {g.name: torch.ones(g.size, dtype=torch.bool) for g in groups}
@@ -826,10 +806,7 @@ def check_grads(subject: Subject, sparse: nn.Module, groups: list[Any]) -> dict[
     subject.reference.train()
     got = subject.backward(sparse, subject.model)
     rel = relative_difference(got, subject.backward(subject.reference, subject.reference))
-    grads = gradient_difference(subject.model, subject.reference)
-    ok = rel <= subject.rtol and grads["grad_rel"] <= subject.rtol
-    summary = f"grad rel {grads['grad_rel']:.1e} at {grads['grad_rel_param']}"
-    return verdict(ok, f"{summary}, logits rel {rel:.1e}", logits_rel=rel, **grads)
+    return equal_verdict(rel, gradient_difference(subject.model, subject.reference), subject.rtol)
 
 
 def check_dropped(
@@ -955,10 +932,7 @@ def check_compiled(
             return {"status": "skipped", "summary": f"compile > {limit} s"}
         raise
     rel = relative_difference(got, expected)
-    grads = gradient_difference(twin, subject.model)
-    ok = rel <= subject.rtol and grads["grad_rel"] <= subject.rtol
-    summary = f"grad rel {grads['grad_rel']:.1e} at {grads['grad_rel_param']}"
-    return verdict(ok, f"{summary}, logits rel {rel:.1e}", logits_rel=rel, **grads)
+    return equal_verdict(rel, gradient_difference(twin, subject.model), subject.rtol)
 
 
 # -- one case, in the child process ------------------------------------------------------------
