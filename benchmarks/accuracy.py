@@ -25,6 +25,10 @@ the same data order per seed, SGD with momentum and a cosine learning rate:
   `--static-masks runs.json` the very channels a sparsefx run of that JSON (same setting,
   density and seed) ended with (reported as `static@sparsefx-paper`: the searched structure
   trained from the start, without the search).
+* `--search-kept 12,20,24`: sparsefx's search with each group's budget fixed at those counts
+  (a per-group projection, shrinking from the whole group as the budget warm-up shrinks the
+  model's; the freeze keeps each group's top counts by s), reported as
+  `sparsefx-paper@12/20/24`: the search at a split it does not choose itself.
 * rigl: channel-level dynamic sparse training (RigL-style): every `RIGL_EVERY` steps until
   75% of training, each group drops the kept channels with the smallest weight-row norm and
   regrows as many dropped ones with the largest dense gradient (one dense step), the drop
@@ -47,13 +51,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +69,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsefx
+import sparsefx.runtime
 from sparsefx.tools.datasets import Split, load_digits, load_fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
@@ -218,6 +225,8 @@ class Sparsefx(Trainer):
     score_form = "paper"
     freeze_multiple = 1
     """`freeze(multiple=)`: kept counts rounded to the CPU's channel block (`--freeze-multiple`)."""
+    search_kept: list[int] | None = None
+    """`--search-kept`: the kept counts per group the search was held to (`per_group_budgets`)."""
 
     def __init__(
         self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
@@ -233,7 +242,15 @@ class Sparsefx(Trainer):
         return self.criterion(self.sparse(x), y)
 
     def fine_tune(self) -> None:
-        sparsefx.freeze(self.sparse, "topk", multiple=self.freeze_multiple)
+        if self.search_kept:  # each group's top counts by s, as its own budget searched
+            probabilities = sparsefx.probabilities(self.sparse)
+            masks = {}
+            for (group, s), count in zip(probabilities.items(), self.search_kept, strict=True):
+                masks[group] = torch.zeros_like(s, dtype=torch.bool)
+                masks[group][s.topk(count).indices] = True
+            sparsefx.set_masks(self.sparse, masks)
+        else:
+            sparsefx.freeze(self.sparse, "topk", multiple=self.freeze_multiple)
         self.searching = False
 
     def predict(self, x: Tensor) -> Tensor:
@@ -408,11 +425,28 @@ def train(
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
     device: torch.device | str = "cpu", static_kept: list[int] | None = None,
     static_masks: Run | None = None, restart_lr: bool = False,
+    search_kept: list[int] | None = None,
 ) -> Run:  # fmt: skip
     """Train one method from the seed's initial weights on the seed's batch order
     (`static_kept`: the static method's kept counts per group instead of the density's;
     `static_masks`: a run whose final channels the static method keeps instead;
-    `restart_lr`: the cosine learning rate restarts from its peak when the search ends)."""
+    `restart_lr`: the cosine learning rate restarts from its peak when the search ends;
+    `search_kept`: the sparsefx methods search with these counts per group,
+    `per_group_budgets`)."""
+    searching = method.startswith("sparsefx") and bool(search_kept)
+    with per_group_budgets(search_kept) if searching else contextlib.nullcontext():
+        return _train(
+            name, setting, data, method, density, seed, search, options, freeze_multiple,
+            device, static_kept, static_masks, restart_lr, search_kept if searching else None,
+        )  # fmt: skip
+
+
+def _train(
+    name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
+    search: float, options: dict | None, freeze_multiple: int, device: torch.device | str,
+    static_kept: list[int] | None, static_masks: Run | None, restart_lr: bool,
+    search_kept: list[int] | None,
+) -> Run:  # fmt: skip
     device = torch.device(device)
     torch.manual_seed(seed)
     model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
@@ -436,6 +470,9 @@ def train(
     if isinstance(trainer, Sparsefx):
         trainer.freeze_multiple = freeze_multiple
     run = Run(name, method, density if method != "dense" else 1.0, seed)
+    if search_kept:
+        trainer.search_kept = search_kept
+        run.method += f"@{'/'.join(map(str, search_kept))}"
     if static_kept and isinstance(trainer, Static) and not isinstance(trainer, RigL):
         trainer.keep(static_kept)
         run.method = f"static@{'/'.join(map(str, static_kept))}"
@@ -483,6 +520,40 @@ def train(
 
 
 # -- the table and plots --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def per_group_budgets(counts: list[int]) -> Iterator[None]:
+    """sparsefx's projection with a budget per group: group i keeps `counts[i]` channels in
+    expectation, shrinking from the whole group by the budget warm-up's own schedule. The
+    search then decides which channels within each group, at a split it did not choose.
+    (A benchmark experiment: no reserve for the sampler's two-channel minimum.)"""
+
+    def project(state: sparsefx.runtime.StructureState, z: Tensor, *, triton: bool) -> Tensor:
+        sizes = [b - a for a, b in zip(state.offsets, state.offsets[1:], strict=False)]
+        if (
+            state.config.budget != "channels"
+            or len(counts) != len(sizes)
+            or sum(counts) != round(state.target_budget)
+            or not all(2 <= k <= n for k, n in zip(counts, sizes, strict=True))
+        ):
+            raise SystemExit(
+                f"--search-kept {counts}: need one count in 2..size per group (sizes {sizes}) "
+                f"summing to the density's {round(state.target_budget)} channels, with "
+                "budget=channels"
+            )
+        spare = state.total_cost - state.target_budget
+        remaining = (state.budget - state.target_budget) / spare if spare else 0.0
+        parts = zip(z.split(sizes), state.costs.split(sizes), counts, sizes, strict=True)
+        return torch.cat(
+            [
+                sparsefx.runtime.project_to_budget(zg, cg, k + (n - k) * remaining)
+                for zg, cg, k, n in parts
+            ]
+        )
+
+    with mock.patch.object(sparsefx.runtime.StructureState, "_project", project):
+        yield
 
 
 def _base(method: str) -> str:
@@ -627,6 +698,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of the density's fraction of each",
     )
     parser.add_argument(
+        "--search-kept",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=None,
+        metavar="N,N,...",
+        help="the sparsefx methods search with each group's budget fixed at these channel "
+        "counts (in group order, summing to the density's), and keep each group's top counts "
+        "by s when the search ends: the search at a given split",
+    )
+    parser.add_argument(
         "--static-masks",
         type=Path,
         default=None,
@@ -733,7 +813,7 @@ def train_all(args: argparse.Namespace) -> list[Run]:
                     run = train(
                         name, setting, data, method, density, seed, args.search, args.option,
                         args.freeze_multiple, args.device, args.static_kept, source,
-                        args.restart_lr,
+                        args.restart_lr, args.search_kept,
                     )  # fmt: skip
                     runs.append(run)
                     print(

@@ -146,3 +146,25 @@ def test_validate_scores_on_held_out_training_examples_not_the_test_set(tmp_path
     assert [run["setting"] for run in json.loads(out.read_text())["runs"]] == ["digits-mlp-val"]
     with pytest.raises(SystemExit, match="hold out between 1 and"):
         accuracy.held_out(data, len(data.x_train))
+
+
+def test_search_kept_holds_each_group_to_its_count_and_freezes_to_it(tmp_path):
+    """--search-kept: each group's expected kept count follows its own budget (the whole
+    group, shrinking with the warm-up, to its count), and the search ends on exactly those
+    counts; the static method of the same command keeps the density's fraction of each."""
+    out = tmp_path / "accuracy.json"
+    common = ["--settings", "digits-mlp", "--epochs", "6", "--seeds", "0", "--densities", "0.25"]
+    accuracy.main(
+        [*common, "--methods", "sparsefx-paper,static", "--search-kept", "96,160",
+         "--option", "budget_warmup=10", "--freeze-multiple", "1", "--json", str(out)]
+    )  # fmt: skip
+    searched, static = json.loads(out.read_text())["runs"]
+    assert searched["method"] == "sparsefx-paper@96/160"
+    assert searched["kept"] == [96, 160]
+    first, *later = searched["trace"]  # [step, undecided, expected kept per group]
+    assert first[0] == 0 and first[2:] == pytest.approx([512, 512], abs=1)
+    assert later and all(p[0] >= 10 and p[2:] == pytest.approx([96, 160], abs=1) for p in later)
+    assert static["method"] == "static" and static["kept"] == [128, 128]
+    with pytest.raises(SystemExit, match=r"summing to the density's 256 channels"):
+        accuracy.main([*common, "--methods", "sparsefx-paper", "--search-kept", "96,96",
+                       "--json", str(out)])  # fmt: skip
