@@ -420,6 +420,40 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
+@contextlib.contextmanager
+def per_group_budgets(counts: list[int]) -> Iterator[None]:
+    """sparsefx's projection with a budget per group: group i keeps `counts[i]` channels in
+    expectation, shrinking from the whole group by the budget warm-up's own schedule. The
+    search then decides which channels within each group, at a split it did not choose.
+    (A benchmark experiment: no reserve for the sampler's two-channel minimum.)"""
+
+    def project(state: sparsefx.runtime.StructureState, z: Tensor, *, triton: bool) -> Tensor:
+        sizes = [b - a for a, b in zip(state.offsets, state.offsets[1:], strict=False)]
+        if (
+            state.config.budget != "channels"
+            or len(counts) != len(sizes)
+            or sum(counts) != round(state.target_budget)
+            or not all(2 <= k <= n for k, n in zip(counts, sizes, strict=True))
+        ):
+            raise SystemExit(
+                f"--search-kept {counts}: need one count in 2..size per group (sizes {sizes}) "
+                f"summing to the density's {round(state.target_budget)} channels, with "
+                "budget=channels"
+            )
+        spare = state.total_cost - state.target_budget
+        remaining = (state.budget - state.target_budget) / spare if spare else 0.0
+        parts = zip(z.split(sizes), state.costs.split(sizes), counts, sizes, strict=True)
+        return torch.cat(
+            [
+                sparsefx.runtime.project_to_budget(zg, cg, k + (n - k) * remaining)
+                for zg, cg, k, n in parts
+            ]
+        )
+
+    with mock.patch.object(sparsefx.runtime.StructureState, "_project", project):
+        yield
+
+
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
@@ -520,40 +554,6 @@ def _train(
 
 
 # -- the table and plots --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def per_group_budgets(counts: list[int]) -> Iterator[None]:
-    """sparsefx's projection with a budget per group: group i keeps `counts[i]` channels in
-    expectation, shrinking from the whole group by the budget warm-up's own schedule. The
-    search then decides which channels within each group, at a split it did not choose.
-    (A benchmark experiment: no reserve for the sampler's two-channel minimum.)"""
-
-    def project(state: sparsefx.runtime.StructureState, z: Tensor, *, triton: bool) -> Tensor:
-        sizes = [b - a for a, b in zip(state.offsets, state.offsets[1:], strict=False)]
-        if (
-            state.config.budget != "channels"
-            or len(counts) != len(sizes)
-            or sum(counts) != round(state.target_budget)
-            or not all(2 <= k <= n for k, n in zip(counts, sizes, strict=True))
-        ):
-            raise SystemExit(
-                f"--search-kept {counts}: need one count in 2..size per group (sizes {sizes}) "
-                f"summing to the density's {round(state.target_budget)} channels, with "
-                "budget=channels"
-            )
-        spare = state.total_cost - state.target_budget
-        remaining = (state.budget - state.target_budget) / spare if spare else 0.0
-        parts = zip(z.split(sizes), state.costs.split(sizes), counts, sizes, strict=True)
-        return torch.cat(
-            [
-                sparsefx.runtime.project_to_budget(zg, cg, k + (n - k) * remaining)
-                for zg, cg, k, n in parts
-            ]
-        )
-
-    with mock.patch.object(sparsefx.runtime.StructureState, "_project", project):
-        yield
 
 
 def _base(method: str) -> str:
