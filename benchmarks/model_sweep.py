@@ -91,6 +91,11 @@ class Case:
     """The class to build, where the auto class of `kind` does not give the classifier."""
     float32_only: bool = False
     """Runs in float32 whatever `--dtype` says: the model cannot run in float64."""
+    decoder_inputs: bool = False
+    """Pass `decoder_input_ids` (the labels shifted right) and `decoder_attention_mask`, as a
+    training loop may: the model derives them otherwise through a branch on data that
+    torch.export cannot trace (FSMT's ``if not padding_mask.any()``, ProphetNet's
+    ``assert torch.all(...).item()``)."""
 
 
 _enc = dict(
@@ -305,6 +310,7 @@ CASES: dict[str, Case] = {
             tgt_vocab_size=VOCAB,
         ),
         float32_only=True,  # HF's fill_with_neg_inf fills a float32 mask with float64's min
+        decoder_inputs=True,
     ),
     "prophetnet": Case(
         "seq2seq",
@@ -329,6 +335,7 @@ CASES: dict[str, Case] = {
         ),
         # its softmax casts scores to float32, where float64's min (the mask) is -inf: NaN
         float32_only=True,
+        decoder_inputs=True,
     ),
     "led": Case(
         "seq2seq",
@@ -669,9 +676,14 @@ def _inputs(name: str, config: Any, generator: torch.Generator) -> tuple[dict[st
         mask[i, :n] = 1
     inputs = {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
     if kind == "seq2seq":
-        t_dec = T_ENC if name == "fsmt" else T_DEC  # FSMT shifts input_ids, not labels
-        labels = torch.randint(5, VOCAB - 2, (B, t_dec), generator=generator)
-        labels[2, t_dec - 3 :] = -100  # a padded target row
+        labels = torch.randint(5, VOCAB - 2, (B, T_DEC), generator=generator)
+        labels[2, T_DEC - 3 :] = -100  # a padded target row
+        if CASES[name].decoder_inputs:
+            start = torch.full((B, 1), config.decoder_start_token_id)
+            shifted = torch.cat([start, labels[:, :-1]], dim=1)
+            padded = shifted == -100
+            inputs["decoder_input_ids"] = shifted.masked_fill(padded, pad)
+            inputs["decoder_attention_mask"] = (~padded).long()
     return inputs, labels
 
 
