@@ -691,7 +691,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--static-kept",
-        type=lambda text: [int(k) for k in text.split(",")],
+        type=_counts,
         default=None,
         metavar="N,N,...",
         help="the static method keeps these channel counts per group (in group order) instead "
@@ -699,7 +699,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--search-kept",
-        type=lambda text: [int(k) for k in text.split(",")],
+        type=_counts,
         default=None,
         metavar="N,N,...",
         help="the sparsefx methods search with each group's budget fixed at these channel "
@@ -732,6 +732,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a run split into parts, e.g. slow baselines apart)",
     )
     return parser.parse_args(argv)
+
+
+def _counts(text: str) -> list[int]:
+    """Channel counts per group, "12,20,24" (`--static-kept`, `--search-kept`)."""
+    return [int(k) for k in text.split(",")]
 
 
 def _option(text: str) -> tuple[str, object]:
