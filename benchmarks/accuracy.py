@@ -51,15 +51,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +67,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsefx
-import sparsefx.runtime
+from sparsefx.policy.projection import project_to_budget
 from sparsefx.tools.datasets import Split, load_digits, load_fashion_mnist
 
 RESULTS = Path(__file__).parent / "results"
@@ -226,7 +224,7 @@ class Sparsefx(Trainer):
     freeze_multiple = 1
     """`freeze(multiple=)`: kept counts rounded to the CPU's channel block (`--freeze-multiple`)."""
     search_kept: list[int] | None = None
-    """`--search-kept`: the kept counts per group the search was held to (`per_group_budgets`)."""
+    """`--search-kept`: the kept counts per group the search was held to (`hold_to`)."""
 
     def __init__(
         self, model: nn.Sequential, density: float, example: Tensor, seed: int, options: dict
@@ -240,6 +238,38 @@ class Sparsefx(Trainer):
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         return self.criterion(self.sparse(x), y)
+
+    def hold_to(self, counts: list[int]) -> None:
+        """Search with a budget per group: group i keeps `counts[i]` channels in expectation,
+        shrinking from the whole group by the budget warm-up's own schedule, so the search
+        decides which channels within each group at a split it did not choose. (A benchmark
+        experiment: this structure's projection is replaced, without the reserve for the
+        sampler's two-channel minimum.)"""
+        state = self.sparse.runtime.structure
+        sizes = [b - a for a, b in zip(state.offsets, state.offsets[1:], strict=False)]
+        if (
+            state.config.budget != "channels"
+            or len(counts) != len(sizes)
+            or sum(counts) != round(state.target_budget)
+            or not all(2 <= k <= n for k, n in zip(counts, sizes, strict=True))
+        ):
+            raise SystemExit(
+                f"--search-kept {counts}: need one count in 2..size per group (sizes {sizes}) "
+                f"summing to the density's {round(state.target_budget)} channels, with "
+                "budget=channels"
+            )
+
+        def project(z: Tensor, *, triton: bool) -> Tensor:
+            spare = state.total_cost - state.target_budget
+            remaining = (state.budget - state.target_budget) / spare if spare else 0.0
+            groups = zip(z.split(sizes), state.costs.split(sizes), counts, sizes, strict=True)
+            return torch.cat(
+                [project_to_budget(zg, cg, k + (n - k) * remaining) for zg, cg, k, n in groups]
+            )
+
+        state._project = project
+        state.probabilities.copy_(project(state.probabilities, triton=False))
+        self.search_kept = counts
 
     def fine_tune(self) -> None:
         if self.search_kept:  # each group's top counts by s, as its own budget searched
@@ -420,40 +450,6 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
-@contextlib.contextmanager
-def per_group_budgets(counts: list[int]) -> Iterator[None]:
-    """sparsefx's projection with a budget per group: group i keeps `counts[i]` channels in
-    expectation, shrinking from the whole group by the budget warm-up's own schedule. The
-    search then decides which channels within each group, at a split it did not choose.
-    (A benchmark experiment: no reserve for the sampler's two-channel minimum.)"""
-
-    def project(state: sparsefx.runtime.StructureState, z: Tensor, *, triton: bool) -> Tensor:
-        sizes = [b - a for a, b in zip(state.offsets, state.offsets[1:], strict=False)]
-        if (
-            state.config.budget != "channels"
-            or len(counts) != len(sizes)
-            or sum(counts) != round(state.target_budget)
-            or not all(2 <= k <= n for k, n in zip(counts, sizes, strict=True))
-        ):
-            raise SystemExit(
-                f"--search-kept {counts}: need one count in 2..size per group (sizes {sizes}) "
-                f"summing to the density's {round(state.target_budget)} channels, with "
-                "budget=channels"
-            )
-        spare = state.total_cost - state.target_budget
-        remaining = (state.budget - state.target_budget) / spare if spare else 0.0
-        parts = zip(z.split(sizes), state.costs.split(sizes), counts, sizes, strict=True)
-        return torch.cat(
-            [
-                sparsefx.runtime.project_to_budget(zg, cg, k + (n - k) * remaining)
-                for zg, cg, k, n in parts
-            ]
-        )
-
-    with mock.patch.object(sparsefx.runtime.StructureState, "_project", project):
-        yield
-
-
 def train(
     name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
     search: float = SEARCH, options: dict | None = None, freeze_multiple: int = 1,
@@ -466,21 +462,7 @@ def train(
     `static_masks`: a run whose final channels the static method keeps instead;
     `restart_lr`: the cosine learning rate restarts from its peak when the search ends;
     `search_kept`: the sparsefx methods search with these counts per group,
-    `per_group_budgets`)."""
-    searching = method.startswith("sparsefx") and bool(search_kept)
-    with per_group_budgets(search_kept) if searching else contextlib.nullcontext():
-        return _train(
-            name, setting, data, method, density, seed, search, options, freeze_multiple,
-            device, static_kept, static_masks, restart_lr, search_kept if searching else None,
-        )  # fmt: skip
-
-
-def _train(
-    name: str, setting: Setting, data: Split, method: str, density: float, seed: int,
-    search: float, options: dict | None, freeze_multiple: int, device: torch.device | str,
-    static_kept: list[int] | None, static_masks: Run | None, restart_lr: bool,
-    search_kept: list[int] | None,
-) -> Run:  # fmt: skip
+    `Sparsefx.hold_to`)."""
     device = torch.device(device)
     torch.manual_seed(seed)
     model = setting.build(data).to(device)  # initialised on the CPU: the same on any device
@@ -504,8 +486,8 @@ def _train(
     if isinstance(trainer, Sparsefx):
         trainer.freeze_multiple = freeze_multiple
     run = Run(name, method, density if method != "dense" else 1.0, seed)
-    if search_kept:
-        trainer.search_kept = search_kept
+    if search_kept and isinstance(trainer, Sparsefx) and not isinstance(trainer, Static):
+        trainer.hold_to(search_kept)
         run.method += f"@{'/'.join(map(str, search_kept))}"
     if static_kept and isinstance(trainer, Static) and not isinstance(trainer, RigL):
         trainer.keep(static_kept)
