@@ -34,7 +34,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input
+from sparsefx.analysis.ops import IN_PLACE_DROPOUT, aliases_input, eliminate_dead_code
 from sparsefx.autograd_functions import custom_functions, dynamo_functions
 from sparsefx.einsums import einsum_matmuls
 from sparsefx.reshapes import traced_call, unmerged_batch_matmuls, unmerged_reshapes
@@ -176,10 +176,18 @@ def capture(
 
 
 def _normalised(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
-    """The captured graph in the forms the analysis reads: linears, embedding lookups,
-    reshapes one dim at a time, and batched matmuls over unmerged dims."""
-    gm = embedding_lookups(linear_matmuls(gm, inputs), inputs)
+    """The captured graph in the forms the analysis reads: without dead code, linears,
+    embedding lookups, reshapes one dim at a time, and batched matmuls over unmerged dims."""
+    gm = embedding_lookups(linear_matmuls(without_dead_code(gm), inputs), inputs)
     return unmerged_batch_matmuls(unmerged_reshapes(gm))
+
+
+def without_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` without the computations no output reads (`ops.has_side_effects` says which
+    stay), before the analysis counts their channels."""
+    if eliminate_dead_code(gm.graph):
+        gm.recompile()
+    return gm
 
 
 _FUNCTIONS_TRACED = (

@@ -24,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._sympy.functions import FloorDiv, Mod
 
+from sparsefx.analysis.ops import eliminate_dead_code
 from sparsefx.analysis.sizes import equal, folded, proves, whole_quotient
 
 __all__ = ["traced_call", "unmerged_batch_matmuls", "unmerged_reshapes"]
@@ -43,7 +44,7 @@ def unmerged_reshapes(gm: fx.GraphModule) -> fx.GraphModule:
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in _RESHAPES and node.users:
                 rewrite(gm, node)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
     gm.recompile()
     return gm
 
@@ -79,7 +80,7 @@ def unmerged_batch_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
         for user in list(merged.users):
             if _splits(user, product, env):
                 user.replace_all_uses_with(product)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
     return gm
 

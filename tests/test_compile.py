@@ -481,6 +481,49 @@ class PositionsAfterABreak(nn.Module):
         return self.head(F.relu(self.fc2(F.relu(self.fc1(h)))))
 
 
+class DiscardedBranch(Net):
+    """Runs two branches whose results it throws away, as CANINE runs its
+    `final_char_encoder` under a classification head: layers ending in a dropout, and a
+    BatchNorm, whose running statistics still update."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Sequential(
+            nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.Dropout(0.1)
+        )
+        self.unused_norm = nn.BatchNorm1d(8)
+
+    def forward(self, x, y):
+        self.unused(x)
+        self.unused_norm(x)
+        return super().forward(x, y)
+
+
+def test_a_discarded_branch_is_not_pruned_and_its_batch_norm_still_updates():
+    """FX's dead-code pass keeps random ops, so the dropouts kept the discarded layers in
+    `transform`'s graph: it ran and pruned them, where torch.compile did not. And it drops a
+    training BatchNorm whose output nothing reads, whose schema does not declare that it
+    writes its running statistics: both entry points left them at their initial values."""
+    torch.manual_seed(0)
+    model = DiscardedBranch()
+    x, y = data()
+    eager = copy.deepcopy(model)
+    eager(x, y).backward()
+    transformed = copy.deepcopy(model)
+    sparse = sparsefx.transform(transformed, (x, y), config=sparsefx.SparseConfig(**OPTIONS))
+    compiled_model = copy.deepcopy(model)
+    cmodel = compiled(compiled_model)
+    for entry, trained in ((sparse, transformed), (cmodel, compiled_model)):
+        entry(x, y).backward()
+        assert [g.name for g in sparsefx.groups(entry)] == ["fc1", "fc2"]
+        for name, parameter in trained.named_parameters():
+            assert (parameter.grad is None) == name.startswith("unused"), name
+        for statistic in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(
+                getattr(trained.unused_norm, statistic), getattr(eager.unused_norm, statistic)
+            )
+
+
 def test_a_graph_without_inputs_compiles():
     """The graph after the break reads no input (it builds a tensor from Python ints):
     adding the index inputs failed on it with an IndexError (HF DeBERTa, FSMT)."""

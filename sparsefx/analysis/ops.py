@@ -257,6 +257,40 @@ INDEX: frozenset[OpOverload] = frozenset({aten.index.Tensor})
 table, computed by an MLP, read at each pair of window positions)."""
 
 
+RUNNING_STATISTICS_NORMS: frozenset[OpOverload] = frozenset(
+    {aten.batch_norm.default, aten.instance_norm.default}
+)
+"""Norms given running statistics: ``(input, weight, bias, running_mean, running_var,
+training or use_input_stats, ...)``."""
+
+
+def writes_running_statistics(node: fx.Node) -> bool:
+    """A batch or instance norm that normalises with the batch's statistics and is given
+    running ones: it updates those in place, which its schema does not declare."""
+    if node.target not in RUNNING_STATISTICS_NORMS:
+        return False
+    running_mean, running_var, batch_statistics = node.args[3:6]
+    return bool(batch_statistics) and (running_mean is not None or running_var is not None)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """What dead-code elimination keeps: in-place writes, whether the schema declares them or
+    not (running statistics: FX's own pass dropped a training BatchNorm whose output nothing
+    read, and its statistics stopped updating). Random draws go: FX's pass keeps them, so a
+    dropout at the end of a branch the model throws away (CANINE's `final_char_encoder`
+    under a classification head) kept the whole branch, which sparsefx ran and spent budget
+    on while torch.compile, whose graph Dynamo had pruned, did neither. A dropped draw only
+    moves later draws along the random stream, which sparsefx's dropout does not reproduce
+    bitwise anyway."""
+    return node.is_impure(impure_random=False) or writes_running_statistics(node)
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """`graph` without the nodes no output reads and that have no side effects; whether it
+    changed."""
+    return graph.eliminate_dead_code(is_impure_node=has_side_effects)
+
+
 def aliases_input(node: object) -> bool:
     """A view or an in-place op, or one output of a split/chunk/unbind: it shares its first
     input's storage."""

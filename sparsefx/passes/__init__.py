@@ -7,6 +7,7 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from sparsefx.analysis.groups import Group
+from sparsefx.analysis.ops import eliminate_dead_code
 from sparsefx.passes.compact import (
     add_index_inputs,
     bucket_convolutions,
@@ -100,7 +101,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind
 
+from sparsefx.analysis.ops import eliminate_dead_code
+
 __all__ = ["fold_constants", "inline_state", "rebuild_sequential", "unsupported_layers"]
 
 
@@ -96,7 +98,7 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(constant)
         else:
             node.replace_all_uses_with(value)  # type: ignore[arg-type]
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     for name, _ in list(gm.named_buffers(recurse=False)) + list(gm.named_parameters(recurse=False)):
         if not graph.find_nodes(op="get_attr", target=name):
             delattr(gm, name)  # the full-size state the folded slices replaced

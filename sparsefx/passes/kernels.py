@@ -53,7 +53,7 @@ def use_triton_kernels(gm: fx.GraphModule, *, sparse_gradients: bool = False) ->
             graph.erase_node(dead)
     for node in graph.find_nodes(op="call_function", target=gather):
         node.target = torch.ops.sparsefx.gather_block.default
-    graph.eliminate_dead_code()
+    ops.eliminate_dead_code(graph)
     gm.recompile()
     return gm
 
