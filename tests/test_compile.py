@@ -484,7 +484,7 @@ class PositionsAfterABreak(nn.Module):
 class DiscardedBranch(Net):
     """Runs two branches whose results it throws away, as CANINE runs its
     `final_char_encoder` under a classification head: layers ending in a dropout, and a
-    BatchNorm, whose running statistics still update."""
+    BatchNorm and an InstanceNorm, whose running statistics still update."""
 
     def __init__(self):
         super().__init__()
@@ -492,18 +492,21 @@ class DiscardedBranch(Net):
             nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.Dropout(0.1)
         )
         self.unused_norm = nn.BatchNorm1d(8)
+        self.unused_instance_norm = nn.InstanceNorm1d(2, track_running_stats=True)
 
     def forward(self, x, y):
         self.unused(x)
         self.unused_norm(x)
+        self.unused_instance_norm(x.view(-1, 2, 4))
         return super().forward(x, y)
 
 
-def test_a_discarded_branch_is_not_pruned_and_its_batch_norm_still_updates():
+def test_a_discarded_branch_is_not_pruned_and_its_norms_still_update():
     """FX's dead-code pass keeps random ops, so the dropouts kept the discarded layers in
     `transform`'s graph: it ran and pruned them, where torch.compile did not. And it drops a
-    training BatchNorm whose output nothing reads, whose schema does not declare that it
-    writes its running statistics: both entry points left them at their initial values."""
+    training BatchNorm (or InstanceNorm) whose output nothing reads, whose schema does not
+    declare that it writes its running statistics: both entry points left them at their
+    initial values."""
     torch.manual_seed(0)
     model = DiscardedBranch()
     x, y = data()
@@ -518,10 +521,12 @@ def test_a_discarded_branch_is_not_pruned_and_its_batch_norm_still_updates():
         assert [g.name for g in sparsefx.groups(entry)] == ["fc1", "fc2"]
         for name, parameter in trained.named_parameters():
             assert (parameter.grad is None) == name.startswith("unused"), name
-        for statistic in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(
-                getattr(trained.unused_norm, statistic), getattr(eager.unused_norm, statistic)
-            )
+        for norm in ("unused_norm", "unused_instance_norm"):
+            for statistic in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(
+                    getattr(getattr(trained, norm), statistic),
+                    getattr(getattr(eager, norm), statistic),
+                )
 
 
 def test_a_graph_without_inputs_compiles():

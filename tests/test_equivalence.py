@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -165,6 +166,43 @@ def test_batch_size_can_change_between_calls(batch):
         expected = reference(x)
     torch.testing.assert_close(sparse(x), expected)
     assert len(sparse._programs[sparse._modes()]) == 1, "a new batch size needs no new capture"
+
+
+class NormsOfTheInput(nn.Module):
+    """A BatchNorm and an InstanceNorm of the input: their statistics do not depend on the
+    masks, so a training step updates them as one eager forward does."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_norm = nn.BatchNorm1d(8)
+        self.instance_norm = nn.InstanceNorm1d(2, track_running_stats=True)
+        self.fc = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, y):
+        h = self.batch_norm(x) + self.instance_norm(x.view(-1, 2, 4)).flatten(1)
+        return F.cross_entropy(self.head(torch.relu(self.fc(h))), y)
+
+
+@pytest.mark.parametrize("samples", [2, 4])
+def test_score_forwards_leave_running_statistics_alone(samples):
+    """The K-1 score forwards normalise with batch statistics and update no running ones
+    (DESIGN §3 step 3). An InstanceNorm tracking running statistics updated them in every
+    score forward too: the score graph cleared BatchNorm's only."""
+    torch.manual_seed(0)
+    model, x, y = NormsOfTheInput(), torch.randn(6, 8), torch.randint(0, 3, (6,))
+    eager = copy.deepcopy(model)
+    eager(x, y)
+    config = sparsefx.SparseConfig(density=0.5, samples=samples, seed=0)
+    sparse = sparsefx.transform(model, (x, y), config=config)
+    sparse(x, y).backward()
+    for norm in ("batch_norm", "instance_norm"):
+        for statistic in ("running_mean", "running_var"):
+            torch.testing.assert_close(
+                getattr(getattr(model, norm), statistic),
+                getattr(getattr(eager, norm), statistic),
+                msg=f"{norm}.{statistic}",
+            )
 
 
 def test_submodules_in_eval_inside_a_training_model_match_reference():

@@ -302,14 +302,15 @@ def insert_scatters(gm: fx.GraphModule) -> fx.GraphModule:
 
 def extract_score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]]) -> fx.GraphModule:
     """The pure-forward graph for the structure gradient (DESIGN §3 step 3): same compute
-    with batch statistics, but no running-statistics update and no buffer mutation."""
+    with batch statistics, but no running-statistics update (batch and instance norms, which
+    update theirs in place without declaring it) and no buffer mutation."""
     buffers = {
         n
         for n, (kind, _) in zip(_placeholders(gm), inputs, strict=False)
         if kind == InputKind.BUFFER
     }
     for node in list(gm.graph.nodes):
-        if node.target in ops.BATCH_NORM and node.args[5]:
+        if ops.writes_running_statistics(node):
             node.update_arg(3, None)
             node.update_arg(4, None)
         elif _mutates_buffer(node, buffers) and not node.users:
