@@ -29,7 +29,11 @@ random init (nothing is downloaded), its dropout-like config fields zeroed (two
 training-mode runs would otherwise draw different noise), and fed inputs from a seeded
 generator, so a sweep is deterministic. A case that the installed `transformers` cannot build
 (an optional dependency missing, a config field renamed) is reported as such; the few models
-that cannot run in float64 run in float32, which the table shows beside their name.
+that cannot run in float64 run in float32, which the table shows beside their name. Models
+that compute some ops in float32 whatever the dtype (BLOOM, ESM, XLNet, ModernBERT:
+`Case.float32_inside`) meet float32's tolerance in the compiled check only, where Inductor's
+kernels for those ops round differently from the model's own; the JSON records each compiled
+check's `rtol`.
 
 `--json OUT` writes every result; `--compare OLD.json` prints, per model, what changed in
 groups, scatters, dense reasons and check results against an earlier `--json`: run
@@ -91,6 +95,10 @@ class Case:
     """The class to build, where the auto class of `kind` does not give the classifier."""
     float32_only: bool = False
     """Runs in float32 whatever `--dtype` says: the model cannot run in float64."""
+    float32_inside: str = ""
+    """Where the model computes in float32 whatever the dtype. The compiled check runs those
+    ops with Inductor's kernels against the model's own, so under float64 it holds the case
+    to float32's tolerance; the other checks run the model's own kernels and keep float64's."""
     decoder_inputs: bool = False
     """Pass `decoder_input_ids` (the labels shifted right) and `decoder_attention_mask`, as a
     training loop may: the model derives them otherwise through a branch on data that
@@ -157,6 +165,7 @@ CASES: dict[str, Case] = {
         dict(
             vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2, pad_token_id=0, use_cache=False
         ),
+        float32_inside="its attention softmax",
     ),
     "roberta": Case("text", dict(_enc, pad_token_id=1)),
     "distilbert": Case(
@@ -205,9 +214,15 @@ CASES: dict[str, Case] = {
         ),
     ),
     "esm": Case(
-        "text", dict(_enc, pad_token_id=1, mask_token_id=2, position_embedding_type="rotary")
+        "text",
+        dict(_enc, pad_token_id=1, mask_token_id=2, position_embedding_type="rotary"),
+        float32_inside="its rotary embedding (q.float())",
     ),
-    "xlnet": Case("text", dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_inner=64)),
+    "xlnet": Case(
+        "text",
+        dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_inner=64),
+        float32_inside="its sinusoidal position embedding",
+    ),
     "big_bird": Case("text", dict(_enc, attention_type="original_full")),
     "canine": Case(
         "text",
@@ -287,6 +302,7 @@ CASES: dict[str, Case] = {
             cls_token_id=3,
             sep_token_id=4,
         ),
+        float32_inside="its attention softmax and rotary embedding",
     ),
     # encoder-decoders: LM head, loss on the decoder's labels
     "bart": Case("seq2seq", dict(_s2s)),
@@ -911,9 +927,11 @@ def check_compiled(
     groups: list[Any],
     masks: dict[str, Tensor],
     limit: int,
+    rtol: float,
 ) -> dict[str, Any]:
     """``torch.compile(twin, backend="sparsefx")`` (twin: another untouched copy of the
-    model) under the same masks computes the transformed model's logits and gradients."""
+    model) under the same masks computes the transformed model's logits and gradients,
+    within `rtol`."""
     subject.model.train()
     twin.train()
     sparsefx.set_masks(sparse, masks)
@@ -933,7 +951,7 @@ def check_compiled(
             return {"status": "skipped", "summary": f"compile > {limit} s"}
         raise
     rel = relative_difference(got, expected)
-    return equal_verdict(rel, gradient_difference(twin, subject.model), subject.rtol)
+    return equal_verdict(rel, gradient_difference(twin, subject.model), rtol)
 
 
 # -- one case, in the child process ------------------------------------------------------------
@@ -1049,7 +1067,10 @@ def run_case(
         entry.update(check_dropped(built, sparse, groups, masks))
     if twin is not None:  # before training changes the weights
         with stage(result, "compiled", save) as entry:
-            entry.update(check_compiled(built, sparse, twin, groups, masks, options.compile_limit))
+            rtol = RTOL["float32"] if CASES[name].float32_inside else built.rtol
+            limit = options.compile_limit
+            entry.update(check_compiled(built, sparse, twin, groups, masks, limit, rtol))
+            entry["rtol"] = rtol
     with stage(result, "train", save) as entry:
         entry.update(check_train(built, sparse))
     return result
