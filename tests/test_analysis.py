@@ -267,6 +267,64 @@ def test_unsupported_layers_with_weights_are_listed_dense_with_the_reason():
     assert [d.op for d in sparse.analysis.scatters] == ["conv_transpose2d.input"]
 
 
+class InstanceNormed(nn.Module):
+    """conv -> InstanceNorm (affine, running statistics) -> ReLU -> conv -> classifier;
+    `masks` applies the reference semantics (DESIGN §2) at the end of each chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.norm = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.conv2 = nn.Conv2d(8, 6, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, masks=None):
+        m = {name: mask.view(1, -1, 1, 1) for name, mask in (masks or {}).items()}
+        h = F.relu(self.norm(self.conv1(x))) * m.get("conv1", 1)
+        h = F.relu(self.conv2(h)) * m.get("conv2", 1)
+        return self.head(h.mean((2, 3)))
+
+
+def test_instance_norm_runs_on_the_kept_channels_and_updates_their_statistics_only():
+    """InstanceNorm normalises each channel of each example on its own, as BatchNorm each
+    channel: it is channel-wise, with its parameters and running statistics in the group.
+    It used to be read at full width, behind a scatter."""
+    torch.manual_seed(0)
+    model, x = InstanceNormed().double(), torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():  # statistics that differ from a fresh batch's
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(model)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    groups = sparsefx.groups(sparse)
+    assert [g.name for g in groups] == ["conv1", "conv2"]
+    assert ("norm.weight", 0) in groups[0].members and ("norm.bias", 0) in groups[0].members
+    assert not sparse.analysis.scatters
+    masks = {"conv1": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0.0]), "conv2": torch.ones(6)}
+    masks = {name: mask.double() for name, mask in masks.items()}
+    sparsefx.set_masks(sparse, {name: mask.bool() for name, mask in masks.items()})
+    dropped = ~masks["conv1"].bool()
+    before = [model.norm.running_mean.clone(), model.norm.running_var.clone()]
+
+    out = sparse(x)
+    out.square().mean().backward()
+    expected = reference(x, masks)
+    expected.square().mean().backward()
+    with torch.no_grad():  # the reference updated every channel's statistics
+        for statistic, old in zip(("running_mean", "running_var"), before, strict=True):
+            getattr(reference.norm, statistic)[dropped] = old[dropped]
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for statistic in ("running_mean", "running_var"):
+        got, want = getattr(model.norm, statistic), getattr(reference.norm, statistic)
+        torch.testing.assert_close(got, want, msg=statistic)
+    assert torch.equal(model.norm.running_mean[dropped], before[0][dropped])
+    sparse.eval()
+    reference.eval()
+    torch.testing.assert_close(sparse(x), reference(x, masks))
+
+
 def _padded_convs(first, second) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=first), nn.ReLU(),

@@ -105,7 +105,7 @@ def build_cost_model(
             if bias is not None and bias not in counted:
                 params += c_out
             counted.update(t for t in (weight, bias) if isinstance(t, fx.Node))
-        elif node.target in ops.BATCH_NORM:
+        elif node.target in ops.CHANNEL_NORMS:
             affine = sum(arg is not None for arg in node.args[1:3])
             channels = node.meta["val"].shape[1]
             params += affine * width(meta.get("layout"), int(channels))

@@ -536,8 +536,8 @@ class _Walk:
         if compact != [first] or not isinstance(first, fx.Node):
             return f"{_op_name(node)} reads the compact tensor as a weight or extra argument"
         layout = self.flows[first].layout
-        if target in ops.BATCH_NORM:
-            return self._batch_norm(node, layout)
+        if target in ops.CHANNEL_NORMS:
+            return self._channel_norm(node, layout)
         if target in ops.POOLS:
             if layout.dim >= len(_shape(first)) - ops.POOLS[target]:  # type: ignore[index]
                 return "pooling over the channel dim"
@@ -696,13 +696,15 @@ class _Walk:
             meta={"grouped": out_per_group},
         )  # fmt: skip
 
-    def _batch_norm(self, node: fx.Node, layout: Layout) -> _Op | str:
+    def _channel_norm(self, node: fx.Node, layout: Layout) -> _Op | str:
+        """Batch or instance norm: channel-wise on the compact channels, its parameters and
+        running statistics read at them (`passes.compact.rewrite_batch_norms`)."""
         if layout.dim != 1:
-            return "batch_norm normalises a dim other than the compact one"
+            return f"{_op_name(node)} normalises a dim other than the compact one"
         state = node.args[1:5]  # weight, bias, running_mean, running_var
         for arg in state:
             if arg is not None and (self.view.state_fqn(arg) is None or len(arg.users) > 1):  # type: ignore[union-attr]
-                return "batch_norm parameters are not module state used by this op alone"
+                return f"{_op_name(node)} parameters are not module state used by this op alone"
         params = [(arg, 0) for arg in state[:2] if arg is not None]
         return _Op(
             layout, zero_preserving=False, chainable=True, members=self._members(layout, params)

@@ -38,7 +38,13 @@ CONVS: frozenset[OpOverload] = frozenset(
 EMBEDDING: frozenset[OpOverload] = frozenset({aten.embedding.default})
 """embedding(W, tokens) = one_hot(tokens) @ W with W shaped [vocab, dim]: no FLOPs, and no
 input channels (tokens are indices)."""
-BATCH_NORM: frozenset[OpOverload] = frozenset({aten.batch_norm.default})
+CHANNEL_NORMS: frozenset[OpOverload] = frozenset(
+    {aten.batch_norm.default, aten.instance_norm.default}
+)
+"""Norms with statistics and affine parameters per channel (dim 1), and one signature:
+``(input, weight, bias, running_mean, running_var, training or use_input_stats, momentum,
+eps, cudnn_enabled)``. Given running statistics and normalising with the batch's, they update
+those in place."""
 
 POOLS: dict[OpOverload, int] = {
     aten.max_pool1d.default: 1,
@@ -257,17 +263,10 @@ INDEX: frozenset[OpOverload] = frozenset({aten.index.Tensor})
 table, computed by an MLP, read at each pair of window positions)."""
 
 
-RUNNING_STATISTICS_NORMS: frozenset[OpOverload] = frozenset(
-    {aten.batch_norm.default, aten.instance_norm.default}
-)
-"""Norms given running statistics: ``(input, weight, bias, running_mean, running_var,
-training or use_input_stats, ...)``."""
-
-
 def writes_running_statistics(node: fx.Node) -> bool:
     """A batch or instance norm that normalises with the batch's statistics and is given
     running ones: it updates those in place, which its schema does not declare."""
-    if node.target not in RUNNING_STATISTICS_NORMS:
+    if node.target not in CHANNEL_NORMS:
         return False
     running_mean, running_var, batch_statistics = node.args[3:6]
     return bool(batch_statistics) and (running_mean is not None or running_var is not None)

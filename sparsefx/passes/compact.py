@@ -203,7 +203,7 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
         layout = node.meta.get(META, {}).get("layout")
-        if node.target not in ops.BATCH_NORM or layout is None:
+        if node.target not in ops.CHANNEL_NORMS or layout is None:
             continue
         idx = indices.of(layout)
         state = node.args[1:5]  # weight, bias, running_mean, running_var
