@@ -197,8 +197,9 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
 
 
 def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
-    """BatchNorm on a compact tensor runs on gathered parameters and running statistics;
-    in training the updated statistics are copied back for kept channels only."""
+    """BatchNorm (and InstanceNorm, `ops.CHANNEL_NORMS`) on a compact tensor runs on gathered
+    parameters and running statistics; in training the updated statistics are copied back for
+    kept channels only."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
