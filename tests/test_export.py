@@ -25,6 +25,14 @@ def _cnn() -> nn.Module:
     )  # fmt: skip
 
 
+def _cnn_instance_norm() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True, track_running_stats=True),
+        nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.InstanceNorm2d(24), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    )  # fmt: skip
+
+
 def _cnn_adaptive_max_pool() -> nn.Module:
     """Adaptive max pooling reads its input at full width, so the exported program scatters
     the compact channels back (the scatter decomposed into aten ops)."""
@@ -44,6 +52,7 @@ def _hf_resnet() -> nn.Module:
 MODELS = {  # builder, options, input size
     "cnn": (_cnn, {}, 16),
     "cnn-scatter": (_cnn_adaptive_max_pool, {}, 8),
+    "cnn-instance-norm": (_cnn_instance_norm, {}, 8),
     "resnet-style": (ResNetStyle, {}, 16),
     "resnet-style-streams": (ResNetStyle, {"prune_streams": True}, 16),
     "mobilenet-v2-style": (MobileNetV2Style, {}, 16),
@@ -158,7 +167,11 @@ def _depthwise() -> nn.Module:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("build", [_cnn, _mlp, _depthwise], ids=["cnn", "mlp", "depthwise"])
+@pytest.mark.parametrize(
+    "build",
+    [_cnn, _mlp, _depthwise, _cnn_instance_norm],
+    ids=["cnn", "mlp", "depthwise", "instance-norm"],
+)
 def test_compact_module_has_smaller_layers_and_the_same_output(build):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)

@@ -157,12 +157,16 @@ _PASS_THROUGH = (
 )  # fmt: skip
 """Standard layers that act on each channel alone: they keep the channels they receive."""
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Layers `rebuild_sequential` cannot slice: anything but Sequential containers of
-    Linear, Conv (plain or depthwise), BatchNorm, Flatten and channel-wise layers."""
+    Linear, Conv (plain or depthwise), BatchNorm, InstanceNorm, Flatten and channel-wise
+    layers."""
     bad = []
     for name, layer in model.named_modules():
         if isinstance(layer, (nn.Sequential, nn.Linear, nn.Flatten, *_NORMS, *_PASS_THROUGH)):
@@ -176,7 +180,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 def rebuild_sequential(model: nn.Module, kept: dict[tuple[str, int], Tensor]) -> nn.Module:
     """A copy of a Sequential model of standard layers with smaller layers: each weight
     keeps the rows and columns of `kept` ((parameter name, dim) -> bool mask, from the
-    groups' `expand`), BatchNorm keeps the channels its input has, and each layer's sizes
+    groups' `expand`), a norm keeps the channels its input has, and each layer's sizes
     are updated. The chain order of a Sequential is the data flow, so a layer's input
     channels are the previous producer's kept outputs (after Flatten, the Linear's own
     column mask, which maps each channel to its block of features)."""
