@@ -796,10 +796,10 @@ def test_eval_uses_the_deterministic_mask_and_new_batch_sizes_work():
 
 
 class ConvNet(nn.Module):
-    def __init__(self):
+    def __init__(self, norm: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(6)
+        self.bn = norm(6, affine=True, track_running_stats=True)
         self.conv2 = nn.Conv2d(6, 5, 3, stride=2)
         self.head = nn.Linear(5 * 3 * 3, 3)
 
@@ -822,19 +822,25 @@ def _assert_same_step(cmodel, model, eager, eager_model, *inputs) -> None:
         torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), msg=name)
 
 
-@pytest.mark.parametrize("sparse_gradients", [False, True])
-def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(sparse_gradients):
+@pytest.mark.parametrize(
+    ("norm", "sparse_gradients"),
+    [(nn.BatchNorm2d, False), (nn.BatchNorm2d, True), (nn.InstanceNorm2d, False)],
+    ids=["batch-norm", "batch-norm-sparse-gradients", "instance-norm"],
+)
+def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(norm, sparse_gradients):
     """Convolutions with compact channels run as extern calls with symbolic channel counts
     (Inductor's own conv lowering would specialise them), on CPU on counts rounded up to
-    `conv_channel_multiple` inside the op: 4 steps, 4 masks, 3 graphs."""
+    `conv_channel_multiple` inside the op: 4 steps, 4 masks, 3 graphs. The norm between
+    them runs on the compact channels too."""
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
-    model = ConvNet().double()
+    model = ConvNet(norm).double()
     eager_model = copy.deepcopy(model)
     options = {**OPTIONS, "sparse_gradients": sparse_gradients}
     eager = sparsefx.transform(eager_model, (x, y), config=sparsefx.SparseConfig(**options))
     cmodel = torch.compile(model, backend="sparsefx", options=options)
     for _ in range(4):
         _assert_same_step(cmodel, model, eager, eager_model, x, y)
+    torch.testing.assert_close(model.bn.running_mean, eager_model.bn.running_mean)
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     # on CPU the training graph's convolutions run on counts rounded up, as eager's do
     assert "sparsefx.bucketed_convolution(" in sparsefx.explain(cmodel)
