@@ -484,7 +484,8 @@ class PositionsAfterABreak(nn.Module):
 class DiscardedBranch(Net):
     """Runs two branches whose results it throws away, as CANINE runs its
     `final_char_encoder` under a classification head: layers ending in a dropout, and a
-    BatchNorm and an InstanceNorm, whose running statistics still update."""
+    BatchNorm (one of them inside a ``no_grad`` region) and an InstanceNorm, whose running
+    statistics still update."""
 
     def __init__(self):
         super().__init__()
@@ -493,11 +494,14 @@ class DiscardedBranch(Net):
         )
         self.unused_norm = nn.BatchNorm1d(8)
         self.unused_instance_norm = nn.InstanceNorm1d(2, track_running_stats=True)
+        self.unused_norm_without_grad = nn.BatchNorm1d(8)
 
     def forward(self, x, y):
         self.unused(x)
         self.unused_norm(x)
         self.unused_instance_norm(x.view(-1, 2, 4))
+        with torch.no_grad():  # a region of its own in the captured graph
+            self.unused_norm_without_grad(x)
         return super().forward(x, y)
 
 
@@ -521,7 +525,7 @@ def test_a_discarded_branch_is_not_pruned_and_its_norms_still_update():
         assert [g.name for g in sparsefx.groups(entry)] == ["fc1", "fc2"]
         for name, parameter in trained.named_parameters():
             assert (parameter.grad is None) == name.startswith("unused"), name
-        for norm in ("unused_norm", "unused_instance_norm"):
+        for norm in ("unused_norm", "unused_instance_norm", "unused_norm_without_grad"):
             for statistic in ("running_mean", "running_var", "num_batches_tracked"):
                 torch.testing.assert_close(
                     getattr(getattr(trained, norm), statistic),

@@ -169,18 +169,22 @@ def test_batch_size_can_change_between_calls(batch):
 
 
 class NormsOfTheInput(nn.Module):
-    """A BatchNorm and an InstanceNorm of the input: their statistics do not depend on the
-    masks, so a training step updates them as one eager forward does."""
+    """A BatchNorm, an InstanceNorm and a BatchNorm under ``no_grad`` of the input: their
+    statistics do not depend on the masks, so a training step updates them as one eager
+    forward does."""
 
     def __init__(self):
         super().__init__()
         self.batch_norm = nn.BatchNorm1d(8)
         self.instance_norm = nn.InstanceNorm1d(2, track_running_stats=True)
+        self.norm_without_grad = nn.BatchNorm1d(8)
         self.fc = nn.Linear(8, 16)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x, y):
         h = self.batch_norm(x) + self.instance_norm(x.view(-1, 2, 4)).flatten(1)
+        with torch.no_grad():
+            h = h + self.norm_without_grad(x)
         return F.cross_entropy(self.head(torch.relu(self.fc(h))), y)
 
 
@@ -188,7 +192,8 @@ class NormsOfTheInput(nn.Module):
 def test_score_forwards_leave_running_statistics_alone(samples):
     """The K-1 score forwards normalise with batch statistics and update no running ones
     (DESIGN §3 step 3). An InstanceNorm tracking running statistics updated them in every
-    score forward too: the score graph cleared BatchNorm's only."""
+    score forward too, and so did a BatchNorm inside a ``no_grad`` region (a body of its own
+    in the graph): the score graph cleared top-level BatchNorms' only."""
     torch.manual_seed(0)
     model, x, y = NormsOfTheInput(), torch.randn(6, 8), torch.randint(0, 3, (6,))
     eager = copy.deepcopy(model)
@@ -196,7 +201,7 @@ def test_score_forwards_leave_running_statistics_alone(samples):
     config = sparsefx.SparseConfig(density=0.5, samples=samples, seed=0)
     sparse = sparsefx.transform(model, (x, y), config=config)
     sparse(x, y).backward()
-    for norm in ("batch_norm", "instance_norm"):
+    for norm in ("batch_norm", "instance_norm", "norm_without_grad"):
         for statistic in ("running_mean", "running_var"):
             torch.testing.assert_close(
                 getattr(getattr(model, norm), statistic),

@@ -266,7 +266,7 @@ table, computed by an MLP, read at each pair of window positions)."""
 def writes_running_statistics(node: fx.Node) -> bool:
     """A batch or instance norm that normalises with the batch's statistics and is given
     running ones: it updates those in place, which its schema does not declare."""
-    if node.target not in CHANNEL_NORMS:
+    if node.target not in CHANNEL_NORMS or len(node.args) < 6:
         return False
     running_mean, running_var, batch_statistics = node.args[3:6]
     return bool(batch_statistics) and (running_mean is not None or running_var is not None)
@@ -275,19 +275,52 @@ def writes_running_statistics(node: fx.Node) -> bool:
 def has_side_effects(node: fx.Node) -> bool:
     """What dead-code elimination keeps: in-place writes, whether the schema declares them or
     not (running statistics: FX's own pass dropped a training BatchNorm whose output nothing
-    read, and its statistics stopped updating). Random draws go: FX's pass keeps them, so a
+    read, and its statistics stopped updating), and higher-order ops (a ``no_grad`` or
+    autocast region) whose body has any. Random draws go: FX's pass keeps them, so a
     dropout at the end of a branch the model throws away (CANINE's `final_char_encoder`
     under a classification head) kept the whole branch, which sparsefx ran and spent budget
-    on while torch.compile, whose graph Dynamo had pruned, did neither. A dropped draw only
-    moves later draws along the random stream, which sparsefx's dropout does not reproduce
-    bitwise anyway."""
-    return node.is_impure(impure_random=False) or writes_running_statistics(node)
+    on while torch.compile, whose graph Dynamo had pruned, did neither. A dropped draw moves
+    later draws along the random stream, as torch.compile's dead-code pass does: dropout's
+    noise is sparsefx's own and never eager's bitwise anyway, other random ops' (``randn``)
+    match eager's only where no dead draw came before them."""
+    if node.is_impure(impure_random=False) or writes_running_statistics(node):
+        return True
+    return any(
+        has_side_effects(inner)
+        for body in _bodies(node)
+        for inner in body.graph.nodes
+        if inner.op not in ("placeholder", "output")
+    )
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
-    """`graph` without the nodes no output reads and that have no side effects; whether it
-    changed."""
-    return graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    """`graph`, and the bodies of its higher-order ops, without the nodes no output reads
+    that have no side effects; whether it changed. FX's own pass cleans bodies with its
+    default rule, which drops a running-statistics update inside a ``no_grad`` region."""
+    changed = False
+    for node in reversed(graph.nodes):
+        if not node.users and not has_side_effects(node):
+            graph.erase_node(node)
+            changed = True
+    for body in {id(b): b for node in graph.nodes for b in _bodies(node)}.values():
+        if eliminate_dead_code(body.graph):
+            body.recompile()
+            changed = True
+    return changed
+
+
+def _bodies(node: fx.Node) -> list[fx.GraphModule]:
+    """The subgraphs a higher-order op runs (``wrap_with_set_grad_enabled``'s region)."""
+    owner = node.graph.owning_module
+    if owner is None or node.op != "call_function":
+        return []
+    bodies = []
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = getattr(owner, str(arg.target), None)
+            if isinstance(body, fx.GraphModule):
+                bodies.append(body)
+    return bodies
 
 
 def aliases_input(node: object) -> bool:

@@ -7,6 +7,7 @@ node metadata of untouched nodes. They read the annotations written by
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -310,13 +311,39 @@ def extract_score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]])
         for n, (kind, _) in zip(_placeholders(gm), inputs, strict=False)
         if kind == InputKind.BUFFER
     }
+    _drop_statistics_updates(gm, buffers)
+    return gm
+
+
+_REGIONS = {
+    torch.ops.higher_order.wrap_with_set_grad_enabled: 1,
+    torch.ops.higher_order.wrap_with_autocast: 4,
+}
+"""Higher-order ops that export makes of ``no_grad`` and autocast regions, and where their
+body is among their arguments (its operands follow it)."""
+
+
+def _drop_statistics_updates(gm: fx.GraphModule, buffers: set[fx.Node]) -> None:
+    """`extract_score_graph`'s edit, in place, into the regions' bodies too: a training
+    BatchNorm under ``no_grad`` updated its statistics in every score forward. A body is
+    copied before its edit, since the training graph runs the same module."""
     for node in list(gm.graph.nodes):
         if ops.writes_running_statistics(node):
             node.update_arg(3, None)
             node.update_arg(4, None)
         elif _mutates_buffer(node, buffers) and not node.users:
             gm.graph.erase_node(node)
-    return gm
+        elif node.target in _REGIONS:
+            position = _REGIONS[node.target]  # type: ignore[index]
+            target = str(node.args[position].target)  # type: ignore[union-attr]
+            body = copy.deepcopy(getattr(gm, target))
+            operands = node.args[position + 1 :]
+            inner = {
+                p for p, arg in zip(_placeholders(body), operands, strict=False) if arg in buffers
+            }
+            _drop_statistics_updates(body, inner)
+            body.recompile()
+            setattr(gm, target, body)
 
 
 def _mutates_buffer(node: fx.Node, buffers: set[fx.Node]) -> bool:
