@@ -315,12 +315,11 @@ def extract_score_graph(gm: fx.GraphModule, inputs: list[tuple[InputKind, str]])
     return gm
 
 
-_REGIONS = {
-    torch.ops.higher_order.wrap_with_set_grad_enabled: 1,
-    torch.ops.higher_order.wrap_with_autocast: 4,
-}
-"""Higher-order ops that export makes of ``no_grad`` and autocast regions, and where their
-body is among their arguments (its operands follow it)."""
+_REGIONS = frozenset(
+    {torch.ops.higher_order.wrap_with_set_grad_enabled, torch.ops.higher_order.wrap_with_autocast}
+)
+"""Higher-order ops that export makes of ``no_grad`` and autocast regions: their body is
+their one module argument, and its operands follow it."""
 
 
 def _drop_statistics_updates(gm: fx.GraphModule, buffers: set[fx.Node]) -> None:
@@ -334,7 +333,11 @@ def _drop_statistics_updates(gm: fx.GraphModule, buffers: set[fx.Node]) -> None:
         elif _mutates_buffer(node, buffers) and not node.users:
             gm.graph.erase_node(node)
         elif node.target in _REGIONS:
-            position = _REGIONS[node.target]  # type: ignore[index]
+            position = next(
+                i
+                for i, arg in enumerate(node.args)
+                if isinstance(arg, fx.Node) and arg.op == "get_attr"
+            )
             target = str(node.args[position].target)  # type: ignore[union-attr]
             body = copy.deepcopy(getattr(gm, target))
             operands = node.args[position + 1 :]
