@@ -369,9 +369,9 @@ def export(
 def compact_module(model: nn.Module) -> nn.Module:
     """The frozen sparse model as an ordinary ``nn.Module`` with smaller layers, for models
     built only from standard layers: Sequential containers of Linear, Conv (plain or
-    depthwise), BatchNorm, InstanceNorm, Flatten, activations, dropout and pooling. Its eval
-    output equals the frozen model's and its parameters are the kept slices
-    (``sparsefx.export`` covers every other model). Example::
+    depthwise), BatchNorm, InstanceNorm, GroupNorm with a group per channel, Flatten,
+    activations, dropout and pooling. Its eval output equals the frozen model's and its
+    parameters are the kept slices (``sparsefx.export`` covers every other model). Example::
 
         small = sparsefx.compact_module(smodel)  # Linear(512, 2048) -> Linear(512, k)
     """

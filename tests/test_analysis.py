@@ -325,6 +325,61 @@ def test_instance_norm_runs_on_the_kept_channels_and_updates_their_statistics_on
     torch.testing.assert_close(sparse(x), reference(x, masks))
 
 
+class GroupNormed(nn.Module):
+    """wav2vec2's first feature-encoder block: conv -> GroupNorm -> GELU, then a conv and
+    a classifier; `masks` applies the reference semantics (DESIGN §2)."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 8, 5, stride=2)
+        self.norm = nn.GroupNorm(groups, 8)
+        self.conv2 = nn.Conv1d(8, 6, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, masks=None):
+        m = {name: mask.view(1, -1, 1) for name, mask in (masks or {}).items()}
+        h = F.gelu(self.norm(self.conv1(x))) * m.get("conv1", 1)
+        h = F.gelu(self.conv2(h)) * m.get("conv2", 1)
+        return self.head(h.mean(2))
+
+
+def test_group_norm_with_a_group_per_channel_runs_on_the_kept_channels():
+    """A group norm with a group per channel normalises each channel on its own, as
+    InstanceNorm does: channel-wise, its weight and bias in the group. It used to keep the
+    conv before it dense (wav2vec2, HuBERT, SEW, UniSpeech, WavLM)."""
+    torch.manual_seed(0)
+    model, x = GroupNormed(8).double(), torch.randn(4, 1, 40, dtype=torch.float64)
+    with torch.no_grad():  # not the identity affine of a fresh GroupNorm
+        model.norm.weight.uniform_(0.5, 2)
+        model.norm.bias.uniform_(-1, 1)
+    reference = copy.deepcopy(model)
+    sparse = sparsefx.transform(model, x, density=0.5)
+    groups = sparsefx.groups(sparse)
+    assert [g.name for g in groups] == ["conv1", "conv2"]
+    assert ("norm.weight", 0) in groups[0].members and ("norm.bias", 0) in groups[0].members
+    assert not sparse.analysis.scatters
+    masks = {"conv1": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0.0]), "conv2": torch.ones(6)}
+    masks = {name: mask.double() for name, mask in masks.items()}
+    sparsefx.set_masks(sparse, {name: mask.bool() for name, mask in masks.items()})
+
+    out = sparse(x)
+    out.square().mean().backward()
+    expected = reference(x, masks)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_group_norm_with_wider_groups_keeps_its_input_dense():
+    """Two channels per group: each normalises with its neighbour's statistics, so none
+    of them can be dropped."""
+    sparse = sparsefx.transform(GroupNormed(4), torch.randn(4, 1, 40), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] == ["conv2"]
+    reasons = {d.op: d.reason for d in sparse.analysis.dense}
+    assert "normalised across features by group_norm" in reasons["conv1d.default"]
+
+
 def _padded_convs(first, second) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=first), nn.ReLU(),

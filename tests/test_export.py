@@ -33,6 +33,15 @@ def _cnn_instance_norm() -> nn.Module:
     )  # fmt: skip
 
 
+def _cnn_group_norm() -> nn.Module:
+    """GroupNorms with a group per channel: channel-wise, with and without affine parameters."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(16, 16), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.GroupNorm(24, 24, affine=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    )  # fmt: skip
+
+
 def _cnn_adaptive_max_pool() -> nn.Module:
     """Adaptive max pooling reads its input at full width, so the exported program scatters
     the compact channels back (the scatter decomposed into aten ops)."""
@@ -53,6 +62,7 @@ MODELS = {  # builder, options, input size
     "cnn": (_cnn, {}, 16),
     "cnn-scatter": (_cnn_adaptive_max_pool, {}, 8),
     "cnn-instance-norm": (_cnn_instance_norm, {}, 8),
+    "cnn-group-norm": (_cnn_group_norm, {}, 8),
     "resnet-style": (ResNetStyle, {}, 16),
     "resnet-style-streams": (ResNetStyle, {"prune_streams": True}, 16),
     "mobilenet-v2-style": (MobileNetV2Style, {}, 16),
@@ -169,8 +179,8 @@ def _depthwise() -> nn.Module:
 
 @pytest.mark.parametrize(
     "build",
-    [_cnn, _mlp, _depthwise, _cnn_instance_norm],
-    ids=["cnn", "mlp", "depthwise", "instance-norm"],
+    [_cnn, _mlp, _depthwise, _cnn_instance_norm, _cnn_group_norm],
+    ids=["cnn", "mlp", "depthwise", "instance-norm", "group-norm"],
 )
 def test_compact_module_has_smaller_layers_and_the_same_output(build):
     torch.manual_seed(0)

@@ -105,8 +105,9 @@ def build_cost_model(
             if bias is not None and bias not in counted:
                 params += c_out
             counted.update(t for t in (weight, bias) if isinstance(t, fx.Node))
-        elif node.target in ops.CHANNEL_NORMS:
-            affine = sum(arg is not None for arg in node.args[1:3])
+        elif node.target in ops.CHANNEL_NORMS or node.target is torch.ops.aten.group_norm.default:
+            weight_at = 1 if node.target in ops.CHANNEL_NORMS else 2  # after num_groups
+            affine = sum(arg is not None for arg in node.args[weight_at : weight_at + 2])
             channels = node.meta["val"].shape[1]
             params += affine * width(meta.get("layout"), int(channels))
     return CostModel(symbols, sympy.expand(flops), sympy.expand(params), [g.size for g in groups])

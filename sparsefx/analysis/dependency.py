@@ -523,7 +523,8 @@ class _Walk:
         if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
             return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
-            per_channel = self._norm_within_channels(node, compact)
+            per_channel = self._single_channel_groups(node, compact)
+            per_channel = per_channel or self._norm_within_channels(node, compact)
             if per_channel is not None:
                 return per_channel
             return self._normalises_across_features(node, compact)
@@ -698,17 +699,44 @@ class _Walk:
 
     def _channel_norm(self, node: fx.Node, layout: Layout) -> _Op | str:
         """Batch or instance norm: channel-wise on the compact channels, its parameters and
-        running statistics read at them (`passes.compact.rewrite_batch_norms`)."""
+        running statistics read at them (`passes.compact.rewrite_channel_norms`)."""
         if layout.dim != 1:
             return f"{_op_name(node)} normalises a dim other than the compact one"
-        state = node.args[1:5]  # weight, bias, running_mean, running_var
-        for arg in state:
+        weight, bias, running_mean, running_var = node.args[1:5]
+        return self._norm_of_own_state(node, layout, [weight, bias], [running_mean, running_var])
+
+    def _single_channel_groups(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str | None:
+        """A group norm with a group per channel (the first conv of wav2vec2's feature
+        encoder) normalises each channel of each example on its own, as InstanceNorm does:
+        channel-wise, with its weight and bias in the group (on compact channels it runs as
+        that instance norm, `passes.compact.rewrite_channel_norms`). None for wider groups,
+        which normalise across the channels they hold."""
+        x = node.args[0]
+        if node.target is not aten.group_norm.default or compact != [x] or len(_shape(x)) < 3:
+            return None  # (N, C): each group one value, which instance norm refuses
+        layout = self.flows[x].layout  # type: ignore[index]
+        if layout.dim != 1 or _arg(node, 1, "num_groups", None) != layout.full:
+            return None
+        affine = [_arg(node, 2, "weight", None), _arg(node, 3, "bias", None)]
+        return self._norm_of_own_state(node, layout, affine, [], zero_preserving=affine[1] is None)
+
+    def _norm_of_own_state(
+        self,
+        node: fx.Node,
+        layout: Layout,
+        affine: list[object],
+        statistics: list[object],
+        zero_preserving: bool = False,
+    ) -> _Op | str:
+        """A per-channel norm whose affine parameters join the group and whose running
+        statistics are read at the kept channels: both must be module state that only this
+        op uses."""
+        for arg in affine + statistics:
             if arg is not None and (self.view.state_fqn(arg) is None or len(arg.users) > 1):  # type: ignore[union-attr]
                 return f"{_op_name(node)} parameters are not module state used by this op alone"
-        params = [(arg, 0) for arg in state[:2] if arg is not None]
-        return _Op(
-            layout, zero_preserving=False, chainable=True, members=self._members(layout, params)
-        )
+        params = [(arg, 0) for arg in affine if arg is not None]
+        members = self._members(layout, params)
+        return _Op(layout, zero_preserving=zero_preserving, chainable=True, members=members)
 
     def _members(self, layout: Layout, args: list[tuple[object, int]]) -> list[tuple[str, Member]]:
         """(space, member) for each parameter dim that `layout`'s pieces index."""

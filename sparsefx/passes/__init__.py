@@ -15,7 +15,7 @@ from sparsefx.passes.compact import (
     insert_scatters,
     opaque_compact_convolutions,
     rewrite_attention_scales,
-    rewrite_batch_norms,
+    rewrite_channel_norms,
     rewrite_gathered_args,
     rewrite_splits,
     rewrite_views,
@@ -53,7 +53,7 @@ def rewrite_compact(
     since the convolution passes find their convolutions by the gather_weight they read."""
     gm = add_index_inputs(gm, groups)
     for rewrite in (
-        insert_scatters, rewrite_views, rewrite_splits, rewrite_batch_norms,
+        insert_scatters, rewrite_views, rewrite_splits, rewrite_channel_norms,
         rewrite_gathered_args, rewrite_attention_scales,
     ):  # fmt: skip
         gm = rewrite(gm)

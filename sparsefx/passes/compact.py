@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch import fx
@@ -26,7 +27,7 @@ __all__ = [
     "insert_scatters",
     "opaque_compact_convolutions",
     "rewrite_attention_scales",
-    "rewrite_batch_norms",
+    "rewrite_channel_norms",
     "rewrite_gathered_args",
     "rewrite_splits",
     "rewrite_views",
@@ -197,20 +198,34 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
     return gm
 
 
-def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
-    """BatchNorm (and InstanceNorm, `ops.CHANNEL_NORMS`) on a compact tensor runs on gathered
-    parameters and running statistics; in training the updated statistics are copied back for
-    kept channels only."""
+def rewrite_channel_norms(gm: fx.GraphModule) -> fx.GraphModule:
+    """A per-channel norm on a compact tensor runs on gathered parameters: BatchNorm and
+    InstanceNorm (`ops.CHANNEL_NORMS`) on gathered running statistics too, whose updated
+    values are copied back for kept channels only in training. A group norm with a group
+    per channel is the instance norm it equals: its number of groups, the kept count, is
+    an ``int`` in its schema, which a symbolic count would specialise (Inductor would
+    recompile at each new count)."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
         layout = node.meta.get(META, {}).get("layout")
-        if node.target not in ops.CHANNEL_NORMS or layout is None:
+        if layout is None:
+            continue
+        if node.target is aten.group_norm.default:
+            norm = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+            with graph.inserting_before(node):
+                kept = _kept(graph, (norm["weight"], norm["bias"]), indices.of(layout))
+            x, eps, cudnn_enabled = norm["input"], norm["eps"], norm["cudnn_enabled"]
+            node.target = aten.instance_norm.default  # no running statistics, momentum unused
+            node.args = (x, *kept, None, None, True, 0.0, eps, cudnn_enabled)
+            node.kwargs = {}
+            continue
+        if node.target not in ops.CHANNEL_NORMS:
             continue
         idx = indices.of(layout)
         state = node.args[1:5]  # weight, bias, running_mean, running_var
         with graph.inserting_before(node):
-            kept = [None if t is None else graph.call_function(select, (t, 0, idx)) for t in state]
+            kept = _kept(graph, state, idx)
         node.args = (node.args[0], *kept, *node.args[5:])
         running, kept_running = state[2:], kept[2:]
         if node.args[5] and running[0] is not None:  # training with running statistics
@@ -218,6 +233,11 @@ def rewrite_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
                 for full, compact in zip(running, kept_running, strict=True):
                     graph.call_function(aten.index_copy_.default, (full, 0, idx, compact))
     return gm
+
+
+def _kept(graph: fx.Graph, tensors: Sequence[object], idx: fx.Node | None) -> list[object]:
+    """Each per-channel tensor read at the kept channels (None stays None)."""
+    return [None if t is None else graph.call_function(select, (t, 0, idx)) for t in tensors]
 
 
 def rewrite_gathered_args(gm: fx.GraphModule) -> fx.GraphModule:
