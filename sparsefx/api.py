@@ -15,7 +15,7 @@ from sparsefx.analysis import Group, analyze
 from sparsefx.autograd_functions import autograd_function, inlined_autograd_function
 from sparsefx.capture import capture, distinct_inputs, eval_mode
 from sparsefx.config import SparseConfig, check_int, resolve_config
-from sparsefx.kernels import compact
+from sparsefx.kernels import compact, group_norm_direct
 from sparsefx.passes import copy_graph_module, rewrite_compact
 from sparsefx.passes.export import (
     fold_constants,
@@ -361,6 +361,7 @@ def export(
     return program.run_decompositions(
         {
             torch.ops.sparsefx.scatter_channels.default: compact.scatter_channels_functional,
+            torch.ops.sparsefx.group_norm.default: group_norm_direct,  # shapes are static
             autograd_function._opoverload: inlined_autograd_function,
         }
     )
@@ -369,9 +370,9 @@ def export(
 def compact_module(model: nn.Module) -> nn.Module:
     """The frozen sparse model as an ordinary ``nn.Module`` with smaller layers, for models
     built only from standard layers: Sequential containers of Linear, Conv (plain or
-    depthwise), BatchNorm, InstanceNorm, GroupNorm with a group per channel, Flatten,
-    activations, dropout and pooling. Its eval output equals the frozen model's and its
-    parameters are the kept slices (``sparsefx.export`` covers every other model). Example::
+    depthwise), BatchNorm, InstanceNorm, GroupNorm, Flatten, activations, dropout and
+    pooling. Its eval output equals the frozen model's and its parameters are the kept
+    slices (``sparsefx.export`` covers every other model). Example::
 
         small = sparsefx.compact_module(smodel)  # Linear(512, 2048) -> Linear(512, k)
     """

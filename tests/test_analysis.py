@@ -343,24 +343,30 @@ class GroupNormed(nn.Module):
         return self.head(h.mean(2))
 
 
-def test_group_norm_with_a_group_per_channel_runs_on_the_kept_channels():
-    """A group norm with a group per channel normalises each channel on its own, as
-    InstanceNorm does: channel-wise, its weight and bias in the group. It used to keep the
-    conv before it dense (wav2vec2, HuBERT, SEW, UniSpeech, WavLM)."""
+@pytest.mark.parametrize(
+    ("groups", "kept_groups"),
+    [(8, [1, 0, 1, 1, 0, 0, 1, 0]), (4, [1, 0, 0, 1])],
+    ids=["a-group-per-channel", "two-channels-per-group"],
+)
+def test_group_norm_runs_on_the_kept_norm_groups(groups, kept_groups):
+    """A group norm normalises each of its groups with that group's statistics: the conv
+    before it is pruned in whole norm groups (its group counts norm groups), and the norm
+    runs on the kept ones. It used to keep that conv dense (the first conv of wav2vec2,
+    HuBERT, SEW, UniSpeech and WavLM, a group per channel)."""
     torch.manual_seed(0)
-    model, x = GroupNormed(8).double(), torch.randn(4, 1, 40, dtype=torch.float64)
+    model, x = GroupNormed(groups).double(), torch.randn(4, 1, 40, dtype=torch.float64)
     with torch.no_grad():  # not the identity affine of a fresh GroupNorm
         model.norm.weight.uniform_(0.5, 2)
         model.norm.bias.uniform_(-1, 1)
     reference = copy.deepcopy(model)
     sparse = sparsefx.transform(model, x, density=0.5)
-    groups = sparsefx.groups(sparse)
-    assert [g.name for g in groups] == ["conv1", "conv2"]
-    assert ("norm.weight", 0) in groups[0].members and ("norm.bias", 0) in groups[0].members
+    norm_groups, conv2 = sparsefx.groups(sparse)
+    assert (norm_groups.name, norm_groups.size, conv2.name) == ("conv1", groups, "conv2")
+    assert ("norm.weight", 0) in norm_groups.members and ("norm.bias", 0) in norm_groups.members
     assert not sparse.analysis.scatters
-    masks = {"conv1": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0.0]), "conv2": torch.ones(6)}
-    masks = {name: mask.double() for name, mask in masks.items()}
-    sparsefx.set_masks(sparse, {name: mask.bool() for name, mask in masks.items()})
+    kept = torch.tensor(kept_groups, dtype=torch.bool)
+    sparsefx.set_masks(sparse, {"conv1": kept, "conv2": torch.ones(6, dtype=torch.bool)})
+    masks = {"conv1": kept.repeat_interleave(8 // groups).double()}
 
     out = sparse(x)
     out.square().mean().backward()
@@ -371,13 +377,32 @@ def test_group_norm_with_a_group_per_channel_runs_on_the_kept_channels():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_group_norm_with_wider_groups_keeps_its_input_dense():
-    """Two channels per group: each normalises with its neighbour's statistics, so none
-    of them can be dropped."""
-    sparse = sparsefx.transform(GroupNormed(4), torch.randn(4, 1, 40), density=0.5)
-    assert [g.name for g in sparsefx.groups(sparse)] == ["conv2"]
-    reasons = {d.op: d.reason for d in sparse.analysis.dense}
-    assert "normalised across features by group_norm" in reasons["conv1d.default"]
+class SplitNormGroups(nn.Module):
+    """Two convs of 3 and 5 channels concatenated into a GroupNorm of two groups of 4: the
+    first norm group holds channels of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(1, 3, 3), nn.Conv1d(1, 5, 3)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1))).mean(2))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: GroupNormed(1), SplitNormGroups],
+    ids=["one-group", "groups-across-producers"],
+)
+def test_a_group_norm_whose_groups_cannot_be_kept_whole_keeps_its_input_dense(build):
+    """One group over every channel normalises each with all the others' statistics, as a
+    layout whose pieces split norm groups does: none of those channels can be dropped."""
+    sparse = sparsefx.transform(build(), torch.randn(4, 1, 40), density=0.5)
+    assert [g.name for g in sparsefx.groups(sparse)] in (["conv2"], [])
+    reasons = [d.reason for d in sparse.analysis.dense if d.op == "conv1d.default"]
+    assert reasons and all("normalised across features by group_norm" in r for r in reasons)
 
 
 def _padded_convs(first, second) -> nn.Sequential:

@@ -817,6 +817,11 @@ def _group_per_channel(channels: int, **_) -> nn.GroupNorm:
     return nn.GroupNorm(channels, channels)
 
 
+def _groups_of_two(channels: int, **_) -> nn.GroupNorm:
+    """A GroupNorm that is channel-wise in pairs of channels."""
+    return nn.GroupNorm(channels // 2, channels)
+
+
 def _assert_same_step(cmodel, model, eager, eager_model, *inputs) -> None:
     """One training step of the compiled model and of its transformed twin: the same loss,
     and the same weight gradients (layouts included: sparse_gradients)."""
@@ -838,15 +843,22 @@ def _assert_same_step(cmodel, model, eager, eager_model, *inputs) -> None:
         (nn.BatchNorm2d, True),
         (nn.InstanceNorm2d, False),
         (_group_per_channel, False),
+        (_groups_of_two, False),
     ],
-    ids=["batch-norm", "batch-norm-sparse-gradients", "instance-norm", "group-norm"],
+    ids=[
+        "batch-norm",
+        "batch-norm-sparse-gradients",
+        "instance-norm",
+        "group-norm",
+        "group-norm-in-pairs",
+    ],
 )
 def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(norm, sparse_gradients):
     """Convolutions with compact channels run as extern calls with symbolic channel counts
     (Inductor's own conv lowering would specialise them), on CPU on counts rounded up to
     `conv_channel_multiple` inside the op: 4 steps, 4 masks, 3 graphs. The norm between
-    them runs on the compact channels too (a GroupNorm with a group per channel as the
-    instance norm it is: its number of groups, an int, would specialise the count)."""
+    them runs on the compact channels too (a GroupNorm as the instance norm of each of its
+    kept groups: its own number of groups, an int, would specialise the count)."""
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
     model = ConvNet(norm).double()
     eager_model = copy.deepcopy(model)
@@ -855,7 +867,7 @@ def test_compiled_conv_net_matches_eager_and_does_not_recompile_per_mask(norm, s
     cmodel = torch.compile(model, backend="sparsefx", options=options)
     for _ in range(4):
         _assert_same_step(cmodel, model, eager, eager_model, x, y)
-    if norm is not _group_per_channel:
+    if norm in (nn.BatchNorm2d, nn.InstanceNorm2d):
         torch.testing.assert_close(model.bn.running_mean, eager_model.bn.running_mean)
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
     # on CPU the training graph's convolutions run on counts rounded up, as eager's do

@@ -34,9 +34,10 @@ def _cnn_instance_norm() -> nn.Module:
 
 
 def _cnn_group_norm() -> nn.Module:
-    """GroupNorms with a group per channel: channel-wise, with and without affine parameters."""
+    """GroupNorms of two channels per group (the conv before it pruned in pairs) and of a
+    group per channel, with and without affine parameters."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(16, 16), nn.ReLU(),
+        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(8, 16), nn.ReLU(),
         nn.Conv2d(16, 24, 3, padding=1), nn.GroupNorm(24, 24, affine=False), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
     )  # fmt: skip

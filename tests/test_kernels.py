@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparsefx.kernels import block_index, gather_weight, scatter_channels
+from sparsefx.kernels import block_index, gather_weight, group_norm_direct, scatter_channels
 
 
 def _idx(*values: int) -> torch.Tensor:
@@ -650,3 +650,48 @@ def test_single_pixel_gemms_follow_aten_under_autocast_and_on_bad_arguments():
         _convolution(x, w, b[:1], [1, 1], [1, 1], [1, 1], 1)
     meta = [t.to("meta") for t in (torch.randn(2, 5, 2, 2), w, b)]  # autocast has no meta
     assert _convolution(*meta, [2, 2], [1, 1], [1, 1], 1).shape == (2, 4, 1, 1)
+
+
+_GROUP_NORM_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _GROUP_NORM_DEVICES)
+@pytest.mark.parametrize("per_group", [1, 3])
+def test_group_norm_op_equals_aten_group_norm_traced_and_eager(per_group, device):
+    """``sparsefx::group_norm`` takes the channels per group: called as an op it runs the
+    instance-norm form that torch.compile and torch.export trace, and eager programs call
+    `group_norm_direct`. Both equal ``aten.group_norm`` (values and gradients), under
+    autocast too, in its dtype (float32 on CUDA, the input's on CPU)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 12, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    weight, bias = (torch.randn(12, dtype=torch.float64, device=device) for _ in range(2))
+    weight.requires_grad_()
+    bias.requires_grad_()
+    inputs = (x, weight, bias)
+    op = torch.ops.sparsefx.group_norm
+
+    def native() -> torch.Tensor:
+        return F.group_norm(x, 12 // per_group, weight, bias, 1e-5)
+
+    def traced() -> torch.Tensor:
+        return op(x, per_group, weight, bias, 1e-5, False)
+
+    def eager() -> torch.Tensor:
+        return group_norm_direct(x, per_group, weight, bias, 1e-5, False)
+
+    expected = native()
+    grads = torch.autograd.grad(expected.sin().sum(), inputs)
+    for form in (traced, eager):
+        out = form()
+        torch.testing.assert_close(out, expected)
+        for got, want in zip(torch.autograd.grad(out.sin().sum(), inputs), grads, strict=True):
+            torch.testing.assert_close(got, want)
+
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    x, weight, bias = x.detach().to(low), weight.detach().float(), bias.detach().float()
+    with torch.autocast(device, dtype=low):
+        expected = native()
+        for form in (traced, eager):
+            out = form()
+            assert out.dtype == expected.dtype, form.__name__
+            torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

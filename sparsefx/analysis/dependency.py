@@ -523,7 +523,7 @@ class _Walk:
         if target in ops.IN_PLACE_DROPOUT:  # _visit blocked what it aliases
             return f"in-place {_op_name(node)} ({node.name}) must reach a tensor read after it"
         if target in ops.NORMS:
-            per_channel = self._single_channel_groups(node, compact)
+            per_channel = self._whole_norm_groups(node, compact)
             per_channel = per_channel or self._norm_within_channels(node, compact)
             if per_channel is not None:
                 return per_channel
@@ -705,18 +705,37 @@ class _Walk:
         weight, bias, running_mean, running_var = node.args[1:5]
         return self._norm_of_own_state(node, layout, [weight, bias], [running_mean, running_var])
 
-    def _single_channel_groups(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str | None:
-        """A group norm with a group per channel (the first conv of wav2vec2's feature
-        encoder) normalises each channel of each example on its own, as InstanceNorm does:
-        channel-wise, with its weight and bias in the group (on compact channels it runs as
-        that instance norm, `passes.compact.rewrite_channel_norms`). None for wider groups,
-        which normalise across the channels they hold."""
+    def _whole_norm_groups(self, node: fx.Node, compact: list[fx.Node]) -> _Op | str | None:
+        """A group norm normalises each of its groups of channels with that group's own
+        statistics, and a group per channel (the first conv of wav2vec2's feature encoder)
+        normalises each channel on its own, as InstanceNorm does. So when every channel of
+        its input covers whole norm groups it is channel-wise, with its weight and bias in
+        the group (`passes.compact.rewrite_channel_norms` runs it on the kept norm groups).
+        A finer input space is coarsened to norm groups, as for a grouped convolution: the
+        next walk prunes the producer in blocks of a norm group's channels. None for one
+        group over all channels (a LayerNorm over channels and positions), an ``(N, C)``
+        input (instance norm refuses one value per group), and a layout that splits norm
+        groups: they normalise across features."""
         x = node.args[0]
         if node.target is not aten.group_norm.default or compact != [x] or len(_shape(x)) < 3:
-            return None  # (N, C): each group one value, which instance norm refuses
-        layout = self.flows[x].layout  # type: ignore[index]
-        if layout.dim != 1 or _arg(node, 1, "num_groups", None) != layout.full:
             return None
+        layout = self.flows[x].layout  # type: ignore[index]
+        groups = int(_arg(node, 1, "num_groups", 1))  # type: ignore[call-overload]
+        if layout.dim != 1 or groups == 1:
+            return None
+        per_group, waits = layout.full // groups, False
+        for piece, offset in zip(layout.pieces, layout.offsets(), strict=True):
+            if offset % per_group or piece.features % per_group:
+                return None
+            if piece.group is None or piece.block % per_group == 0:
+                continue
+            if per_group % piece.block or piece.size % (per_group // piece.block):
+                return None
+            space = self.result.spaces[piece.group]
+            self.refine.grain[piece.group] = space.grain * (per_group // piece.block)
+            waits = True
+        if waits:
+            return f"group_norm waits for its input's channels to cover whole groups of {per_group}"
         affine = [_arg(node, 2, "weight", None), _arg(node, 3, "bias", None)]
         return self._norm_of_own_state(node, layout, affine, [], zero_preserving=affine[1] is None)
 

@@ -18,6 +18,7 @@ from sparsefx.kernels.compact import (
     layout_index,
     scatter_channels,
 )
+from sparsefx.kernels.norms import group_norm_direct
 
 __all__ = [
     "attention_with_dropout",
@@ -26,6 +27,7 @@ __all__ = [
     "conv",
     "dropout_noise",
     "gather_weight",
+    "group_norm_direct",
     "interpreting",
     "layout_index",
     "load_triton_kernels",

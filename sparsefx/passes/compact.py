@@ -201,10 +201,8 @@ def bucket_convolutions(gm: fx.GraphModule, multiple: int) -> fx.GraphModule:
 def rewrite_channel_norms(gm: fx.GraphModule) -> fx.GraphModule:
     """A per-channel norm on a compact tensor runs on gathered parameters: BatchNorm and
     InstanceNorm (`ops.CHANNEL_NORMS`) on gathered running statistics too, whose updated
-    values are copied back for kept channels only in training. A group norm with a group
-    per channel is the instance norm it equals: its number of groups, the kept count, is
-    an ``int`` in its schema, which a symbolic count would specialise (Inductor would
-    recompile at each new count)."""
+    values are copied back for kept channels only in training; a group norm on its kept
+    norm groups (`_group_norm`)."""
     indices = _Indices(gm)
     graph = gm.graph
     for node in list(graph.nodes):
@@ -212,13 +210,7 @@ def rewrite_channel_norms(gm: fx.GraphModule) -> fx.GraphModule:
         if layout is None:
             continue
         if node.target is aten.group_norm.default:
-            norm = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
-            with graph.inserting_before(node):
-                kept = _kept(graph, (norm["weight"], norm["bias"]), indices.of(layout))
-            x, eps, cudnn_enabled = norm["input"], norm["eps"], norm["cudnn_enabled"]
-            node.target = aten.instance_norm.default  # no running statistics, momentum unused
-            node.args = (x, *kept, None, None, True, 0.0, eps, cudnn_enabled)
-            node.kwargs = {}
+            _group_norm(gm, node, indices.of(layout))
             continue
         if node.target not in ops.CHANNEL_NORMS:
             continue
@@ -233,6 +225,19 @@ def rewrite_channel_norms(gm: fx.GraphModule) -> fx.GraphModule:
                 for full, compact in zip(running, kept_running, strict=True):
                     graph.call_function(aten.index_copy_.default, (full, 0, idx, compact))
     return gm
+
+
+def _group_norm(gm: fx.GraphModule, node: fx.Node, idx: fx.Node | None) -> None:
+    """A group norm on its kept norm groups: ``sparsefx::group_norm``, which takes the
+    channels per group, fixed, where ``aten.group_norm`` takes the number of groups, which
+    changes with the masks (`kernels.norms`)."""
+    norm = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+    per_group = int(node.meta["val"].shape[1]) // norm["num_groups"]
+    with gm.graph.inserting_before(node):
+        weight, bias = _kept(gm.graph, (norm["weight"], norm["bias"]), idx)
+    node.target = torch.ops.sparsefx.group_norm.default
+    node.args = (norm["input"], per_group, weight, bias, norm["eps"], norm["cudnn_enabled"])
+    node.kwargs = {}
 
 
 def _kept(graph: fx.Graph, tensors: Sequence[object], idx: fx.Node | None) -> list[object]:

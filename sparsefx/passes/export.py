@@ -159,21 +159,20 @@ _PASS_THROUGH = (
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
 )  # fmt: skip
+"""Norms with per-channel parameters (a GroupNorm is pruned in whole norm groups)."""
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Layers `rebuild_sequential` cannot slice: anything but Sequential containers of
-    Linear, Conv (plain or depthwise), BatchNorm, InstanceNorm, GroupNorm with a group per
-    channel, Flatten and channel-wise layers."""
+    Linear, Conv (plain or depthwise), BatchNorm, InstanceNorm, GroupNorm, Flatten and
+    channel-wise layers."""
     bad = []
     for name, layer in model.named_modules():
         if isinstance(layer, (nn.Sequential, nn.Linear, nn.Flatten, *_NORMS, *_PASS_THROUGH)):
             continue
         if isinstance(layer, _CONVS) and layer.groups in (1, layer.in_channels):
-            continue
-        if isinstance(layer, nn.GroupNorm) and layer.num_groups == layer.num_channels:
             continue
         bad.append(f"{name or 'the model'} ({type(layer).__name__})")
     return bad
@@ -212,7 +211,7 @@ def rebuild_sequential(model: nn.Module, kept: dict[tuple[str, int], Tensor]) ->
                 layer.in_channels, layer.out_channels = in_size, out_size
                 layer.groups = out_size if depthwise else 1
             channels = rows
-        elif isinstance(layer, (*_NORMS, nn.GroupNorm)):
+        elif isinstance(layer, _NORMS):
             mask = kept.get((weight, 0), channels)
             if mask is not None:
                 for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -221,8 +220,10 @@ def rebuild_sequential(model: nn.Module, kept: dict[tuple[str, int], Tensor]) ->
                         setattr(layer, attr, nn.Parameter(value.detach()[mask].clone()))
                     elif value is not None:
                         setattr(layer, attr, value[mask].clone())
-                if isinstance(layer, nn.GroupNorm):  # a group per channel
-                    layer.num_groups = layer.num_channels = int(mask.sum())
+                if isinstance(layer, nn.GroupNorm):
+                    per_group = layer.num_channels // layer.num_groups
+                    layer.num_channels = int(mask.sum())
+                    layer.num_groups = layer.num_channels // per_group
                 else:
                     layer.num_features = int(mask.sum())
         elif isinstance(layer, nn.Flatten):

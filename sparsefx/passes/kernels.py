@@ -13,6 +13,7 @@ from sparsefx.kernels.compact import (
     convolution_direct,
     gathered_bucketed_convolution_direct,
 )
+from sparsefx.kernels.norms import group_norm_direct
 from sparsefx.kernels.pooling import max_pool2d_direct
 
 __all__ = ["call_ops_directly", "use_triton_kernels"]
@@ -88,8 +89,8 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
     bucketed convolution alone is gathered inside it (one autograd node, the weight padded
     once). ``aten.conv{1,2,3}d`` becomes `convolution_direct` (GEMMs for one output pixel),
     and ``aten.max_pool2d`` `kernels.pooling`'s, which pools a CPU tensor channels-last
-    (ATen's NCHW CPU kernel is scalar). For graphs the eager runtime runs and
-    nothing traces."""
+    (ATen's NCHW CPU kernel is scalar); ``sparsefx::group_norm`` the native group norm
+    (`kernels.norms`). For graphs the eager runtime runs and nothing traces."""
     graph = gm.graph
     for node in graph.find_nodes(op="call_function", target=bucketed):
         weight = node.args[1]
@@ -107,6 +108,8 @@ def call_ops_directly(gm: fx.GraphModule, *, record_gradients: bool = True) -> f
             node.target = convolution_direct
     for node in graph.find_nodes(op="call_function", target=aten.max_pool2d.default):
         node.target = max_pool2d_direct
+    for node in graph.find_nodes(op="call_function", target=torch.ops.sparsefx.group_norm.default):
+        node.target = group_norm_direct
     gm.recompile()
     return gm
 
