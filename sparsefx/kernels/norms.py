@@ -51,14 +51,8 @@ def _group_norm_of_instance_norms(
     return out.to(x.dtype)
 
 
-def group_norm_direct(
-    x: Tensor,
-    per_group: int,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    cudnn_enabled: bool,
-) -> Tensor:
+def group_norm_direct(x: Tensor, per_group: int, *args: object) -> Tensor:
     """``sparsefx::group_norm`` for eager programs: the native group norm of the kept
-    groups, with its own autograd and autocast."""
-    return aten.group_norm(x, x.shape[1] // per_group, weight, bias, eps, cudnn_enabled)
+    groups (weight, bias, eps and cudnn_enabled as the op takes them), with its own
+    autograd and autocast."""
+    return aten.group_norm(x, x.shape[1] // per_group, *args)
