@@ -364,6 +364,7 @@ def test_group_norm_runs_on_the_kept_norm_groups(groups, kept_groups):
     assert (norm_groups.name, norm_groups.size, conv2.name) == ("conv1", groups, "conv2")
     assert ("norm.weight", 0) in norm_groups.members and ("norm.bias", 0) in norm_groups.members
     assert not sparse.analysis.scatters
+    assert f"kept norm groups, {8 // groups} channels each" in sparsefx.explain(sparse)
     kept = torch.tensor(kept_groups, dtype=torch.bool)
     sparsefx.set_masks(sparse, {"conv1": kept, "conv2": torch.ones(6, dtype=torch.bool)})
     masks = {"conv1": kept.repeat_interleave(8 // groups).double()}

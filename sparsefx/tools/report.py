@@ -608,6 +608,8 @@ class _Notes:
             parts.append(f"writes kept channels' statistics back to {self._state(node.args[0])}")
         elif node.target is layout_index:
             parts.append("kept feature indices of a blocked or multi-piece layout")
+        elif op == "sparsefx::group_norm":
+            parts.append(f"group norm of the kept norm groups, {node.args[1]} channels each")
         return parts
 
     def _groups_of(self, meta: dict) -> Iterable[str]:
