@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind
 
 from sparsefx.analysis import ops
 from sparsefx.analysis.groups import META, Group
-from sparsefx.analysis.layout import Layout, Piece
+from sparsefx.analysis.layout import Layout
 from sparsefx.kernels import layout_index
 
 __all__ = [
@@ -41,7 +41,7 @@ select = aten.index_select.default
 
 class _Indices:
     """Index nodes of each group, and the kept-feature indices of each layout, created once
-    per graph."""
+    per graph (an earlier pass's are reused)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.graph = gm.graph
@@ -50,7 +50,10 @@ class _Indices:
             for n in gm.graph.nodes
             if n.op == "placeholder" and "index_of" in n.meta.get(META, {})
         }
-        self._layouts: dict[tuple[Piece, ...], fx.Node] = {}
+        self._layouts: dict[tuple, fx.Node] = {
+            _layout_key(*n.args): n  # type: ignore[arg-type]
+            for n in gm.graph.find_nodes(op="call_function", target=layout_index)
+        }
 
     def of(self, layout: Layout | None) -> fx.Node | None:
         """Kept feature indices along a compact layout's dim (None: the tensor is dense)."""
@@ -59,14 +62,18 @@ class _Indices:
         (first, *rest) = layout.pieces
         if not rest and first.block == 1:
             return self.inputs[first.group]  # type: ignore[index]
-        if layout.pieces not in self._layouts:
-            groups = [None if p.group is None else self.inputs[p.group] for p in layout.pieces]
-            shapes = [(p.size, p.block) for p in layout.pieces]
+        groups = [None if p.group is None else self.inputs[p.group] for p in layout.pieces]
+        shapes = [(p.size, p.block) for p in layout.pieces]
+        key = _layout_key(groups, shapes)
+        if key not in self._layouts:
             last_input = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
             with self.graph.inserting_after(last_input):
-                node = self.graph.call_function(layout_index, (groups, shapes))
-            self._layouts[layout.pieces] = node
-        return self._layouts[layout.pieces]
+                self._layouts[key] = self.graph.call_function(layout_index, (groups, shapes))
+        return self._layouts[key]
+
+
+def _layout_key(groups: list[fx.Node | None], shapes: list[tuple[int, int]]) -> tuple:
+    return tuple(groups), tuple(tuple(shape) for shape in shapes)
 
 
 def add_index_inputs(gm: fx.GraphModule, groups: list[Group]) -> fx.GraphModule:
